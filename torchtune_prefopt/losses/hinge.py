@@ -1,0 +1,73 @@
+"""Hinge loss of RSO / SLiC-style calibration."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._base import PreferenceLoss, _positive
+
+__all__ = ["HingeLoss"]
+
+
+class HingeLoss(PreferenceLoss):
+    r"""Hinge preference loss of RSO, Liu et al. 2023, "Statistical Rejection Sampling Improves
+    Preference Optimization" (arXiv 2309.06657) — the SVM counterpart of DPO (SLiC with the
+    reference-normalised likelihood).
+
+    With the DPO log-ratio margin on summed log-probs
+
+    .. math::
+        h = (\log\pi(y_c) - \log\pi_{ref}(y_c)) - (\log\pi(y_r) - \log\pi_{ref}(y_r)),
+
+    the per-example loss is
+
+    .. math::
+        \ell = \max(0,\; 1 - \beta h).
+
+    It is zero (and has zero gradient) once ``h ≥ 1/β``. Same as
+    ``torchtune.rlhf.loss.RSOLoss(gamma=β)``; registered as ``hinge`` and ``rso``.
+
+    Args:
+        beta (float): β > 0, scale of the margin (the paper's γ); the hinge is satisfied at
+            ``h = 1/β``. Typical 0.1 (range 0.05–0.5; TRL's default for ``hinge`` is 0.1).
+
+    Attributes: ``reference_free=False``, ``average_logps=False``, ``paired=True``.
+
+    ``forward`` arguments (all 1-D, shape ``[B]``, float; summed log-probs):
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps. References are required (``ValueError`` if None).
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])`` without reduction; rewards
+        are detached ``β·(log π(y_c) − log π_ref(y_c))`` and ``β·(log π(y_r) − log π_ref(y_r))``.
+    """
+
+    reference_free = False
+    average_logps = False
+    paired = True
+    _hparams = ("beta",)
+
+    def __init__(self, beta: float = 0.1):
+        super().__init__()
+        self.beta = _positive("beta", beta)
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: Optional[torch.Tensor] = None,
+        reference_rejected_logps: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._check_pair_inputs(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            reference_chosen_logps,
+            reference_rejected_logps,
+        )
+        chosen_logratio = policy_chosen_logps - reference_chosen_logps
+        rejected_logratio = policy_rejected_logps - reference_rejected_logps
+        h = chosen_logratio - rejected_logratio
+        losses = torch.relu(1.0 - self.beta * h)
+        return losses, self.beta * chosen_logratio.detach(), self.beta * rejected_logratio.detach()

@@ -1,0 +1,80 @@
+"""SimPO (Simple Preference Optimization, reference-free)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._base import (
+    PreferenceLoss,
+    _conservative_logistic,
+    _label_smoothing,
+    _non_negative,
+    _positive,
+)
+
+__all__ = ["SimPOLoss"]
+
+
+class SimPOLoss(PreferenceLoss):
+    r"""SimPO, Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a
+    Reference-Free Reward" (arXiv 2405.14734).
+
+    The implicit reward is the length-normalised policy log-likelihood, ``β·avg`` where
+    ``avg = (1/|y|) Σ_t log π(y_t | x, y_<t)``; with a target reward margin γ:
+
+    .. math::
+        z = \beta\,\overline{\log\pi}(y_c) - \beta\,\overline{\log\pi}(y_r) - \gamma,\qquad
+        \ell = -(1-\varepsilon)\,\log\sigma(z) - \varepsilon\,\log\sigma(-z).
+
+    ``ε = 0`` is the paper's Eq. 6. γ is the paper's *absolute* margin in reward units
+    (the authors' later code takes ``gamma_beta_ratio = γ/β`` instead: convert with
+    ``γ = β · gamma_beta_ratio``). At ``β·Δavg = γ`` the loss (ε = 0) is ``log 2``. No SFT/NLL
+    term is added.
+
+    Args:
+        beta (float): β > 0, reward scale. The paper uses 2.0–2.5 (later releases up to 10
+            for some instruct models) — much larger than DPO's β.
+        gamma (float): γ ≥ 0, target reward margin. The paper's settings are roughly
+            0.3–1.6 (γ/β ≈ 0.15–0.8).
+        label_smoothing (float): ε in [0, 0.5), conservative smoothing as in cDPO. Default 0.
+
+    Attributes: ``reference_free=True`` (no reference model is loaded), ``average_logps=True``
+    (inputs are per-token means), ``paired=True``.
+
+    ``forward`` arguments: policy_chosen_logps ``[B]``, policy_rejected_logps ``[B]`` (float,
+    per-token mean log-probs of each completion); reference_chosen_logps,
+    reference_rejected_logps: accepted for drop-in compatibility with DPO recipes and
+    ignored (may be None).
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])`` without reduction; rewards
+        are detached ``β·avg(y_c)`` and ``β·avg(y_r)``.
+    """
+
+    reference_free = True
+    average_logps = True
+    paired = True
+    _hparams = ("beta", "gamma", "label_smoothing")
+
+    def __init__(self, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0):
+        super().__init__()
+        self.beta = _positive("beta", beta)
+        self.gamma = _non_negative("gamma", gamma)
+        self.label_smoothing = _label_smoothing("label_smoothing", label_smoothing)
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: Optional[torch.Tensor] = None,
+        reference_rejected_logps: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Reference inputs are ignored by design (reference_free=True).
+        self._check_pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None)
+        chosen_reward = self.beta * policy_chosen_logps
+        rejected_reward = self.beta * policy_rejected_logps
+        z = chosen_reward - rejected_reward - self.gamma
+        losses = _conservative_logistic(z, self.label_smoothing)
+        return losses, chosen_reward.detach(), rejected_reward.detach()
