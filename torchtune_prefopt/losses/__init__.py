@@ -1,0 +1,26 @@
+"""Preference-optimisation losses (DPO, IPO, SimPO, KTO, hinge/RSO, robust DPO) and their registry.
+
+See ``docs/ARCHITECTURE.md`` ("Losses") for the interface every loss follows.
+"""
+
+from ._base import PreferenceLoss
+from .dpo import DPOLoss, RobustDPOLoss
+from .hinge import HingeLoss
+from .ipo import IPOLoss
+from .kto import KTOLoss
+from .registry import ENTRY_POINT_GROUP, available_losses, build_loss, get_loss_class
+from .simpo import SimPOLoss
+
+__all__ = [
+    "PreferenceLoss",
+    "DPOLoss",
+    "IPOLoss",
+    "SimPOLoss",
+    "KTOLoss",
+    "HingeLoss",
+    "RobustDPOLoss",
+    "build_loss",
+    "available_losses",
+    "get_loss_class",
+    "ENTRY_POINT_GROUP",
+]
