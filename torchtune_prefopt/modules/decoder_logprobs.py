@@ -1,0 +1,138 @@
+"""Per-sequence log-probs straight out of a torchtune ``TransformerDecoder``.
+
+Under FSDP2 the root module's own parameters (``tok_embeddings``, ``norm``, ``output``) are
+unsharded only *inside* the root's forward, so the vocabulary projection has to happen
+inside ``model(...)``. :func:`enable_sequence_logprobs` therefore overrides the *instance's*
+``unembed`` (``TransformerDecoder.forward`` ends with ``self.unembed(h)``, which applies
+``self.norm`` then ``self.output``): while :func:`decoder_sequence_logprobs` has handed in
+labels for the current call, ``unembed`` returns the ``[B]`` per-sequence log-prob sums
+computed by :func:`~torchtune_prefopt.modules.sequence_logprobs` with ``self.output`` as
+the projection; otherwise it is the class's own ``unembed``, untouched.
+
+The override is an instance attribute, so it survives ``fully_shard`` (which swaps the
+module's class), adds no parameters or buffers (``state_dict`` keys are unchanged), and
+works with LoRA models, tied embeddings (``TiedLinear``), activation checkpointing and
+per-layer ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from torchtune_prefopt.modules.sequence_logprobs import (
+    SequenceLogProbs,
+    check_label_rows,
+    sequence_logprobs,
+)
+
+__all__ = ["decoder_sequence_logprobs", "enable_sequence_logprobs"]
+
+_ENABLED = "_prefopt_seq_logprobs_enabled"
+_REQUEST = "_prefopt_seq_logprobs_request"
+
+
+class _Request:
+    __slots__ = ("labels", "chunk_size", "ignore_index", "served")
+
+    def __init__(self, labels: Tensor, chunk_size: int, ignore_index: int) -> None:
+        self.labels = labels
+        self.chunk_size = chunk_size
+        self.ignore_index = ignore_index
+        self.served = False
+
+
+def _unembed(self: nn.Module, h: Tensor) -> Tensor:
+    request: Optional[_Request] = self.__dict__.get(_REQUEST)
+    if request is None:
+        # exactly the original behaviour (whatever class FSDP2 has swapped in)
+        return type(self).unembed(self, h)
+    request.served = True
+    h = self.norm(h)
+    out = sequence_logprobs(
+        h,
+        self.output,
+        request.labels,
+        chunk_size=request.chunk_size,
+        ignore_index=request.ignore_index,
+    )
+    return out.sum
+
+
+def enable_sequence_logprobs(model: nn.Module) -> nn.Module:
+    """Install the log-prob ``unembed`` override on ``model`` (idempotent); returns ``model``.
+
+    ``model`` must look like a torchtune ``TransformerDecoder``: an ``unembed`` method whose
+    forward path calls it, and ``norm`` and ``output`` attributes. Call it before or after
+    ``fully_shard``/``shard_model``, activation checkpointing or compiling the layers.
+    """
+    if model.__dict__.get(_ENABLED, False):
+        return model
+    missing = [a for a in ("unembed", "norm", "output") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__} is not a torchtune TransformerDecoder-like model "
+            f"(missing {missing})"
+        )
+    # plain instance attributes (not submodules/params/buffers): state_dict is unchanged
+    model.__dict__["unembed"] = types.MethodType(_unembed, model)
+    model.__dict__[_ENABLED] = True
+    return model
+
+
+def decoder_sequence_logprobs(
+    model: nn.Module,
+    tokens: Tensor,
+    labels: Tensor,
+    *,
+    chunk_size: int = 1024,
+    mask: Optional[Any] = None,
+    input_pos: Optional[Tensor] = None,
+) -> SequenceLogProbs:
+    """Run ``model(tokens, mask=mask, input_pos=input_pos)`` and return per-sequence log-probs.
+
+    Same numbers as ``rlhf.get_batch_log_probs(model(tokens), labels)`` (sum; ``mean`` is the
+    ``return_average_logprobs=True`` variant), but the ``[B, S, V]`` logits never exist: only
+    positions with a label are projected, ``chunk_size`` tokens at a time, in fp32.
+
+    Args:
+        model: torchtune ``TransformerDecoder`` (plain, LoRA, tied/untied output, FSDP2-sharded,
+            activation-checkpointed, per-layer compiled). :func:`enable_sequence_logprobs` is
+            applied to it on first use.
+        tokens: ``[B, S]`` input ids.
+        labels: ``[B, S]`` *unshifted* labels, ``-100`` on prompt and padding.
+        chunk_size: label tokens projected at once.
+        mask, input_pos: forwarded to the model (packed sequences, custom masks).
+
+    Raises:
+        ValueError: bad shapes, or a row without label tokens (raised before the forward).
+    """
+    ignore_index = -100
+    if tokens.dim() != 2 or labels.shape != tokens.shape:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must both be [batch, seq]"
+        )
+    num_tokens = check_label_rows(labels, ignore_index)  # fail before running the model
+    enable_sequence_logprobs(model)
+
+    request = _Request(labels, chunk_size, ignore_index)
+    if model.__dict__.get(_REQUEST) is not None:
+        raise RuntimeError("decoder_sequence_logprobs is already running on this model")
+    model.__dict__[_REQUEST] = request
+    try:
+        out = model(tokens, mask=mask, input_pos=input_pos)
+    finally:
+        model.__dict__.pop(_REQUEST, None)
+    if not request.served:
+        raise RuntimeError(
+            f"{type(model).__name__}.forward did not call self.unembed(h); "
+            "decoder_sequence_logprobs needs a torchtune TransformerDecoder"
+        )
+    if isinstance(out, (list, tuple)):  # output_hidden_states: [*hidden, output]
+        out = out[-1]
+    total = out
+    mean = total / num_tokens.to(total.dtype)
+    return SequenceLogProbs(sum=total, mean=mean, num_tokens=num_tokens)
