@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+A :class:`PrefOptUserError` is a problem with the user's config, data or checkpoint. The
+recipe reports it as one line (``error: <message>``), without a stack trace, and exits with
+status 2 before any compute is spent. Set ``PREFOPT_DEBUG=1`` to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+
+class PrefOptUserError(ValueError):
+    """A bad config key, data row or checkpoint: reported as one line, no traceback."""
+
+
+def report_user_errors(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for recipe entry points: turn :class:`PrefOptUserError` into a one-line exit."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except PrefOptUserError as err:
+            if os.environ.get("PREFOPT_DEBUG"):
+                raise
+            rank = os.environ.get("RANK", "0")
+            if rank == "0":
+                msg = " ".join(str(err).split("\n"))
+                print(f"error: {msg}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper

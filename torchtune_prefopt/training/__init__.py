@@ -1,0 +1,1 @@
+"""Training infrastructure used by the recipes: process groups, data order, checkpoints."""

@@ -1,0 +1,67 @@
+"""One process or many: the same FSDP2 code path.
+
+torchtune's own DPO recipe refuses to run without torchrun and hard-codes an NCCL backend
+string. Here a plain ``python``/``tune run`` invocation starts a one-rank process group
+(FSDP2 with a single rank is a no-op shard), and torchrun-launched processes (one node or
+multi-node rendezvous) join the group torchrun describes through its environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set the standard env variables."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def backend_for(device: torch.device) -> str:
+    """``cuda:nccl,cpu:gloo`` on GPUs (CPU collectives still work), ``gloo`` on CPU."""
+    if device.type == "cuda":
+        return "cuda:nccl,cpu:gloo"
+    return "gloo"
+
+
+def init_distributed(device: torch.device, timeout_minutes: int = 30) -> tuple[int, int]:
+    """Initialise the default process group; returns ``(world_size, rank)``.
+
+    Without a launcher a single-rank group is created on an in-memory store, so nothing
+    listens on a port.
+    """
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    timeout = timedelta(minutes=timeout_minutes)
+    if launched_by_torchrun():
+        dist.init_process_group(backend=backend_for(device), timeout=timeout)
+    else:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(
+            backend=backend_for(device),
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=timeout,
+        )
+    return dist.get_world_size(), dist.get_rank()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op when not distributed); returns it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is True on any rank."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
