@@ -241,9 +241,6 @@ def load_config(
     """
     from argparse import Namespace
 
-    from omegaconf import OmegaConf
-    from torchtune.config._utils import _merge_yaml_and_cli_args
-
     args = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser(description=description, prog=prog)
     namespace, cli_args = parser.parse_known_args(args)
@@ -255,7 +252,11 @@ def load_config(
             "Please use --config or key=value overrides"
         )
 
-    path = resolve_config(namespace.config)
+    path = resolve_config(namespace.config)  # before the heavy imports: errors come fast
+
+    from omegaconf import OmegaConf
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
     yaml_cfg = OmegaConf.load(path)
     if "config" in yaml_cfg:
         raise ValueError(f"Cannot use 'config' within a config file ({path})")
