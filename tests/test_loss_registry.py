@@ -17,6 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import torchtune_prefopt.losses as losses
+from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.losses import (
     ENTRY_POINT_GROUP,
     DPOLoss,
@@ -168,6 +169,26 @@ def test_bad_hyperparameters(spec, message):
     with pytest.raises(ValueError) as info:
         build_loss(OmegaConf.create(spec))
     assert str(info.value).startswith(message), str(info.value)
+    # The recipe re-raises PrefOptUserError unchanged as a one-line error.
+    assert isinstance(info.value, PrefOptUserError)
+
+
+@pytest.mark.parametrize(
+    "spec, builtin_type",
+    [
+        ("foo", ValueError),
+        ({"name": "dpo", "_component_": "dpo"}, ValueError),
+        ({"_component_": "dpo", "betta": 1.0}, ValueError),
+        ("no_such_pkg_xyz.Loss", ValueError),
+        ("torchtune.rlhf.loss.DPOLoss", TypeError),
+        (3, TypeError),
+    ],
+)
+def test_registry_errors_are_user_errors(spec, builtin_type):
+    with pytest.raises(builtin_type) as info:
+        build_loss(spec)
+    assert isinstance(info.value, PrefOptUserError)
+    assert str(info.value).startswith("loss")
 
 
 def test_torchtune_loss_is_rejected_with_a_hint():
@@ -282,6 +303,7 @@ def test_broken_entry_point_gives_clear_error(install_plugin):
     pkg = install_plugin({"brokenloss": "MyLoss"}, broken=True)
     with pytest.raises(ImportError) as info:
         build_loss("brokenloss")
+    assert isinstance(info.value, PrefOptUserError)
     message = str(info.value)
     assert f"entry point 'brokenloss = {pkg}.losses:MyLoss'" in message
     assert ENTRY_POINT_GROUP in message

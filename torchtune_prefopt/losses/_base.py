@@ -26,44 +26,49 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from torchtune_prefopt.errors import PrefOptUserError
+
 __all__ = ["PreferenceLoss"]
+
+# Hyper-parameter errors are PrefOptUserError (a ValueError): the recipe reports them as one
+# line, unchanged, so the message must start with the config key (``loss.beta ...``).
 
 
 def _as_float(key: str, value) -> float:
     """``value`` as a finite Python float, else ``ValueError('loss.<key> must be ...')``."""
     # bool is a Real subclass; ``beta: true`` in a YAML file is a mistake, not 1.0.
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"loss.{key} must be a number, got {value!r}")
+        raise PrefOptUserError(f"loss.{key} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"loss.{key} must be finite, got {value!r}")
+        raise PrefOptUserError(f"loss.{key} must be finite, got {value!r}")
     return value
 
 
 def _positive(key: str, value) -> float:
     value = _as_float(key, value)
     if not value > 0:
-        raise ValueError(f"loss.{key} must be > 0, got {value!r}")
+        raise PrefOptUserError(f"loss.{key} must be > 0, got {value!r}")
     return value
 
 
 def _non_negative(key: str, value) -> float:
     value = _as_float(key, value)
     if not value >= 0:
-        raise ValueError(f"loss.{key} must be >= 0, got {value!r}")
+        raise PrefOptUserError(f"loss.{key} must be >= 0, got {value!r}")
     return value
 
 
 def _label_smoothing(key: str, value) -> float:
     value = _as_float(key, value)
     if not 0.0 <= value < 0.5:
-        raise ValueError(f"loss.{key} must be in [0, 0.5), got {value!r}")
+        raise PrefOptUserError(f"loss.{key} must be in [0, 0.5), got {value!r}")
     return value
 
 
 def _bool(key: str, value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"loss.{key} must be true or false, got {value!r}")
+        raise PrefOptUserError(f"loss.{key} must be true or false, got {value!r}")
     return value
 
 

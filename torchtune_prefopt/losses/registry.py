@@ -26,6 +26,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Dict, Optional
 
+from torchtune_prefopt.errors import PrefOptUserError
+
 from ._base import PreferenceLoss
 from .dpo import DPOLoss, RobustDPOLoss
 from .hinge import HingeLoss
@@ -50,6 +52,16 @@ _BUILTIN: Dict[str, type] = {
 _REQUIRED_ATTRS = ("reference_free", "average_logps", "paired")
 
 
+# Every registry error is a PrefOptUserError (so the recipe reports it as one line) that is
+# also the builtin type callers would expect.
+class LossTypeError(PrefOptUserError, TypeError):
+    """The spec or the object it names has the wrong type (not a usable loss class)."""
+
+
+class LossEntryPointError(PrefOptUserError, ImportError):
+    """A third-party entry point in ``torchtune_prefopt.losses`` failed to load."""
+
+
 def _entry_points() -> Dict[str, importlib.metadata.EntryPoint]:
     """Entry points of our group, by name (first one wins on duplicates, like importlib)."""
     found: Dict[str, importlib.metadata.EntryPoint] = {}
@@ -66,7 +78,7 @@ def _check_loss_class(cls: Any, origin: str) -> type:
     """A loss class must be a PreferenceLoss subclass or at least declare the three
     attributes the recipe reads (as booleans) and be callable."""
     if not isinstance(cls, type):
-        raise TypeError(f"loss: {origin} is {cls!r}, not a class")
+        raise LossTypeError(f"loss: {origin} is {cls!r}, not a class")
     if issubclass(cls, PreferenceLoss):
         return cls
     missing = [a for a in _REQUIRED_ATTRS if not isinstance(getattr(cls, a, None), bool)]
@@ -78,7 +90,7 @@ def _check_loss_class(cls: Any, origin: str) -> type:
                 "replacements 'dpo' (torchtune_prefopt.losses.DPOLoss) or 'rso' "
                 "(torchtune_prefopt.losses.HingeLoss)"
             )
-        raise TypeError(
+        raise LossTypeError(
             f"loss: {origin} ({cls.__module__}.{cls.__qualname__}) is not a "
             f"torchtune_prefopt.losses.PreferenceLoss subclass and does not declare the "
             f"bool class attribute(s) {', '.join(missing)}{hint}"
@@ -93,7 +105,7 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> type:
     try:
         obj = ep.load()
     except Exception as exc:  # noqa: BLE001 - any failure in third-party code
-        raise ImportError(f"loss: {origin} failed to load: {type(exc).__name__}: {exc}") from exc
+        raise LossEntryPointError(f"loss: {origin} failed to load: {type(exc).__name__}: {exc}") from exc
     return _check_loss_class(obj, origin)
 
 
@@ -128,16 +140,16 @@ def _import_dotted(path: str) -> Any:
         module_name, _, attr = path.rpartition(".")
         attrs = [attr]
     if not module_name or not all(attrs):
-        raise ValueError(f"loss: cannot import {path!r}: not a 'pkg.module.Class' path")
+        raise PrefOptUserError(f"loss: cannot import {path!r}: not a 'pkg.module.Class' path")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"loss: cannot import {path!r}: {type(exc).__name__}: {exc}") from exc
+        raise PrefOptUserError(f"loss: cannot import {path!r}: {type(exc).__name__}: {exc}") from exc
     for attr in attrs:
         try:
             obj = getattr(obj, attr)
         except AttributeError:
-            raise ValueError(
+            raise PrefOptUserError(
                 f"loss: cannot import {path!r}: {obj!r} has no attribute {attr!r}"
             ) from None
     return obj
@@ -148,10 +160,11 @@ def get_loss_class(name: str) -> type:
 
     Short names are case-insensitive. Raises ``ValueError`` for an unknown name (listing the
     valid ones), ``ImportError`` for an entry point that fails to load, ``TypeError`` for an
-    object that is not a loss class.
+    object that is not a loss class. All three are also
+    :class:`~torchtune_prefopt.errors.PrefOptUserError`, whose message starts with ``loss``.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"loss: expected a loss name, got {name!r}; valid: {', '.join(_valid_names())}")
+        raise PrefOptUserError(f"loss: expected a loss name, got {name!r}; valid: {', '.join(_valid_names())}")
     name = name.strip()
     key = name.lower()
     if key in _BUILTIN:
@@ -162,7 +175,7 @@ def get_loss_class(name: str) -> type:
             return _load_entry_point(eps[candidate])
     if "." in name or ":" in name:
         return _check_loss_class(_import_dotted(name), f"{name!r}")
-    raise ValueError(f"loss: unknown loss {name!r}; valid: {', '.join(_valid_names())}")
+    raise PrefOptUserError(f"loss: unknown loss {name!r}; valid: {', '.join(_valid_names())}")
 
 
 def _to_plain_mapping(spec: Any) -> Optional[dict]:
@@ -185,15 +198,15 @@ def build_loss(spec: Any) -> PreferenceLoss:
         return _instantiate(get_loss_class(spec), {}, spec)
     cfg = _to_plain_mapping(spec)
     if cfg is None:
-        raise TypeError(
+        raise LossTypeError(
             "loss: expected a loss name or a mapping with '_component_' or 'name', "
             f"got {type(spec).__name__}"
         )
     has_component, has_name = "_component_" in cfg, "name" in cfg
     if has_component and has_name:
-        raise ValueError("loss: give either '_component_' or 'name', not both")
+        raise PrefOptUserError("loss: give either '_component_' or 'name', not both")
     if not (has_component or has_name):
-        raise ValueError(
+        raise PrefOptUserError(
             "loss: a loss config needs '_component_' (short name or dotted path) or 'name'; "
             f"valid names: {', '.join(_valid_names())}"
         )
@@ -204,7 +217,7 @@ def build_loss(spec: Any) -> PreferenceLoss:
 def _instantiate(cls: type, kwargs: Dict[str, Any], target: str) -> PreferenceLoss:
     bad_keys = [k for k in kwargs if not isinstance(k, str)]
     if bad_keys:
-        raise ValueError(f"loss: keyword names must be strings, got {bad_keys!r}")
+        raise PrefOptUserError(f"loss: keyword names must be strings, got {bad_keys!r}")
     try:
         sig = inspect.signature(cls)
     except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
@@ -219,7 +232,7 @@ def _instantiate(cls: type, kwargs: Dict[str, Any], target: str) -> PreferenceLo
             ]
             unknown = sorted(set(kwargs) - set(accepted))
             if unknown:
-                raise ValueError(
+                raise PrefOptUserError(
                     f"loss.{unknown[0]}: {cls.__name__} ({target!r}) does not accept "
                     f"{', '.join(repr(u) for u in unknown)}; accepted: "
                     f"{', '.join(accepted) or '(none)'}"
