@@ -34,7 +34,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 pip_install() {
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
+    # -qq: errors only (the machine-wide pip config makes -q print many harmless warnings)
+    "$VENV/bin/python" -m pip install -qq --disable-pip-version-check "$@"
 }
 
 echo "==> pip install torch==2.13.0"
