@@ -17,11 +17,14 @@ Usage::
 
 The synthetic rule. A user (greeting + question) asks what kind of thing an item is; items
 come from 6 categories with a fixed item -> category mapping. The chosen answer names the
-right category and ends with a courteous phrase. The rejected answer has one consistent
-defect: either it is rude (right category, rude closing phrase) or it names a wrong
-category (courteous closing). Held-out rows use (question template, item) pairs never seen
-in training, so the held-out prompts are disjoint from the training prompts while every
-item and every template appears in training.
+right category and ends with a courteous phrase. The rejected answer has one systematic
+defect, alternating by row: rude (right category, rude closing phrase) or unhelpful (no
+answer). Held-out rows use (question template, item) pairs never seen in training, so the
+held-out prompts are disjoint from the training prompts while every item and every template
+appears in training. (A "wrong category" defect was tried and dropped: a 2-layer 64-dim
+model does not learn the item -> category mapping well enough in ~100 DPO steps to
+generalise to held-out prompts; the two surface defects are learned to ~100% held-out
+reward accuracy.)
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ QUESTIONS = [
 
 POLITE = ["Happy to help!", "Hope this helps!", "Thanks for asking!"]
 RUDE = ["Stop bothering me.", "Figure it out yourself.", "What a dumb question."]
+UNHELPFUL = ["I do not know what {a_item} is.", "No idea, sorry.", "I cannot answer that."]
 
 # A little generic text so that ordinary English (and the chat template) tokenizes compactly.
 GENERIC_TEXT = """\
@@ -178,13 +182,12 @@ def _rows(
         category = cats[item]
         prompt = f"{GREETINGS[g]} " + QUESTIONS[t].format(item=item, a_item=_a(item))
         chosen = _answer(item, category, rng.choice(POLITE))
-        if k % 2 == 0:  # defect: rude
+        if k % 2 == 0:  # defect: rude (right category, rude closing)
             rejected = _answer(item, category, rng.choice(RUDE))
             defect = "rude"
-        else:  # defect: wrong category
-            wrong = rng.choice(sorted(c for c in CATEGORIES if c != category))
-            rejected = _answer(item, wrong, rng.choice(POLITE))
-            defect = "wrong_category"
+        else:  # defect: unhelpful (no answer at all)
+            rejected = rng.choice(UNHELPFUL).format(a_item=_a(item))
+            defect = "unhelpful"
         rows.append(
             {"prompt": prompt, "chosen": chosen, "rejected": rejected, "defect": defect}
         )

@@ -41,7 +41,7 @@ _MARKER_VERSION = 1
 class TinyQwen2Dims:
     """The one place that defines the tiny model's dims."""
 
-    # = tokenizer size (632 BPE + 22 Qwen2.5 special tokens = 654) rounded up to 64.
+    # = tokenizer size (645 BPE + 22 Qwen2.5 special tokens = 667) rounded up to 64.
     vocab_size: int = 704
     num_layers: int = 2
     num_heads: int = 4
@@ -184,7 +184,18 @@ def tiny_hf_config():
 
 
 def _marker_content(seed: int) -> dict:
-    return {"version": _MARKER_VERSION, "seed": int(seed), "dims": asdict(TINY_QWEN2)}
+    import hashlib
+
+    tokenizer_sha256 = {
+        name: hashlib.sha256((ASSETS_DIR / name).read_bytes()).hexdigest()
+        for name in TOKENIZER_FILES
+    }
+    return {
+        "version": _MARKER_VERSION,
+        "seed": int(seed),
+        "dims": asdict(TINY_QWEN2),
+        "tokenizer_sha256": tokenizer_sha256,
+    }
 
 
 def _weight_files(checkpoint_dir: Path) -> List[str]:
