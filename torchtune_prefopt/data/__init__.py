@@ -1,0 +1,40 @@
+"""Preference data: paired (DPO/IPO/SimPO) and unpaired (KTO) datasets, collates, synthetic set.
+
+See docs/ARCHITECTURE.md (section Data) for the item and batch layouts.
+"""
+
+from torchtune_prefopt.data._collate import kto_collate, paired_collate
+from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
+from torchtune_prefopt.data._paired import PreferenceDataset, preference_dataset
+from torchtune_prefopt.data._synthetic import (
+    SYNTHETIC_DIR,
+    synthetic_data_file,
+    synthetic_kto_dataset,
+    synthetic_preference_dataset,
+)
+from torchtune_prefopt.data._unpaired import (
+    KTO_RATIO_RANGE,
+    KTODataset,
+    kto_balance_warning,
+    kto_dataset,
+    unpaired_from_paired,
+)
+from torchtune_prefopt.data._validation import DataRowError
+
+__all__ = [
+    "CROSS_ENTROPY_IGNORE_IDX",
+    "DataRowError",
+    "KTODataset",
+    "KTO_RATIO_RANGE",
+    "PreferenceDataset",
+    "SYNTHETIC_DIR",
+    "kto_balance_warning",
+    "kto_collate",
+    "kto_dataset",
+    "paired_collate",
+    "preference_dataset",
+    "synthetic_data_file",
+    "synthetic_kto_dataset",
+    "synthetic_preference_dataset",
+    "unpaired_from_paired",
+]

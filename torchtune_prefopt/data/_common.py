@@ -1,0 +1,106 @@
+"""Tokenization into (prompt, completion) and completion-preserving truncation."""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Sequence, Tuple
+
+from torchtune.data import Message
+
+from torchtune_prefopt.errors import PrefOptUserError
+
+CROSS_ENTROPY_IGNORE_IDX = -100
+
+
+def untruncated(tokenizer):
+    """A shallow copy of ``tokenizer`` that does not truncate (we truncate ourselves).
+
+    torchtune tokenizers cut ``tokenize_messages`` output at ``max_seq_len`` from the right,
+    which would drop the completion; the datasets here instead drop prompt tokens first.
+    """
+    if getattr(tokenizer, "max_seq_len", None) is None:
+        return tokenizer
+    tok = copy.copy(tokenizer)
+    tok.max_seq_len = None
+    return tok
+
+
+def resolve_max_seq_len(tokenizer, max_seq_len: Optional[int]) -> Optional[int]:
+    if max_seq_len is None:
+        max_seq_len = getattr(tokenizer, "max_seq_len", None)
+    if max_seq_len is None:
+        return None
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise PrefOptUserError(f"max_seq_len must be an integer >= 2 or null, got {max_seq_len!r}")
+    return max_seq_len
+
+
+def tokenize_split(tokenizer, messages: Sequence[Message]) -> Tuple[List[int], List[int]]:
+    """Chat-template tokenization of ``messages`` split into (prompt_ids, completion_ids).
+
+    ``prompt_ids + completion_ids == tokenizer.tokenize_messages(messages)[0]`` exactly (one
+    call, so nothing such as a BOS/EOS is added between prompt and completion). The split
+    point is the first token of the final (assistant) message's *content*: everything before
+    it, including the assistant header of the template (``<|im_start|>assistant\\n``), is
+    prompt; the content and the template's end tokens (EOS) are the completion.
+    ``tokenizer`` must not truncate (see :func:`untruncated`).
+    """
+    ids, mask = tokenizer.tokenize_messages(list(messages))
+    last = messages[-1]
+    head = list(messages[:-1]) + [
+        Message(role=last.role, content="", masked=last.masked, ipython=last.ipython, eot=False)
+    ]
+    # Default kwargs: the end-token flag is spelled differently across torchtune tokenizers
+    # (add_eos / add_end_tokens). Whatever follows the header in ``head_ids`` (an EOS) is
+    # cut off by taking the common prefix.
+    head_ids, _ = tokenizer.tokenize_messages(head)
+    b = 0
+    for x, y in zip(ids, head_ids):
+        if x != y:
+            break
+        b += 1
+    if not 0 < b < len(ids):
+        # Fallback for tokenizers whose header depends on content: the tokenizer's own mask
+        # (the final message is the first unmasked one when the prompt is masked).
+        unmasked = [i for i, m in enumerate(mask) if not m]
+        if not unmasked:
+            raise ValueError("could not locate the completion in the tokenized messages")
+        b = unmasked[0]
+    return list(ids[:b]), list(ids[b:])
+
+
+def truncate_keep_completion(
+    prompt: List[int], completions: Sequence[List[int]], max_seq_len: Optional[int]
+) -> Tuple[List[int], List[List[int]], bool, bool]:
+    """Fit ``prompt + c`` into ``max_seq_len`` for every ``c`` in ``completions``.
+
+    One prompt is kept for all completions (chosen and rejected keep an identical prompt).
+    Prompt tokens are dropped first, from the left (at least one prompt token is kept so
+    every completion token is predicted from something); only if the longest completion
+    still does not fit is each completion cut at its end (losing its EOS).
+
+    Returns ``(prompt, completions, prompt_truncated, completion_truncated)``.
+    """
+    if max_seq_len is None:
+        return prompt, list(completions), False, False
+    longest = max(len(c) for c in completions)
+    if len(prompt) + longest <= max_seq_len:
+        return prompt, list(completions), False, False
+    keep = max(max_seq_len - longest, min(1, len(prompt)))
+    new_prompt = prompt[len(prompt) - keep :] if keep > 0 else []
+    budget = max_seq_len - len(new_prompt)
+    new_completions = [c[:budget] for c in completions]
+    return (
+        new_prompt,
+        new_completions,
+        len(new_prompt) < len(prompt),
+        any(len(n) < len(c) for n, c in zip(new_completions, completions)),
+    )
+
+
+def too_long_error(name: str, n_rows: int, shortest: int, max_seq_len: int) -> PrefOptUserError:
+    return PrefOptUserError(
+        f"{name}: all {n_rows} rows are longer than max_seq_len={max_seq_len} tokens "
+        f"(shortest row: {shortest} tokens); raise max_seq_len (tokenizer.max_seq_len or the "
+        "dataset's max_seq_len)"
+    )

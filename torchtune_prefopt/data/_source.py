@@ -1,0 +1,179 @@
+"""Load raw rows with provenance, so every validation error can name file and row.
+
+Local JSON / JSONL (``source="json", data_files=...``) is parsed here with the ``json``
+module (exact file, row and line numbers; a row of the wrong type cannot break the whole
+load the way Arrow's schema inference does). Everything else (parquet, csv, Hub names,
+other ``load_dataset`` kwargs) goes through :func:`datasets.load_dataset`; local files
+given as ``data_files`` are loaded one file at a time so errors still name the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from torchtune_prefopt.errors import PrefOptUserError
+
+_LOCAL_BUILDERS = {"json", "jsonl", "csv", "parquet", "arrow", "text"}
+
+
+@dataclass
+class RawRows:
+    """Rows (dicts) plus where each came from."""
+
+    rows: List[Mapping[str, Any]]
+    # per row: (location, 0-based row number within that location, 1-based line or None)
+    origin: List[Tuple[str, int, Optional[int]]]
+    name: str  # short description of the whole source, for messages
+
+    def where(self, i: int) -> str:
+        loc, row, line = self.origin[i]
+        return f"{loc} row {row}" + (f" (line {line})" if line is not None else "")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _resolve_data_files(data_files: Any, split: str) -> List[str]:
+    if isinstance(data_files, Mapping):
+        if split not in data_files:
+            raise PrefOptUserError(
+                f"split '{split}' not in data_files (available: {sorted(data_files)})"
+            )
+        data_files = data_files[split]
+    elif split != "train":
+        raise PrefOptUserError(
+            f"split '{split}' requested but data_files is not a mapping of split -> files; "
+            "local files form the single split 'train'"
+        )
+    if isinstance(data_files, (str, os.PathLike)):
+        data_files = [data_files]
+    files = [str(Path(os.fspath(f)).expanduser()) for f in data_files]
+    if not files:
+        raise PrefOptUserError("data_files is empty")
+    for f in files:
+        if not Path(f).is_file():
+            raise PrefOptUserError(f"data file not found: {f}")
+    return files
+
+
+def _rows_from_json_value(path: str, data: Any) -> RawRows:
+    if isinstance(data, dict):  # columnar: {"col": [values...], ...}
+        cols = list(data)
+        lengths = {len(data[c]) for c in cols}
+        if len(lengths) > 1:
+            raise PrefOptUserError(f"{path}: columns have different lengths {sorted(lengths)}")
+        n = lengths.pop() if lengths else 0
+        data = [{c: data[c][i] for c in cols} for i in range(n)]
+    if not isinstance(data, list):
+        raise PrefOptUserError(f"{path}: expected a list of row objects")
+    origin: List[Tuple[str, int, Optional[int]]] = []
+    for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise PrefOptUserError(
+                f"{path} row {i}: expected a JSON object, got {type(obj).__name__}"
+            )
+        origin.append((path, i, None))
+    return RawRows(list(data), origin, path)
+
+
+def _is_columnar(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and all(isinstance(v, list) for v in data.values())
+    )
+
+
+def _read_json_file(path: str, field: Optional[str]) -> RawRows:
+    """JSON Lines (one object per line), a JSON list of objects, or columnar JSON."""
+    text = Path(path).read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if field is not None or stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PrefOptUserError(
+                f"{path} line {e.lineno}: invalid JSON ({_one_line(e.msg)})"
+            ) from None
+        if field is not None:
+            if not isinstance(data, dict) or field not in data:
+                raise PrefOptUserError(f"{path}: no top-level field '{field}'")
+            data = data[field]
+            if isinstance(data, dict) and not _is_columnar(data):
+                raise PrefOptUserError(f"{path}: field '{field}' is not a list of rows")
+        return _rows_from_json_value(path, data)
+
+    if not path.endswith(".jsonl") and stripped.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if _is_columnar(data):
+            return _rows_from_json_value(path, data)
+
+    rows: List[Mapping[str, Any]] = []
+    origin: List[Tuple[str, int, Optional[int]]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrefOptUserError(
+                f"{path} line {lineno}: invalid JSON ({_one_line(e.msg)})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise PrefOptUserError(
+                f"{path} line {lineno}: expected a JSON object per line, "
+                f"got {type(obj).__name__}"
+            )
+        origin.append((path, len(rows), lineno))
+        rows.append(obj)
+    return RawRows(rows, origin, path)
+
+
+def _concat(parts: Sequence[RawRows], name: str) -> RawRows:
+    rows, origin = [], []
+    for p in parts:
+        rows.extend(p.rows)
+        origin.extend(p.origin)
+    return RawRows(rows, origin, name)
+
+
+def load_rows(source: str, *, split: str = "train", **load_dataset_kwargs: Any) -> RawRows:
+    """Load rows from local JSON/JSONL files or anything :func:`datasets.load_dataset` reads."""
+    if not isinstance(source, str) or not source:
+        raise PrefOptUserError(f"dataset source must be a non-empty string, got {source!r}")
+    data_files = load_dataset_kwargs.get("data_files")
+    extra = set(load_dataset_kwargs) - {"data_files", "field"}
+    if source in ("json", "jsonl") and data_files is not None and not extra:
+        files = _resolve_data_files(data_files, split)
+        parts = [_read_json_file(f, load_dataset_kwargs.get("field")) for f in files]
+        return _concat(parts, files[0] if len(files) == 1 else f"{len(files)} files")
+
+    import datasets
+
+    if source in _LOCAL_BUILDERS and data_files is not None:
+        files = _resolve_data_files(data_files, split)
+        rest = {k: v for k, v in load_dataset_kwargs.items() if k != "data_files"}
+        parts = []
+        for f in files:
+            ds = datasets.load_dataset(source, data_files=f, split="train", **rest)
+            parts.append(
+                RawRows(ds.to_list(), [(f, i, None) for i in range(len(ds))], f)
+            )
+        return _concat(parts, files[0] if len(files) == 1 else f"{len(files)} files")
+
+    ds = datasets.load_dataset(source, split=split, **load_dataset_kwargs)
+    name = f"{source}[{split}]"
+    return RawRows(ds.to_list(), [(name, i, None) for i in range(len(ds))], name)
+
+
+def rows_from_records(records: Sequence[Mapping[str, Any]], name: str = "records") -> RawRows:
+    """Wrap in-memory rows (used by tests and programmatic callers)."""
+    return RawRows(list(records), [(name, i, None) for i in range(len(records))], name)
