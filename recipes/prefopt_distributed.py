@@ -1,0 +1,819 @@
+# torchtune-prefopt: the preference-optimization recipe.
+#
+#   tune run prefopt_distributed --config tiny/dpo                       # 1 process
+#   tune run --nproc_per_node 2 prefopt_distributed --config tiny/dpo    # FSDP2, 1 node
+#   tune run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \
+#       --rdzv_endpoint $HEAD:29500 prefopt_distributed --config llama3_3/70B_lora_dpo
+"""Preference optimization (DPO, IPO, KTO, SimPO, ...) with FSDP2, in one hackable file.
+
+Features:
+    - Any loss from :mod:`torchtune_prefopt.losses` (``loss: dpo`` or ``loss._component_``).
+      The loss declares what it needs: ``reference_free`` (SimPO: no reference model is
+      loaded at all), ``average_logps`` (mean vs summed completion log-probs) and ``paired``
+      (KTO trains on unpaired rows with in-batch mismatched KL pairs).
+    - One process or many: plain ``tune run`` (no launcher) runs one rank; torchrun's
+      arguments give FSDP2 over one node or many (rendezvous). CPU uses gloo, GPUs NCCL.
+    - Full fine-tuning (frozen, sharded reference loaded from ``ref_checkpointer``, default
+      the policy's own checkpoint) or LoRA (``lora_*`` model builders: the reference is the
+      same weights with the adapters disabled, no second copy).
+    - Chosen and rejected go through the policy in one concatenated forward; completion
+      log-probs come from :func:`~torchtune_prefopt.modules.decoder_sequence_logprobs`, which
+      never builds the ``[batch, seq, vocab]`` logits and always uses an fp32 log-softmax.
+    - The data order is a global permutation cut into global micro-batches, each rank takes
+      its slice: 1 process and N processes with the same global batch see the same rows.
+    - Atomic HF-format checkpoints every ``save_every_n_steps`` and at the end (LoRA:
+      adapter and merged weights); ``resume_from_checkpoint=True`` continues from the newest
+      complete one exactly (model, optimizer, lr scheduler, data position, RNG).
+    - SIGTERM (pre-emption) saves a checkpoint at the next step boundary and exits 0.
+    - Non-finite loss or gradient norm: stop (default) or skip the step (``nonfinite: skip``),
+      naming the step and the rows; a checkpoint with non-finite weights is never written.
+    - Config, data and checkpoint errors are reported as one line before any compute.
+
+Effective batch size = ``batch_size * world_size * gradient_accumulation_steps``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+from torchtune import config, modules, training, utils
+from torchtune.modules.peft import (
+    DoRALinear,
+    LoRALinear,
+    disable_adapter,
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_lora_module_names,
+    get_merged_lora_ckpt,
+    set_trainable_params,
+)
+from torchtune.training.lr_schedulers import get_lr
+from tqdm import tqdm
+
+from torchtune_prefopt._config import parse
+from torchtune_prefopt.data import kto_balance_warning, kto_collate, paired_collate
+from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
+from torchtune_prefopt.losses import build_loss
+from torchtune_prefopt.modules import decoder_sequence_logprobs
+from torchtune_prefopt.training import checkpoints as ckpt
+from torchtune_prefopt.training.data_order import GlobalBatchSampler, rank_slice
+from torchtune_prefopt.training.distributed import any_rank, all_reduce_sum, init_distributed
+
+log = utils.get_logger("INFO")
+
+IGNORE = -100
+
+KNOWN_KEYS = {
+    "output_dir", "model", "tokenizer", "checkpointer", "ref_checkpointer",
+    "resume_from_checkpoint", "loss", "dataset", "eval_dataset", "eval_every_n_steps",
+    "seed", "shuffle", "batch_size", "gradient_accumulation_steps", "epochs",
+    "max_steps_per_epoch", "optimizer", "lr_scheduler", "clip_grad_norm", "device", "dtype",
+    "compile", "enable_activation_checkpointing", "fsdp_cpu_offload",
+    "fsdp_reshard_after_forward", "custom_sharded_layers", "reference", "logprobs_chunk_size",
+    "metric_logger", "log_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints",
+    "nonfinite", "recipe_name",
+}
+REFERENCE_KEYS = {"quantization", "precompute"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every scalar setting before anything is built; one-line errors name the key."""
+    unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise PrefOptUserError(f"unknown config key '{key}'{hint}")
+    for key in ("output_dir", "model", "tokenizer", "checkpointer", "loss", "dataset", "optimizer"):
+        if cfg.get(key) is None:
+            raise PrefOptUserError(f"config key '{key}' is required")
+
+    def positive_int(key: str, optional: bool = False) -> None:
+        v = cfg.get(key)
+        if v is None and optional:
+            return
+        if not _is_int(v) or v < 1:
+            raise PrefOptUserError(f"{key} must be an integer >= 1, got {v!r}")
+
+    positive_int("batch_size")
+    positive_int("gradient_accumulation_steps")
+    positive_int("epochs")
+    positive_int("max_steps_per_epoch", optional=True)
+    positive_int("log_every_n_steps", optional=True)
+    positive_int("save_every_n_steps", optional=True)
+    positive_int("keep_last_n_checkpoints", optional=True)
+    positive_int("eval_every_n_steps", optional=True)
+    positive_int("logprobs_chunk_size", optional=True)
+    if cfg.get("nonfinite", "stop") not in ("stop", "skip"):
+        raise PrefOptUserError(f"nonfinite must be 'stop' or 'skip', got {cfg.get('nonfinite')!r}")
+    if cfg.get("dtype", "fp32") not in ("fp32", "bf16"):
+        raise PrefOptUserError(f"dtype must be 'fp32' or 'bf16', got {cfg.get('dtype')!r}")
+    clip = cfg.get("clip_grad_norm")
+    if clip is not None and not (isinstance(clip, (int, float)) and float(clip) > 0):
+        raise PrefOptUserError(f"clip_grad_norm must be > 0 or null, got {clip!r}")
+    ref = cfg.get("reference") or {}
+    bad = sorted(set(ref.keys()) - REFERENCE_KEYS)
+    if bad:
+        raise PrefOptUserError(f"unknown config key 'reference.{bad[0]}' (valid: {sorted(REFERENCE_KEYS)})")
+    quant = ref.get("quantization")
+    if quant not in (None, "int8", "fp8", "fp8_dynamic"):
+        raise PrefOptUserError(
+            f"reference.quantization must be null, 'int8', 'fp8' or 'fp8_dynamic', got {quant!r}"
+        )
+    device = str(cfg.get("device", "cpu"))
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise PrefOptUserError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PrefOptUserError("device is 'cuda' but no CUDA device is available (set device=cpu)")
+    if quant == "fp8_dynamic":
+        ok = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+        if not ok:
+            raise PrefOptUserError(
+                "reference.quantization=fp8_dynamic needs a CUDA GPU with compute capability >= 8.9 "
+                "(H100/L4/RTX 4090 class); use 'fp8' (weight-only) or 'int8' on this hardware"
+            )
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class PrefOptRecipe:
+    """DPO-family preference optimization with FSDP2; see the module docstring."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        validate_config(cfg)
+        self.cfg = cfg
+        self._device = utils.get_device(device=cfg.get("device", "cpu"))
+        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self.world_size, self.rank = init_distributed(self._device)
+        self._is_rank_zero = self.rank == 0
+        self._output_dir = Path(cfg.output_dir)
+        self.seed = training.set_seed(seed=cfg.get("seed", 0))
+        self.batch_size = cfg.batch_size
+        self.accum = cfg.gradient_accumulation_steps
+        self.total_epochs = cfg.epochs
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")
+        self._chunk_size = cfg.get("logprobs_chunk_size") or 1024
+        self._log_every = cfg.get("log_every_n_steps") or 1
+        self._save_every = cfg.get("save_every_n_steps")
+        self._keep_last = cfg.get("keep_last_n_checkpoints")
+        self._eval_every = cfg.get("eval_every_n_steps")
+        self._clip = cfg.get("clip_grad_norm")
+        self._nonfinite = cfg.get("nonfinite", "stop")
+        self._resume = bool(cfg.get("resume_from_checkpoint", False))
+        self.global_step = 0
+        self.epochs_run = 0
+        self._resume_micro = 0
+        self._sigterm = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        # 1. Everything that can be wrong in the config or the data, before any weights load.
+        try:
+            self._loss_fn = build_loss(cfg.loss)
+        except PrefOptUserError:
+            raise
+        except (ValueError, TypeError, ImportError) as err:
+            raise PrefOptUserError(f"loss: {err}") from err
+        self._reference_free = bool(getattr(self._loss_fn, "reference_free", False))
+        self._paired = bool(getattr(self._loss_fn, "paired", True))
+        self._average = bool(getattr(self._loss_fn, "average_logps", False))
+        if self._reference_free and (cfg.get("ref_checkpointer") or (cfg.get("reference") or {}).get("quantization")):
+            utils.log_rank_zero(
+                log,
+                f"WARNING: {type(self._loss_fn).__name__} is reference-free: ref_checkpointer/reference.* "
+                "are ignored and no reference model is loaded.",
+            )
+        if not self._paired and self.batch_size < 2:
+            raise PrefOptUserError(
+                f"batch_size: {type(self._loss_fn).__name__} builds its KL reference point from "
+                f"mismatched pairs inside the batch and needs batch_size >= 2 per rank, got {self.batch_size}"
+            )
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._dataset = self._build_dataset(cfg.dataset, "dataset")
+        self._check_dataset_kind(self._dataset, "dataset", paired=self._paired)
+        self._eval_dataset = None
+        if cfg.get("eval_dataset") is not None:
+            self._eval_dataset = self._build_dataset(cfg.eval_dataset, "eval_dataset")
+            self._check_dataset_kind(self._eval_dataset, "eval_dataset", paired=True)
+        global_batch = self.batch_size * self.world_size
+        if len(self._dataset) < global_batch:
+            raise PrefOptUserError(
+                f"dataset: {len(self._dataset)} usable rows, fewer than one global batch "
+                f"(batch_size {self.batch_size} x {self.world_size} processes)"
+            )
+        if not self._paired:
+            stats = getattr(self._dataset, "stats", {})
+            n_d, n_u = stats.get("n_desirable"), stats.get("n_undesirable")
+            if n_d is not None and n_u is not None:
+                utils.log_rank_zero(log, f"KTO data: {n_d} desirable, {n_u} undesirable rows")
+                warning = kto_balance_warning(
+                    n_d, n_u, self._loss_fn.desirable_weight, self._loss_fn.undesirable_weight
+                )
+                if warning:
+                    utils.log_rank_zero(log, f"WARNING: {warning}")
+        stats = getattr(self._dataset, "stats", None)
+        if stats:
+            utils.log_rank_zero(log, f"dataset stats: {dict(stats)}")
+
+        # 2. Checkpoints: the base weights, and the newest complete step checkpoint on resume.
+        self._checkpointer = config.instantiate(cfg.checkpointer)
+        if not isinstance(self._checkpointer, training.FullModelHFCheckpointer):
+            raise PrefOptUserError(
+                "checkpointer: this recipe reads and writes Hugging Face checkpoints; use "
+                "torchtune.training.FullModelHFCheckpointer (or a function returning one)"
+            )
+        base_sd = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        resume_dir, recipe_state = None, None
+        if self._resume:
+            resume_dir = ckpt.latest_checkpoint(self._output_dir)
+            if resume_dir is None:
+                utils.log_rank_zero(
+                    log, f"resume_from_checkpoint=True but no complete checkpoint in {self._output_dir}; starting fresh"
+                )
+            else:
+                ckpt.verify_checkpoint(resume_dir)
+                recipe_state = ckpt.load_recipe_state(resume_dir)
+                utils.log_rank_zero(log, f"Resuming from {resume_dir}")
+
+        # 3. Models.
+        self._model = self._setup_policy(base_sd, resume_dir)
+        self._ref_model = None
+        if not self._reference_free and not self._is_lora:
+            ref_sd = base_sd
+            ref_cfg = cfg.get("ref_checkpointer")
+            ref_source = getattr(self._checkpointer, "_checkpoint_dir", "checkpointer")
+            if ref_cfg is not None:
+                ref_ckpt = config.instantiate(ref_cfg)
+                ref_sd = ref_ckpt.load_checkpoint()[training.MODEL_KEY]
+                ref_source = getattr(ref_ckpt, "_checkpoint_dir", "ref_checkpointer")
+            self._ref_model = self._setup_reference(ref_sd, ref_source)
+        del base_sd
+
+        # 4. Optimizer, data order, schedule.
+        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
+        self._sampler = GlobalBatchSampler(len(self._dataset), global_batch, seed=self.seed, shuffle=cfg.get("shuffle", True))
+        self._dataloader = DataLoader(
+            self._dataset, batch_sampler=self._sampler, collate_fn=self._collate, num_workers=0
+        )
+        micro_per_epoch = len(self._sampler)
+        self._steps_per_epoch = micro_per_epoch // self.accum
+        if self.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
+        if self._steps_per_epoch < 1:
+            raise PrefOptUserError(
+                f"gradient_accumulation_steps: {micro_per_epoch} micro-batches per epoch cannot fill one "
+                f"step of {self.accum} (lower gradient_accumulation_steps or batch_size)"
+            )
+        if recipe_state is not None:
+            self._load_recipe_state(recipe_state)
+        self._lr_scheduler = None
+        if cfg.get("lr_scheduler") is not None:
+            self._lr_scheduler = config.instantiate(
+                cfg.lr_scheduler,
+                self._optimizer,
+                num_training_steps=self.total_epochs * self._steps_per_epoch,
+                last_epoch=-1,
+            )
+            if recipe_state is not None and "lr_scheduler" in recipe_state:
+                self._lr_scheduler.load_state_dict(recipe_state["lr_scheduler"])
+
+        if cfg.get("compile", False):
+            training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+
+        self._metric_logger = None
+        if self._is_rank_zero:
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        dist.barrier()
+
+    def _build_dataset(self, cfg_ds: Any, key: str):
+        try:
+            if isinstance(cfg_ds, ListConfig):
+                from torchtune.datasets import ConcatDataset
+
+                return ConcatDataset([config.instantiate(c, tokenizer=self._tokenizer) for c in cfg_ds])
+            return config.instantiate(cfg_ds, tokenizer=self._tokenizer)
+        except PrefOptUserError:
+            raise
+        except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+            msg = " ".join(str(err).split())
+            raise PrefOptUserError(f"{key}: {msg}") from err
+
+    @staticmethod
+    def _check_dataset_kind(ds, key: str, paired: bool) -> None:
+        if len(ds) == 0:
+            raise PrefOptUserError(f"{key}: no usable rows")
+        item = ds[0]
+        is_paired = "chosen_input_ids" in item
+        if paired and not is_paired:
+            raise PrefOptUserError(
+                f"{key}: this loss (or evaluation) needs paired chosen/rejected rows, but the dataset yields unpaired rows"
+            )
+        if not paired and is_paired:
+            raise PrefOptUserError(
+                f"{key}: KTO trains on unpaired rows; wrap paired data with "
+                "torchtune_prefopt.data.unpaired_from_paired (chosen -> desirable, rejected -> undesirable)"
+            )
+
+    # -- models
+    @property
+    def _is_lora(self) -> bool:
+        return self._lora_cfg is not None
+
+    def _instantiate_meta_model(self) -> nn.Module:
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            return config.instantiate(self.cfg.model)
+
+    def _shard(self, model: nn.Module) -> None:
+        training.shard_model(
+            model=model,
+            shard_conditions=[partial(training.get_shard_conditions, names_to_match=self.cfg.get("custom_sharded_layers"))],
+            cpu_offload=self.cfg.get("fsdp_cpu_offload", False),
+            reshard_after_forward=self.cfg.get("fsdp_reshard_after_forward", True),
+        )
+
+    def _init_rope(self, model: nn.Module) -> None:
+        with training.set_default_dtype(self._dtype), self._device:
+            for m in model.modules():
+                if hasattr(m, "rope_init"):
+                    m.rope_init()
+
+    def _check_shapes(self, model: nn.Module, sd: Dict[str, torch.Tensor], source: Any, strict_keys: bool) -> None:
+        """Compare a full state dict with the model's parameter shapes before loading it."""
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for k, v in sd.items():
+            if k in expected and tuple(v.shape) != expected[k]:
+                raise PrefOptUserError(
+                    f"checkpoint {source}: weight '{k}' has shape {tuple(v.shape)}, the model expects {expected[k]}"
+                )
+        if strict_keys:
+            missing = [k for k in expected if k not in sd]
+            if missing:
+                raise PrefOptUserError(f"checkpoint {source}: missing weight '{missing[0]}' ({len(missing)} missing)")
+
+    def _lora_init_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        """Deterministic LoRA init as full tensors (same on any number of ranks)."""
+        out = {}
+        g = torch.Generator().manual_seed(self.seed)
+        for name, mod in model.named_modules():
+            if isinstance(mod, (LoRALinear, DoRALinear)):
+                a = torch.empty(tuple(mod.lora_a.weight.shape), dtype=torch.float32)
+                bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound
+                a.uniform_(-bound, bound, generator=g)
+                out[f"{name}.lora_a.weight"] = a.to(self._dtype)
+                out[f"{name}.lora_b.weight"] = torch.zeros(tuple(mod.lora_b.weight.shape), dtype=self._dtype)
+        return out
+
+    def _setup_policy(self, base_sd: Dict[str, torch.Tensor], resume_dir: Optional[Path]) -> nn.Module:
+        cfg = self.cfg
+        model = self._instantiate_meta_model()
+        adapter_params = get_adapter_params(model)
+        self._lora_cfg = None
+        if adapter_params:
+            self._lora_cfg = {
+                "rank": cfg.model.lora_rank,
+                "alpha": cfg.model.lora_alpha,
+                "modules": get_lora_module_names(
+                    list(cfg.model.lora_attn_modules),
+                    cfg.model.get("apply_lora_to_mlp", False),
+                    cfg.model.get("apply_lora_to_output", False),
+                ),
+            }
+            set_trainable_params(model, adapter_params)
+        if resume_dir is not None and not adapter_params:
+            # Full fine-tuning resumes from the step checkpoint's weights.
+            resume_ckpt = training.FullModelHFCheckpointer(
+                checkpoint_dir=str(resume_dir),
+                checkpoint_files=ckpt.hf_weight_files(resume_dir),
+                model_type=self._checkpointer._model_type.name,
+                output_dir=str(self._output_dir),
+            )
+            policy_sd = resume_ckpt.load_checkpoint()[training.MODEL_KEY]
+            source = resume_dir
+        else:
+            policy_sd = dict(base_sd)
+            source = getattr(self._checkpointer, "_checkpoint_dir", "checkpointer")
+        if adapter_params:
+            if resume_dir is not None:
+                policy_sd.update(ckpt.load_adapter_weights(resume_dir))
+            else:
+                policy_sd.update(self._lora_init_state(model))
+        self._check_shapes(model, policy_sd, source, strict_keys=True)
+
+        if cfg.get("compile", False):
+            training.compile_model(model, verbose=self._is_rank_zero)
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        self._shard(model)
+        self._init_rope(model)
+        training.load_from_full_model_state_dict(
+            model, policy_sd, self._device, strict=True, cpu_offload=cfg.get("fsdp_cpu_offload", False)
+        )
+        training.validate_no_params_on_meta_device(model)
+        training.disable_dropout(model)
+        return model
+
+    def _setup_reference(self, ref_sd: Dict[str, torch.Tensor], source: Any) -> nn.Module:
+        model = self._instantiate_meta_model()
+        self._check_shapes(model, ref_sd, source, strict_keys=True)
+        if self.cfg.get("compile", False):
+            training.compile_model(model, verbose=False)
+        self._shard(model)
+        self._init_rope(model)
+        training.load_from_full_model_state_dict(
+            model, ref_sd, self._device, strict=True, cpu_offload=self.cfg.get("fsdp_cpu_offload", False)
+        )
+        training.validate_no_params_on_meta_device(model)
+        training.disable_dropout(model)
+        for p in model.parameters():
+            p.requires_grad = False
+        model.eval()
+        return model
+
+    # -- data
+    def _collate(self, items: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        """``items`` is the *global* micro-batch; return this rank's slice."""
+        pad = self._tokenizer.pad_id
+        if self._paired:
+            return paired_collate(rank_slice(items, self.rank, self.batch_size), padding_idx=pad, ignore_idx=IGNORE)
+        full = kto_collate(items, padding_idx=pad, ignore_idx=IGNORE, max_seq_len=self._tokenizer.max_seq_len)
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return {k: v[lo:hi] for k, v in full.items()}
+
+    # ------------------------------------------------------------------ state
+    def _recipe_state(self, epoch: int, micro_in_epoch: int) -> Dict[str, Any]:
+        rng = [None] * self.world_size
+        dist.all_gather_object(rng, torch.get_rng_state())
+        state = {
+            "step": self.global_step,
+            "epoch": epoch,
+            "micro_in_epoch": micro_in_epoch,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.accum,
+            "rng_states": rng,
+        }
+        if self._lr_scheduler is not None:
+            state["lr_scheduler"] = self._lr_scheduler.state_dict()
+        return state
+
+    def _load_recipe_state(self, state: Dict[str, Any]) -> None:
+        gb_then = state["batch_size"] * state["world_size"]
+        gb_now = self.batch_size * self.world_size
+        if gb_then != gb_now or state["gradient_accumulation_steps"] != self.accum:
+            raise PrefOptUserError(
+                f"resume: the checkpoint was trained with a global micro-batch of {gb_then} and "
+                f"gradient_accumulation_steps {state['gradient_accumulation_steps']}; this run has "
+                f"{gb_now} and {self.accum}: keep batch_size x world_size and accumulation the same to resume exactly"
+            )
+        if state["seed"] != self.seed:
+            utils.log_rank_zero(log, f"WARNING: using the checkpoint's seed {state['seed']} (config has {self.seed})")
+            self.seed = state["seed"]
+            self._sampler.seed = self.seed
+        self.global_step = state["step"]
+        self.epochs_run = state["epoch"]
+        self._resume_micro = state["micro_in_epoch"]
+        if self._resume_micro >= self._steps_per_epoch * self.accum:
+            self.epochs_run += 1
+            self._resume_micro = 0
+        rng = state["rng_states"]
+        if len(rng) == self.world_size:
+            torch.set_rng_state(rng[self.rank])
+        opt_sd = state.get("optimizer")
+        if opt_sd is not None:
+            training.load_from_full_optimizer_state_dict(self._model, self._optimizer, opt_sd, self._device)
+
+    def save_checkpoint(self, epoch: int, micro_in_epoch: int, reason: str) -> Optional[Path]:
+        """Gather weights and optimizer state to rank 0 and write an atomic step checkpoint."""
+        start = time.perf_counter()
+        full_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        opt_sd = training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero, device=self._device)
+        state = self._recipe_state(epoch, micro_in_epoch)
+        finite = True
+        if self._is_rank_zero:
+            finite = all(torch.isfinite(v).all().item() for v in full_sd.values() if v.is_floating_point())
+        if any_rank(not finite, self._device):
+            raise RuntimeError(
+                f"step {self.global_step}: the weights contain non-finite values; refusing to write a checkpoint"
+            )
+        final_path = None
+        if self._is_rank_zero:
+            tmp = ckpt.begin_checkpoint(self._output_dir, self.global_step)
+            if self._is_lora:
+                adapter_sd = get_adapter_state_dict(full_sd)
+                merged = get_merged_lora_ckpt(dict(full_sd), rank=self._lora_cfg["rank"], alpha=self._lora_cfg["alpha"])
+                to_write = {
+                    training.MODEL_KEY: merged,
+                    training.ADAPTER_KEY: adapter_sd,
+                    training.ADAPTER_CONFIG: {
+                        "r": self._lora_cfg["rank"],
+                        "lora_alpha": self._lora_cfg["alpha"],
+                        "target_modules": self._lora_cfg["modules"],
+                        "peft_type": "LORA",
+                    },
+                }
+            else:
+                to_write = {training.MODEL_KEY: full_sd}
+            ckpt.write_hf_weights(self._checkpointer, to_write, tmp)
+            state["optimizer"] = opt_sd
+            ckpt.save_recipe_state(tmp, state)
+            final_path = ckpt.commit_checkpoint(tmp, self.global_step, extra={"reason": reason})
+            ckpt.prune_checkpoints(self._output_dir, self._keep_last)
+            log.info(f"Saved checkpoint {final_path} ({reason}) in {time.perf_counter() - start:.1f}s")
+        dist.barrier()
+        return final_path
+
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
+        self._sigterm = True
+
+    # ------------------------------------------------------------------ compute
+    def _logps(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
+        return decoder_sequence_logprobs(model, input_ids, labels, chunk_size=self._chunk_size)
+
+    def _reference_logps(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        with torch.no_grad():
+            if self._is_lora:
+                with disable_adapter(self._model):
+                    return self._logps(self._model, input_ids, labels)
+            return self._logps(self._ref_model, input_ids, labels)
+
+    def _pick(self, lp) -> torch.Tensor:
+        return lp.mean if self._average else lp.sum
+
+    def _paired_step(self, batch: Dict[str, torch.Tensor]):
+        ids = batch["input_ids"].to(self._device)
+        labels = batch["labels"].to(self._device)
+        b = ids.shape[0] // 2
+        pol = self._logps(self._model, ids, labels)
+        pol_v = self._pick(pol)
+        ref_c = ref_r = None
+        if not self._reference_free:
+            ref_v = self._pick(self._reference_logps(ids, labels))
+            ref_c, ref_r = ref_v[:b], ref_v[b:]
+        losses, c_rew, r_rew = self._loss_fn(pol_v[:b], pol_v[b:], ref_c, ref_r)
+        stats = {
+            "rewards/chosen": c_rew.detach().sum(),
+            "rewards/rejected": r_rew.detach().sum(),
+            "rewards/accuracies": (c_rew > r_rew).float().sum(),
+            "rewards/margins": (c_rew - r_rew).detach().sum(),
+            "logps/chosen": pol.sum[:b].detach().sum(),
+            "logps/rejected": pol.sum[b:].detach().sum(),
+        }
+        counts = {"rows": float(b)}
+        return losses, stats, counts
+
+    def _kto_step(self, batch: Dict[str, torch.Tensor]):
+        ids = batch["input_ids"].to(self._device)
+        labels = batch["labels"].to(self._device)
+        kl_ids = batch["kl_input_ids"].to(self._device)
+        kl_labels = batch["kl_labels"].to(self._device)
+        desirable = batch["is_desirable"].to(self._device)
+        pol = self._logps(self._model, ids, labels)
+        with torch.no_grad():
+            pol_kl = self._pick(self._logps(self._model, kl_ids, kl_labels))
+        ref = self._pick(self._reference_logps(ids, labels))
+        ref_kl = self._pick(self._reference_logps(kl_ids, kl_labels))
+        losses, rewards, kl = self._loss_fn(self._pick(pol), ref, desirable, pol_kl, ref_kl)
+        d = desirable.float()
+        stats = {
+            "kl": kl.detach().float() * ids.shape[0],  # z0 is global; weight so the mean is z0
+            "rewards/desirable": (rewards.detach() * d).sum(),
+            "rewards/undesirable": (rewards.detach() * (1 - d)).sum(),
+            "logps/desirable": (pol.sum.detach() * d).sum(),
+            "logps/undesirable": (pol.sum.detach() * (1 - d)).sum(),
+        }
+        counts = {"rows": float(ids.shape[0]), "desirable": d.sum().item(), "undesirable": (1 - d).sum().item()}
+        return losses, stats, counts
+
+    def _nonfinite_rows(self, losses: torch.Tensor, index: torch.Tensor) -> List[int]:
+        bad_local = index[~torch.isfinite(losses.detach().cpu())].tolist()
+        gathered: List[List[int]] = [None] * self.world_size  # type: ignore[list-item]
+        dist.all_gather_object(gathered, bad_local)
+        return sorted(i for part in gathered for i in part)
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out preference accuracy of the loss's implicit reward (paired eval rows)."""
+        ds = self._eval_dataset
+        gb = self.batch_size * self.world_size
+        n_batches = len(ds) // gb
+        tot = torch.zeros(6, dtype=torch.float64, device=self._device)
+        beta = float(getattr(self._loss_fn, "beta", getattr(self._loss_fn, "tau", 1.0)))
+        for b in range(n_batches):
+            items = [ds[i] for i in range(b * gb, (b + 1) * gb)]
+            batch = paired_collate(rank_slice(items, self.rank, self.batch_size), padding_idx=self._tokenizer.pad_id, ignore_idx=IGNORE)
+            ids, labels = batch["input_ids"].to(self._device), batch["labels"].to(self._device)
+            n = ids.shape[0] // 2
+            pol = self._logps(self._model, ids, labels)
+            ref = None if self._reference_free else self._reference_logps(ids, labels)
+            if self._paired:
+                pv = self._pick(pol)
+                rv = self._pick(ref) if ref is not None else None
+                _, c_rew, r_rew = self._loss_fn(pv[:n], pv[n:], rv[:n] if rv is not None else None, rv[n:] if rv is not None else None)
+            else:  # KTO's implicit reward: beta * summed log-ratio
+                c_rew = beta * (pol.sum[:n] - ref.sum[:n])
+                r_rew = beta * (pol.sum[n:] - ref.sum[n:])
+            tot += torch.stack([
+                (c_rew > r_rew).double().sum(),
+                (c_rew - r_rew).double().sum(),
+                pol.sum[:n].double().sum(),
+                pol.sum[n:].double().sum(),
+                ((ref.sum[:n] > ref.sum[n:]).double().sum() if ref is not None else torch.zeros((), dtype=torch.float64, device=self._device)),
+                torch.tensor(float(n), dtype=torch.float64, device=self._device),
+            ])
+        all_reduce_sum(tot)
+        rows = max(tot[5].item(), 1.0)
+        out = {
+            "eval/rewards/accuracies": tot[0].item() / rows,
+            "eval/rewards/margins": tot[1].item() / rows,
+            "eval/logps/chosen": tot[2].item() / rows,
+            "eval/logps/rejected": tot[3].item() / rows,
+            "eval/rows": rows,
+        }
+        if not self._reference_free:
+            out["eval/reference/accuracies"] = tot[4].item() / rows
+        return out
+
+    def _log(self, metrics: Dict[str, float]) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.log_dict(metrics, step=self.global_step)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        self._optimizer.zero_grad(set_to_none=True)
+        step_bad = False
+        sums: Dict[str, torch.Tensor] = {}
+        counts: Dict[str, float] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
+        tokens = 0
+        t0 = time.perf_counter()
+        if self._eval_dataset is not None and self.global_step == 0:
+            self._log(self.evaluate())
+        pbar = tqdm(total=self.total_epochs * self._steps_per_epoch, initial=self.global_step, disable=not self._is_rank_zero)
+        for epoch in range(self.epochs_run, self.total_epochs):
+            start_micro = self._resume_micro if epoch == self.epochs_run else 0
+            self._sampler.set_epoch(epoch, start_micro)
+            micro = start_micro
+            for batch in self._dataloader:
+                if micro // self.accum >= self._steps_per_epoch:
+                    break
+                if self._paired:
+                    losses, stats, cnt = self._paired_step(batch)
+                else:
+                    losses, stats, cnt = self._kto_step(batch)
+                bad = any_rank(not bool(torch.isfinite(losses.detach()).all()), self._device)
+                if bad:
+                    rows = self._nonfinite_rows(losses, batch["index"])
+                    msg = f"step {self.global_step + 1}: non-finite loss for dataset rows {rows}"
+                    if self._nonfinite == "stop":
+                        raise FloatingPointError(msg + " (set nonfinite=skip to skip such steps)")
+                    utils.log_rank_zero(log, f"WARNING: {msg}; skipping this step")
+                    step_bad = True
+                else:
+                    loss = losses.mean() / self.accum
+                    loss.backward()
+                    loss_sum += losses.detach().double().sum()
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0) + v.double()
+                    for k, v in cnt.items():
+                        counts[k] = counts.get(k, 0.0) + v
+                tokens += batch["input_ids"].numel() + (batch["kl_input_ids"].numel() if "kl_input_ids" in batch else 0)
+                micro += 1
+                if micro % self.accum != 0:
+                    continue
+
+                # ---- optimizer step
+                grad_norm = None
+                if not step_bad and self._clip is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip))
+                    if hasattr(grad_norm, "full_tensor"):
+                        grad_norm = grad_norm.full_tensor()
+                    if not torch.isfinite(grad_norm):
+                        msg = f"step {self.global_step + 1}: non-finite gradient norm ({grad_norm.item()})"
+                        if self._nonfinite == "stop":
+                            raise FloatingPointError(msg + " (set nonfinite=skip to skip such steps)")
+                        utils.log_rank_zero(log, f"WARNING: {msg}; skipping this step")
+                        step_bad = True
+                if not step_bad:
+                    self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                if self._lr_scheduler is not None:
+                    self._lr_scheduler.step()
+                pbar.update(1)
+
+                # ---- metrics (summed over micro-batches and ranks)
+                if self.global_step % self._log_every == 0:
+                    keys = sorted(sums)
+                    vec = torch.stack([loss_sum] + [torch.as_tensor(sums[k], dtype=torch.float64, device=self._device) for k in keys]) if keys else loss_sum.reshape(1)
+                    ckeys = sorted(counts)
+                    cvec = torch.tensor([counts[k] for k in ckeys] + [float(tokens)], dtype=torch.float64, device=self._device)
+                    all_reduce_sum(vec)
+                    all_reduce_sum(cvec)
+                    c = dict(zip(ckeys, cvec.tolist()))
+                    rows = max(c.get("rows", 0.0), 1.0)
+                    dt = time.perf_counter() - t0
+                    metrics = {"loss": vec[0].item() / rows}
+                    for i, k in enumerate(keys, start=1):
+                        denom = rows
+                        if k.endswith("desirable") and not k.endswith("undesirable"):
+                            denom = max(c.get("desirable", 0.0), 1.0)
+                        elif k.endswith("undesirable"):
+                            denom = max(c.get("undesirable", 0.0), 1.0)
+                        metrics[k] = vec[i].item() / denom
+                    metrics["lr"] = get_lr(self._optimizer)
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = grad_norm.item()
+                    metrics["tokens_per_second"] = cvec[-1].item() / max(dt, 1e-9)
+                    metrics["peak_memory_gib"] = _peak_memory_gib(self._device)
+                    if step_bad:
+                        metrics["skipped_step"] = 1.0
+                    self._log(metrics)
+                    pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {metrics['loss']:.4f}")
+                    sums, counts, tokens = {}, {}, 0
+                    loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
+                    t0 = time.perf_counter()
+                step_bad = False
+
+                if self._eval_dataset is not None and self._eval_every and self.global_step % self._eval_every == 0:
+                    self._log(self.evaluate())
+                preempted = any_rank(self._sigterm, self._device)
+                if preempted:
+                    path = self.save_checkpoint(epoch, micro, reason="sigterm")
+                    utils.log_rank_zero(
+                        log, f"SIGTERM: saved {path} at step {self.global_step}; resume with resume_from_checkpoint=True"
+                    )
+                    pbar.close()
+                    raise _Preempted()
+                if self._save_every and self.global_step % self._save_every == 0:
+                    self.save_checkpoint(epoch, micro, reason="periodic")
+            self.epochs_run = epoch + 1
+        pbar.close()
+        if self._eval_dataset is not None and not (self._eval_every and self.global_step % self._eval_every == 0):
+            self._log(self.evaluate())
+        last = ckpt.latest_checkpoint(self._output_dir)
+        if last is None or not last.name.endswith(f"{self.global_step:06d}"):
+            self.save_checkpoint(self.total_epochs, 0, reason="final")
+        if self._is_rank_zero:
+            final = ckpt.latest_checkpoint(self._output_dir)
+            link = self._output_dir / "final"
+            tmp_link = self._output_dir / ".final.tmp"
+            if tmp_link.is_symlink() or tmp_link.exists():
+                tmp_link.unlink()
+            os.symlink(os.path.relpath(final, self._output_dir), tmp_link)
+            os.replace(tmp_link, link)
+            log.info(f"Final checkpoint: {link} -> {final}")
+
+    def cleanup(self) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Preempted(Exception):
+    """Raised after the pre-emption checkpoint is written, to exit cleanly."""
+
+
+@report_user_errors
+@parse
+def recipe_main(cfg: DictConfig) -> None:
+    recipe = PrefOptRecipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+    except _Preempted:
+        pass
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
