@@ -34,19 +34,21 @@ TUNE = BIN / "tune"
 TIMEOUT = 600
 
 
-def _env(pythonpath: Path | None = None) -> dict:
+def _env(pythonpath: Path | None = None, extra: dict | None = None) -> dict:
     env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
+    for key in ("PYTHONPATH", "RANK", "PREFOPT_DEBUG"):
+        env.pop(key, None)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
+    env.update(extra or {})
     return env
 
 
-def _run(args, cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+def _run(args, cwd: Path, pythonpath: Path | None = None, extra_env: dict | None = None):
     return subprocess.run(
         [str(a) for a in args],
         cwd=cwd,
-        env=_env(pythonpath),
+        env=_env(pythonpath, extra_env),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -318,6 +320,9 @@ def test_unknown_config_is_a_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in message
     assert "'tiny/dpp'" in message and "tiny/dpo" in message and "tune ls" in message
     assert isinstance(info.value, ValueError)
+    from torchtune_prefopt.errors import PrefOptUserError
+
+    assert isinstance(info.value, PrefOptUserError)
 
 
 def test_parse_exits_with_one_line_for_unknown_config(tmp_path):
@@ -343,6 +348,14 @@ def test_parse_exits_with_one_line_for_unknown_config(tmp_path):
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("my_recipe.py: error: unknown config 'tiny/dpp'")
     assert "Traceback" not in out.stderr
+
+    # under torchrun only rank 0 reports; PREFOPT_DEBUG=1 shows the traceback
+    out = _run([sys.executable, script, "--config", "tiny/dpp"], tmp_path, extra_env={"RANK": "1"})
+    assert (out.returncode, out.stderr) == (2, "")
+    out = _run([sys.executable, script, "--config", "tiny/dpp"], tmp_path,
+               extra_env={"PREFOPT_DEBUG": "1"})
+    assert out.returncode == 1 and "Traceback" in out.stderr
+    assert "ConfigNotFoundError" in out.stderr
 
 
 @pytest.mark.slow

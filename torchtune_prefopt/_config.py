@@ -47,11 +47,17 @@ ENTRY_POINT_GROUP = "torchtune_prefopt.configs"
 _SUFFIX = ".yaml"
 
 
-class ConfigNotFoundError(ValueError):
+try:  # the project's user-error base (a ValueError; stdlib-only module)
+    from torchtune_prefopt.errors import PrefOptUserError as _UserError
+except Exception:  # pragma: no cover - keep this module usable on its own
+    _UserError = ValueError
+
+
+class ConfigNotFoundError(_UserError):
     """``--config`` is neither an existing file nor a known config name."""
 
 
-class ConfigNameClashError(ValueError):
+class ConfigNameClashError(_UserError):
     """Two different YAML files are registered under the same config name."""
 
 
@@ -269,7 +275,9 @@ def parse(recipe_main: Callable[[Any], Any]) -> Callable[..., Any]:
 
     ``recipe_main(cfg)`` is called with the merged ``DictConfig`` and its return value is
     passed to ``sys.exit``. Command-line mistakes (unknown config, bad override) exit with
-    status 2 and one ``<prog>: error: ...`` line on stderr, without a traceback.
+    status 2 and one ``<prog>: error: ...`` line on stderr (rank 0 only under torchrun),
+    without a traceback; ``PREFOPT_DEBUG=1`` re-raises instead (as
+    :func:`torchtune_prefopt.errors.report_user_errors` does).
     """
 
     @functools.wraps(recipe_main)
@@ -278,8 +286,11 @@ def parse(recipe_main: Callable[[Any], Any]) -> Callable[..., Any]:
         try:
             conf = load_config(sys.argv[1:], description=recipe_main.__doc__, prog=prog)
         except ValueError as exc:
-            message = " ".join(str(exc).split())  # guaranteed one line
-            print(f"{prog or 'recipe'}: error: {message}", file=sys.stderr)
+            if os.environ.get("PREFOPT_DEBUG"):
+                raise
+            if os.environ.get("RANK", "0") == "0":
+                message = " ".join(str(exc).split())  # guaranteed one line
+                print(f"{prog or 'recipe'}: error: {message}", file=sys.stderr, flush=True)
             sys.exit(2)
         sys.exit(recipe_main(conf))
 
