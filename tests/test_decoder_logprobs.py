@@ -19,6 +19,7 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from torchtune_prefopt.modules import decoder_sequence_logprobs, enable_sequence_logprobs
+from torchtune_prefopt.modules.sequence_logprobs import _plain_linear
 
 VOCAB = 96
 DIMS = dict(
@@ -247,9 +248,16 @@ def _fsdp_worker(rank: int, world: int, init_file: str) -> None:
                 reshard_after_forward=True,
             )
             assert type(model).__name__.startswith("FSDP")
-            if variant.endswith("sharded_output"):
-                assert type(model.output).__name__.startswith("FSDP")
+            # separately sharded output: generic (checkpointed, calls the FSDP module per
+            # chunk); otherwise the root's unsharded weight goes through the fused path
+            sharded_output = variant.endswith("sharded_output")
+            assert type(model.output).__name__.startswith("FSDP") == sharded_output
+            paths = []
+            model.norm.register_forward_hook(
+                lambda m, i, o: paths.append(_plain_linear(model.output) is not None)
+            )
             out = decoder_sequence_logprobs(model, tokens[lo:hi], labels[lo:hi], chunk_size=5)
+            assert paths == [kind != "lora" and not sharded_output], paths
             # loss over the local half; FSDP2 averages gradients over ranks
             w_all = torch.arange(1, 2 * world + 1, dtype=torch.float32)
             loss = (out.sum * w_all[lo:hi]).sum() + (out.mean * w_all.flip(0)[lo:hi]).sum()

@@ -9,6 +9,7 @@ from torchtune.modules import TiedLinear
 from torchtune.modules.peft import LoRALinear
 
 from torchtune_prefopt.modules import SequenceLogProbs, sequence_logprobs
+from torchtune_prefopt.modules.sequence_logprobs import _plain_linear
 
 B, S, D, V = 3, 9, 16, 37
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -39,19 +40,28 @@ def _full_logits_reference(hidden, proj, labels):
     return total, total / n, n
 
 
+def _via(path, proj):
+    """fused: pass the projection as is; generic: hide it behind a plain callable."""
+    if path == "fused":
+        return proj
+    fn = (lambda x: F.linear(x, proj)) if isinstance(proj, torch.Tensor) else proj
+    return lambda x: fn(x)
+
+
 def _grads(out, params, w_sum, w_mean):
     loss = (out[0] * w_sum).sum() + (out[1] * w_mean).sum()
     return torch.autograd.grad(loss, params)
 
 
+@pytest.mark.parametrize("path", ["fused", "generic"])
 @pytest.mark.parametrize("chunk_size", [1, 4, 1024])  # < , < and > the 22 label tokens
-def test_matches_full_logits_and_torchtune_with_grads(chunk_size):
+def test_matches_full_logits_and_torchtune_with_grads(chunk_size, path):
     torch.manual_seed(0)
     hidden = torch.randn(B, S, D, requires_grad=True)
     lin = nn.Linear(D, V, bias=False)
     labels = _labels()
 
-    ours = sequence_logprobs(hidden, lin, labels, chunk_size=chunk_size)
+    ours = sequence_logprobs(hidden, _via(path, lin), labels, chunk_size=chunk_size)
     assert isinstance(ours, SequenceLogProbs)
     assert ours.sum.dtype == torch.float32 and ours.mean.dtype == torch.float32
     assert ours.num_tokens.dtype == torch.int64
@@ -85,21 +95,28 @@ def _proj_variants():
     tied = TiedLinear(emb)  # not an nn.Module
     lora = LoRALinear(D, V, rank=4, alpha=8.0)
     nn.init.normal_(lora.lora_b.weight)  # lora_b starts at zero; make it matter
+    frozen = nn.Linear(D, V, bias=False).requires_grad_(False)
     return {
         "linear_bias": (with_bias, [with_bias.weight, with_bias.bias]),
+        "frozen_linear": (frozen, []),
         "weight_tensor": (weight, [weight]),
         "tied_linear": (tied, [emb.weight]),
         "lora_linear": (lora, [lora.lora_a.weight, lora.lora_b.weight]),
     }
 
 
-@pytest.mark.parametrize("kind", ["linear_bias", "weight_tensor", "tied_linear", "lora_linear"])
-def test_projection_kinds_value_and_weight_grads(kind):
+@pytest.mark.parametrize("path", ["fused", "generic"])
+@pytest.mark.parametrize(
+    "kind", ["linear_bias", "frozen_linear", "weight_tensor", "tied_linear", "lora_linear"]
+)
+def test_projection_kinds_value_and_weight_grads(kind, path):
     proj, params = _proj_variants()[kind]
     fn = (lambda x: F.linear(x, proj)) if isinstance(proj, torch.Tensor) else proj
+    expect_fused = path == "fused" and kind != "lora_linear"
+    assert (_plain_linear(_via(path, proj)) is not None) == expect_fused
     hidden = torch.randn(B, S, D, requires_grad=True)
     labels = _labels(seed=3)
-    ours = sequence_logprobs(hidden, proj, labels, chunk_size=5)
+    ours = sequence_logprobs(hidden, _via(path, proj), labels, chunk_size=5)
     ref_sum, ref_mean, _ = _full_logits_reference(hidden, fn, labels)
     torch.testing.assert_close(ours.sum, ref_sum, **TOL)
     torch.testing.assert_close(ours.mean, ref_mean, **TOL)
@@ -128,8 +145,10 @@ def test_only_labelled_positions_are_projected_in_chunks():
     assert max(seen) <= 6 and len(seen) == -(-n // 6)
 
 
-def test_no_vocab_sized_tensor_saved_for_backward():
-    """Everything [N, V] is recomputed in backward: the graph saves nothing vocab-sized."""
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_no_vocab_sized_tensor_saved_for_backward(path):
+    """Logits are recomputed in backward: nothing [N, V] is saved (only the weight itself,
+    by reference, on the fused path)."""
     big_v = 4096
     lin = nn.Linear(D, big_v, bias=False)
     hidden = torch.randn(B, S, D, requires_grad=True)
@@ -137,17 +156,20 @@ def test_no_vocab_sized_tensor_saved_for_backward():
     saved = []
 
     def pack(t):
-        saved.append(t.numel())
+        saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = sequence_logprobs(hidden, lin, labels, chunk_size=4)
-    assert saved and max(saved) < big_v * 4  # the weight itself is not saved either
+        out = sequence_logprobs(hidden, _via(path, lin), labels, chunk_size=4)
+    assert saved
+    for t in saved:
+        assert t.numel() < big_v or t.data_ptr() == lin.weight.data_ptr(), tuple(t.shape)
     out.sum.sum().backward()
     assert lin.weight.grad is not None and hidden.grad is not None
 
 
-def test_bf16_uses_fp32_log_softmax():
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_bf16_uses_fp32_log_softmax(path):
     torch.manual_seed(0)
     b, s, d, v = 4, 32, 64, 2000
     hidden = torch.randn(b, s, d).bfloat16().requires_grad_()
@@ -155,7 +177,7 @@ def test_bf16_uses_fp32_log_softmax():
     labels = torch.randint(0, v, (b, s))
     labels[:, :5] = -100
 
-    ours = sequence_logprobs(hidden, weight, labels, chunk_size=16)
+    ours = sequence_logprobs(hidden, _via(path, weight), labels, chunk_size=16)
     assert ours.sum.dtype == torch.float32 and ours.mean.dtype == torch.float32
 
     # torchtune's own path for a bf16 model: bf16 logits, .float(), fp32 log_softmax
@@ -175,28 +197,47 @@ def test_bf16_uses_fp32_log_softmax():
         torch.testing.assert_close(a.float(), b_.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_gradcheck_float64(path):
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([[-100, 3, 1, 6, -100], [-100, -100, 0, 2, 5]])
 
-    def f(h, w):
-        out = sequence_logprobs(h, w, labels, chunk_size=2)
+    def f(h, w, b):
+        lin = nn.Linear(4, 7).double()
+        del lin.weight, lin.bias
+        lin.weight, lin.bias = w, b  # plain tensors: still a hook-free nn.Linear
+        out = sequence_logprobs(h, _via(path, lin), labels, chunk_size=2)
         return out.sum, out.mean
 
-    assert torch.autograd.gradcheck(f, (hidden, weight))
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
 
 
-def test_no_grad_path_matches_and_builds_no_graph():
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_no_grad_path_matches_and_builds_no_graph(path):
     lin = nn.Linear(D, V, bias=False)
     hidden = torch.randn(B, S, D, requires_grad=True)
     labels = _labels()
     with torch.no_grad():
-        a = sequence_logprobs(hidden, lin, labels, chunk_size=4)
+        a = sequence_logprobs(hidden, _via(path, lin), labels, chunk_size=4)
     assert a.sum.grad_fn is None
-    b = sequence_logprobs(hidden, lin, labels, chunk_size=4)
+    b = sequence_logprobs(hidden, _via(path, lin), labels, chunk_size=4)
     torch.testing.assert_close(a.sum, b.sum.detach(), atol=0, rtol=0)
+
+
+def test_hooked_linear_takes_generic_path_and_hooks_run_per_chunk():
+    lin = nn.Linear(D, V, bias=False)
+    calls = []
+    lin.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    assert _plain_linear(lin) is None  # e.g. torchtune's activation-offloading NoOpManager
+    hidden = torch.randn(B, S, D, requires_grad=True)
+    labels = _labels()
+    ours = sequence_logprobs(hidden, lin, labels, chunk_size=8)
+    ours.sum.sum().backward()  # recompute in backward calls the module (and hook) again
+    n = int((labels[:, 1:] != -100).sum())
+    assert sum(calls) == 2 * n and max(calls) <= 8
 
 
 def test_empty_completion_names_rows():

@@ -13,11 +13,21 @@ instead
    have a label, so prompt and padding positions are never projected onto the vocabulary;
 2. walks the selected tokens in chunks of ``chunk_size``; per chunk it projects to logits,
    upcasts to fp32 (even for a bf16 model), and takes ``target_logit - logsumexp``;
-3. saves nothing of the chunk for backward but its inputs: the chunk is recomputed during
-   backward (non-reentrant :func:`torch.utils.checkpoint.checkpoint`), and the backward of
-   the log-softmax/gather is a fused ``onehot - softmax`` written in place, so peak memory is
-   ``O(chunk_size * V)`` instead of ``O(B * S * V)``;
+3. saves nothing vocabulary-sized for backward: the chunk's logits are recomputed during
+   backward and the log-softmax/gather backward is ``onehot - softmax`` written in place, so
+   peak memory is ``O(chunk_size * V)`` instead of ``O(B * S * V)``;
 4. scatter-adds the per-token log-probs into per-sequence sums (``index_add``).
+
+Two backward paths give the same numbers:
+
+* **fused** (a weight tensor, a hook-free ``nn.Linear``, torchtune's ``TiedLinear``): one
+  ``autograd.Function`` over all chunks; backward recomputes each chunk's logits and
+  accumulates the weight gradient in place (``addmm_``) into a single ``[V, D]`` buffer.
+* **generic** (any other callable, e.g. a LoRA output layer, an FSDP-wrapped output module, a
+  module with hooks such as torchtune's activation-offloading ``NoOpManager``): each chunk is
+  a non-reentrant :func:`torch.utils.checkpoint.checkpoint` region calling ``output_proj``
+  again in backward. Autograd sums the per-chunk weight gradients, so with more than one
+  chunk it briefly holds two ``[V, D]`` gradient buffers.
 
 Gradients flow to ``hidden`` and to everything ``output_proj`` uses (an ``nn.Linear``
 weight, a LoRA adapter on the output layer, tied embeddings via torchtune's ``TiedLinear``).
@@ -25,12 +35,13 @@ weight, a LoRA adapter on the output layer, tied embeddings via torchtune's ``Ti
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
@@ -108,6 +119,121 @@ class _TargetLogProb(torch.autograd.Function):
         return g.to(logits.dtype), None
 
 
+def _no_module_hooks(m: nn.Module) -> bool:
+    from torch.nn.modules import module as _m
+
+    return not (
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or m._backward_pre_hooks
+        or _m._global_forward_hooks
+        or _m._global_forward_pre_hooks
+        or _m._global_backward_hooks
+        or _m._global_backward_pre_hooks
+    )
+
+
+def _plain_linear(output_proj: OutputProj) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """``(weight, bias)`` if calling ``output_proj`` is exactly ``F.linear(x, weight, bias)``
+    with plain (non-DTensor, non-FSDP-managed) tensors; else ``None`` (generic path)."""
+    if isinstance(output_proj, Tensor):
+        weight, bias = output_proj, None
+    elif isinstance(output_proj, nn.Linear):
+        if type(output_proj).forward is not nn.Linear.forward or not _no_module_hooks(output_proj):
+            return None
+        weight, bias = output_proj.weight, output_proj.bias
+    elif _is_tied_linear(output_proj):
+        if not _no_module_hooks(output_proj.linear) or _is_fsdp(output_proj.tied_module):
+            return None
+        weight, bias = output_proj.tied_module.weight, None
+    else:
+        return None
+    if _is_dtensor(weight) or (bias is not None and _is_dtensor(bias)):
+        return None
+    return weight, bias
+
+
+def _is_tied_linear(obj) -> bool:
+    # no torchtune import here: if torchtune's TiedLinear was never imported, obj isn't one
+    mod = sys.modules.get("torchtune.modules.tied_linear")
+    return mod is not None and isinstance(obj, mod.TiedLinear)
+
+
+def _is_fsdp(m: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(m, FSDPModule)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+class _FusedLinearTargetLogProb(torch.autograd.Function):
+    """Per-token ``log_softmax(F.linear(h, W, b).float())[target]`` over chunks of ``h``.
+
+    Saves only ``h``, ``W``, ``b`` (references, no copies), ``target`` and the ``[N]``
+    logsumexp. Backward recomputes each chunk's logits and writes ``grad_h`` chunk by chunk
+    and ``grad_W``/``grad_b`` in place, so at most one chunk of logits/gradient is alive.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, chunk_size):  # type: ignore[override]
+        n = h.shape[0]
+        cdt = _compute_dtype(weight.dtype)
+        out = torch.empty(n, dtype=cdt, device=h.device)
+        lse = torch.empty(n, dtype=cdt, device=h.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            x = F.linear(h[s:e], weight, bias).to(cdt)  # own buffer: modified in place below
+            picked = x.gather(1, target[s:e].unsqueeze(1)).squeeze(1)
+            m = x.amax(dim=1, keepdim=True)
+            x.sub_(m).exp_()
+            lse_c = x.sum(dim=1).log_().add_(m.squeeze(1))
+            lse[s:e] = lse_c
+            out[s:e] = picked - lse_c
+            del x
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(h, weight, bias, target, lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        h, weight, bias, target, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, cs = h.shape[0], ctx.chunk_size
+        cdt = lse.dtype
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
+        for s in range(0, n, cs):
+            e = min(s + cs, n)
+            g_out = grad[s:e].to(cdt)
+            # softmax, then grad * (onehot - softmax), in one [c, V] compute-dtype buffer
+            g = F.linear(h[s:e], weight, bias).to(cdt)
+            g.sub_(lse[s:e].unsqueeze(1)).exp_().mul_(g_out.neg().unsqueeze(1))
+            g.scatter_add_(1, target[s:e].unsqueeze(1), g_out.unsqueeze(1))
+            if need_b:
+                grad_b += g.sum(dim=0)
+            g = g.to(weight.dtype)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[s:e])
+            if need_w:
+                grad_w.addmm_(g.t(), h[s:e])
+            del g
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
 def _as_callable(output_proj: OutputProj) -> Callable[[Tensor], Tensor]:
     if isinstance(output_proj, Tensor):
         if output_proj.dim() != 2:
@@ -153,8 +279,9 @@ def sequence_logprobs(
             ``TiedLinear``) or a ``[V, D]`` weight tensor.
         labels: ``[B, S]`` *unshifted* labels: position ``t`` predicts ``labels[:, t + 1]``;
             ``ignore_index`` marks prompt and padding tokens.
-        chunk_size: number of label tokens projected at once; peak extra memory is about
-            ``chunk_size * V * 8`` bytes (fp32 logits + their gradient).
+        chunk_size: number of label tokens projected at once. Peak extra memory is about one
+            fp32 ``[chunk_size, V]`` buffer (plus the low-precision logits for a bf16 model) on
+            the fused path, about two on the generic path.
         ignore_index: label value that is not scored.
 
     Returns:
@@ -173,7 +300,8 @@ def sequence_logprobs(
         )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    proj = _as_callable(output_proj)
+    linear = _plain_linear(output_proj)
+    proj = None if linear is not None else _as_callable(output_proj)
 
     num_tokens = check_label_rows(labels, ignore_index)
     batch = hidden.shape[0]
@@ -189,6 +317,22 @@ def sequence_logprobs(
             f"labels contain negative values other than ignore_index={ignore_index}"
         )
 
+    if linear is not None:
+        weight, bias = linear
+        if weight.dim() != 2 or weight.shape[1] != h_sel.shape[1]:
+            raise ValueError(
+                f"output weight {tuple(weight.shape)} must be [vocab, {h_sel.shape[1]}]"
+            )
+        per_token = _FusedLinearTargetLogProb.apply(h_sel, weight, bias, t_sel, chunk_size)
+    else:
+        per_token = _generic_per_token(proj, h_sel, t_sel, chunk_size)
+
+    total = per_token.new_zeros(batch).index_add(0, rows, per_token)
+    mean = total / num_tokens.to(total.dtype)
+    return SequenceLogProbs(sum=total, mean=mean, num_tokens=num_tokens)
+
+
+def _generic_per_token(proj, h_sel: Tensor, t_sel: Tensor, chunk_size: int) -> Tensor:
     recompute = torch.is_grad_enabled()
     pieces = []
     for start in range(0, h_sel.shape[0], chunk_size):
@@ -200,8 +344,4 @@ def sequence_logprobs(
         else:
             lp = _chunk_logprobs(proj, h_c, t_c)
         pieces.append(lp)
-    per_token = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-    total = per_token.new_zeros(batch).index_add(0, rows, per_token)
-    mean = total / num_tokens.to(total.dtype)
-    return SequenceLogProbs(sum=total, mean=mean, num_tokens=num_tokens)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
