@@ -152,6 +152,21 @@ def validate_config(cfg: DictConfig) -> None:
             )
 
 
+def _configured(node: Any) -> bool:
+    """A component is configured unless it is null (``key=null`` on the command line leaves a
+    node whose ``_component_`` is null)."""
+    if node is None:
+        return False
+    if isinstance(node, DictConfig) and "_component_" in node and node.get("_component_") is None:
+        return False
+    return True
+
+
+def _pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """1 where chosen scores higher, 0.5 on a tie (e.g. every reward is 0 at step 0), else 0."""
+    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+
+
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -184,9 +199,13 @@ class PrefOptRecipe:
         self._nonfinite = cfg.get("nonfinite", "stop")
         self._resume = bool(cfg.get("resume_from_checkpoint", False))
         self.global_step = 0
+        self._last_metrics: Dict[str, float] = {}
+        self._evals: List[tuple] = []
         self.epochs_run = 0
         self._resume_micro = 0
         self._sigterm = False
+        # Set in setup(); cleanup() must work (and not mask the real error) if setup fails early.
+        self._metric_logger = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -201,7 +220,7 @@ class PrefOptRecipe:
         self._reference_free = bool(getattr(self._loss_fn, "reference_free", False))
         self._paired = bool(getattr(self._loss_fn, "paired", True))
         self._average = bool(getattr(self._loss_fn, "average_logps", False))
-        if self._reference_free and (cfg.get("ref_checkpointer") or (cfg.get("reference") or {}).get("quantization")):
+        if self._reference_free and (_configured(cfg.get("ref_checkpointer")) or (cfg.get("reference") or {}).get("quantization")):
             utils.log_rank_zero(
                 log,
                 f"WARNING: {type(self._loss_fn).__name__} is reference-free: ref_checkpointer/reference.* "
@@ -216,7 +235,7 @@ class PrefOptRecipe:
         self._dataset = self._build_dataset(cfg.dataset, "dataset")
         self._check_dataset_kind(self._dataset, "dataset", paired=self._paired)
         self._eval_dataset = None
-        if cfg.get("eval_dataset") is not None:
+        if _configured(cfg.get("eval_dataset")):
             self._eval_dataset = self._build_dataset(cfg.eval_dataset, "eval_dataset")
             self._check_dataset_kind(self._eval_dataset, "eval_dataset", paired=True)
         global_batch = self.batch_size * self.world_size
@@ -266,7 +285,7 @@ class PrefOptRecipe:
             ref_sd = base_sd
             ref_cfg = cfg.get("ref_checkpointer")
             ref_source = getattr(self._checkpointer, "_checkpoint_dir", "checkpointer")
-            if ref_cfg is not None:
+            if _configured(ref_cfg):
                 ref_ckpt = config.instantiate(ref_cfg)
                 ref_sd = ref_ckpt.load_checkpoint()[training.MODEL_KEY]
                 ref_source = getattr(ref_ckpt, "_checkpoint_dir", "ref_checkpointer")
@@ -291,7 +310,7 @@ class PrefOptRecipe:
         if recipe_state is not None:
             self._load_recipe_state(recipe_state)
         self._lr_scheduler = None
-        if cfg.get("lr_scheduler") is not None:
+        if _configured(cfg.get("lr_scheduler")):
             self._lr_scheduler = config.instantiate(
                 cfg.lr_scheduler,
                 self._optimizer,
@@ -300,6 +319,11 @@ class PrefOptRecipe:
             )
             if recipe_state is not None and "lr_scheduler" in recipe_state:
                 self._lr_scheduler.load_state_dict(recipe_state["lr_scheduler"])
+                # Constructing the scheduler (last_epoch=-1) reset every group's lr to the
+                # schedule's step-0 value; load_state_dict does not touch the optimizer, so put
+                # back the lr the interrupted run would use for its next step.
+                for group, lr in zip(self._optimizer.param_groups, self._lr_scheduler.get_last_lr()):
+                    group["lr"] = lr
 
         if cfg.get("compile", False):
             training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
@@ -580,7 +604,7 @@ class PrefOptRecipe:
         stats = {
             "rewards/chosen": c_rew.detach().sum(),
             "rewards/rejected": r_rew.detach().sum(),
-            "rewards/accuracies": (c_rew > r_rew).float().sum(),
+            "rewards/accuracies": _pair_accuracy(c_rew, r_rew).sum(),
             "rewards/margins": (c_rew - r_rew).detach().sum(),
             "logps/chosen": pol.sum[:b].detach().sum(),
             "logps/rejected": pol.sum[b:].detach().sum(),
@@ -641,11 +665,11 @@ class PrefOptRecipe:
                 c_rew = beta * (pol.sum[:n] - ref.sum[:n])
                 r_rew = beta * (pol.sum[n:] - ref.sum[n:])
             tot += torch.stack([
-                (c_rew > r_rew).double().sum(),
+                _pair_accuracy(c_rew, r_rew).double().sum(),
                 (c_rew - r_rew).double().sum(),
                 pol.sum[:n].double().sum(),
                 pol.sum[n:].double().sum(),
-                ((ref.sum[:n] > ref.sum[n:]).double().sum() if ref is not None else torch.zeros((), dtype=torch.float64, device=self._device)),
+                (_pair_accuracy(ref.sum[:n], ref.sum[n:]).double().sum() if ref is not None else torch.zeros((), dtype=torch.float64, device=self._device)),
                 torch.tensor(float(n), dtype=torch.float64, device=self._device),
             ])
         all_reduce_sum(tot)
@@ -662,8 +686,39 @@ class PrefOptRecipe:
         return out
 
     def _log(self, metrics: Dict[str, float]) -> None:
+        if any(k.startswith("eval/") for k in metrics):
+            self._evals.append((self.global_step, dict(metrics)))
+        else:
+            self._last_metrics = dict(metrics)
         if self._metric_logger is not None:
             self._metric_logger.log_dict(metrics, step=self.global_step)
+
+    def summary(self, final_path: Optional[Path], seconds: float) -> str:
+        """End-of-run summary for the terminal (rank 0)."""
+        lines = [
+            "",
+            f"== prefopt_distributed: {type(self._loss_fn).__name__} | {self.world_size} process(es) | "
+            f"{self.global_step} steps in {seconds:.0f}s",
+        ]
+        m = self._last_metrics
+        keys = ["loss", "rewards/accuracies", "rewards/margins", "kl", "logps/chosen", "logps/rejected",
+                "tokens_per_second", "peak_memory_gib"]
+        shown = [f"{k}={m[k]:.4g}" for k in keys if k in m]
+        if shown:
+            lines.append("   last step: " + "  ".join(shown))
+        if self._evals:
+            (s0, e0), (s1, e1) = self._evals[0], self._evals[-1]
+            acc = "eval/rewards/accuracies"
+            lines.append(
+                f"   held-out reward accuracy: {e0.get(acc, float('nan')):.3f} (step {s0}) -> "
+                f"{e1.get(acc, float('nan')):.3f} (step {s1}) on {int(e1.get('eval/rows', 0))} rows"
+            )
+        if final_path is not None:
+            lines.append(f"   checkpoint (HF format): {final_path}")
+        log_dir = getattr(self._metric_logger, "log_dir", None) or self.cfg.get("metric_logger", {}).get("log_dir")
+        if log_dir:
+            lines.append(f"   metrics log: {log_dir}")
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -676,6 +731,7 @@ class PrefOptRecipe:
         t0 = time.perf_counter()
         if self._eval_dataset is not None and self.global_step == 0:
             self._log(self.evaluate())
+            t0 = time.perf_counter()
         pbar = tqdm(total=self.total_epochs * self._steps_per_epoch, initial=self.global_step, disable=not self._is_rank_zero)
         for epoch in range(self.epochs_run, self.total_epochs):
             start_micro = self._resume_micro if epoch == self.epochs_run else 0
@@ -764,6 +820,7 @@ class PrefOptRecipe:
 
                 if self._eval_dataset is not None and self._eval_every and self.global_step % self._eval_every == 0:
                     self._log(self.evaluate())
+                    t0 = time.perf_counter()
                 preempted = any_rank(self._sigterm, self._device)
                 if preempted:
                     path = self.save_checkpoint(epoch, micro, reason="sigterm")
@@ -790,6 +847,7 @@ class PrefOptRecipe:
             os.symlink(os.path.relpath(final, self._output_dir), tmp_link)
             os.replace(tmp_link, link)
             log.info(f"Final checkpoint: {link} -> {final}")
+            self._final_path = final
 
     def cleanup(self) -> None:
         if self._metric_logger is not None:
@@ -806,9 +864,12 @@ class _Preempted(Exception):
 @parse
 def recipe_main(cfg: DictConfig) -> None:
     recipe = PrefOptRecipe(cfg)
+    start = time.perf_counter()
     try:
         recipe.setup()
         recipe.train()
+        if recipe._is_rank_zero:
+            print(recipe.summary(getattr(recipe, "_final_path", None), time.perf_counter() - start), flush=True)
     except _Preempted:
         pass
     finally:
