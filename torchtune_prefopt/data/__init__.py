@@ -3,6 +3,14 @@
 See docs/ARCHITECTURE.md (section Data) for the item and batch layouts.
 """
 
+from torchtune_prefopt.data._builders import (
+    hh_rlhf_dataset,
+    parse_hh_transcript,
+    stack_exchange_paired_dataset,
+    thumbs_dataset,
+    thumbs_label,
+    ultrafeedback_binarized_dataset,
+)
 from torchtune_prefopt.data._collate import kto_collate, paired_collate
 from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
 from torchtune_prefopt.data._paired import PreferenceDataset, preference_dataset
@@ -28,13 +36,19 @@ __all__ = [
     "KTO_RATIO_RANGE",
     "PreferenceDataset",
     "SYNTHETIC_DIR",
+    "hh_rlhf_dataset",
     "kto_balance_warning",
     "kto_collate",
     "kto_dataset",
     "paired_collate",
+    "parse_hh_transcript",
     "preference_dataset",
+    "stack_exchange_paired_dataset",
     "synthetic_data_file",
     "synthetic_kto_dataset",
     "synthetic_preference_dataset",
+    "thumbs_dataset",
+    "thumbs_label",
+    "ultrafeedback_binarized_dataset",
     "unpaired_from_paired",
 ]
