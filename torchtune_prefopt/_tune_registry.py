@@ -78,11 +78,14 @@ def _register(module) -> bool:
             path = recipes_dir / filename
             if name in existing or not (always or path.is_file()):
                 continue
+            # Configs named ``*compare*`` drive prefopt_compare; all others prefopt_distributed.
+            is_compare = name == "prefopt_compare"
+            mine = [c for c in configs if ("compare" in c.name.rsplit("/", 1)[-1]) == is_compare]
             new.append(
                 recipe_cls(
                     name=name,
                     file_path=str(path),
-                    configs=list(configs),
+                    configs=mine,
                     supports_distributed=True,
                 )
             )
