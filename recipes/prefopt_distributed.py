@@ -326,7 +326,8 @@ class PrefOptRecipe:
                     group["lr"] = lr
 
         if cfg.get("compile", False):
-            training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+            # Attributes (reference_free, beta, ...) stay reachable through the compiled wrapper.
+            self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
 
         self._metric_logger = None
         if self._is_rank_zero:
