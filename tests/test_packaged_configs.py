@@ -15,6 +15,8 @@ Checked for each config:
       (paired vs unpaired KTO rows) matches the loss; SimPO configs load no reference;
     * the header comment says how to launch it, and the name resolves with ``resolve_config``;
 and overall: one config per loss for every required model family / fine-tuning kind.
+Configs whose header launches another of our recipes (``prefopt_compare``) get only the
+generic checks (loads, launch command, name resolution, distinct output_dir).
 """
 
 from __future__ import annotations
@@ -83,13 +85,30 @@ def _all_names() -> List[str]:
     return sorted(_config._yaml_files(_config_dir()))
 
 
-NAMES = _all_names()
-TINY = [n for n in NAMES if n.startswith("tiny/")]
-REAL = [n for n in NAMES if not n.startswith("tiny/")]
-
-
 def _path(name: str) -> Path:
     return _config_dir() / f"{name}.yaml"
+
+
+def _header(name: str) -> str:
+    lines = []
+    for line in _path(name).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _launched_recipes(name: str) -> set:
+    """Recipes the header's ``tune run ... RECIPE --config NAME`` lines launch."""
+    return set(re.findall(rf"(\S+) --config {re.escape(name)}(?![\w/.-])", _header(name)))
+
+
+ALL_NAMES = _all_names()
+# Configs of our other recipes (e.g. prefopt_compare's tiny/compare) get the generic checks
+# only; every other config is a prefopt_distributed config and gets them all.
+NAMES = [n for n in ALL_NAMES if not (_launched_recipes(n) and "prefopt_distributed" not in _launched_recipes(n))]
+TINY = [n for n in NAMES if n.startswith("tiny/")]
+REAL = [n for n in NAMES if not n.startswith("tiny/")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,15 +129,6 @@ def _parse_name(name: str):
     m = re.fullmatch(r"(?P<size>[^_]+)_(?P<kind>full|lora)_(?P<loss>[a-z_]+)", base)
     assert m, f"{name}: config names are <family>/<size>_<full|lora>_<loss>"
     return f"{family}/{m['size']}", m["kind"], m["loss"]
-
-
-def _header(name: str) -> str:
-    lines = []
-    for line in _path(name).read_text(encoding="utf-8").splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line)
-    return "\n".join(lines)
 
 
 def _components(node: Any, where: str = ""):
@@ -145,7 +155,7 @@ def test_configs_found():
     repo_configs = REPO_ROOT / "configs"
     if repo_configs.is_dir() and not _same(repo_configs, _config_dir()):
         # Installed copy (scripts/test.sh): it must be the current source tree's configs.
-        assert sorted(_config._yaml_files(repo_configs)) == NAMES, "installed configs are stale; reinstall"
+        assert sorted(_config._yaml_files(repo_configs)) == ALL_NAMES, "installed configs are stale; reinstall"
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -215,10 +225,12 @@ def test_loss_builds_and_matches_name(name):
         assert cfg.get("ref_checkpointer") is None, "LoRA's reference is the base with adapters disabled"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_header_says_how_to_launch(name):
     header = _header(name)
-    assert "tune run" in header and f"--config {name}" in header, f"{name}: no launch command in the header"
+    assert "tune run" in header and _launched_recipes(name), f"{name}: no launch command in the header"
+    if name not in NAMES:
+        return  # another recipe's config
     assert "--nproc_per_node" in header
     if name in REAL:
         assert "tune download" in header
@@ -228,8 +240,9 @@ def test_header_says_how_to_launch(name):
             assert "--nnodes" in header and "--rdzv_endpoint" in header and "srun" in header
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_resolve_config_finds_it(name):
+    assert "config" not in _raw(name)
     assert _same(_config.resolve_config(name), _path(name))
     assert _same(_config.resolve_config(f"{name}.yaml"), _path(name))
 
@@ -270,7 +283,7 @@ def test_real_config_settings(name):
 
 def test_output_dirs_are_distinct():
     dirs = {}
-    for name in NAMES:
+    for name in ALL_NAMES:
         out = str(_raw(name).output_dir)
         assert out not in dirs, f"{name} and {dirs.get(out)} share output_dir {out}"
         dirs[out] = name
@@ -298,7 +311,7 @@ def test_torchtune_name_clashes_are_known_and_resolve_to_ours():
 
     recipes = get_all_recipes()
     builtin = {c.name for r in recipes if not r.name.startswith("prefopt_") for c in r.configs}
-    clashes = set(NAMES) & builtin
+    clashes = set(ALL_NAMES) & builtin
     assert clashes <= ALLOWED_TORCHTUNE_CLASHES, f"new clash with torchtune's configs: {clashes - ALLOWED_TORCHTUNE_CLASHES}"
     ours = next((r for r in recipes if r.name == "prefopt_distributed"), None)
     if ours is None:
