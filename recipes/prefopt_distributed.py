@@ -2,8 +2,8 @@
 #
 #   tune run prefopt_distributed --config tiny/dpo                       # 1 process
 #   tune run --nproc_per_node 2 prefopt_distributed --config tiny/dpo    # FSDP2, 1 node
-#   tune run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \
-#       --rdzv_endpoint $HEAD:29500 prefopt_distributed --config llama3_3/70B_lora_dpo
+#   tune run --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d \
+#       --rdzv_endpoint $HEAD:29500 prefopt_distributed --config llama3_3/70B_dpo_lora
 """Preference optimization (DPO, IPO, KTO, SimPO, ...) with FSDP2, in one hackable file.
 
 Features:

@@ -54,10 +54,9 @@ REQUIRED = {
     ("llama3_1/8B", "lora"),
     ("llama3_3/70B", "lora"),
 }
-# Names that torchtune itself also ships (for its own dpo recipes). `tune run prefopt_distributed
-# --config NAME` picks ours (the named recipe's configs are searched first); `tune cp NAME`
-# would copy torchtune's. Kept for naming consistency; no new clashes allowed.
-ALLOWED_TORCHTUNE_CLASHES = {"llama3_1/8B_full_dpo", "llama3_1/8B_lora_dpo"}
+# No config name may equal one torchtune itself ships: `tune cp NAME` searches every recipe, so
+# a clash would make one of the two unreachable. Our names are <size>_<loss>[_lora].
+ALLOWED_TORCHTUNE_CLASHES: set = set()
 KTO_BUILDERS = {
     "torchtune_prefopt.data.kto_dataset",
     "torchtune_prefopt.data.unpaired_from_paired",
@@ -121,14 +120,14 @@ def _cfg(name: str) -> DictConfig:
 
 
 def _parse_name(name: str):
-    """``tiny/dpo_lora`` -> ("tiny/", "lora", "dpo"); ``llama3_1/8B_full_kto`` -> ("llama3_1/8B", "full", "kto")."""
+    """``tiny/dpo_lora`` -> ("tiny/", "lora", "dpo"); ``llama3_1/8B_kto`` -> ("llama3_1/8B", "full", "kto")."""
     family, base = name.split("/", 1)
     if family == "tiny":
         loss, _, lora = base.partition("_")
         return "tiny/", ("lora" if lora == "lora" else "full"), loss
-    m = re.fullmatch(r"(?P<size>[^_]+)_(?P<kind>full|lora)_(?P<loss>[a-z_]+)", base)
-    assert m, f"{name}: config names are <family>/<size>_<full|lora>_<loss>"
-    return f"{family}/{m['size']}", m["kind"], m["loss"]
+    m = re.fullmatch(r"(?P<size>[^_]+)_(?P<loss>[a-z]+)(?P<lora>_lora)?", base)
+    assert m, f"{name}: config names are <family>/<size>_<loss>[_lora] (like tiny/<loss>[_lora])"
+    return f"{family}/{m['size']}", ("lora" if m["lora"] else "full"), m["loss"]
 
 
 def _components(node: Any, where: str = ""):
