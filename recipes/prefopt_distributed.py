@@ -430,6 +430,7 @@ class PrefOptRecipe:
                 ),
             }
             set_trainable_params(model, adapter_params)
+        self._adapter_keys = set(adapter_params.keys())
         if resume_dir is not None and not adapter_params:
             # Full fine-tuning resumes from the step checkpoint's weights.
             resume_ckpt = training.FullModelHFCheckpointer(
@@ -534,10 +535,31 @@ class PrefOptRecipe:
         if opt_sd is not None:
             training.load_from_full_optimizer_state_dict(self._model, self._optimizer, opt_sd, self._device)
 
+    def _gather_adapter_state(self) -> Dict[str, torch.Tensor]:
+        """Full LoRA adapter tensors on rank 0, without gathering the frozen base weights."""
+        out = {}
+        for name, value in self._model.state_dict().items():
+            if name not in self._adapter_keys:
+                continue
+            if hasattr(value, "full_tensor"):
+                value = value.full_tensor()
+            if self._is_rank_zero:
+                out[name] = value.detach().cpu()
+        return out
+
     def save_checkpoint(self, epoch: int, micro_in_epoch: int, reason: str) -> Optional[Path]:
-        """Gather weights and optimizer state to rank 0 and write an atomic step checkpoint."""
+        """Gather weights and optimizer state to rank 0 and write an atomic step checkpoint.
+
+        LoRA: intermediate checkpoints hold the adapter only (the base is the frozen input
+        checkpoint, so a 70B run never gathers 140 GB on rank 0 just to resume); the final
+        checkpoint also holds the merged weights, loadable as a plain HF model.
+        """
         start = time.perf_counter()
-        full_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        adapter_only = self._is_lora and reason != "final"
+        if adapter_only:
+            full_sd = self._gather_adapter_state()
+        else:
+            full_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
         opt_sd = training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero, device=self._device)
         state = self._recipe_state(epoch, micro_in_epoch)
         finite = True
@@ -550,29 +572,39 @@ class PrefOptRecipe:
         final_path = None
         if self._is_rank_zero:
             tmp = ckpt.begin_checkpoint(self._output_dir, self.global_step)
-            if self._is_lora:
+            if adapter_only:
+                to_write = {
+                    training.ADAPTER_KEY: full_sd,
+                    training.ADAPTER_CONFIG: self._adapter_config(),
+                }
+            elif self._is_lora:
                 adapter_sd = get_adapter_state_dict(full_sd)
                 merged = get_merged_lora_ckpt(dict(full_sd), rank=self._lora_cfg["rank"], alpha=self._lora_cfg["alpha"])
                 to_write = {
                     training.MODEL_KEY: merged,
                     training.ADAPTER_KEY: adapter_sd,
-                    training.ADAPTER_CONFIG: {
-                        "r": self._lora_cfg["rank"],
-                        "lora_alpha": self._lora_cfg["alpha"],
-                        "target_modules": self._lora_cfg["modules"],
-                        "peft_type": "LORA",
-                    },
+                    training.ADAPTER_CONFIG: self._adapter_config(),
                 }
             else:
                 to_write = {training.MODEL_KEY: full_sd}
-            ckpt.write_hf_weights(self._checkpointer, to_write, tmp)
+            ckpt.write_hf_weights(self._checkpointer, to_write, tmp, adapter_only=adapter_only)
             state["optimizer"] = opt_sd
             ckpt.save_recipe_state(tmp, state)
-            final_path = ckpt.commit_checkpoint(tmp, self.global_step, extra={"reason": reason})
+            final_path = ckpt.commit_checkpoint(
+                tmp, self.global_step, extra={"reason": reason, "model_weights": not adapter_only}
+            )
             ckpt.prune_checkpoints(self._output_dir, self._keep_last)
             log.info(f"Saved checkpoint {final_path} ({reason}) in {time.perf_counter() - start:.1f}s")
         dist.barrier()
         return final_path
+
+    def _adapter_config(self) -> Dict[str, Any]:
+        return {
+            "r": self._lora_cfg["rank"],
+            "lora_alpha": self._lora_cfg["alpha"],
+            "target_modules": self._lora_cfg["modules"],
+            "peft_type": "LORA",
+        }
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
         self._sigterm = True
@@ -837,7 +869,12 @@ class PrefOptRecipe:
         if self._eval_dataset is not None and not (self._eval_every and self.global_step % self._eval_every == 0):
             self._log(self.evaluate())
         last = ckpt.latest_checkpoint(self._output_dir)
-        if last is None or not last.name.endswith(f"{self.global_step:06d}"):
+        has_final = (
+            last is not None
+            and last.name == ckpt.step_dirname(self.global_step)
+            and ckpt.verify_checkpoint(last).get("model_weights", True)
+        )
+        if not has_final:
             self.save_checkpoint(self.total_epochs, 0, reason="final")
         if self._is_rank_zero:
             final = ckpt.latest_checkpoint(self._output_dir)

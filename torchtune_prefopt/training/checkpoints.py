@@ -177,7 +177,7 @@ def save_recipe_state(tmp: Path, state: Dict[str, Any]) -> None:
     torch.save(state, tmp / RECIPE_STATE)
 
 
-def write_hf_weights(checkpointer: Any, state_dict: Dict[str, Any], dest: Path) -> None:
+def write_hf_weights(checkpointer: Any, state_dict: Dict[str, Any], dest: Path, adapter_only: bool = False) -> None:
     """Write a torchtune checkpoint dict (MODEL_KEY, optional ADAPTER_KEY/ADAPTER_CONFIG)
     as HF files into ``dest`` through ``checkpointer`` (a ``FullModelHFCheckpointer``).
 
@@ -188,7 +188,9 @@ def write_hf_weights(checkpointer: Any, state_dict: Dict[str, Any], dest: Path) 
     original_output_dir = checkpointer._output_dir
     checkpointer._output_dir = scratch
     try:
-        checkpointer.save_checkpoint(dict(state_dict), epoch=0, intermediate_checkpoint=False)
+        checkpointer.save_checkpoint(
+            dict(state_dict), epoch=0, intermediate_checkpoint=False, adapter_only=adapter_only
+        )
     finally:
         checkpointer._output_dir = original_output_dir
     written = scratch / "epoch_0"
