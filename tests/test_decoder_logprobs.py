@@ -131,6 +131,20 @@ def test_override_is_transparent_and_idempotent():
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
+def test_enabled_model_deepcopies():
+    import copy
+
+    model = enable_sequence_logprobs(build("untied"))
+    clone = copy.deepcopy(model)
+    assert clone.unembed.module is clone
+    tokens, labels = batch()
+    with torch.no_grad():
+        a = decoder_sequence_logprobs(model, tokens, labels)
+        b = decoder_sequence_logprobs(clone, tokens, labels)
+        assert clone(tokens).shape == (4, 12, VOCAB)
+    torch.testing.assert_close(a.sum, b.sum, atol=0, rtol=0)
+
+
 def test_request_cleared_when_forward_raises():
     model = build("untied")
     tokens, labels = batch()

@@ -17,7 +17,6 @@ per-layer ``torch.compile``.
 
 from __future__ import annotations
 
-import types
 from typing import Any, Optional
 
 import torch
@@ -33,6 +32,7 @@ __all__ = ["decoder_sequence_logprobs", "enable_sequence_logprobs"]
 
 _ENABLED = "_prefopt_seq_logprobs_enabled"
 _REQUEST = "_prefopt_seq_logprobs_request"
+_PREVIOUS = "_prefopt_seq_logprobs_previous_unembed"
 
 
 class _Request:
@@ -45,11 +45,26 @@ class _Request:
         self.served = False
 
 
+class _Unembed:
+    """Instance-level ``unembed`` (a callable object, not a bound method, so the model
+    still deep-copies and pickles: the copy's override points at the copy)."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return _unembed(self.module, h)
+
+
 def _unembed(self: nn.Module, h: Tensor) -> Tensor:
     request: Optional[_Request] = self.__dict__.get(_REQUEST)
     if request is None:
-        # exactly the original behaviour (whatever class FSDP2 has swapped in)
-        return type(self).unembed(self, h)
+        # exactly the original behaviour: an earlier instance override if there was one,
+        # else the class's method (whatever class FSDP2 has swapped in)
+        previous = self.__dict__.get(_PREVIOUS)
+        return previous(h) if previous is not None else type(self).unembed(self, h)
     request.served = True
     h = self.norm(h)
     out = sequence_logprobs(
@@ -78,7 +93,8 @@ def enable_sequence_logprobs(model: nn.Module) -> nn.Module:
             f"(missing {missing})"
         )
     # plain instance attributes (not submodules/params/buffers): state_dict is unchanged
-    model.__dict__["unembed"] = types.MethodType(_unembed, model)
+    model.__dict__[_PREVIOUS] = model.__dict__.get("unembed")
+    model.__dict__["unembed"] = _Unembed(model)
     model.__dict__[_ENABLED] = True
     return model
 
