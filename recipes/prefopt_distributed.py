@@ -579,7 +579,14 @@ class PrefOptRecipe:
                 }
             elif self._is_lora:
                 adapter_sd = get_adapter_state_dict(full_sd)
-                merged = get_merged_lora_ckpt(dict(full_sd), rank=self._lora_cfg["rank"], alpha=self._lora_cfg["alpha"])
+                # get_merged_lora_ckpt adds B@A into the base weights *in place*, and on one CPU
+                # rank full_sd aliases the live parameters: merge into copies of those weights.
+                bases = {k[: -len("lora_a.weight")] + "weight" for k in full_sd if k.endswith(".lora_a.weight")}
+                merged = get_merged_lora_ckpt(
+                    {k: (v.clone() if k in bases else v) for k, v in full_sd.items()},
+                    rank=self._lora_cfg["rank"],
+                    alpha=self._lora_cfg["alpha"],
+                )
                 to_write = {
                     training.MODEL_KEY: merged,
                     training.ADAPTER_KEY: adapter_sd,
