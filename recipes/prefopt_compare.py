@@ -1,0 +1,513 @@
+# torchtune-prefopt: matched comparison of preference losses.
+#
+#   tune run prefopt_compare --config tiny/compare                        # train + evaluate + report
+#   tune run prefopt_compare --config tiny/compare compare.losses=[dpo,simpo]
+#   tune run prefopt_compare --config tiny/compare compare.dry_run=true   # only write commands.sh
+#   tune run prefopt_compare --config tiny/compare compare.skip_training=true   # evaluate existing runs
+"""Train several preference losses under identical conditions and compare them in one report.
+
+1. **Train** (unless ``compare.skip_training``): for every name in ``compare.losses`` run the
+   ordinary ``prefopt_distributed`` recipe as a subprocess,
+   ``tune run [--nproc_per_node N] prefopt_distributed --config <compare.base_config>
+   output_dir=<output_dir>/<name> loss._component_=... loss.<arg>=... <compare.train_overrides>``.
+   Base weights, data, seed, steps, batch and schedule come from the one base config, so
+   the runs are matched; KTO trains on the unpaired twin of the same data (chosen ->
+   desirable, rejected -> undesirable) with ``compare.kto_rows_per_pair`` x the batch (the
+   same completions per step). The exact commands are written to ``<output_dir>/commands.sh``
+   first: on a cluster, launch them as independent jobs (in parallel, any number of GPUs
+   each) and then run this recipe with ``compare.skip_training=true``.
+2. **Evaluate** every run's final checkpoint and the reference (the base weights) on the
+   same held-out pairs, in this process, on one device: each loss's own implicit-reward
+   accuracy (computed by the loss object), loss-independent log-prob margins and drift,
+   Monte-Carlo KL to the reference, greedy (or seeded) generations with the tokenizer's
+   chat template -> response length vs the reference, and an optional judge's win rate.
+3. **Report**: ``report.md``, ``report.html``, ``report.json``, ``plots/*.png`` (training
+   curves from each run's DiskLogger log), ``eval/<run>/`` (the numbers as a DiskLogger file
+   plus per-row JSONL). See docs/compare.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+
+from torchtune_prefopt import _config
+from torchtune_prefopt._config import parse
+from torchtune_prefopt.compare import evaluation as ev
+from torchtune_prefopt.compare.judges import build_judge
+from torchtune_prefopt.compare.metrics import read_run_logs
+from torchtune_prefopt.compare.report import write_report
+from torchtune_prefopt.compare.runs import DEFAULT_LOSSES, dotlist, loss_label, matched_differences, plan_runs
+from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
+from torchtune_prefopt.losses import build_loss
+from torchtune_prefopt.training import checkpoints as ckpt
+
+log = utils.get_logger("INFO")
+
+TOP_KEYS = {"output_dir", "compare"}
+COMPARE_KEYS = {
+    "base_config", "losses", "loss_configs", "train_overrides", "loss_overrides", "kto_dataset",
+    "kto_rows_per_pair", "nproc_per_node", "max_parallel", "skip_training", "skip_existing", "dry_run", "device",
+    "heldout", "generation", "kl", "judge", "judge_kind", "title",
+}
+SECTION_KEYS = {
+    "heldout": {"dataset", "max_rows", "batch_size", "logprobs_chunk_size"},
+    "generation": {"max_new_tokens", "temperature", "top_k", "seed", "batch_size", "kv_cache"},
+    "kl": {"samples_per_prompt", "max_new_tokens", "seed"},
+}
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _unknown(keys, known, where: str) -> None:
+    bad = sorted(set(keys) - set(known))
+    if bad:
+        close = difflib.get_close_matches(bad[0], sorted(known), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise PrefOptUserError(f"unknown config key '{where}{bad[0]}'{hint}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    _unknown(cfg.keys(), TOP_KEYS, "")
+    if not cfg.get("output_dir"):
+        raise PrefOptUserError("config key 'output_dir' is required")
+    c = cfg.get("compare")
+    if c is None or not c.get("base_config"):
+        raise PrefOptUserError("config key 'compare.base_config' is required (a prefopt_distributed config)")
+    _unknown(c.keys(), COMPARE_KEYS, "compare.")
+    for section, known in SECTION_KEYS.items():
+        if c.get(section) is not None:
+            _unknown(c[section].keys(), known, f"compare.{section}.")
+    for key in ("train_overrides", "loss_overrides", "loss_configs"):
+        if c.get(key) is not None and not isinstance(c.get(key), DictConfig):
+            raise PrefOptUserError(f"compare.{key} must be a mapping (key: value), got {c.get(key)!r}")
+    n = c.get("nproc_per_node", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PrefOptUserError(f"compare.nproc_per_node must be an integer >= 1, got {n!r}")
+    m = c.get("max_parallel", 1)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise PrefOptUserError(f"compare.max_parallel must be an integer >= 1, got {m!r}")
+    r = c.get("kto_rows_per_pair", 2)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise PrefOptUserError(f"compare.kto_rows_per_pair must be an integer >= 1, got {r!r}")
+    if "WORLD_SIZE" in os.environ and os.environ.get("WORLD_SIZE") != "1":
+        raise PrefOptUserError(
+            "prefopt_compare runs as one process; give the training runs several with compare.nproc_per_node"
+        )
+
+
+def _distributed_recipe():
+    """The prefopt_distributed module (same folder), for its config validation."""
+    path = Path(__file__).with_name("prefopt_distributed.py")
+    spec = importlib.util.spec_from_file_location("_prefopt_distributed_for_compare", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tune_executable() -> List[str]:
+    exe = Path(sys.executable).parent / "tune"
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("tune")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "torchtune._cli.tune"]
+
+
+def _settings(c: DictConfig, base_cfg: DictConfig) -> ev.EvalSettings:
+    h, g, k = c.get("heldout") or {}, c.get("generation") or {}, c.get("kl") or {}
+    return ev.EvalSettings(
+        max_rows=h.get("max_rows", 64),
+        batch_size=h.get("batch_size", 8),
+        chunk_size=h.get("logprobs_chunk_size") or base_cfg.get("logprobs_chunk_size") or 1024,
+        max_new_tokens=g.get("max_new_tokens", 32),
+        temperature=float(g.get("temperature", 0.0) or 0.0),
+        top_k=g.get("top_k"),
+        generation_seed=g.get("seed", 1234),
+        generation_batch_size=g.get("batch_size", 16),
+        kv_cache=bool(g.get("kv_cache", True)),
+        kl_samples_per_prompt=k.get("samples_per_prompt", 4),
+        kl_max_new_tokens=k.get("max_new_tokens", g.get("max_new_tokens", 32)),
+        kl_seed=k.get("seed", 4321),
+    )
+
+
+def _final_checkpoint(run_dir: Path) -> Optional[Path]:
+    link = run_dir / "final"
+    if link.exists():
+        return link.resolve()
+    return ckpt.latest_checkpoint(run_dir)
+
+
+def _flat(prefix: str, d: Dict[str, Any]) -> Dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}/{k}"] = float(v)
+    return out
+
+
+def _write_eval_files(out_dir: Path, name: str, result: Dict[str, Any], step: int) -> Dict[str, str]:
+    """The comparison's own numbers as a DiskLogger file + per-row JSONL; returns the paths."""
+    from torchtune.training.metric_logging import DiskLogger
+
+    d = out_dir / "eval" / name
+    d.mkdir(parents=True, exist_ok=True)
+    metrics_file = d / "metrics.txt"
+    if metrics_file.exists():
+        metrics_file.unlink()
+    logger = DiskLogger(log_dir=str(d), filename="metrics.txt")
+    payload = {}
+    payload.update(_flat("heldout", result["heldout"]))
+    payload.update(_flat("generation", result["generation"]))
+    payload.update(_flat("kl", result.get("kl", {})))
+    logger.log_dict(payload, step=step)
+    logger.close()
+    files = {"metrics": str(metrics_file)}
+    for key, rows in result["rows"].items():
+        if not rows:
+            continue
+        p = d / f"{key}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        files[key] = str(p)
+    return files
+
+
+def _training_summary(curves: Dict[str, list], state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    def last(name):
+        s = curves.get(name)
+        return s[-1][1] if s else None
+
+    steps = state.get("step") if state else None
+    if steps is None and curves.get("loss"):
+        steps = int(curves["loss"][-1][0])
+    return {
+        "steps": steps,
+        "final_loss": last("loss"),
+        "final_reward_accuracy": last("rewards/accuracies"),
+        "eval_accuracy": curves.get("eval/rewards/accuracies", []),
+    }
+
+
+class CompareRecipe:
+    def __init__(self, cfg: DictConfig):
+        validate_config(cfg)
+        self.cfg = cfg
+        self.c = cfg.compare
+        self.out = Path(str(cfg.output_dir)).expanduser().absolute()
+        raw = str(self.c.base_config)
+        self.base_path = _config.resolve_config(raw)
+        # Commands name the config as the user did (a name works on any machine with the
+        # package installed); a file path is made absolute.
+        self.base_ref = str(self.base_path) if Path(raw).expanduser().is_file() else raw
+        self.train_overrides = dotlist_all(self.c.get("train_overrides"))
+        self.base_cfg = _config.load_config(
+            ["--config", str(self.base_path), *self.train_overrides, f"output_dir={self.out}"]
+        )
+
+    # ------------------------------------------------------------------ plan
+    def plan(self):
+        c = self.c
+        losses = list(c.get("losses") or DEFAULT_LOSSES)
+        loss_overrides = {k: dotlist_all(v) for k, v in (c.get("loss_overrides") or {}).items()}
+        unknown = sorted(set(loss_overrides) - set(losses))
+        if unknown:
+            raise PrefOptUserError(f"compare.loss_overrides.{unknown[0]}: not in compare.losses {losses}")
+        runs = plan_runs(
+            base_config=self.base_ref,
+            base_cfg=self.base_cfg,
+            output_dir=self.out,
+            losses=losses,
+            loss_configs=c.get("loss_configs") or {},
+            overrides=self.train_overrides,
+            loss_overrides=loss_overrides,
+            kto_dataset=c.get("kto_dataset"),
+            kto_rows_per_pair=c.get("kto_rows_per_pair", 2),
+            nproc_per_node=c.get("nproc_per_node", 1),
+            build_loss=build_loss,
+        )
+        # Every run's config must be valid before anything is launched.
+        recipe = _distributed_recipe()
+        for run in runs:
+            try:
+                merged = _config.load_config(["--config", str(self.base_path), *run.overrides])
+                recipe.validate_config(merged)
+            except PrefOptUserError as e:
+                if "no CUDA device" in str(e) and (c.get("dry_run") or c.get("skip_training")):
+                    continue
+                raise PrefOptUserError(f"run '{run.name}': {e}") from e
+            except ValueError as e:
+                raise PrefOptUserError(f"run '{run.name}': bad override: {e}") from e
+        return runs
+
+    def write_commands(self, runs) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "commands.sh"
+        lines = [
+            "#!/usr/bin/env bash",
+            "# One prefopt_distributed run per loss (generated by prefopt_compare). Each line is an",
+            "# independent job: run them in parallel (e.g. one SLURM job each; with several GPUs per",
+            "# job use `tune run --nproc_per_node N ...` or compare.nproc_per_node), then evaluate with",
+            f"#   tune run prefopt_compare --config <this compare config> output_dir={self.out} compare.skip_training=true",
+            "set -euo pipefail",
+        ]
+        lines += [run.shell for run in runs]
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o755)
+        return path
+
+    # ------------------------------------------------------------------ train
+    def train(self, runs) -> None:
+        """Launch the runs as subprocesses, ``compare.max_parallel`` at a time.
+
+        With several at a time on GPUs, run k gets its own ``nproc_per_node`` GPUs through
+        ``CUDA_VISIBLE_DEVICES``. If a run fails, the ones still running get SIGTERM (the
+        training recipe then saves a resumable checkpoint and exits) and the error names the
+        failed run's output file.
+        """
+        c = self.c
+        launch_dir = self.out / "launch_logs"
+        launch_dir.mkdir(parents=True, exist_ok=True)
+        base_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        tune = _tune_executable()
+        todo = []
+        for run in runs:
+            if c.get("skip_existing", False) and _final_checkpoint(run.run_dir) is not None:
+                log.info(f"[compare] {run.name}: {run.run_dir} already has a final checkpoint; not retrained")
+                continue
+            if run.run_dir.exists() and any(run.run_dir.iterdir()):
+                raise PrefOptUserError(
+                    f"{run.run_dir} already exists and is not empty: use a new output_dir, "
+                    "compare.skip_existing=true (keep finished runs) or compare.skip_training=true (evaluate only)"
+                )
+            todo.append(run)
+        max_parallel = max(1, int(c.get("max_parallel", 1) or 1))
+        nproc = int(c.get("nproc_per_node", 1))
+        gpu_slots: List[Optional[str]] = [None] * max_parallel
+        on_cuda = str(self.base_cfg.get("device", "cpu")).startswith("cuda")
+        if max_parallel > 1 and on_cuda and torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            if len(gpus) < max_parallel * nproc:
+                raise PrefOptUserError(
+                    f"compare.max_parallel={max_parallel} runs x nproc_per_node={nproc} need "
+                    f"{max_parallel * nproc} GPUs, {len(gpus)} visible"
+                )
+            gpu_slots = [",".join(gpus[k * nproc:(k + 1) * nproc]) for k in range(max_parallel)]
+
+        running: Dict[int, tuple] = {}  # slot -> (run, proc, file, t0, log_path)
+        failed = None
+        try:
+            while (todo and failed is None) or running:
+                while todo and failed is None and len(running) < max_parallel:
+                    slot = next(k for k in range(max_parallel) if k not in running)
+                    run = todo.pop(0)
+                    env = dict(base_env)
+                    if gpu_slots[slot] is not None:
+                        env["CUDA_VISIBLE_DEVICES"] = gpu_slots[slot]
+                    log_path = launch_dir / f"{run.name}.log"
+                    gpus = f" on GPUs {gpu_slots[slot]}" if gpu_slots[slot] is not None else ""
+                    log.info(f"[compare] training {run.name}{gpus}: {run.shell}\n          output: {log_path}")
+                    fh = open(log_path, "w")
+                    proc = subprocess.Popen(tune + run.command[1:], stdout=fh, stderr=subprocess.STDOUT, env=env)
+                    running[slot] = (run, proc, fh, time.perf_counter(), log_path)
+                time.sleep(0.5)
+                for slot, (run, proc, fh, t0, log_path) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    fh.close()
+                    del running[slot]
+                    if proc.returncode != 0 and failed is None:
+                        failed = (run, proc.returncode, log_path)
+                        for _, p2, *_ in running.values():
+                            p2.terminate()  # SIGTERM: the recipe checkpoints and exits
+                    elif proc.returncode == 0:
+                        log.info(f"[compare] {run.name} done in {time.perf_counter() - t0:.0f}s")
+        finally:
+            for _, p2, fh2, *_ in running.values():
+                p2.kill()
+                fh2.close()
+        if failed is not None:
+            run, code, log_path = failed
+            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
+            raise RuntimeError(
+                f"training run '{run.name}' failed (exit {code}); full output in {log_path}; last lines:\n{tail}"
+            )
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, runs) -> Dict[str, Any]:
+        c, base = self.c, self.base_cfg
+        missing = [r for r in runs if not (r.run_dir / "torchtune_config.yaml").is_file() or _final_checkpoint(r.run_dir) is None]
+        if missing:
+            r = missing[0]
+            raise PrefOptUserError(
+                f"run '{r.name}' has no finished training in {r.run_dir} (torchtune_config.yaml and a final "
+                f"checkpoint); train it with: {r.shell}"
+            )
+        device = utils.get_device(device=str(c.get("device") or base.get("device", "cpu")))
+        dtype = training.get_dtype(base.get("dtype", "fp32"), device=device)
+        training.set_seed(seed=base.get("seed", 0))
+        settings = _settings(c, base)
+        tokenizer = config.instantiate(base.tokenizer)
+
+        heldout_cfg = (c.get("heldout") or {}).get("dataset") or base.get("eval_dataset")
+        if heldout_cfg is None or (isinstance(heldout_cfg, DictConfig) and heldout_cfg.get("_component_") is None):
+            raise PrefOptUserError("compare.heldout.dataset: none given and the base config has no eval_dataset")
+        heldout = config.instantiate(heldout_cfg, tokenizer=tokenizer)
+        if len(heldout) == 0 or "chosen_input_ids" not in heldout[0]:
+            raise PrefOptUserError("compare.heldout.dataset must yield paired (chosen/rejected) rows")
+        items = [heldout[i] for i in range(len(heldout) if settings.max_rows is None else min(len(heldout), settings.max_rows))]
+
+        ref_ck_cfg = base.get("ref_checkpointer")
+        if ref_ck_cfg is None or (isinstance(ref_ck_cfg, DictConfig) and ref_ck_cfg.get("_component_") is None):
+            ref_ck_cfg = base.checkpointer
+        ref_ck = config.instantiate(ref_ck_cfg)
+        model_type = ref_ck._model_type.name
+        ref_dir = str(getattr(ref_ck, "_checkpoint_dir", "?"))
+        log.info(f"[compare] reference: {ref_dir}")
+        reference = ev.build_eval_model(base.model, ref_ck.load_checkpoint()[training.MODEL_KEY], device, dtype)
+
+        judge, judge_kind, judge_label = None, None, None
+        judge_cfg = c.get("judge")
+        if judge_cfg is not None and judge_cfg.get("_component_"):
+            try:
+                judge, judge_kind = build_judge(judge_cfg, c.get("judge_kind", "auto"))
+            except ValueError as e:
+                raise PrefOptUserError(str(e)) from e
+            judge_label = f"{judge_cfg._component_} ({judge_kind})"
+
+        t0 = time.perf_counter()
+        evaluator = ev.HeldoutEvaluator(tokenizer, items, reference, settings, device, dtype, judge, judge_kind)
+        ref_result = evaluator.evaluate(None)
+        ref_files = _write_eval_files(self.out, "reference", ref_result, 0)
+        log.info(f"[compare] reference evaluated in {time.perf_counter() - t0:.0f}s")
+
+        scratch = self.out / ".eval_scratch"
+        report_runs, curves, configs, steps, per_step = [], {}, {}, {}, {}
+        for run in runs:
+            t0 = time.perf_counter()
+            saved = OmegaConf.load(run.run_dir / "torchtune_config.yaml")
+            final = _final_checkpoint(run.run_dir)
+            loss_fn = build_loss(saved.loss)
+            state = None
+            try:
+                state = ckpt.load_recipe_state(final)
+            except PrefOptUserError:
+                pass
+            policy = ev.build_eval_model(saved.model, ev.load_hf_weights(final, model_type, scratch), device, dtype)
+            result = evaluator.evaluate(policy, loss_fn)
+            del policy
+            log_dir = Path(str(OmegaConf.select(saved, "metric_logger.log_dir", default="") or run.run_dir / "logs"))
+            run_curves, log_files = read_run_logs(log_dir)
+            train = _training_summary(run_curves, state)
+            files = _write_eval_files(self.out, run.name, result, int(train["steps"] or 0))
+            files = {"training log": ", ".join(str(f) for f in log_files) or "(no DiskLogger log)", **files,
+                     "config": str(run.run_dir / "torchtune_config.yaml"), "checkpoint": str(final)}
+            curves[run.name] = run_curves
+            configs[run.name] = OmegaConf.to_container(saved, resolve=False)
+            steps[run.name] = train["steps"]
+            if state:
+                rows = state["batch_size"] * state["world_size"] * state["gradient_accumulation_steps"]
+                per_step[run.name] = rows * (2 if getattr(loss_fn, "paired", True) else 1)
+            else:
+                per_step[run.name] = None
+            report_runs.append({
+                "name": run.name,
+                "loss_label": loss_label(OmegaConf.to_container(saved.loss, resolve=True)),
+                "loss_config": OmegaConf.to_container(saved.loss, resolve=True),
+                "run_dir": str(run.run_dir),
+                "command": run.shell,
+                "checkpoint": str(final),
+                "log_files": [str(f) for f in log_files],
+                "training": train,
+                "recipe_state": {k: state[k] for k in ("step", "world_size", "batch_size", "gradient_accumulation_steps", "seed") if state and k in state},
+                "result": result,
+                "files": files,
+            })
+            log.info(f"[compare] {run.name} evaluated in {time.perf_counter() - t0:.0f}s")
+        shutil.rmtree(scratch, ignore_errors=True)
+
+        diffs = matched_differences(configs, steps, per_step)
+        first = next(iter(configs.values()))
+        report = {
+            "title": c.get("title") or "Preference-loss comparison",
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "output_dir": str(self.out),
+            "settings": {
+                "base_config": self.base_ref,
+                "base_config_file": str(self.base_path),
+                "overrides": self.train_overrides,
+                "base_checkpoint": str(OmegaConf.select(OmegaConf.create(first), "checkpointer.checkpoint_dir", default="?")),
+                "reference_checkpoint": ref_dir,
+                "seed": first.get("seed"),
+                "steps_per_run": sorted({s for s in steps.values() if s is not None}),
+                "completions_per_step": sorted({s for s in per_step.values() if s is not None}),
+                "heldout_dataset": json.dumps(OmegaConf.to_container(heldout_cfg, resolve=True)),
+                "heldout_rows": len(items),
+                "heldout_prompts": len(evaluator.prompts),
+                "generation": (
+                    f"{'greedy' if settings.temperature <= 0 else f'sampled at temperature {settings.temperature}, top_k {settings.top_k}, seed {settings.generation_seed}'}, "
+                    f"max_new_tokens {settings.max_new_tokens}, the tokenizer's chat template, stop tokens {evaluator.stop_tokens}"
+                ),
+                "kl": f"{settings.kl_samples_per_prompt} samples per prompt (temperature 1, seed {settings.kl_seed}), "
+                f"max_new_tokens {settings.kl_max_new_tokens}",
+                "judge": judge_label,
+                "device": str(device),
+                "dtype": str(dtype),
+            },
+            "matched": {"ok": not diffs, "differences": diffs},
+            "reference": {"name": "reference", "loss_label": "— (base weights)", "result": ref_result,
+                          "checkpoint": ref_dir, "files": ref_files},
+            "runs": report_runs,
+            "curves": curves,
+            "notes": [],
+        }
+        return report
+
+
+def dotlist_all(node: Any) -> List[str]:
+    """A ``{key: value}`` mapping of training overrides as ``key=value`` strings."""
+    if node is None:
+        return []
+    node = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+    if not isinstance(node, dict):
+        raise PrefOptUserError(f"overrides must be a mapping of config keys to values, got {node!r}")
+    out: List[str] = []
+    for k, v in node.items():
+        out += dotlist(str(k), v)
+    return out
+
+
+@report_user_errors
+@parse
+def recipe_main(cfg: DictConfig) -> None:
+    recipe = CompareRecipe(cfg)
+    runs = recipe.plan()
+    commands = recipe.write_commands(runs)
+    log.info(f"[compare] {len(runs)} runs; commands: {commands}")
+    if recipe.c.get("dry_run", False):
+        print(commands.read_text(), flush=True)
+        return
+    if not recipe.c.get("skip_training", False):
+        recipe.train(runs)
+    report = recipe.evaluate(runs)
+    paths = write_report(report, recipe.out)
+    print(paths["md"].read_text().split("## Training curves")[0], flush=True)
+    print(f"[compare] report: {paths['md']}  {paths['html']}  {paths['json']}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,268 @@
+"""Evaluate trained policies against the reference on one held-out set.
+
+:class:`HeldoutEvaluator` holds the tokenizer, the held-out pairs, the reference model and its
+results; :meth:`HeldoutEvaluator.evaluate` runs one policy through every measurement
+(held-out log-probs -> :func:`~torchtune_prefopt.compare.metrics.heldout_metrics`, greedy or
+seeded generation -> lengths and judge win rate, sampled completions -> Monte-Carlo KL) and
+returns the numbers plus per-row details for the report's JSONL files.
+
+Models are plain (unsharded) torchtune ``TransformerDecoder`` s on one device. A LoRA run's
+final checkpoint holds *merged* weights: the run's LoRA model builder is instantiated, the
+merged weights are loaded into its base layers and the adapters are disabled, so no separate
+non-LoRA builder has to be named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from torchtune_prefopt.compare.generation import (
+    completion_lengths,
+    completion_logps,
+    generate_completions,
+    prompt_ids,
+)
+from torchtune_prefopt.compare.judges import judge_win_rate
+from torchtune_prefopt.compare.metrics import HeldoutLogps, heldout_metrics, kl_estimate
+from torchtune_prefopt.modules import decoder_sequence_logprobs
+
+__all__ = [
+    "EvalSettings",
+    "HeldoutEvaluator",
+    "build_eval_model",
+    "load_hf_weights",
+]
+
+IGNORE = -100
+
+
+@dataclass
+class EvalSettings:
+    """What the comparison measures and how (``compare.heldout/generation/kl`` in the config)."""
+
+    max_rows: Optional[int] = 64
+    batch_size: int = 8
+    chunk_size: int = 1024
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    generation_seed: int = 1234
+    generation_batch_size: int = 16
+    kv_cache: bool = True
+    kl_samples_per_prompt: int = 4
+    kl_max_new_tokens: int = 32
+    kl_seed: int = 4321
+
+
+def build_eval_model(model_cfg, state_dict: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Instantiate ``model_cfg`` on ``device`` in ``dtype`` and load a full (merged) state dict.
+
+    LoRA builders: the adapter weights are not in ``state_dict`` (merged checkpoints), so
+    they stay at their init and every adapter is disabled.
+    """
+    from torchtune import config, training
+    from torchtune.modules.peft import DoRALinear, LoRALinear
+
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(model_cfg)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    adapters = [m for m in model.modules() if isinstance(m, (LoRALinear, DoRALinear))]
+    bad_missing = [k for k in missing if not (adapters and ("lora_" in k or k.endswith("magnitude")))]
+    if bad_missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {bad_missing[:3]}{'...' if len(bad_missing) > 3 else ''}, "
+            f"unexpected {list(unexpected)[:3]}"
+        )
+    for m in adapters:
+        m.disabled = True
+    training.disable_dropout(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_hf_weights(checkpoint_dir, model_type: str, scratch_dir) -> Dict[str, torch.Tensor]:
+    """torchtune-format weights of an HF checkpoint directory (e.g. a run's ``final``)."""
+    from torchtune import training
+
+    from torchtune_prefopt.training.checkpoints import hf_weight_files
+
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    files = hf_weight_files(checkpoint_dir)
+    if not files:
+        raise FileNotFoundError(f"no model weight files in {checkpoint_dir}")
+    ck = training.FullModelHFCheckpointer(
+        checkpoint_dir=str(checkpoint_dir), checkpoint_files=files, model_type=model_type,
+        output_dir=str(scratch_dir),
+    )
+    return ck.load_checkpoint()[training.MODEL_KEY]
+
+
+class HeldoutEvaluator:
+    """One held-out set, one reference model; evaluates any number of policies identically."""
+
+    def __init__(
+        self,
+        tokenizer,
+        items: Sequence[Dict[str, Any]],
+        reference: nn.Module,
+        settings: EvalSettings,
+        device: torch.device,
+        dtype: torch.dtype,
+        judge: Optional[Callable] = None,
+        judge_kind: Optional[str] = None,
+    ):
+        if settings.max_rows is not None:
+            items = list(items)[: settings.max_rows]
+        if not items:
+            raise ValueError("the held-out set is empty")
+        self.tokenizer = tokenizer
+        self.items = list(items)
+        self.settings = settings
+        self.device = device
+        self.dtype = dtype
+        self.judge = judge
+        self.judge_kind = judge_kind
+        self.pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
+        self.stop_tokens = list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
+        self.reference = reference
+        # one generation prompt per distinct prompt (held-out rows may share prompts)
+        seen: Dict[tuple, int] = {}
+        self.prompts: List[List[int]] = []
+        for it in self.items:
+            p = tuple(prompt_ids(it))
+            if p not in seen:
+                seen[p] = len(self.prompts)
+                self.prompts.append(list(p))
+        self.prompt_texts = [self._text(p) for p in self.prompts]
+        self.reference_logps = self.heldout_logps(reference)
+        self.reference_completions = self.generate(reference)
+
+    # ------------------------------------------------------------------ pieces
+    def _decode(self, ids: List[int]) -> str:
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        except TypeError:
+            return self.tokenizer.decode(ids)
+
+    def _text(self, ids: Sequence[int]) -> str:
+        """Decoded text without stop/special tokens. Ids the tokenizer cannot decode (a model
+        vocabulary padded beyond the tokenizer's, sampled from an untrained model) become
+        ``<id>``."""
+        ids = [int(t) for t in ids if t not in self.stop_tokens]
+        try:
+            return self._decode(ids)
+        except Exception:  # noqa: BLE001 - fall back to token by token
+            parts = []
+            for t in ids:
+                try:
+                    parts.append(self._decode([t]))
+                except Exception:  # noqa: BLE001
+                    parts.append(f"<{t}>")
+            return "".join(parts)
+
+    @torch.no_grad()
+    def heldout_logps(self, model: nn.Module) -> HeldoutLogps:
+        from torchtune_prefopt.data import paired_collate
+
+        parts = []
+        bs = self.settings.batch_size
+        for start in range(0, len(self.items), bs):
+            batch = paired_collate(self.items[start : start + bs], padding_idx=self.pad_id, ignore_idx=IGNORE)
+            ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            n = ids.shape[0] // 2
+            lp = decoder_sequence_logprobs(model, ids, labels, chunk_size=self.settings.chunk_size)
+            s, m, t = lp.sum.double().cpu(), lp.mean.double().cpu(), lp.num_tokens.double().cpu()
+            parts.append(HeldoutLogps(s[:n], s[n:], m[:n], m[n:], t[:n], t[n:]))
+        return HeldoutLogps.cat(parts)
+
+    def generate(self, model: nn.Module, *, sample: bool = False, repeats: int = 1) -> List[List[int]]:
+        s = self.settings
+        prompts = [p for p in self.prompts for _ in range(repeats)]
+        return generate_completions(
+            model, prompts,
+            max_new_tokens=s.kl_max_new_tokens if sample else s.max_new_tokens,
+            stop_tokens=self.stop_tokens, pad_id=self.pad_id, device=self.device, dtype=self.dtype,
+            temperature=1.0 if sample else s.temperature,
+            top_k=None if sample else s.top_k,
+            seed=s.kl_seed if sample else s.generation_seed,
+            batch_size=s.generation_batch_size, kv_cache=s.kv_cache,
+        )
+
+    def kl(self, policy: nn.Module) -> Dict[str, Any]:
+        s = self.settings
+        if s.kl_samples_per_prompt < 1:
+            return {}
+        samples = self.generate(policy, sample=True, repeats=s.kl_samples_per_prompt)
+        prompts = [p for p in self.prompts for _ in range(s.kl_samples_per_prompt)]
+        index = torch.tensor([i for i in range(len(self.prompts)) for _ in range(s.kl_samples_per_prompt)])
+        kw = dict(pad_id=self.pad_id, device=self.device, batch_size=s.batch_size * 2, chunk_size=s.chunk_size)
+        lp_pol = completion_logps(policy, prompts, samples, **kw)
+        lp_ref = completion_logps(self.reference, prompts, samples, **kw)
+        out = kl_estimate(lp_pol, lp_ref, index)
+        out["kl_max_new_tokens"] = float(s.kl_max_new_tokens)
+        lengths, _ = completion_lengths(samples, self.stop_tokens)
+        out["kl_sample_mean_length"] = sum(lengths) / max(len(lengths), 1)
+        out["rows"] = [
+            {"prompt": int(i), "sample": self._text(c), "tokens": len(c), "logp": float(a), "logp_ref": float(b)}
+            for i, c, a, b in zip(index.tolist(), samples, lp_pol.tolist(), lp_ref.tolist())
+        ]
+        return out
+
+    # ------------------------------------------------------------------ all of it
+    def evaluate(self, policy: Optional[nn.Module], loss_fn=None) -> Dict[str, Any]:
+        """All measurements for ``policy`` (``None``: the reference itself)."""
+        is_ref = policy is None
+        model = self.reference if is_ref else policy
+        logps = self.reference_logps if is_ref else self.heldout_logps(model)
+        result: Dict[str, Any] = {
+            "heldout": heldout_metrics(None if is_ref else loss_fn, logps, None if is_ref else self.reference_logps)
+        }
+        completions = self.reference_completions if is_ref else self.generate(model)
+        lengths, hit = completion_lengths(completions, self.stop_tokens)
+        ref_lengths, _ = completion_lengths(self.reference_completions, self.stop_tokens)
+        mean_len = sum(lengths) / len(lengths)
+        ref_len = sum(ref_lengths) / len(ref_lengths)
+        responses = [self._text(c) for c in completions]
+        ref_responses = [self._text(c) for c in self.reference_completions]
+        gen = {
+            "response_length": mean_len,
+            "length_ratio": mean_len / ref_len if ref_len > 0 else float("nan"),
+            "hit_max_new_tokens": sum(hit) / len(hit),
+            "prompts": float(len(self.prompts)),
+        }
+        judge = None
+        if self.judge is not None and not is_ref:
+            judge = judge_win_rate(self.judge, self.judge_kind, self.prompt_texts, responses, ref_responses)
+            gen["win_rate"] = judge["win_rate"]
+            if "mean_score" in judge:
+                gen["judge_mean_score"] = judge["mean_score"]
+                gen["judge_reference_mean_score"] = judge["reference_mean_score"]
+        elif self.judge is not None and self.judge_kind == "reward":
+            gen["judge_mean_score"] = sum(self.judge(x, r) for x, r in zip(self.prompt_texts, ref_responses)) / len(ref_responses)
+        result["generation"] = gen
+        kl = {} if is_ref else self.kl(model)
+        kl_rows = kl.pop("rows", [])
+        result["kl"] = kl
+        result["rows"] = {
+            "heldout": logps.to_rows(),
+            "generations": [
+                {
+                    "prompt": x,
+                    "response": r,
+                    "response_tokens": n,
+                    "hit_max_new_tokens": h,
+                    **({} if is_ref else {"reference_response": rr}),
+                    **({"judge_p": judge["per_prompt"][i]} if judge else {}),
+                }
+                for i, (x, r, n, h, rr) in enumerate(zip(self.prompt_texts, responses, lengths, hit, ref_responses))
+            ],
+            "kl_samples": kl_rows,
+        }
+        return result

@@ -1,0 +1,238 @@
+"""Held-out comparison metrics and DiskLogger log parsing (pure functions, no model code).
+
+Every metric is defined in :data:`DEFINITIONS` (the report prints them). Notation, per
+held-out pair ``i`` with prompt ``x``, chosen ``y_w`` and rejected ``y_l``:
+``S(y) = log π(y|x)`` summed over the completion tokens (EOS included), ``A(y) = S(y)/|y|``
+the per-token mean; ``S_ref``/``A_ref`` the same under the reference model (the base weights
+every run starts from). A "pair accuracy" counts 1 when the chosen side scores higher, 0.5 on
+an exact tie and 0 otherwise (the training recipe's convention).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "DEFINITIONS",
+    "HeldoutLogps",
+    "TRAIN_CURVE_METRICS",
+    "heldout_metrics",
+    "kl_estimate",
+    "loss_rewards",
+    "pair_accuracy",
+    "parse_disk_log",
+    "read_run_logs",
+]
+
+# Metric names the training recipe logs (prefopt_distributed), plotted when present.
+TRAIN_CURVE_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+    "rewards/desirable",
+    "rewards/undesirable",
+    "logps/desirable",
+    "logps/undesirable",
+    "kl",
+    "grad_norm",
+    "lr",
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
+)
+
+DEFINITIONS: Dict[str, str] = {
+    "pref_accuracy": "held-out preference accuracy of the loss's OWN implicit reward r(y), computed by calling "
+    "the loss object on the held-out log-probs (DPO/KTO: beta*(S - S_ref); IPO: tau*(A - A_ref) with "
+    "average_logps, tau*(S - S_ref) without; SimPO: beta*A): pair accuracy of r(y_w) vs r(y_l)",
+    "reward_margin": "mean of r(y_w) - r(y_l) in the loss's own reward units (not comparable across losses)",
+    "margin_improved": "loss-independent: fraction of pairs whose summed log-prob margin grew vs the reference, "
+    "i.e. D = [S(y_w) - S(y_l)] - [S_ref(y_w) - S_ref(y_l)] > 0 (ties 0.5); the DPO implicit-reward "
+    "accuracy of every policy, whatever its loss",
+    "margin_gain": "mean of D (nats per pair)",
+    "ranking_accuracy": "pair accuracy of the policy's own summed log-probs, S(y_w) vs S(y_l) (for the reference "
+    "row: the reference's); does the model assign the chosen answer more probability?",
+    "ranking_accuracy_per_token": "the same with per-token mean log-probs A(y_w) vs A(y_l) (length-normalised)",
+    "chosen_logp_drift": "mean of S(y_w) - S_ref(y_w) (nats per sequence); negative = the chosen answer became "
+    "LESS likely than under the reference",
+    "rejected_logp_drift": "mean of S(y_l) - S_ref(y_l) (nats per sequence)",
+    "chosen_logp_fell": "fraction of pairs with S(y_w) < S_ref(y_w)",
+    "kl": "Monte-Carlo KL(pi || pi_ref) on held-out prompts: mean over prompts and samples of "
+    "log pi(y|x) - log pi_ref(y|x) summed over the sampled tokens, y ~ pi (temperature 1, no top-k, "
+    "fixed seed) truncated at max_new_tokens (an unbiased estimate of the KL between the distributions "
+    "of the first max_new_tokens tokens); +- one standard error over prompts",
+    "response_length": "mean number of generated tokens on held-out prompts (stop token excluded; generation "
+    "settings as listed), the length-bias measure",
+    "length_ratio": "response_length / the reference's response_length on the same prompts",
+    "hit_max_new_tokens": "fraction of responses cut at max_new_tokens (no stop token)",
+    "win_rate": "judge win rate vs the reference's response on the same prompt: pairwise judges are asked in both "
+    "orders, p = (J(x, a, b) + 1 - J(x, b, a)) / 2; reward-model judges give p = 1, 0.5, 0 for "
+    "score(a) >, =, < score(b); mean of p",
+}
+
+
+# --------------------------------------------------------------------------- logs
+
+_STEP_RE = re.compile(r"^Step (\d+) \| (.*)$")
+
+
+def parse_disk_log(path) -> Dict[str, List[Tuple[int, float]]]:
+    """``{metric: [(step, value), ...]}`` from a torchtune ``DiskLogger`` file.
+
+    Lines look like ``Step 12 | loss:0.69 rewards/accuracies:0.5 `` (``log_dict``) or
+    ``Step 12 | loss:0.69`` (``log``). Values that are not numbers are skipped; a metric
+    logged twice at one step keeps the last value.
+    """
+    out: Dict[str, Dict[int, float]] = {}
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        m = _STEP_RE.match(line.strip())
+        if not m:
+            continue
+        step = int(m.group(1))
+        for tok in m.group(2).split():
+            name, sep, value = tok.rpartition(":")
+            if not sep or not name:
+                continue
+            try:
+                v = float(value)
+            except ValueError:
+                continue
+            out.setdefault(name, {})[step] = v
+    return {k: sorted(v.items()) for k, v in out.items()}
+
+
+def read_run_logs(log_dir) -> Tuple[Dict[str, List[Tuple[int, float]]], List[Path]]:
+    """Merge every ``*.txt`` DiskLogger file in ``log_dir`` (oldest name first: a resumed run
+    appends a new file; later files win on the same step). Returns ``(metrics, files)``."""
+    log_dir = Path(log_dir)
+    files = sorted(p for p in log_dir.glob("*.txt") if p.is_file()) if log_dir.is_dir() else []
+    merged: Dict[str, Dict[int, float]] = {}
+    for f in files:
+        for name, series in parse_disk_log(f).items():
+            merged.setdefault(name, {}).update(dict(series))
+    return {k: sorted(v.items()) for k, v in merged.items()}, files
+
+
+# --------------------------------------------------------------------------- held-out
+
+
+@dataclass
+class HeldoutLogps:
+    """Per-pair completion log-probs of one model on the held-out pairs (float64, ``[N]``)."""
+
+    chosen_sum: torch.Tensor
+    rejected_sum: torch.Tensor
+    chosen_mean: torch.Tensor
+    rejected_mean: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    def pick(self, average: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (self.chosen_mean, self.rejected_mean) if average else (self.chosen_sum, self.rejected_sum)
+
+    @classmethod
+    def cat(cls, parts: Sequence["HeldoutLogps"]) -> "HeldoutLogps":
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
+
+    def to_rows(self) -> List[Dict[str, float]]:
+        keys = list(self.__dataclass_fields__)
+        cols = [getattr(self, k).tolist() for k in keys]
+        return [dict(zip(keys, vals)) for vals in zip(*cols)]
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 if chosen > rejected, 0.5 on a tie, else 0."""
+    return (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
+
+
+def loss_rewards(loss_fn, pol: HeldoutLogps, ref: Optional[HeldoutLogps]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The loss's own implicit rewards ``(r(y_w), r(y_l))``, from its ``forward``.
+
+    Pairwise losses get ``(policy chosen, policy rejected, ref chosen, ref rejected)`` in the
+    loss's own log-prob form (mean if ``loss_fn.average_logps`` else sum). Unpaired losses
+    (KTO) are called once with every chosen completion as a desirable row and once with every
+    rejected completion as an undesirable row, with no KL rows (its rewards ``beta * log-ratio``
+    do not depend on the reference point ``z0``).
+    """
+    average = bool(getattr(loss_fn, "average_logps", False))
+    pc, pr = pol.pick(average)
+    reference_free = bool(getattr(loss_fn, "reference_free", False))
+    rc = rr = None
+    if not reference_free:
+        if ref is None:
+            raise ValueError(f"{type(loss_fn).__name__} needs reference log-probs")
+        rc, rr = ref.pick(average)
+    with torch.no_grad():
+        if getattr(loss_fn, "paired", True):
+            _, c, r = loss_fn(pc, pr, rc, rr)
+        else:
+            empty = pc.new_zeros(0)
+            ones = torch.ones(pc.shape[0], dtype=torch.bool)
+            _, c, _ = loss_fn(pc, rc, ones, empty, empty)
+            _, r, _ = loss_fn(pr, rr, ~ones, empty, empty)
+    return c.detach().double(), r.detach().double()
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.double().mean().item()) if x.numel() else float("nan")
+
+
+def heldout_metrics(loss_fn, pol: HeldoutLogps, ref: Optional[HeldoutLogps]) -> Dict[str, float]:
+    """All held-out log-prob metrics of one policy (see :data:`DEFINITIONS`).
+
+    ``loss_fn=None`` (the reference row) gives only the loss-independent ranking accuracies.
+    """
+    out: Dict[str, float] = {
+        "rows": float(pol.chosen_sum.numel()),
+        "ranking_accuracy": _mean(pair_accuracy(pol.chosen_sum, pol.rejected_sum)),
+        "ranking_accuracy_per_token": _mean(pair_accuracy(pol.chosen_mean, pol.rejected_mean)),
+        "logp_chosen": _mean(pol.chosen_sum),
+        "logp_rejected": _mean(pol.rejected_sum),
+    }
+    if loss_fn is not None:
+        c, r = loss_rewards(loss_fn, pol, ref)
+        out["pref_accuracy"] = _mean(pair_accuracy(c, r))
+        out["reward_margin"] = _mean(c - r)
+        out["reward_chosen"] = _mean(c)
+        out["reward_rejected"] = _mean(r)
+    if ref is not None and loss_fn is not None:
+        d = (pol.chosen_sum - pol.rejected_sum) - (ref.chosen_sum - ref.rejected_sum)
+        out["margin_improved"] = _mean(pair_accuracy(d, torch.zeros_like(d)))
+        out["margin_gain"] = _mean(d)
+        out["chosen_logp_drift"] = _mean(pol.chosen_sum - ref.chosen_sum)
+        out["rejected_logp_drift"] = _mean(pol.rejected_sum - ref.rejected_sum)
+        out["chosen_logp_drift_per_token"] = _mean(pol.chosen_mean - ref.chosen_mean)
+        out["rejected_logp_drift_per_token"] = _mean(pol.rejected_mean - ref.rejected_mean)
+        out["chosen_logp_fell"] = _mean((pol.chosen_sum < ref.chosen_sum).double())
+        out["rejected_logp_fell"] = _mean((pol.rejected_sum < ref.rejected_sum).double())
+    return out
+
+
+def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor, prompt_index: torch.Tensor) -> Dict[str, float]:
+    """Monte-Carlo KL from samples ``y ~ π``: mean of ``log π(y) - log π_ref(y)``.
+
+    The standard error is over prompts (the mean of each prompt's samples is one draw).
+    """
+    diff = (policy_logps - reference_logps).double()
+    prompts = torch.unique(prompt_index)
+    per_prompt = torch.stack([diff[prompt_index == p].mean() for p in prompts])
+    n = per_prompt.numel()
+    se = float(per_prompt.std(unbiased=True).item() / math.sqrt(n)) if n > 1 else float("nan")
+    return {
+        "kl": float(diff.mean().item()),
+        "kl_stderr": se,
+        "kl_prompts": float(n),
+        "kl_samples": float(diff.numel()),
+        "kl_negative_fraction": float((diff < 0).double().mean().item()),
+    }
