@@ -59,7 +59,7 @@ log = utils.get_logger("INFO")
 TOP_KEYS = {"output_dir", "compare"}
 COMPARE_KEYS = {
     "base_config", "losses", "loss_configs", "train_overrides", "loss_overrides", "kto_dataset",
-    "kto_rows_per_pair", "nproc_per_node", "max_parallel", "skip_training", "skip_existing", "dry_run", "device",
+    "kto_rows_per_pair", "nproc_per_node", "max_parallel", "skip_training", "skip_existing", "resume", "dry_run", "device",
     "heldout", "generation", "kl", "judge", "judge_kind", "title",
 }
 SECTION_KEYS = {
@@ -177,7 +177,7 @@ def _write_eval_files(out_dir: Path, name: str, result: Dict[str, Any], step: in
     logger.log_dict(payload, step=step)
     logger.close()
     files = {"metrics": str(metrics_file)}
-    for key, rows in result["rows"].items():
+    for key, rows in result.pop("rows").items():  # per-row details live in the JSONL files only
         if not rows:
             continue
         p = d / f"{key}.jsonl"
@@ -285,13 +285,20 @@ class CompareRecipe:
         tune = _tune_executable()
         todo = []
         for run in runs:
-            if c.get("skip_existing", False) and _final_checkpoint(run.run_dir) is not None:
+            finished = (run.run_dir / "final").exists()
+            if (c.get("skip_existing", False) or c.get("resume", False)) and finished:
                 log.info(f"[compare] {run.name}: {run.run_dir} already has a final checkpoint; not retrained")
                 continue
             if run.run_dir.exists() and any(run.run_dir.iterdir()):
+                if c.get("resume", False) and ckpt.latest_checkpoint(run.run_dir) is not None:
+                    # an interrupted run (e.g. pre-empted): continue from its newest checkpoint
+                    run.command = run.command + ["resume_from_checkpoint=true"]
+                    todo.append(run)
+                    continue
                 raise PrefOptUserError(
                     f"{run.run_dir} already exists and is not empty: use a new output_dir, "
-                    "compare.skip_existing=true (keep finished runs) or compare.skip_training=true (evaluate only)"
+                    "compare.skip_existing=true (keep finished runs), compare.resume=true (also continue "
+                    "interrupted runs from their newest checkpoint) or compare.skip_training=true (evaluate only)"
                 )
             todo.append(run)
         max_parallel = max(1, int(c.get("max_parallel", 1) or 1))

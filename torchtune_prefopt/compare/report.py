@@ -173,14 +173,21 @@ def _heldout_table(report) -> Tuple[List[str], List[List[str]]]:
 def _generation_table(report) -> Tuple[List[str], List[List[str]]]:
     head = ["model", "KL(π‖π_ref) ± s.e. (nats)", "response length (tokens)", "length ratio vs ref",
             "cut at max_new_tokens", "judge win rate vs ref"]
+    scores = any("judge_mean_score" in r["result"]["generation"] for r in _rows_for(report))
+    if scores:
+        head.append("judge mean score")
     rows = []
     for r in _rows_for(report):
         g, k = r["result"]["generation"], r["result"].get("kl", {})
-        kl = "0 (itself)" if r is report["reference"] else _pm(k.get("kl"), k.get("kl_stderr"))
-        rows.append([
+        is_ref = r is report["reference"]
+        kl = "0 (itself)" if is_ref else _pm(k.get("kl"), k.get("kl_stderr"))
+        row = [
             r["name"], kl, _fmt(g.get("response_length"), 2), _fmt(g.get("length_ratio")),
-            _fmt(g.get("hit_max_new_tokens")), _fmt(g.get("win_rate")) if r is not report["reference"] else "—",
-        ])
+            _fmt(g.get("hit_max_new_tokens")), "—" if is_ref else _fmt(g.get("win_rate")),
+        ]
+        if scores:
+            row.append(_fmt(g.get("judge_mean_score")))
+        rows.append(row)
     return head, rows
 
 
