@@ -167,6 +167,17 @@ def _pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor
     return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
 
 
+def _load_model_sd(checkpointer: Any, key: str) -> Dict[str, torch.Tensor]:
+    """``checkpointer.load_checkpoint()[MODEL_KEY]``; a missing, truncated or damaged file is a
+    one-line :class:`PrefOptUserError` naming it (torchtune raises ``ValueError('Unable to load
+    checkpoint from <file>')`` with the safetensors/torch error as its cause)."""
+    try:
+        return checkpointer.load_checkpoint()[training.MODEL_KEY]
+    except (ValueError, OSError, RuntimeError) as err:
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        raise PrefOptUserError(f"{key}: {' '.join(str(err).split())}{cause}") from err
+
+
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -265,7 +276,7 @@ class PrefOptRecipe:
                 "checkpointer: this recipe reads and writes Hugging Face checkpoints; use "
                 "torchtune.training.FullModelHFCheckpointer (or a function returning one)"
             )
-        base_sd = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        base_sd = _load_model_sd(self._checkpointer, "checkpointer")
         resume_dir, recipe_state = None, None
         if self._resume:
             resume_dir = ckpt.latest_checkpoint(self._output_dir)
@@ -287,7 +298,7 @@ class PrefOptRecipe:
             ref_source = getattr(self._checkpointer, "_checkpoint_dir", "checkpointer")
             if _configured(ref_cfg):
                 ref_ckpt = config.instantiate(ref_cfg)
-                ref_sd = ref_ckpt.load_checkpoint()[training.MODEL_KEY]
+                ref_sd = _load_model_sd(ref_ckpt, "ref_checkpointer")
                 ref_source = getattr(ref_ckpt, "_checkpoint_dir", "ref_checkpointer")
             self._ref_model = self._setup_reference(ref_sd, ref_source)
         del base_sd
@@ -295,8 +306,12 @@ class PrefOptRecipe:
         # 4. Optimizer, data order, schedule.
         self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
         self._sampler = GlobalBatchSampler(len(self._dataset), global_batch, seed=self.seed, shuffle=cfg.get("shuffle", True))
+        # Own generator: iter(DataLoader) draws a base seed from its generator, which would
+        # otherwise be the global RNG (one extra draw per epoch; a resumed run's RNG state would
+        # then differ from the uninterrupted run's).
         self._dataloader = DataLoader(
-            self._dataset, batch_sampler=self._sampler, collate_fn=self._collate, num_workers=0
+            self._dataset, batch_sampler=self._sampler, collate_fn=self._collate, num_workers=0,
+            generator=torch.Generator().manual_seed(self.seed),
         )
         micro_per_epoch = len(self._sampler)
         self._steps_per_epoch = micro_per_epoch // self.accum
@@ -774,7 +789,9 @@ class PrefOptRecipe:
             t0 = time.perf_counter()
         pbar = tqdm(total=self.total_epochs * self._steps_per_epoch, initial=self.global_step, disable=not self._is_rank_zero)
         for epoch in range(self.epochs_run, self.total_epochs):
-            start_micro = self._resume_micro if epoch == self.epochs_run else 0
+            # Only the first epoch of a resumed run starts mid-way (epochs_run is advanced at the
+            # end of every epoch, so comparing epoch with it would skip the next epoch's start too).
+            start_micro, self._resume_micro = self._resume_micro, 0
             self._sampler.set_epoch(epoch, start_micro)
             micro = start_micro
             for batch in self._dataloader:
@@ -807,8 +824,11 @@ class PrefOptRecipe:
 
                 # ---- optimizer step
                 grad_norm = None
-                if not step_bad and self._clip is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip))
+                if not step_bad:
+                    # Always measured (the non-finite guard needs it); clipping only if configured
+                    # (max_norm=inf scales the gradients by exactly 1.0).
+                    max_norm = float(self._clip) if self._clip is not None else math.inf
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=max_norm)
                     if hasattr(grad_norm, "full_tensor"):
                         grad_norm = grad_norm.full_tensor()
                     if not torch.isfinite(grad_norm):
