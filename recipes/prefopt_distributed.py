@@ -69,6 +69,17 @@ from torchtune_prefopt.data import kto_balance_warning, kto_collate, paired_coll
 from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
 from torchtune_prefopt.losses import build_loss
 from torchtune_prefopt.modules import decoder_sequence_logprobs
+from torchtune_prefopt.reference import (
+    CachedReferenceLogps,
+    PositionIndexed,
+    ReferenceLogpsCache,
+    check_quantization_supported,
+    fingerprint_parts,
+    kto_kl_pairs,
+    load_or_compute,
+    precompute_reference_logps,
+    quantize_reference,
+)
 from torchtune_prefopt.training import checkpoints as ckpt
 from torchtune_prefopt.training.data_order import GlobalBatchSampler, rank_slice
 from torchtune_prefopt.training.distributed import any_rank, all_reduce_sum, init_distributed
@@ -242,12 +253,18 @@ class PrefOptRecipe:
                 f"batch_size: {type(self._loss_fn).__name__} builds its KL reference point from "
                 f"mismatched pairs inside the batch and needs batch_size >= 2 per rank, got {self.batch_size}"
             )
+        ref_opts = cfg.get("reference") or {}
+        self._ref_quant = None if self._reference_free else ref_opts.get("quantization")
+        self._ref_precompute = bool(ref_opts.get("precompute", False)) and not self._reference_free
+        check_quantization_supported(self._ref_quant, self._device)
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._dataset = self._build_dataset(cfg.dataset, "dataset")
+        # the reference cache is keyed by dataset position: make item["index"] the position
+        # (a ConcatDataset restarts each part's index at 0)
+        self._dataset = PositionIndexed(self._build_dataset(cfg.dataset, "dataset"))
         self._check_dataset_kind(self._dataset, "dataset", paired=self._paired)
         self._eval_dataset = None
         if _configured(cfg.get("eval_dataset")):
-            self._eval_dataset = self._build_dataset(cfg.eval_dataset, "eval_dataset")
+            self._eval_dataset = PositionIndexed(self._build_dataset(cfg.eval_dataset, "eval_dataset"))
             self._check_dataset_kind(self._eval_dataset, "eval_dataset", paired=True)
         global_batch = self.batch_size * self.world_size
         if len(self._dataset) < global_batch:
@@ -292,6 +309,10 @@ class PrefOptRecipe:
         # 3. Models.
         self._model = self._setup_policy(base_sd, resume_dir)
         self._ref_model = None
+        self._ref_files = [*self._checkpointer._checkpoint_paths, self._checkpointer._checkpoint_dir / "config.json"]
+        if self._is_lora and self._ref_quant is not None:
+            utils.log_rank_zero(log, "WARNING: reference.quantization is ignored with LoRA (the reference is the policy's own base weights)")
+            self._ref_quant = None
         if not self._reference_free and not self._is_lora:
             ref_sd = base_sd
             ref_cfg = cfg.get("ref_checkpointer")
@@ -300,7 +321,15 @@ class PrefOptRecipe:
                 ref_ckpt = config.instantiate(ref_cfg)
                 ref_sd = _load_model_sd(ref_ckpt, "ref_checkpointer")
                 ref_source = getattr(ref_ckpt, "_checkpoint_dir", "ref_checkpointer")
+                self._ref_files = [*ref_ckpt._checkpoint_paths, ref_ckpt._checkpoint_dir / "config.json"]
             self._ref_model = self._setup_reference(ref_sd, ref_source)
+        if self._reference_free:
+            ref_desc = f"none ({type(self._loss_fn).__name__} is reference-free)"
+        elif self._is_lora:
+            ref_desc = "the policy with its LoRA adapters disabled (no second copy)"
+        else:
+            ref_desc = f"frozen copy of {ref_source}"
+        utils.log_rank_zero(log, f"reference model: {ref_desc}")
         del base_sd
 
         # 4. Optimizer, data order, schedule.
@@ -324,6 +353,8 @@ class PrefOptRecipe:
             )
         if recipe_state is not None:
             self._load_recipe_state(recipe_state)
+        self._eval_ref_cache = None
+        self._ref_cache = self._setup_reference_cache() if self._ref_precompute else None
         self._lr_scheduler = None
         if _configured(cfg.get("lr_scheduler")):
             self._lr_scheduler = config.instantiate(
@@ -482,6 +513,16 @@ class PrefOptRecipe:
     def _setup_reference(self, ref_sd: Dict[str, torch.Tensor], source: Any) -> nn.Module:
         model = self._instantiate_meta_model()
         self._check_shapes(model, ref_sd, source, strict_keys=True)
+        if self._ref_quant is not None:
+            # torchao's quantized tensors do not compose with FSDP2: a plain module, replicated
+            # on every rank. Weights stay on the CPU until each layer is quantized on the device.
+            model.load_state_dict({k: v.to(self._dtype) for k, v in ref_sd.items()}, strict=True, assign=True)
+            self._init_rope(model)
+            report = quantize_reference(model, self._ref_quant, device=self._device)
+            training.validate_no_params_on_meta_device(model)
+            training.disable_dropout(model)
+            utils.log_rank_zero(log, report.summary())
+            return model
         if self.cfg.get("compile", False):
             training.compile_model(model, verbose=False)
         self._shard(model)
@@ -503,6 +544,8 @@ class PrefOptRecipe:
         if self._paired:
             return paired_collate(rank_slice(items, self.rank, self.batch_size), padding_idx=pad, ignore_idx=IGNORE)
         full = kto_collate(items, padding_idx=pad, ignore_idx=IGNORE, max_seq_len=self._tokenizer.max_seq_len)
+        n = len(items)
+        full["kl_completion_index"] = torch.tensor([int(items[(k + 1) % n]["index"]) for k in range(n)])
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         return {k: v[lo:hi] for k, v in full.items()}
 
@@ -642,6 +685,56 @@ class PrefOptRecipe:
                     return self._logps(self._model, input_ids, labels)
             return self._logps(self._ref_model, input_ids, labels)
 
+    @staticmethod
+    def _check_cached(lp, labels: torch.Tensor) -> None:
+        """Cheap guard: the cached rows score as many tokens as this batch's rows."""
+        n = (labels[:, 1:] != IGNORE).sum(dim=1)
+        if not torch.equal(lp.num_tokens, n):
+            raise RuntimeError("cached reference log-probs do not match this batch's rows (token counts differ)")
+
+    def _setup_reference_cache(self) -> CachedReferenceLogps:
+        """Reference log-probs of every training row (and KTO KL pair) and every held-out row,
+        computed once (or loaded from a cache whose fingerprint matches); then the reference
+        model is freed and training runs without it."""
+        pad, max_len = self._tokenizer.pad_id, self._tokenizer.max_seq_len
+        if self._paired:
+            collate = partial(paired_collate, padding_idx=pad, ignore_idx=IGNORE)
+            pairs = None
+        else:
+            collate = partial(kto_collate, padding_idx=pad, ignore_idx=IGNORE, max_seq_len=max_len)
+            pairs = kto_kl_pairs(self._sampler, self.total_epochs, self._steps_per_epoch * self.accum)
+        root = self._output_dir / "reference_cache"
+        train = self._precomputed(self._dataset, root, collate, pairs)
+        if self._eval_dataset is not None:
+            eval_collate = partial(paired_collate, padding_idx=pad, ignore_idx=IGNORE)
+            self._eval_ref_cache = self._precomputed(self._eval_dataset, root / "eval", eval_collate, None)
+        self._ref_model = None  # not needed any more: free its memory
+        return train
+
+    def _precomputed(self, dataset, cache_dir: Path, collate, pairs) -> CachedReferenceLogps:
+        cache = None
+        if self._is_rank_zero:  # only rank 0 reads/writes the file: only it needs the fingerprint
+            parts = fingerprint_parts(
+                self._ref_files, dataset, self._tokenizer, self._tokenizer.max_seq_len,
+                extra={"model": self.cfg.model, "dtype": self.cfg.get("dtype", "fp32"), "lora": self._is_lora, "kl_pairs": pairs},
+                quantization=self._ref_quant, digest_memo=self._output_dir / "reference_cache" / "weights_digests.json",
+            )
+            cache = ReferenceLogpsCache(cache_dir, parts=parts)
+
+        def compute():
+            run = partial(
+                precompute_reference_logps, dataset=dataset, collate_fn=collate, batch_size=self.batch_size,
+                world_size=self.world_size, rank=self.rank, device=self._device, chunk_size=self._chunk_size,
+                kl_pairs=pairs,
+            )
+            if self._is_lora:
+                with disable_adapter(self._model):
+                    return run(self._model)
+            return run(self._ref_model)
+
+        data = load_or_compute(cache, compute, rank=self.rank, world_size=self.world_size, device=self._device)
+        return CachedReferenceLogps(data)
+
     def _pick(self, lp) -> torch.Tensor:
         return lp.mean if self._average else lp.sum
 
@@ -653,7 +746,12 @@ class PrefOptRecipe:
         pol_v = self._pick(pol)
         ref_c = ref_r = None
         if not self._reference_free:
-            ref_v = self._pick(self._reference_logps(ids, labels))
+            if self._ref_cache is not None:
+                ref = self._ref_cache.pairs(batch["index"], device=self._device)
+                self._check_cached(ref, labels)
+            else:
+                ref = self._reference_logps(ids, labels)
+            ref_v = self._pick(ref)
             ref_c, ref_r = ref_v[:b], ref_v[b:]
         losses, c_rew, r_rew = self._loss_fn(pol_v[:b], pol_v[b:], ref_c, ref_r)
         stats = {
@@ -676,8 +774,15 @@ class PrefOptRecipe:
         pol = self._logps(self._model, ids, labels)
         with torch.no_grad():
             pol_kl = self._pick(self._logps(self._model, kl_ids, kl_labels))
-        ref = self._pick(self._reference_logps(ids, labels))
-        ref_kl = self._pick(self._reference_logps(kl_ids, kl_labels))
+        if self._ref_cache is not None:
+            ref_lp = self._ref_cache.rows(batch["index"], device=self._device)
+            ref_kl_lp = self._ref_cache.kl(batch["index"], batch["kl_completion_index"], device=self._device)
+            self._check_cached(ref_lp, labels)
+            self._check_cached(ref_kl_lp, kl_labels)
+        else:
+            ref_lp = self._reference_logps(ids, labels)
+            ref_kl_lp = self._reference_logps(kl_ids, kl_labels)
+        ref, ref_kl = self._pick(ref_lp), self._pick(ref_kl_lp)
         losses, rewards, kl = self._loss_fn(self._pick(pol), ref, desirable, pol_kl, ref_kl)
         d = desirable.float()
         stats = {
@@ -711,7 +816,13 @@ class PrefOptRecipe:
             ids, labels = batch["input_ids"].to(self._device), batch["labels"].to(self._device)
             n = ids.shape[0] // 2
             pol = self._logps(self._model, ids, labels)
-            ref = None if self._reference_free else self._reference_logps(ids, labels)
+            if self._reference_free:
+                ref = None
+            elif self._eval_ref_cache is not None:
+                ref = self._eval_ref_cache.pairs(batch["index"], device=self._device)
+                self._check_cached(ref, labels)
+            else:
+                ref = self._reference_logps(ids, labels)
             if self._paired:
                 pv = self._pick(pol)
                 rv = self._pick(ref) if ref is not None else None
