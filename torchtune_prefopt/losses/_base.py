@@ -125,6 +125,26 @@ class PreferenceLoss(nn.Module):
             named["reference_rejected_logps"] = reference_rejected_logps
         _check_same_shape(type(self).__name__, named)
 
+    def _logratios(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: Optional[torch.Tensor],
+        reference_rejected_logps: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Checked inputs -> ``(log π(y_w) − log π_ref(y_w), log π(y_l) − log π_ref(y_l))``,
+        each ``[B]``; the pairwise margin is ``h = chosen − rejected``."""
+        self._check_pair_inputs(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            reference_chosen_logps,
+            reference_rejected_logps,
+        )
+        return (
+            policy_chosen_logps - reference_chosen_logps,
+            policy_rejected_logps - reference_rejected_logps,
+        )
+
 
 def _check_same_shape(owner: str, named: dict) -> None:
     shapes = {n: tuple(t.shape) for n, t in named.items()}

@@ -66,14 +66,9 @@ class DPOLoss(PreferenceLoss):
         reference_chosen_logps: Optional[torch.Tensor],
         reference_rejected_logps: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self._check_pair_inputs(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            reference_chosen_logps,
-            reference_rejected_logps,
+        chosen_logratio, rejected_logratio = self._logratios(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
         )
-        chosen_logratio = policy_chosen_logps - reference_chosen_logps
-        rejected_logratio = policy_rejected_logps - reference_rejected_logps
         h = chosen_logratio - rejected_logratio
         return (
             h,

@@ -68,14 +68,9 @@ class IPOLoss(PreferenceLoss):
         reference_chosen_logps: Optional[torch.Tensor] = None,
         reference_rejected_logps: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self._check_pair_inputs(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            reference_chosen_logps,
-            reference_rejected_logps,
+        chosen_logratio, rejected_logratio = self._logratios(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
         )
-        chosen_logratio = policy_chosen_logps - reference_chosen_logps
-        rejected_logratio = policy_rejected_logps - reference_rejected_logps
         h = chosen_logratio - rejected_logratio
         losses = (h - 1.0 / (2.0 * self.tau)) ** 2
         chosen_rewards = self.tau * chosen_logratio.detach()

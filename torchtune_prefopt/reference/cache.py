@@ -442,17 +442,7 @@ def reference_fingerprint(
 # =========================================================================== storage
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from torchtune_prefopt.training.checkpoints import _fsync_dir  # noqa: E402  (one fsync helper)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
