@@ -170,6 +170,15 @@ def load_recipe_state(path: Path) -> Dict[str, Any]:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
+        # torch's weights_only message is long and suggests weights_only=False: name the
+        # refused object instead (this recipe only writes tensors and plain containers).
+        refused = re.search(r"(?i)unsupported (GLOBAL \S+)", str(err))
+        if refused:
+            raise PrefOptUserError(
+                f"checkpoint file {f} cannot be loaded: it holds an object that weights_only=True "
+                f"refuses to unpickle ({refused.group(1)}); this recipe never writes one, so the file "
+                "was not written by it or was modified: do not load it with weights_only=False"
+            )
         raise PrefOptUserError(f"checkpoint file {f} cannot be loaded: {err}")
 
 
