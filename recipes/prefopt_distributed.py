@@ -708,7 +708,9 @@ class PrefOptRecipe:
         if self._eval_dataset is not None:
             eval_collate = partial(paired_collate, padding_idx=pad, ignore_idx=IGNORE)
             self._eval_ref_cache = self._precomputed(self._eval_dataset, root / "eval", eval_collate, None)
-        self._ref_model = None  # not needed any more: free its memory
+        if self._ref_model is not None:
+            self._ref_model = None  # not needed any more: free its memory
+            utils.log_rank_zero(log, "reference model freed: training and evaluation use the cached reference log-probs")
         return train
 
     def _precomputed(self, dataset, cache_dir: Path, collate, pairs) -> CachedReferenceLogps:
@@ -863,7 +865,7 @@ class PrefOptRecipe:
         """End-of-run summary for the terminal (rank 0)."""
         lines = [
             "",
-            f"== prefopt_distributed: {type(self._loss_fn).__name__} | {self.world_size} process(es) | "
+            f"== prefopt_distributed: {type(getattr(self._loss_fn, '_orig_mod', self._loss_fn)).__name__} | {self.world_size} process(es) | "
             f"{self.global_step} steps in {seconds:.0f}s",
         ]
         m = self._last_metrics
