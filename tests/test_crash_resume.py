@@ -298,13 +298,15 @@ class Chain:
     out: Path
     runs: Dict[str, Run]
     after: Dict[str, List[str]]  # checkpoint dir listing after each run
-    tmp_listing: List[str]  # .tmp-step_000004 content right after the mid-checkpoint kill
+    kill_step: int  # the checkpoint whose writing was SIGKILLed (the first save after the SIGTERM one)
+    tmp_listing: List[str]  # .tmp-step_<kill_step> content right after the mid-checkpoint kill
     sigterm_manifest: dict  # CHECKPOINT.json of the checkpoint the SIGTERM run wrote
 
 
 @pytest.fixture(scope="module")
 def dpo_chain(tmp_path_factory, base_checkpoint) -> Chain:
-    """sigterm -> resume+SIGKILL inside checkpoint 4 -> resume+SIGKILL after step 6 -> resume to the end."""
+    """sigterm (step 1-2) -> resume+SIGKILL inside the next checkpoint (step 2-4) -> resume+SIGKILL
+    after step 6 -> resume to the end."""
     d = _workdir(tmp_path_factory, "chain_dpo", base_checkpoint)
     cfg = write_config(d, "dpo")
     hooks = d / "hooks"
@@ -317,13 +319,16 @@ def dpo_chain(tmp_path_factory, base_checkpoint) -> Chain:
     after["sigterm"] = checkpoints(out)
     newest = [c for c in after["sigterm"] if c.startswith("step_")]
     sigterm_manifest = json.loads((out / "checkpoints" / newest[-1] / "CHECKPOINT.json").read_text()) if newest else {}
-    # B: resumed, then SIGKILLed while writing the step-4 checkpoint.
+    # B: resumed, then SIGKILLed while writing its first checkpoint (save_every_n_steps=2).
+    resumed_at = sigterm_manifest.get("step", 0)
+    kill_step = (resumed_at // 2 + 1) * 2
+    assert kill_step <= 6, f"the SIGTERM run went on to step {resumed_at}: {describe(runs['sigterm'])}"
     runs["kill_in_checkpoint"] = run_tune(
         d, cfg, "resume_from_checkpoint=True",
-        env={"PYTHONPATH": str(hooks), "PREFOPT_TEST_SIGKILL_IN_CHECKPOINT": "4"},
+        env={"PYTHONPATH": str(hooks), "PREFOPT_TEST_SIGKILL_IN_CHECKPOINT": str(kill_step)},
     )
     after["kill_in_checkpoint"] = checkpoints(out)
-    tmp = out / "checkpoints" / ".tmp-step_000004"
+    tmp = out / "checkpoints" / f".tmp-step_{kill_step:06d}"
     tmp_listing = sorted(p.name for p in tmp.iterdir()) if tmp.exists() else []
     # C: resumed, then SIGKILLed (whole process group) once step 6 is logged.
     runs["kill_at_step"] = run_tune(d, cfg, "resume_from_checkpoint=True", signal_after_step=6)
@@ -331,7 +336,7 @@ def dpo_chain(tmp_path_factory, base_checkpoint) -> Chain:
     # D: resumed to the end.
     runs["final"] = run_tune(d, cfg, "resume_from_checkpoint=True")
     after["final"] = checkpoints(out)
-    return Chain(out, runs, after, tmp_listing, sigterm_manifest)
+    return Chain(out, runs, after, kill_step, tmp_listing, sigterm_manifest)
 
 
 def test_sigterm_saves_at_next_step_boundary_and_exits_0(dpo_chain: Chain):
@@ -355,7 +360,8 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_usable(dpo_c
     assert run.returncode == -signal.SIGKILL, describe(run)
     listing = dpo_chain.after["kill_in_checkpoint"]
     # The half-written checkpoint stayed a .tmp- directory: weights, half a recipe state, no manifest.
-    assert ".tmp-step_000004" in listing and "step_000004" not in listing, listing
+    name = f"step_{dpo_chain.kill_step:06d}"
+    assert f".tmp-{name}" in listing and name not in listing, listing
     assert "recipe_state.pt" in dpo_chain.tmp_listing and "CHECKPOINT.json" not in dpo_chain.tmp_listing, dpo_chain.tmp_listing
     assert any(f.endswith(".safetensors") for f in dpo_chain.tmp_listing), dpo_chain.tmp_listing
     # The next run ignored it, resumed from the newest complete checkpoint and removed it on its next save.
