@@ -158,7 +158,13 @@ def test_registry_entries_in_process():
     assert Path(recipe.file_path).is_absolute()
     assert Path(recipe.file_path).name == "prefopt_distributed.py"
     configs = {c.name: c.file_path for c in recipe.configs}
-    assert configs == {name: str(path) for name, path in available_configs().items()}
+    everything = {name: str(path) for name, path in available_configs().items()}
+    assert configs == {n: p for n, p in everything.items() if not _tune_registry.is_compare_config(n)}
+    compare = [r for r in registry.get_all_recipes() if r.name == "prefopt_compare"]
+    if compare:  # each config is listed once, under the recipe that runs it
+        assert {c.name: c.file_path for c in compare[0].configs} == {
+            n: p for n, p in everything.items() if _tune_registry.is_compare_config(n)
+        }
     assert Path(configs["tiny/dpo"]).samefile(PACKAGED_DPO)
     # the loader wrapper does not show
     assert type(registry.__loader__).__name__ != "_PatchingLoader"
@@ -188,7 +194,10 @@ def test_tune_ls_lists_recipe_and_configs(tmp_path):
     assert out.returncode == 0, out.stderr
     listed = _ls_configs(out.stdout, "prefopt_distributed")
     assert "tiny/dpo" in listed
-    assert set(listed) == set(available_configs())
+    everything = set(available_configs())
+    compare = {n for n in everything if _tune_registry.is_compare_config(n)}
+    assert set(listed) == everything - compare
+    assert set(_ls_configs(out.stdout, "prefopt_compare")) == compare
     # torchtune's own recipes are still there
     assert _ls_configs(out.stdout, "full_finetune_distributed")
 

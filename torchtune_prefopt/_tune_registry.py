@@ -41,6 +41,12 @@ _RECIPES = (
 )
 
 
+def is_compare_config(name: str) -> bool:
+    """Configs named ``<family>/*compare*`` drive prefopt_compare; all others prefopt_distributed
+    (so ``tune ls`` lists each config once, under the recipe that runs it)."""
+    return "compare" in name.rsplit("/", 1)[-1]
+
+
 def _package_dir():
     from pathlib import Path
 
@@ -78,9 +84,8 @@ def _register(module) -> bool:
             path = recipes_dir / filename
             if name in existing or not (always or path.is_file()):
                 continue
-            # Configs named ``*compare*`` drive prefopt_compare; all others prefopt_distributed.
             is_compare = name == "prefopt_compare"
-            mine = [c for c in configs if ("compare" in c.name.rsplit("/", 1)[-1]) == is_compare]
+            mine = [c for c in configs if is_compare_config(c.name) == is_compare]
             new.append(
                 recipe_cls(
                     name=name,
