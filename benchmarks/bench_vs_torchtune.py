@@ -32,9 +32,14 @@ Memory: ``VmHWM`` (peak resident set) of the training process (torchrun's worker
 (setup and all steps included; the end-of-training checkpoint, which torchtune's recipe
 writes with a full optimizer gather, is not): the same outside measurement for every recipe.
 
-Usage:
+CPU s/step: the same stamps on the training process's CPU time (``time.process_time()``), a
+cross-check that other jobs on a shared machine disturb much less than wall time.
+
+Usage (one round is about 11 minutes on 2 quiet cores, 15 under load; --rounds 2 runs the
+configurations again in reverse order and pools the steps):
   python benchmarks/bench_vs_torchtune.py                      # print the Markdown table
-  python benchmarks/bench_vs_torchtune.py --write BENCHMARKS.md   # also update its section
+  python benchmarks/bench_vs_torchtune.py --rounds 2 --write BENCHMARKS.md   # + its section
+  python benchmarks/bench_vs_torchtune.py --configs tt_dpo,dpo --seq-len 1024 --steps 1
 """
 
 from __future__ import annotations
