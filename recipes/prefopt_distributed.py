@@ -624,7 +624,7 @@ class PrefOptRecipe:
         if self._is_rank_zero:
             finite = all(torch.isfinite(v).all().item() for v in full_sd.values() if v.is_floating_point())
         if any_rank(not finite, self._device):
-            raise RuntimeError(
+            raise FloatingPointError(
                 f"step {self.global_step}: the weights contain non-finite values; refusing to write a checkpoint"
             )
         final_path = None
@@ -1050,6 +1050,11 @@ def recipe_main(cfg: DictConfig) -> None:
             print(recipe.summary(getattr(recipe, "_final_path", None), time.perf_counter() - start), flush=True)
     except _Preempted:
         pass
+    except FloatingPointError as err:
+        # A numeric guard stopped the run (every rank decided together): one line, exit 3.
+        if recipe._is_rank_zero:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(3)
     finally:
         recipe.cleanup()
 
