@@ -48,8 +48,8 @@ from torchtune_prefopt._config import parse
 from torchtune_prefopt.compare import evaluation as ev
 from torchtune_prefopt.compare.judges import build_judge
 from torchtune_prefopt.compare.metrics import read_run_logs
-from torchtune_prefopt.compare.report import write_report
-from torchtune_prefopt.compare.runs import DEFAULT_LOSSES, dotlist, loss_label, matched_differences, plan_runs
+from torchtune_prefopt.compare.report import assemble_report, run_record, training_summary, write_eval_files, write_report
+from torchtune_prefopt.compare.runs import DEFAULT_LOSSES, dotlist, plan_runs, runs_to_train, train_runs
 from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
 from torchtune_prefopt.losses import build_loss
 from torchtune_prefopt.training import checkpoints as ckpt
@@ -67,10 +67,6 @@ SECTION_KEYS = {
     "generation": {"max_new_tokens", "temperature", "top_k", "seed", "batch_size", "kv_cache"},
     "kl": {"samples_per_prompt", "max_new_tokens", "seed"},
 }
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
-
 def _unknown(keys, known, where: str) -> None:
     bad = sorted(set(keys) - set(known))
     if bad:
@@ -117,16 +113,6 @@ def _distributed_recipe():
     return mod
 
 
-def _tune_executable() -> List[str]:
-    exe = Path(sys.executable).parent / "tune"
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("tune")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "torchtune._cli.tune"]
-
-
 def _settings(c: DictConfig, base_cfg: DictConfig) -> ev.EvalSettings:
     h, g, k = c.get("heldout") or {}, c.get("generation") or {}, c.get("kl") or {}
     return ev.EvalSettings(
@@ -150,56 +136,6 @@ def _final_checkpoint(run_dir: Path) -> Optional[Path]:
     if link.exists():
         return link.resolve()
     return ckpt.latest_checkpoint(run_dir)
-
-
-def _flat(prefix: str, d: Dict[str, Any]) -> Dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}/{k}"] = float(v)
-    return out
-
-
-def _write_eval_files(out_dir: Path, name: str, result: Dict[str, Any], step: int) -> Dict[str, str]:
-    """The comparison's own numbers as a DiskLogger file + per-row JSONL; returns the paths."""
-    from torchtune.training.metric_logging import DiskLogger
-
-    d = out_dir / "eval" / name
-    d.mkdir(parents=True, exist_ok=True)
-    metrics_file = d / "metrics.txt"
-    if metrics_file.exists():
-        metrics_file.unlink()
-    logger = DiskLogger(log_dir=str(d), filename="metrics.txt")
-    payload = {}
-    payload.update(_flat("heldout", result["heldout"]))
-    payload.update(_flat("generation", result["generation"]))
-    payload.update(_flat("kl", result.get("kl", {})))
-    logger.log_dict(payload, step=step)
-    logger.close()
-    files = {"metrics": str(metrics_file)}
-    for key, rows in result.pop("rows").items():  # per-row details live in the JSONL files only
-        if not rows:
-            continue
-        p = d / f"{key}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        files[key] = str(p)
-    return files
-
-
-def _training_summary(curves: Dict[str, list], state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    def last(name):
-        s = curves.get(name)
-        return s[-1][1] if s else None
-
-    steps = state.get("step") if state else None
-    if steps is None and curves.get("loss"):
-        steps = int(curves["loss"][-1][0])
-    return {
-        "steps": steps,
-        "final_loss": last("loss"),
-        "final_reward_accuracy": last("rewards/accuracies"),
-        "eval_accuracy": curves.get("eval/rewards/accuracies", []),
-    }
 
 
 class CompareRecipe:
@@ -271,88 +207,13 @@ class CompareRecipe:
 
     # ------------------------------------------------------------------ train
     def train(self, runs) -> None:
-        """Launch the runs as subprocesses, ``compare.max_parallel`` at a time.
-
-        With several at a time on GPUs, run k gets its own ``nproc_per_node`` GPUs through
-        ``CUDA_VISIBLE_DEVICES``. If a run fails, the ones still running get SIGTERM (the
-        training recipe then saves a resumable checkpoint and exits) and the error names the
-        failed run's output file.
-        """
+        """Train the runs that are not finished yet (see :func:`compare.runs.train_runs`)."""
         c = self.c
-        launch_dir = self.out / "launch_logs"
-        launch_dir.mkdir(parents=True, exist_ok=True)
-        base_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-        tune = _tune_executable()
-        todo = []
-        for run in runs:
-            finished = (run.run_dir / "final").exists()
-            if (c.get("skip_existing", False) or c.get("resume", False)) and finished:
-                log.info(f"[compare] {run.name}: {run.run_dir} already has a final checkpoint; not retrained")
-                continue
-            if run.run_dir.exists() and any(run.run_dir.iterdir()):
-                if c.get("resume", False) and ckpt.latest_checkpoint(run.run_dir) is not None:
-                    # an interrupted run (e.g. pre-empted): continue from its newest checkpoint
-                    run.command = run.command + ["resume_from_checkpoint=true"]
-                    todo.append(run)
-                    continue
-                raise PrefOptUserError(
-                    f"{run.run_dir} already exists and is not empty: use a new output_dir, "
-                    "compare.skip_existing=true (keep finished runs), compare.resume=true (also continue "
-                    "interrupted runs from their newest checkpoint) or compare.skip_training=true (evaluate only)"
-                )
-            todo.append(run)
-        max_parallel = max(1, int(c.get("max_parallel", 1) or 1))
-        nproc = int(c.get("nproc_per_node", 1))
-        gpu_slots: List[Optional[str]] = [None] * max_parallel
-        on_cuda = str(self.base_cfg.get("device", "cpu")).startswith("cuda")
-        if max_parallel > 1 and on_cuda and torch.cuda.is_available():
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-            if len(gpus) < max_parallel * nproc:
-                raise PrefOptUserError(
-                    f"compare.max_parallel={max_parallel} runs x nproc_per_node={nproc} need "
-                    f"{max_parallel * nproc} GPUs, {len(gpus)} visible"
-                )
-            gpu_slots = [",".join(gpus[k * nproc:(k + 1) * nproc]) for k in range(max_parallel)]
-
-        running: Dict[int, tuple] = {}  # slot -> (run, proc, file, t0, log_path)
-        failed = None
-        try:
-            while (todo and failed is None) or running:
-                while todo and failed is None and len(running) < max_parallel:
-                    slot = next(k for k in range(max_parallel) if k not in running)
-                    run = todo.pop(0)
-                    env = dict(base_env)
-                    if gpu_slots[slot] is not None:
-                        env["CUDA_VISIBLE_DEVICES"] = gpu_slots[slot]
-                    log_path = launch_dir / f"{run.name}.log"
-                    gpus = f" on GPUs {gpu_slots[slot]}" if gpu_slots[slot] is not None else ""
-                    log.info(f"[compare] training {run.name}{gpus}: {run.shell}\n          output: {log_path}")
-                    fh = open(log_path, "w")
-                    proc = subprocess.Popen(tune + run.command[1:], stdout=fh, stderr=subprocess.STDOUT, env=env)
-                    running[slot] = (run, proc, fh, time.perf_counter(), log_path)
-                time.sleep(0.5)
-                for slot, (run, proc, fh, t0, log_path) in list(running.items()):
-                    if proc.poll() is None:
-                        continue
-                    fh.close()
-                    del running[slot]
-                    if proc.returncode != 0 and failed is None:
-                        failed = (run, proc.returncode, log_path)
-                        for _, p2, *_ in running.values():
-                            p2.terminate()  # SIGTERM: the recipe checkpoints and exits
-                    elif proc.returncode == 0:
-                        log.info(f"[compare] {run.name} done in {time.perf_counter() - t0:.0f}s")
-        finally:
-            for _, p2, fh2, *_ in running.values():
-                p2.kill()
-                fh2.close()
-        if failed is not None:
-            run, code, log_path = failed
-            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
-            raise RuntimeError(
-                f"training run '{run.name}' failed (exit {code}); full output in {log_path}; last lines:\n{tail}"
-            )
+        todo = runs_to_train(runs, skip_existing=bool(c.get("skip_existing", False)), resume=bool(c.get("resume", False)))
+        train_runs(
+            todo, self.out / "launch_logs", max_parallel=int(c.get("max_parallel", 1) or 1),
+            nproc=int(c.get("nproc_per_node", 1)), on_cuda=str(self.base_cfg.get("device", "cpu")).startswith("cuda"),
+        )
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, runs) -> Dict[str, Any]:
@@ -399,11 +260,11 @@ class CompareRecipe:
         t0 = time.perf_counter()
         evaluator = ev.HeldoutEvaluator(tokenizer, items, reference, settings, device, dtype, judge, judge_kind)
         ref_result = evaluator.evaluate(None)
-        ref_files = _write_eval_files(self.out, "reference", ref_result, 0)
+        ref_files = write_eval_files(self.out, "reference", ref_result, 0)
         log.info(f"[compare] reference evaluated in {time.perf_counter() - t0:.0f}s")
 
         scratch = self.out / ".eval_scratch"
-        report_runs, curves, configs, steps, per_step = [], {}, {}, {}, {}
+        records = []
         for run in runs:
             t0 = time.perf_counter()
             saved = OmegaConf.load(run.run_dir / "torchtune_config.yaml")
@@ -418,71 +279,39 @@ class CompareRecipe:
             result = evaluator.evaluate(policy, loss_fn)
             del policy
             log_dir = Path(str(OmegaConf.select(saved, "metric_logger.log_dir", default="") or run.run_dir / "logs"))
-            run_curves, log_files = read_run_logs(log_dir)
-            train = _training_summary(run_curves, state)
-            files = _write_eval_files(self.out, run.name, result, int(train["steps"] or 0))
-            files = {"training log": ", ".join(str(f) for f in log_files) or "(no DiskLogger log)", **files,
-                     "config": str(run.run_dir / "torchtune_config.yaml"), "checkpoint": str(final)}
-            curves[run.name] = run_curves
-            configs[run.name] = OmegaConf.to_container(saved, resolve=False)
-            steps[run.name] = train["steps"]
-            if state:
-                rows = state["batch_size"] * state["world_size"] * state["gradient_accumulation_steps"]
-                per_step[run.name] = rows * (2 if getattr(loss_fn, "paired", True) else 1)
-            else:
-                per_step[run.name] = None
-            report_runs.append({
-                "name": run.name,
-                "loss_label": loss_label(OmegaConf.to_container(saved.loss, resolve=True)),
-                "loss_config": OmegaConf.to_container(saved.loss, resolve=True),
-                "run_dir": str(run.run_dir),
-                "command": run.shell,
-                "checkpoint": str(final),
-                "log_files": [str(f) for f in log_files],
-                "training": train,
-                "recipe_state": {k: state[k] for k in ("step", "world_size", "batch_size", "gradient_accumulation_steps", "seed") if state and k in state},
-                "result": result,
-                "files": files,
-            })
+            curves, log_files = read_run_logs(log_dir)
+            eval_files = write_eval_files(self.out, run.name, result, int(training_summary(curves, state)["steps"] or 0))
+            saved_cfg = OmegaConf.to_container(saved, resolve=False)
+            saved_cfg["loss"] = OmegaConf.to_container(saved.loss, resolve=True)
+            records.append(run_record(run, saved_cfg, loss_fn, final, state, result, curves, log_files, eval_files))
             log.info(f"[compare] {run.name} evaluated in {time.perf_counter() - t0:.0f}s")
         shutil.rmtree(scratch, ignore_errors=True)
 
-        diffs = matched_differences(configs, steps, per_step)
-        first = next(iter(configs.values()))
-        report = {
-            "title": c.get("title") or "Preference-loss comparison",
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "output_dir": str(self.out),
-            "settings": {
+        generation = (
+            "greedy" if settings.temperature <= 0
+            else f"sampled at temperature {settings.temperature}, top_k {settings.top_k}, seed {settings.generation_seed}"
+        )
+        return assemble_report(
+            title=c.get("title") or "Preference-loss comparison",
+            output_dir=self.out,
+            settings={
                 "base_config": self.base_ref,
                 "base_config_file": str(self.base_path),
                 "overrides": self.train_overrides,
-                "base_checkpoint": str(OmegaConf.select(OmegaConf.create(first), "checkpointer.checkpoint_dir", default="?")),
-                "reference_checkpoint": ref_dir,
-                "seed": first.get("seed"),
-                "steps_per_run": sorted({s for s in steps.values() if s is not None}),
-                "completions_per_step": sorted({s for s in per_step.values() if s is not None}),
                 "heldout_dataset": json.dumps(OmegaConf.to_container(heldout_cfg, resolve=True)),
                 "heldout_rows": len(items),
                 "heldout_prompts": len(evaluator.prompts),
-                "generation": (
-                    f"{'greedy' if settings.temperature <= 0 else f'sampled at temperature {settings.temperature}, top_k {settings.top_k}, seed {settings.generation_seed}'}, "
-                    f"max_new_tokens {settings.max_new_tokens}, the tokenizer's chat template, stop tokens {evaluator.stop_tokens}"
-                ),
+                "generation": f"{generation}, max_new_tokens {settings.max_new_tokens}, the tokenizer's chat template, "
+                f"stop tokens {evaluator.stop_tokens}",
                 "kl": f"{settings.kl_samples_per_prompt} samples per prompt (temperature 1, seed {settings.kl_seed}), "
                 f"max_new_tokens {settings.kl_max_new_tokens}",
                 "judge": judge_label,
                 "device": str(device),
                 "dtype": str(dtype),
             },
-            "matched": {"ok": not diffs, "differences": diffs},
-            "reference": {"name": "reference", "loss_label": "— (base weights)", "result": ref_result,
-                          "checkpoint": ref_dir, "files": ref_files},
-            "runs": report_runs,
-            "curves": curves,
-            "notes": [],
-        }
-        return report
+            reference={"result": ref_result, "checkpoint": ref_dir, "files": ref_files},
+            runs=records,
+        )
 
 
 def dotlist_all(node: Any) -> List[str]:

@@ -16,9 +16,12 @@ Features:
     - Full fine-tuning (frozen, sharded reference loaded from ``ref_checkpointer``, default
       the policy's own checkpoint) or LoRA (``lora_*`` model builders: the reference is the
       same weights with the adapters disabled, no second copy).
-    - Chosen and rejected go through the policy in one concatenated forward; completion
-      log-probs come from :func:`~torchtune_prefopt.modules.decoder_sequence_logprobs`, which
-      never builds the ``[batch, seq, vocab]`` logits and always uses an fp32 log-softmax.
+    - Chosen and rejected go through the policy in one concatenated forward (the layout is
+      :class:`~torchtune_prefopt.data.PairedBatch`'s); completion log-probs come from
+      :func:`~torchtune_prefopt.modules.decoder_sequence_logprobs`, which never builds the
+      ``[batch, seq, vocab]`` logits and always uses an fp32 log-softmax.
+    - The reference log-probs come from one :class:`~torchtune_prefopt.reference.ReferenceSource`
+      picked at set-up (none, frozen model, LoRA adapters disabled, quantized, precomputed).
     - The data order is a global permutation cut into global micro-batches, each rank takes
       its slice: 1 process and N processes with the same global batch see the same rows.
     - Atomic HF-format checkpoints every ``save_every_n_steps`` and at the end (LoRA:
@@ -36,57 +39,54 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
-import resource
 import signal
 import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 from torch.utils.data import DataLoader
 from torchtune import config, modules, training, utils
-from torchtune.modules.peft import (
-    DoRALinear,
-    LoRALinear,
-    disable_adapter,
-    get_adapter_params,
-    get_adapter_state_dict,
-    get_lora_module_names,
-    get_merged_lora_ckpt,
-    set_trainable_params,
-)
+from torchtune.modules.peft import get_adapter_params, get_adapter_state_dict, set_trainable_params
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
 from torchtune_prefopt._config import parse
-from torchtune_prefopt.data import kto_balance_warning, kto_collate, paired_collate
-from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
-from torchtune_prefopt.losses import build_loss
-from torchtune_prefopt.modules import decoder_sequence_logprobs
-from torchtune_prefopt.reference import (
-    CachedReferenceLogps,
+from torchtune_prefopt.data import (
+    PairedBatch,
     PositionIndexed,
+    PreferenceCollator,
+    UnpairedBatch,
+    is_paired_row,
+    kto_balance_warning,
+)
+from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
+from torchtune_prefopt.losses import build_loss, pair_accuracy, pair_rewards
+from torchtune_prefopt.reference import (
+    DIGEST_MEMO,
+    AdaptersDisabled,
+    CachedLogps,
+    FrozenModel,
+    NoReference,
     ReferenceLogpsCache,
+    ReferenceSource,
     check_quantization_supported,
-    fingerprint_parts,
     kto_kl_pairs,
-    load_or_compute,
-    precompute_reference_logps,
     quantize_reference,
+    reference_fingerprint,
 )
 from torchtune_prefopt.training import checkpoints as ckpt
-from torchtune_prefopt.training.data_order import GlobalBatchSampler, rank_slice
-from torchtune_prefopt.training.distributed import any_rank, all_reduce_sum, init_distributed
+from torchtune_prefopt.training.data_order import GlobalBatchSampler
+from torchtune_prefopt.training.distributed import any_rank, init_distributed
+from torchtune_prefopt.training.lora import adapter_config, lora_init_state, lora_settings, merged_lora_state_dict
+from torchtune_prefopt.training.metrics import StepMetrics
 
 log = utils.get_logger("INFO")
-
-IGNORE = -100
 
 KNOWN_KEYS = {
     "output_dir", "model", "tokenizer", "checkpointer", "ref_checkpointer",
@@ -144,23 +144,12 @@ def validate_config(cfg: DictConfig) -> None:
     bad = sorted(set(ref.keys()) - REFERENCE_KEYS)
     if bad:
         raise PrefOptUserError(f"unknown config key 'reference.{bad[0]}' (valid: {sorted(REFERENCE_KEYS)})")
-    quant = ref.get("quantization")
-    if quant not in (None, "int8", "fp8", "fp8_dynamic"):
-        raise PrefOptUserError(
-            f"reference.quantization must be null, 'int8', 'fp8' or 'fp8_dynamic', got {quant!r}"
-        )
     device = str(cfg.get("device", "cpu"))
     if not (device == "cpu" or device.startswith("cuda")):
         raise PrefOptUserError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PrefOptUserError("device is 'cuda' but no CUDA device is available (set device=cpu)")
-    if quant == "fp8_dynamic":
-        ok = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-        if not ok:
-            raise PrefOptUserError(
-                "reference.quantization=fp8_dynamic needs a CUDA GPU with compute capability >= 8.9 "
-                "(H100/L4/RTX 4090 class); use 'fp8' (weight-only) or 'int8' on this hardware"
-            )
+    check_quantization_supported(ref.get("quantization"), device)
 
 
 def _configured(node: Any) -> bool:
@@ -173,27 +162,18 @@ def _configured(node: Any) -> bool:
     return True
 
 
-def _pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """1 where chosen scores higher, 0.5 on a tie (e.g. every reward is 0 at step 0), else 0."""
-    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-
-
-def _load_model_sd(checkpointer: Any, key: str) -> Dict[str, torch.Tensor]:
-    """``checkpointer.load_checkpoint()[MODEL_KEY]``; a missing, truncated or damaged file is a
-    one-line :class:`PrefOptUserError` naming it (torchtune raises ``ValueError('Unable to load
-    checkpoint from <file>')`` with the safetensors/torch error as its cause)."""
-    try:
-        return checkpointer.load_checkpoint()[training.MODEL_KEY]
-    except (ValueError, OSError, RuntimeError) as err:
-        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
-        raise PrefOptUserError(f"{key}: {' '.join(str(err).split())}{cause}") from err
-
-
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
     # ru_maxrss is in KiB on Linux: the process's peak resident memory.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _pairs(x) -> Tuple[Any, Any]:
+    """``(chosen, rejected)`` halves of a :class:`PairedBatch`-layout value (``None`` stays None)."""
+    return (None, None) if x is None else (PairedBatch.chosen(x), PairedBatch.rejected(x))
 
 
 class PrefOptRecipe:
@@ -239,6 +219,7 @@ class PrefOptRecipe:
             raise
         except (ValueError, TypeError, ImportError) as err:
             raise PrefOptUserError(f"loss: {err}") from err
+        self._loss_module = self._loss_fn  # uncompiled: held-out evaluation asks it for rewards
         self._reference_free = bool(getattr(self._loss_fn, "reference_free", False))
         self._paired = bool(getattr(self._loss_fn, "paired", True))
         self._average = bool(getattr(self._loss_fn, "average_logps", False))
@@ -256,10 +237,8 @@ class PrefOptRecipe:
         ref_opts = cfg.get("reference") or {}
         self._ref_quant = None if self._reference_free else ref_opts.get("quantization")
         self._ref_precompute = bool(ref_opts.get("precompute", False)) and not self._reference_free
-        check_quantization_supported(self._ref_quant, self._device)
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        # the reference cache is keyed by dataset position: make item["index"] the position
-        # (a ConcatDataset restarts each part's index at 0)
+        # rows are identified by their position (the data order, errors and the reference cache)
         self._dataset = PositionIndexed(self._build_dataset(cfg.dataset, "dataset"))
         self._check_dataset_kind(self._dataset, "dataset", paired=self._paired)
         self._eval_dataset = None
@@ -293,7 +272,7 @@ class PrefOptRecipe:
                 "checkpointer: this recipe reads and writes Hugging Face checkpoints; use "
                 "torchtune.training.FullModelHFCheckpointer (or a function returning one)"
             )
-        base_sd = _load_model_sd(self._checkpointer, "checkpointer")
+        base_sd = ckpt.load_model_state_dict(self._checkpointer, "checkpointer")
         resume_dir, recipe_state = None, None
         if self._resume:
             resume_dir = ckpt.latest_checkpoint(self._output_dir)
@@ -306,42 +285,20 @@ class PrefOptRecipe:
                 recipe_state = ckpt.load_recipe_state(resume_dir)
                 utils.log_rank_zero(log, f"Resuming from {resume_dir}")
 
-        # 3. Models.
+        # 3. Models: the policy, and where the reference log-probs come from.
         self._model = self._setup_policy(base_sd, resume_dir)
-        self._ref_model = None
-        self._ref_files = [*self._checkpointer._checkpoint_paths, self._checkpointer._checkpoint_dir / "config.json"]
-        if self._is_lora and self._ref_quant is not None:
-            utils.log_rank_zero(log, "WARNING: reference.quantization is ignored with LoRA (the reference is the policy's own base weights)")
-            self._ref_quant = None
-        if not self._reference_free and not self._is_lora:
-            ref_sd = base_sd
-            ref_cfg = cfg.get("ref_checkpointer")
-            ref_source = getattr(self._checkpointer, "_checkpoint_dir", "checkpointer")
-            if _configured(ref_cfg):
-                ref_ckpt = config.instantiate(ref_cfg)
-                ref_sd = _load_model_sd(ref_ckpt, "ref_checkpointer")
-                ref_source = getattr(ref_ckpt, "_checkpoint_dir", "ref_checkpointer")
-                self._ref_files = [*ref_ckpt._checkpoint_paths, ref_ckpt._checkpoint_dir / "config.json"]
-            self._ref_model = self._setup_reference(ref_sd, ref_source)
-        if self._reference_free:
-            ref_desc = f"none ({type(self._loss_fn).__name__} is reference-free)"
-        elif self._is_lora:
-            ref_desc = "the policy with its LoRA adapters disabled (no second copy)"
-        else:
-            ref_desc = f"frozen copy of {ref_source}"
-        utils.log_rank_zero(log, f"reference model: {ref_desc}")
+        self._reference = self._setup_reference(base_sd)
+        utils.log_rank_zero(log, f"reference model: {self._reference.describe()}")
         del base_sd
 
         # 4. Optimizer, data order, schedule.
         self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
         self._sampler = GlobalBatchSampler(len(self._dataset), global_batch, seed=self.seed, shuffle=cfg.get("shuffle", True))
-        # Own generator: iter(DataLoader) draws a base seed from its generator, which would
-        # otherwise be the global RNG (one extra draw per epoch; a resumed run's RNG state would
-        # then differ from the uninterrupted run's).
-        self._dataloader = DataLoader(
-            self._dataset, batch_sampler=self._sampler, collate_fn=self._collate, num_workers=0,
-            generator=torch.Generator().manual_seed(self.seed),
+        self._collate = PreferenceCollator(
+            paired=self._paired, pad_id=self._tokenizer.pad_id, max_seq_len=self._tokenizer.max_seq_len,
+            rank=self.rank, rows_per_rank=self.batch_size,
         )
+        self._dataloader = self._loader(self._dataset, self._sampler)
         micro_per_epoch = len(self._sampler)
         self._steps_per_epoch = micro_per_epoch // self.accum
         if self.max_steps_per_epoch is not None:
@@ -351,10 +308,15 @@ class PrefOptRecipe:
                 f"gradient_accumulation_steps: {micro_per_epoch} micro-batches per epoch cannot fill one "
                 f"step of {self.accum} (lower gradient_accumulation_steps or batch_size)"
             )
+        self._eval_dataloader = None
+        if self._eval_dataset is not None:
+            eval_order = GlobalBatchSampler(len(self._eval_dataset), global_batch, seed=self.seed, shuffle=False)
+            self._eval_dataloader = self._loader(self._eval_dataset, eval_order, paired=True)
         if recipe_state is not None:
             self._load_recipe_state(recipe_state)
-        self._eval_ref_cache = None
-        self._ref_cache = self._setup_reference_cache() if self._ref_precompute else None
+        self._eval_reference = self._reference
+        if self._ref_precompute:
+            self._precompute_reference()
         self._lr_scheduler = None
         if _configured(cfg.get("lr_scheduler")):
             self._lr_scheduler = config.instantiate(
@@ -375,6 +337,7 @@ class PrefOptRecipe:
             # Attributes (reference_free, beta, ...) stay reachable through the compiled wrapper.
             self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
 
+        self._metrics = StepMetrics(self._device)
         self._metric_logger = None
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
@@ -399,8 +362,7 @@ class PrefOptRecipe:
     def _check_dataset_kind(ds, key: str, paired: bool) -> None:
         if len(ds) == 0:
             raise PrefOptUserError(f"{key}: no usable rows")
-        item = ds[0]
-        is_paired = "chosen_input_ids" in item
+        is_paired = is_paired_row(ds[0])
         if paired and not is_paired:
             raise PrefOptUserError(
                 f"{key}: this loss (or evaluation) needs paired chosen/rejected rows, but the dataset yields unpaired rows"
@@ -411,10 +373,26 @@ class PrefOptRecipe:
                 "torchtune_prefopt.data.unpaired_from_paired (chosen -> desirable, rejected -> undesirable)"
             )
 
+    def _loader(self, dataset, order: GlobalBatchSampler, paired: Optional[bool] = None) -> DataLoader:
+        """Global micro-batches in ``order``, each collated into this rank's batch object.
+
+        Own generator: iter(DataLoader) draws a base seed from its generator, which would
+        otherwise be the global RNG (one extra draw per epoch or evaluation; a resumed run's
+        RNG state would then differ from the uninterrupted run's).
+        """
+        collate = self._collate if paired is None else PreferenceCollator(
+            paired=paired, pad_id=self._collate.pad_id, max_seq_len=self._collate.max_seq_len,
+            rank=self.rank, rows_per_rank=self.batch_size,
+        )
+        return DataLoader(
+            dataset, batch_sampler=order, collate_fn=collate, num_workers=0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
     # -- models
     @property
     def _is_lora(self) -> bool:
-        return self._lora_cfg is not None
+        return self._lora is not None
 
     def _instantiate_meta_model(self) -> nn.Module:
         with training.set_default_dtype(self._dtype), torch.device("meta"):
@@ -434,47 +412,12 @@ class PrefOptRecipe:
                 if hasattr(m, "rope_init"):
                     m.rope_init()
 
-    def _check_shapes(self, model: nn.Module, sd: Dict[str, torch.Tensor], source: Any, strict_keys: bool) -> None:
-        """Compare a full state dict with the model's parameter shapes before loading it."""
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for k, v in sd.items():
-            if k in expected and tuple(v.shape) != expected[k]:
-                raise PrefOptUserError(
-                    f"checkpoint {source}: weight '{k}' has shape {tuple(v.shape)}, the model expects {expected[k]}"
-                )
-        if strict_keys:
-            missing = [k for k in expected if k not in sd]
-            if missing:
-                raise PrefOptUserError(f"checkpoint {source}: missing weight '{missing[0]}' ({len(missing)} missing)")
-
-    def _lora_init_state(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        """Deterministic LoRA init as full tensors (same on any number of ranks)."""
-        out = {}
-        g = torch.Generator().manual_seed(self.seed)
-        for name, mod in model.named_modules():
-            if isinstance(mod, (LoRALinear, DoRALinear)):
-                a = torch.empty(tuple(mod.lora_a.weight.shape), dtype=torch.float32)
-                bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound
-                a.uniform_(-bound, bound, generator=g)
-                out[f"{name}.lora_a.weight"] = a.to(self._dtype)
-                out[f"{name}.lora_b.weight"] = torch.zeros(tuple(mod.lora_b.weight.shape), dtype=self._dtype)
-        return out
-
     def _setup_policy(self, base_sd: Dict[str, torch.Tensor], resume_dir: Optional[Path]) -> nn.Module:
         cfg = self.cfg
         model = self._instantiate_meta_model()
         adapter_params = get_adapter_params(model)
-        self._lora_cfg = None
+        self._lora = lora_settings(cfg.model) if adapter_params else None
         if adapter_params:
-            self._lora_cfg = {
-                "rank": cfg.model.lora_rank,
-                "alpha": cfg.model.lora_alpha,
-                "modules": get_lora_module_names(
-                    list(cfg.model.lora_attn_modules),
-                    cfg.model.get("apply_lora_to_mlp", False),
-                    cfg.model.get("apply_lora_to_output", False),
-                ),
-            }
             set_trainable_params(model, adapter_params)
         self._adapter_keys = set(adapter_params.keys())
         if resume_dir is not None and not adapter_params:
@@ -494,8 +437,8 @@ class PrefOptRecipe:
             if resume_dir is not None:
                 policy_sd.update(ckpt.load_adapter_weights(resume_dir))
             else:
-                policy_sd.update(self._lora_init_state(model))
-        self._check_shapes(model, policy_sd, source, strict_keys=True)
+                policy_sd.update(lora_init_state(model, self.seed, self._dtype))
+        ckpt.check_state_dict(model, policy_sd, source, strict_keys=True)
 
         if cfg.get("compile", False):
             training.compile_model(model, verbose=self._is_rank_zero)
@@ -510,9 +453,28 @@ class PrefOptRecipe:
         training.disable_dropout(model)
         return model
 
-    def _setup_reference(self, ref_sd: Dict[str, torch.Tensor], source: Any) -> nn.Module:
+    def _setup_reference(self, base_sd: Dict[str, torch.Tensor]) -> ReferenceSource:
+        """The strategy for reference log-probs; the only place the recipe looks at which."""
+        # the files whose content identifies the reference (for the precompute cache)
+        self._ref_files = [*self._checkpointer._checkpoint_paths, self._checkpointer._checkpoint_dir / "config.json"]
+        if self._reference_free:
+            return NoReference(type(self._loss_fn).__name__)
+        if self._is_lora:
+            if self._ref_quant is not None:
+                utils.log_rank_zero(log, "WARNING: reference.quantization is ignored with LoRA (the reference is the policy's own base weights)")
+                self._ref_quant = None
+            return AdaptersDisabled(self._model, self._chunk_size)
+        ref_sd, source = base_sd, getattr(self._checkpointer, "_checkpoint_dir", "checkpointer")
+        if _configured(self.cfg.get("ref_checkpointer")):
+            ref_ckpt = config.instantiate(self.cfg.ref_checkpointer)
+            ref_sd = ckpt.load_model_state_dict(ref_ckpt, "ref_checkpointer")
+            source = getattr(ref_ckpt, "_checkpoint_dir", "ref_checkpointer")
+            self._ref_files = [*ref_ckpt._checkpoint_paths, ref_ckpt._checkpoint_dir / "config.json"]
+        return FrozenModel(self._frozen_reference_model(ref_sd, source), str(source), self._chunk_size)
+
+    def _frozen_reference_model(self, ref_sd: Dict[str, torch.Tensor], source: Any) -> nn.Module:
         model = self._instantiate_meta_model()
-        self._check_shapes(model, ref_sd, source, strict_keys=True)
+        ckpt.check_state_dict(model, ref_sd, source, strict_keys=True)
         if self._ref_quant is not None:
             # torchao's quantized tensors do not compose with FSDP2: a plain module, replicated
             # on every rank. Weights stay on the CPU until each layer is quantized on the device.
@@ -537,17 +499,36 @@ class PrefOptRecipe:
         model.eval()
         return model
 
-    # -- data
-    def _collate(self, items: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-        """``items`` is the *global* micro-batch; return this rank's slice."""
-        pad = self._tokenizer.pad_id
-        if self._paired:
-            return paired_collate(rank_slice(items, self.rank, self.batch_size), padding_idx=pad, ignore_idx=IGNORE)
-        full = kto_collate(items, padding_idx=pad, ignore_idx=IGNORE, max_seq_len=self._tokenizer.max_seq_len)
-        n = len(items)
-        full["kl_completion_index"] = torch.tensor([int(items[(k + 1) % n]["index"]) for k in range(n)])
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        return {k: v[lo:hi] for k, v in full.items()}
+    def _precompute_reference(self) -> None:
+        """``reference.precompute``: the reference log-probs of every training row (and KTO KL
+        pair) and every held-out row, computed once (or loaded from a cache whose fingerprint
+        matches); the reference model is then freed and training runs without it."""
+        live, root = self._reference, self._output_dir / "reference_cache"
+        pairs = None
+        if not self._paired:
+            pairs = kto_kl_pairs(self._sampler, self.total_epochs, self._steps_per_epoch * self.accum)
+        padded = PreferenceCollator(paired=self._paired, pad_id=self._collate.pad_id, max_seq_len=self._collate.max_seq_len)
+        self._reference = self._cached(live, self._dataset, root, padded, pairs, "the training rows")
+        if self._eval_dataset is not None:
+            padded = PreferenceCollator(paired=True, pad_id=self._collate.pad_id)
+            self._eval_reference = self._cached(live, self._eval_dataset, root / "eval", padded, None, "the held-out rows")
+        if live.model is not None:
+            live.model = None  # not needed any more: free its memory
+            utils.log_rank_zero(log, "reference model freed: training and evaluation use the cached reference log-probs")
+
+    def _cached(self, live: ReferenceSource, dataset, cache_dir: Path, collate, pairs, what: str) -> CachedLogps:
+        store = None
+        if self._is_rank_zero:  # only rank 0 reads/writes the file: only it needs the fingerprint
+            fingerprint = reference_fingerprint(
+                self._ref_files, dataset, self._tokenizer, self._tokenizer.max_seq_len,
+                extra={"model": self.cfg.model, "dtype": self.cfg.get("dtype", "fp32"), "lora": self._is_lora, "kl_pairs": pairs},
+                quantization=self._ref_quant, digest_memo=self._output_dir / "reference_cache" / DIGEST_MEMO,
+            )
+            store = ReferenceLogpsCache(cache_dir, fingerprint)
+        return CachedLogps.precompute(
+            live, dataset, store, collate_fn=collate, batch_size=self.batch_size, world_size=self.world_size,
+            rank=self.rank, device=self._device, kl_pairs=pairs, what=what,
+        )
 
     # ------------------------------------------------------------------ state
     def _recipe_state(self, epoch: int, micro_in_epoch: int) -> Dict[str, Any]:
@@ -631,24 +612,12 @@ class PrefOptRecipe:
         if self._is_rank_zero:
             tmp = ckpt.begin_checkpoint(self._output_dir, self.global_step)
             if adapter_only:
-                to_write = {
-                    training.ADAPTER_KEY: full_sd,
-                    training.ADAPTER_CONFIG: self._adapter_config(),
-                }
+                to_write = {training.ADAPTER_KEY: full_sd, training.ADAPTER_CONFIG: adapter_config(self._lora)}
             elif self._is_lora:
-                adapter_sd = get_adapter_state_dict(full_sd)
-                # get_merged_lora_ckpt adds B@A into the base weights *in place*, and on one CPU
-                # rank full_sd aliases the live parameters: merge into copies of those weights.
-                bases = {k[: -len("lora_a.weight")] + "weight" for k in full_sd if k.endswith(".lora_a.weight")}
-                merged = get_merged_lora_ckpt(
-                    {k: (v.clone() if k in bases else v) for k, v in full_sd.items()},
-                    rank=self._lora_cfg["rank"],
-                    alpha=self._lora_cfg["alpha"],
-                )
                 to_write = {
-                    training.MODEL_KEY: merged,
-                    training.ADAPTER_KEY: adapter_sd,
-                    training.ADAPTER_CONFIG: self._adapter_config(),
+                    training.MODEL_KEY: merged_lora_state_dict(full_sd, self._lora),
+                    training.ADAPTER_KEY: get_adapter_state_dict(full_sd),
+                    training.ADAPTER_CONFIG: adapter_config(self._lora),
                 }
             else:
                 to_write = {training.MODEL_KEY: full_sd}
@@ -663,142 +632,52 @@ class PrefOptRecipe:
         dist.barrier()
         return final_path
 
-    def _adapter_config(self) -> Dict[str, Any]:
-        return {
-            "r": self._lora_cfg["rank"],
-            "lora_alpha": self._lora_cfg["alpha"],
-            "target_modules": self._lora_cfg["modules"],
-            "peft_type": "LORA",
-        }
-
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
         self._sigterm = True
 
     # ------------------------------------------------------------------ compute
-    def _logps(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
-        return decoder_sequence_logprobs(model, input_ids, labels, chunk_size=self._chunk_size)
-
-    def _reference_logps(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        with torch.no_grad():
-            if self._is_lora:
-                with disable_adapter(self._model):
-                    return self._logps(self._model, input_ids, labels)
-            return self._logps(self._ref_model, input_ids, labels)
-
-    @staticmethod
-    def _check_cached(lp, labels: torch.Tensor) -> None:
-        """Cheap guard: the cached rows score as many tokens as this batch's rows."""
-        n = (labels[:, 1:] != IGNORE).sum(dim=1)
-        if not torch.equal(lp.num_tokens, n):
-            raise RuntimeError("cached reference log-probs do not match this batch's rows (token counts differ)")
-
-    def _setup_reference_cache(self) -> CachedReferenceLogps:
-        """Reference log-probs of every training row (and KTO KL pair) and every held-out row,
-        computed once (or loaded from a cache whose fingerprint matches); then the reference
-        model is freed and training runs without it."""
-        pad, max_len = self._tokenizer.pad_id, self._tokenizer.max_seq_len
-        if self._paired:
-            collate = partial(paired_collate, padding_idx=pad, ignore_idx=IGNORE)
-            pairs = None
-        else:
-            collate = partial(kto_collate, padding_idx=pad, ignore_idx=IGNORE, max_seq_len=max_len)
-            pairs = kto_kl_pairs(self._sampler, self.total_epochs, self._steps_per_epoch * self.accum)
-        root = self._output_dir / "reference_cache"
-        train = self._precomputed(self._dataset, root, collate, pairs)
-        if self._eval_dataset is not None:
-            eval_collate = partial(paired_collate, padding_idx=pad, ignore_idx=IGNORE)
-            self._eval_ref_cache = self._precomputed(self._eval_dataset, root / "eval", eval_collate, None)
-        if self._ref_model is not None:
-            self._ref_model = None  # not needed any more: free its memory
-            utils.log_rank_zero(log, "reference model freed: training and evaluation use the cached reference log-probs")
-        return train
-
-    def _precomputed(self, dataset, cache_dir: Path, collate, pairs) -> CachedReferenceLogps:
-        cache = None
-        if self._is_rank_zero:  # only rank 0 reads/writes the file: only it needs the fingerprint
-            parts = fingerprint_parts(
-                self._ref_files, dataset, self._tokenizer, self._tokenizer.max_seq_len,
-                extra={"model": self.cfg.model, "dtype": self.cfg.get("dtype", "fp32"), "lora": self._is_lora, "kl_pairs": pairs},
-                quantization=self._ref_quant, digest_memo=self._output_dir / "reference_cache" / "weights_digests.json",
-            )
-            cache = ReferenceLogpsCache(cache_dir, parts=parts)
-
-        def compute():
-            run = partial(
-                precompute_reference_logps, dataset=dataset, collate_fn=collate, batch_size=self.batch_size,
-                world_size=self.world_size, rank=self.rank, device=self._device, chunk_size=self._chunk_size,
-                kl_pairs=pairs,
-            )
-            if self._is_lora:
-                with disable_adapter(self._model):
-                    return run(self._model)
-            return run(self._ref_model)
-
-        data = load_or_compute(cache, compute, rank=self.rank, world_size=self.world_size, device=self._device)
-        return CachedReferenceLogps(data)
-
-    def _pick(self, lp) -> torch.Tensor:
+    def _pick(self, lp) -> Optional[torch.Tensor]:
+        """The log-prob form the loss wants (per-token mean or sum); ``None`` stays None."""
+        if lp is None:
+            return None
         return lp.mean if self._average else lp.sum
 
-    def _paired_step(self, batch: Dict[str, torch.Tensor]):
-        ids = batch["input_ids"].to(self._device)
-        labels = batch["labels"].to(self._device)
-        b = ids.shape[0] // 2
-        pol = self._logps(self._model, ids, labels)
-        pol_v = self._pick(pol)
-        ref_c = ref_r = None
-        if not self._reference_free:
-            if self._ref_cache is not None:
-                ref = self._ref_cache.pairs(batch["index"], device=self._device)
-                self._check_cached(ref, labels)
-            else:
-                ref = self._reference_logps(ids, labels)
-            ref_v = self._pick(ref)
-            ref_c, ref_r = ref_v[:b], ref_v[b:]
-        losses, c_rew, r_rew = self._loss_fn(pol_v[:b], pol_v[b:], ref_c, ref_r)
+    def _paired_step(self, batch: PairedBatch):
+        """Loss of ``B`` pairs, and the metric sums ``{name: (sum over pairs, count name)}``."""
+        pol = batch.logps(self._model, self._chunk_size)
+        ref = self._reference.logps(batch)
+        losses, chosen_rewards, rejected_rewards = self._loss_fn(*_pairs(self._pick(pol)), *_pairs(self._pick(ref)))
+        pol_chosen, pol_rejected = _pairs(pol.sum.detach())
         stats = {
-            "rewards/chosen": c_rew.detach().sum(),
-            "rewards/rejected": r_rew.detach().sum(),
-            "rewards/accuracies": _pair_accuracy(c_rew, r_rew).sum(),
-            "rewards/margins": (c_rew - r_rew).detach().sum(),
-            "logps/chosen": pol.sum[:b].detach().sum(),
-            "logps/rejected": pol.sum[b:].detach().sum(),
+            "rewards/chosen": (chosen_rewards.detach().sum(), "rows"),
+            "rewards/rejected": (rejected_rewards.detach().sum(), "rows"),
+            "rewards/accuracies": (pair_accuracy(chosen_rewards, rejected_rewards).sum(), "rows"),
+            "rewards/margins": ((chosen_rewards - rejected_rewards).detach().sum(), "rows"),
+            "logps/chosen": (pol_chosen.sum(), "rows"),
+            "logps/rejected": (pol_rejected.sum(), "rows"),
         }
-        counts = {"rows": float(b)}
-        return losses, stats, counts
+        return losses, stats, {"rows": float(len(batch))}
 
-    def _kto_step(self, batch: Dict[str, torch.Tensor]):
-        ids = batch["input_ids"].to(self._device)
-        labels = batch["labels"].to(self._device)
-        kl_ids = batch["kl_input_ids"].to(self._device)
-        kl_labels = batch["kl_labels"].to(self._device)
-        desirable = batch["is_desirable"].to(self._device)
-        pol = self._logps(self._model, ids, labels)
+    def _kto_step(self, batch: UnpairedBatch):
+        """Loss of ``B`` unpaired rows (with their KL rows), and the metric sums."""
+        pol = batch.logps(self._model, self._chunk_size)
         with torch.no_grad():
-            pol_kl = self._pick(self._logps(self._model, kl_ids, kl_labels))
-        if self._ref_cache is not None:
-            ref_lp = self._ref_cache.rows(batch["index"], device=self._device)
-            ref_kl_lp = self._ref_cache.kl(batch["index"], batch["kl_completion_index"], device=self._device)
-            self._check_cached(ref_lp, labels)
-            self._check_cached(ref_kl_lp, kl_labels)
-        else:
-            ref_lp = self._reference_logps(ids, labels)
-            ref_kl_lp = self._reference_logps(kl_ids, kl_labels)
-        ref, ref_kl = self._pick(ref_lp), self._pick(ref_kl_lp)
-        losses, rewards, kl = self._loss_fn(self._pick(pol), ref, desirable, pol_kl, ref_kl)
-        d = desirable.float()
+            pol_kl = self._pick(batch.kl_logps(self._model, self._chunk_size))
+        ref, ref_kl = self._pick(self._reference.logps(batch)), self._pick(self._reference.kl_logps(batch))
+        losses, rewards, kl = self._loss_fn(self._pick(pol), ref, batch.is_desirable, pol_kl, ref_kl)
+        d = batch.is_desirable.float()
         stats = {
-            "kl": kl.detach().float() * ids.shape[0],  # z0 is global; weight so the mean is z0
-            "rewards/desirable": (rewards.detach() * d).sum(),
-            "rewards/undesirable": (rewards.detach() * (1 - d)).sum(),
-            "logps/desirable": (pol.sum.detach() * d).sum(),
-            "logps/undesirable": (pol.sum.detach() * (1 - d)).sum(),
+            "kl": (kl.detach().float() * len(batch), "rows"),  # z0 is global; weight so the mean is z0
+            "rewards/desirable": ((rewards.detach() * d).sum(), "desirable"),
+            "rewards/undesirable": ((rewards.detach() * (1 - d)).sum(), "undesirable"),
+            "logps/desirable": ((pol.sum.detach() * d).sum(), "desirable"),
+            "logps/undesirable": ((pol.sum.detach() * (1 - d)).sum(), "undesirable"),
         }
-        counts = {"rows": float(ids.shape[0]), "desirable": d.sum().item(), "undesirable": (1 - d).sum().item()}
+        counts = {"rows": float(len(batch)), "desirable": d.sum().item(), "undesirable": (1 - d).sum().item()}
         return losses, stats, counts
 
     def _nonfinite_rows(self, losses: torch.Tensor, index: torch.Tensor) -> List[int]:
-        bad_local = index[~torch.isfinite(losses.detach().cpu())].tolist()
+        bad_local = index.cpu()[~torch.isfinite(losses.detach().cpu())].tolist()
         gathered: List[List[int]] = [None] * self.world_size  # type: ignore[list-item]
         dist.all_gather_object(gathered, bad_local)
         return sorted(i for part in gathered for i in part)
@@ -806,52 +685,25 @@ class PrefOptRecipe:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Held-out preference accuracy of the loss's implicit reward (paired eval rows)."""
-        ds = self._eval_dataset
-        gb = self.batch_size * self.world_size
-        n_batches = len(ds) // gb
-        tot = torch.zeros(6, dtype=torch.float64, device=self._device)
-        beta = float(getattr(self._loss_fn, "beta", getattr(self._loss_fn, "tau", 1.0)))
-        for b in range(n_batches):
-            items = [ds[i] for i in range(b * gb, (b + 1) * gb)]
-            batch = paired_collate(rank_slice(items, self.rank, self.batch_size), padding_idx=self._tokenizer.pad_id, ignore_idx=IGNORE)
-            ids, labels = batch["input_ids"].to(self._device), batch["labels"].to(self._device)
-            n = ids.shape[0] // 2
-            pol = self._logps(self._model, ids, labels)
-            if self._reference_free:
-                ref = None
-            elif self._eval_ref_cache is not None:
-                ref = self._eval_ref_cache.pairs(batch["index"], device=self._device)
-                self._check_cached(ref, labels)
-            else:
-                ref = self._reference_logps(ids, labels)
-            if self._paired:
-                pv = self._pick(pol)
-                rv = self._pick(ref) if ref is not None else None
-                _, c_rew, r_rew = self._loss_fn(pv[:n], pv[n:], rv[:n] if rv is not None else None, rv[n:] if rv is not None else None)
-            else:  # KTO's implicit reward: beta * summed log-ratio
-                c_rew = beta * (pol.sum[:n] - ref.sum[:n])
-                r_rew = beta * (pol.sum[n:] - ref.sum[n:])
-            tot += torch.stack([
-                _pair_accuracy(c_rew, r_rew).double().sum(),
-                (c_rew - r_rew).double().sum(),
-                pol.sum[:n].double().sum(),
-                pol.sum[n:].double().sum(),
-                (_pair_accuracy(ref.sum[:n], ref.sum[n:]).double().sum() if ref is not None else torch.zeros((), dtype=torch.float64, device=self._device)),
-                torch.tensor(float(n), dtype=torch.float64, device=self._device),
-            ])
-        all_reduce_sum(tot)
-        rows = max(tot[5].item(), 1.0)
-        out = {
-            "eval/rewards/accuracies": tot[0].item() / rows,
-            "eval/rewards/margins": tot[1].item() / rows,
-            "eval/logps/chosen": tot[2].item() / rows,
-            "eval/logps/rejected": tot[3].item() / rows,
-            "eval/rows": rows,
-        }
-        if not self._reference_free:
-            out["eval/reference/accuracies"] = tot[4].item() / rows
-        return out
+        """Held-out preference accuracy of the loss's own implicit reward (paired eval rows),
+        through the same DataLoader path, reference source and loss as training."""
+        m = StepMetrics(self._device)
+        for batch in self._eval_dataloader:
+            batch = batch.to(self._device)
+            pol = batch.logps(self._model, self._chunk_size)
+            ref = self._eval_reference.logps(batch)
+            chosen_rewards, rejected_rewards = pair_rewards(self._loss_module, *_pairs(self._pick(pol)), *_pairs(self._pick(ref)))
+            pol_chosen, pol_rejected = _pairs(pol.sum)
+            m.add("eval/rewards/accuracies", pair_accuracy(chosen_rewards, rejected_rewards).sum())
+            m.add("eval/rewards/margins", (chosen_rewards - rejected_rewards).double().sum())
+            m.add("eval/logps/chosen", pol_chosen.double().sum())
+            m.add("eval/logps/rejected", pol_rejected.double().sum())
+            if ref is not None:
+                m.add("eval/reference/accuracies", pair_accuracy(*_pairs(ref.sum)).sum())
+            m.count(rows=len(batch))
+        means, counts = m.reduce()
+        means["eval/rows"] = max(counts.get("rows", 0.0), 1.0)
+        return means
 
     def _log(self, metrics: Dict[str, float]) -> None:
         if any(k.startswith("eval/") for k in metrics):
@@ -892,12 +744,8 @@ class PrefOptRecipe:
     def train(self) -> None:
         self._optimizer.zero_grad(set_to_none=True)
         step_bad = False
-        sums: Dict[str, torch.Tensor] = {}
-        counts: Dict[str, float] = {}
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
-        tokens = 0
         t0 = time.perf_counter()
-        if self._eval_dataset is not None and self.global_step == 0:
+        if self._eval_dataloader is not None and self.global_step == 0:
             self._log(self.evaluate())
             t0 = time.perf_counter()
         pbar = tqdm(total=self.total_epochs * self._steps_per_epoch, initial=self.global_step, disable=not self._is_rank_zero)
@@ -910,27 +758,23 @@ class PrefOptRecipe:
             for batch in self._dataloader:
                 if micro // self.accum >= self._steps_per_epoch:
                     break
-                if self._paired:
-                    losses, stats, cnt = self._paired_step(batch)
-                else:
-                    losses, stats, cnt = self._kto_step(batch)
-                bad = any_rank(not bool(torch.isfinite(losses.detach()).all()), self._device)
-                if bad:
-                    rows = self._nonfinite_rows(losses, batch["index"])
+                batch = batch.to(self._device)
+                step_fn = self._paired_step if self._paired else self._kto_step
+                losses, stats, counts = step_fn(batch)
+                if any_rank(not bool(torch.isfinite(losses.detach()).all()), self._device):
+                    rows = self._nonfinite_rows(losses, batch.index)
                     msg = f"step {self.global_step + 1}: non-finite loss for dataset rows {rows}"
                     if self._nonfinite == "stop":
                         raise FloatingPointError(msg + " (set nonfinite=skip to skip such steps)")
                     utils.log_rank_zero(log, f"WARNING: {msg}; skipping this step")
                     step_bad = True
                 else:
-                    loss = losses.mean() / self.accum
-                    loss.backward()
-                    loss_sum += losses.detach().double().sum()
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0) + v.double()
-                    for k, v in cnt.items():
-                        counts[k] = counts.get(k, 0.0) + v
-                tokens += batch["input_ids"].numel() + (batch["kl_input_ids"].numel() if "kl_input_ids" in batch else 0)
+                    (losses.mean() / self.accum).backward()
+                    self._metrics.add("loss", losses.detach().double().sum())
+                    for name, (total, per) in stats.items():
+                        self._metrics.add(name, total, per)
+                    self._metrics.count(**counts)
+                self._metrics.count(tokens=batch.computed_tokens())
                 micro += 1
                 if micro % self.accum != 0:
                     continue
@@ -958,44 +802,26 @@ class PrefOptRecipe:
                     self._lr_scheduler.step()
                 pbar.update(1)
 
-                # ---- metrics (summed over micro-batches and ranks)
+                # ---- metrics (means over micro-batches and ranks)
                 if self.global_step % self._log_every == 0:
-                    keys = sorted(sums)
-                    vec = torch.stack([loss_sum] + [torch.as_tensor(sums[k], dtype=torch.float64, device=self._device) for k in keys]) if keys else loss_sum.reshape(1)
-                    ckeys = sorted(counts)
-                    cvec = torch.tensor([counts[k] for k in ckeys] + [float(tokens)], dtype=torch.float64, device=self._device)
-                    all_reduce_sum(vec)
-                    all_reduce_sum(cvec)
-                    c = dict(zip(ckeys, cvec.tolist()))
-                    rows = max(c.get("rows", 0.0), 1.0)
-                    dt = time.perf_counter() - t0
-                    metrics = {"loss": vec[0].item() / rows}
-                    for i, k in enumerate(keys, start=1):
-                        denom = rows
-                        if k.endswith("desirable") and not k.endswith("undesirable"):
-                            denom = max(c.get("desirable", 0.0), 1.0)
-                        elif k.endswith("undesirable"):
-                            denom = max(c.get("undesirable", 0.0), 1.0)
-                        metrics[k] = vec[i].item() / denom
+                    metrics, counts = self._metrics.reduce()
                     metrics["lr"] = get_lr(self._optimizer)
                     if grad_norm is not None:
                         metrics["grad_norm"] = grad_norm.item()
-                    metrics["tokens_per_second"] = cvec[-1].item() / max(dt, 1e-9)
+                    metrics["tokens_per_second"] = counts.get("tokens", 0.0) / max(time.perf_counter() - t0, 1e-9)
                     metrics["peak_memory_gib"] = _peak_memory_gib(self._device)
                     if step_bad:
                         metrics["skipped_step"] = 1.0
                     self._log(metrics)
-                    pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {metrics['loss']:.4f}")
-                    sums, counts, tokens = {}, {}, 0
-                    loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
+                    if "loss" in metrics:
+                        pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {metrics['loss']:.4f}")
                     t0 = time.perf_counter()
                 step_bad = False
 
-                if self._eval_dataset is not None and self._eval_every and self.global_step % self._eval_every == 0:
+                if self._eval_dataloader is not None and self._eval_every and self.global_step % self._eval_every == 0:
                     self._log(self.evaluate())
                     t0 = time.perf_counter()
-                preempted = any_rank(self._sigterm, self._device)
-                if preempted:
+                if any_rank(self._sigterm, self._device):
                     path = self.save_checkpoint(epoch, micro, reason="sigterm")
                     utils.log_rank_zero(
                         log, f"SIGTERM: saved {path} at step {self.global_step}; resume with resume_from_checkpoint=True"
@@ -1006,7 +832,7 @@ class PrefOptRecipe:
                     self.save_checkpoint(epoch, micro, reason="periodic")
             self.epochs_run = epoch + 1
         pbar.close()
-        if self._eval_dataset is not None and not (self._eval_every and self.global_step % self._eval_every == 0):
+        if self._eval_dataloader is not None and not (self._eval_every and self.global_step % self._eval_every == 0):
             self._log(self.evaluate())
         last = ckpt.latest_checkpoint(self._output_dir)
         has_final = (
@@ -1018,12 +844,7 @@ class PrefOptRecipe:
             self.save_checkpoint(self.total_epochs, 0, reason="final")
         if self._is_rank_zero:
             final = ckpt.latest_checkpoint(self._output_dir)
-            link = self._output_dir / "final"
-            tmp_link = self._output_dir / ".final.tmp"
-            if tmp_link.is_symlink() or tmp_link.exists():
-                tmp_link.unlink()
-            os.symlink(os.path.relpath(final, self._output_dir), tmp_link)
-            os.replace(tmp_link, link)
+            link = ckpt.link_final(self._output_dir, final)
             log.info(f"Final checkpoint: {link} -> {final}")
             self._final_path = final
 

@@ -150,8 +150,9 @@ def test_plan_runs_matched_commands(tiny_dpo_cfg, tmp_path):
     # IPO replaces DPO's loss: the base's `beta` is removed, tau/average_logps set
     assert "~loss.beta" in by["ipo"].overrides and "loss.tau=0.25" in by["ipo"].overrides
     assert "~loss.beta" not in by["dpo"].overrides
-    # KTO: unpaired twin of the same data, twice the rows per batch (same completions per step)
-    assert "dataset._component_=torchtune_prefopt.data.synthetic_kto_dataset" in by["kto"].overrides
+    # KTO: the same data as unpaired rows (the builder's unpaired switch), twice the rows per
+    # batch (same completions per step)
+    assert "dataset.unpaired=true" in by["kto"].overrides
     assert "batch_size=16" in by["kto"].overrides
     assert not any(o.startswith("dataset") or o.startswith("batch_size") for o in by["dpo"].overrides)
     assert by["simpo"].overrides[-1] == "optimizer.lr=0.001"
@@ -168,9 +169,9 @@ def test_plan_runs_matched_commands(tiny_dpo_cfg, tmp_path):
 def test_kto_dataset_overrides():
     pd = {"_component_": "torchtune_prefopt.data.preference_dataset", "source": "json", "data_files": "d.jsonl",
           "train_on_input": False}
-    ov = kto_dataset_overrides(pd)
-    assert "dataset._component_=torchtune_prefopt.data.unpaired_from_paired" in ov
-    assert "~dataset.train_on_input" in ov and "dataset.data_files=d.jsonl" in ov
+    # every paired builder of the package has the unpaired switch (the same rows as KTO rows)
+    assert kto_dataset_overrides(pd) == ["dataset.unpaired=true"]
+    assert kto_dataset_overrides({**pd, "unpaired": True}) == []
     assert kto_dataset_overrides({"_component_": "torchtune_prefopt.data.hh_rlhf_dataset"}) == ["dataset.unpaired=true"]
     assert kto_dataset_overrides({"_component_": "torchtune_prefopt.data.unpaired_from_paired", "source": "x"}) == []
     explicit = kto_dataset_overrides(pd, {"_component_": "torchtune_prefopt.data.thumbs_dataset", "source": "json"})
@@ -460,5 +461,5 @@ def test_real_model_compare_config_plans_matched_runs(tmp_path, monkeypatch, cap
     assert len(lines) == 4 and all(ln.startswith("tune run --nproc_per_node 8 prefopt_distributed --config qwen2_5/0.5B_dpo")
                                    for ln in lines)
     kto = next(ln for ln in lines if "/kto" in ln)
-    assert "dataset._component_=torchtune_prefopt.data.unpaired_from_paired" in kto and "batch_size=8" in kto
+    assert "dataset.unpaired=true" in kto and "batch_size=8" in kto
     assert "loss.gamma=1.375" in next(ln for ln in lines if "/simpo" in ln)

@@ -290,15 +290,14 @@ def test_bf16_keeps_logprobs_and_loss_in_fp32(tmp_path: Path, base_checkpoint: P
         assert {p.dtype for p in recipe._model.parameters()} == {torch.bfloat16}
         recipe._sampler.set_epoch(0)
         batch = next(iter(recipe._dataloader))
-        ids, labels = batch["input_ids"], batch["labels"]
-        pol = recipe._logps(recipe._model, ids, labels)
-        ref = recipe._reference_logps(ids, labels)
+        pol = batch.logps(recipe._model)
+        ref = recipe._reference.logps(batch)
         assert pol.sum.dtype == pol.mean.dtype == torch.float32
         assert ref.sum.dtype == ref.mean.dtype == torch.float32
         step = recipe._paired_step if loss == "dpo" else recipe._kto_step
         losses, stats, _ = step(batch)
         assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
-        assert all(v.dtype in (torch.float32, torch.float64) for v in stats.values()), {k: v.dtype for k, v in stats.items()}
+        assert all(v.dtype in (torch.float32, torch.float64) for v, _per in stats.values()), {k: v.dtype for k, (v, _per) in stats.items()}
         losses.mean().backward()  # gradients flow back into the bf16 weights
         grads = [p.grad for p in recipe._model.parameters() if p.grad is not None]
         assert grads and all(g.dtype == torch.bfloat16 for g in grads)

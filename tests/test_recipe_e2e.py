@@ -427,7 +427,7 @@ for name, overrides in payload["cases"].items():
             reachable[storage_key(p)] = True
     live = {k: b for k, b in live_tensor_bytes().items() if k not in before}
     results[name] = {
-        "ref_model_is_none": recipe._ref_model is None,
+        "ref_model_is_none": recipe._reference.model is None,
         "reference_free": recipe._reference_free,
         "lora": recipe._is_lora,
         "policy_bytes": sum(b for _, b in policy),

@@ -51,16 +51,16 @@ def _build(data_dir: Path):
 
 
 def _collates(tok):
-    from torchtune_prefopt.data import kto_collate, paired_collate
+    from torchtune_prefopt.data import PreferenceCollator
 
     return (
-        partial(paired_collate, padding_idx=tok.pad_id, ignore_idx=-100),
-        partial(kto_collate, padding_idx=tok.pad_id, ignore_idx=-100, max_seq_len=tok.max_seq_len),
+        PreferenceCollator(paired=True, pad_id=tok.pad_id),
+        PreferenceCollator(paired=False, pad_id=tok.pad_id, max_seq_len=tok.max_seq_len),
     )
 
 
 def _kl_pairs(n_rows: int):
-    from torchtune_prefopt.reference.cache import kto_kl_pairs
+    from torchtune_prefopt.reference.precompute import kto_kl_pairs
     from torchtune_prefopt.training.data_order import GlobalBatchSampler
 
     sampler = GlobalBatchSampler(n_rows, KTO_GLOBAL_BATCH, seed=SEED, shuffle=True)
@@ -68,7 +68,7 @@ def _kl_pairs(n_rows: int):
 
 
 def _precompute_all(model, tok, paired, kto, world_size=1, rank=0):
-    from torchtune_prefopt.reference.cache import precompute_reference_logps
+    from torchtune_prefopt.reference.precompute import precompute_reference_logps
 
     pc, kc = _collates(tok)
     _, pairs = _kl_pairs(len(kto))
@@ -125,7 +125,7 @@ def _flip_data_byte(path: Path, keep_mtime: bool = True) -> None:
 
 
 def test_fingerprint_changes_with_every_input(env, weight_files, tmp_path):
-    from torchtune_prefopt.reference.cache import reference_fingerprint
+    from torchtune_prefopt.reference.fingerprint import reference_fingerprint
 
     paired, tok = env["paired"], env["tok"]
     rows = [paired[i] for i in range(len(paired))]
@@ -161,7 +161,7 @@ def test_fingerprint_changes_with_every_input(env, weight_files, tmp_path):
 
 
 def test_weights_hash_modes_and_memo(env, weight_files, tmp_path):
-    from torchtune_prefopt.reference.cache import hash_weights
+    from torchtune_prefopt.reference.fingerprint import hash_weights
 
     f = weight_files / "model-00001-of-00002.safetensors"
     memo = tmp_path / "memo.json"
@@ -192,7 +192,7 @@ def test_weights_hash_modes_and_memo(env, weight_files, tmp_path):
 
 def test_tokenizer_files_hash(tmp_path):
     from torchtune_prefopt.models.tiny import TOKENIZER_FILES, ASSETS_DIR
-    from torchtune_prefopt.reference.cache import hash_tokenizer
+    from torchtune_prefopt.reference.fingerprint import hash_tokenizer
 
     files = []
     for name in TOKENIZER_FILES:
@@ -215,7 +215,7 @@ def _parts(**changes):
 
 
 def test_cache_round_trip_exact(env, tmp_path):
-    from torchtune_prefopt.reference.cache import ReferenceLogpsCache
+    from torchtune_prefopt.reference.store import ReferenceLogpsCache
 
     for tensors in (env["out_p"], env["out_k"]):
         cache = ReferenceLogpsCache(tmp_path / "c", parts=_parts())
@@ -230,7 +230,7 @@ def test_cache_round_trip_exact(env, tmp_path):
 
 def test_stale_cache_is_rejected(env, tmp_path, caplog):
     from torchtune_prefopt.errors import PrefOptUserError
-    from torchtune_prefopt.reference.cache import ReferenceLogpsCache
+    from torchtune_prefopt.reference.store import ReferenceLogpsCache
 
     ReferenceLogpsCache(tmp_path, parts=_parts()).save(env["out_p"])
     stale = ReferenceLogpsCache(tmp_path, parts=_parts(dataset="zz", max_seq_len="128"))
@@ -252,7 +252,7 @@ def test_stale_cache_is_rejected(env, tmp_path, caplog):
 
 def test_corrupted_cache(env, tmp_path):
     from torchtune_prefopt.errors import PrefOptUserError
-    from torchtune_prefopt.reference.cache import ReferenceLogpsCache
+    from torchtune_prefopt.reference.store import ReferenceLogpsCache
 
     cache = ReferenceLogpsCache(tmp_path, parts=_parts())
     path = cache.save(env["out_k"])
@@ -283,7 +283,7 @@ def test_precompute_equals_live_paired(env):
     padding widths) within float rounding."""
     from torchtune_prefopt.data import paired_collate
     from torchtune_prefopt.modules import decoder_sequence_logprobs
-    from torchtune_prefopt.reference.cache import CachedReferenceLogps
+    from torchtune_prefopt.reference.precompute import CachedReferenceLogps
     from torchtune_prefopt.training.data_order import GlobalBatchSampler
 
     model, tok, ds = env["model"], env["tok"], env["paired"]
@@ -321,7 +321,7 @@ def test_precompute_equals_live_kto(env):
     """KTO rows and the KL rows of every global micro-batch of every epoch are in the cache."""
     from torchtune_prefopt.data import kto_collate
     from torchtune_prefopt.modules import decoder_sequence_logprobs
-    from torchtune_prefopt.reference.cache import CachedReferenceLogps
+    from torchtune_prefopt.reference.precompute import CachedReferenceLogps
 
     model, tok, ds = env["model"], env["tok"], env["kto"]
     cached = CachedReferenceLogps(env["out_k"])
@@ -350,7 +350,7 @@ def test_precompute_equals_live_kto(env):
 
 
 def test_kto_kl_pairs_replays_sampler():
-    from torchtune_prefopt.reference.cache import kto_kl_pairs
+    from torchtune_prefopt.reference.precompute import kto_kl_pairs
     from torchtune_prefopt.training.data_order import GlobalBatchSampler
 
     s = GlobalBatchSampler(10, 4, seed=1, shuffle=True)
@@ -371,7 +371,7 @@ def test_kto_kl_pairs_replays_sampler():
 def test_position_indexed_concat():
     from torchtune.datasets import ConcatDataset
 
-    from torchtune_prefopt.reference.cache import PositionIndexed
+    from torchtune_prefopt.data import PositionIndexed
 
     class _DS(torch.utils.data.Dataset):
         def __init__(self, n):
@@ -400,7 +400,7 @@ def _worker(data_dir: str, out_dir: str, rank: int, world: int) -> None:
     from safetensors.torch import save_file
 
     from torchtune_prefopt.models.tiny import tiny_qwen2
-    from torchtune_prefopt.reference.cache import ReferenceLogpsCache, load_or_compute
+    from torchtune_prefopt.reference.store import ReferenceLogpsCache, load_or_compute
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)

@@ -29,7 +29,7 @@ from torchtune_prefopt.compare.generation import (
 )
 from torchtune_prefopt.compare.judges import judge_win_rate
 from torchtune_prefopt.compare.metrics import HeldoutLogps, heldout_metrics, kl_estimate
-from torchtune_prefopt.modules import decoder_sequence_logprobs
+from torchtune_prefopt.data import PairedBatch
 
 __all__ = [
     "EvalSettings",
@@ -38,7 +38,6 @@ __all__ = [
     "load_hf_weights",
 ]
 
-IGNORE = -100
 
 
 @dataclass
@@ -169,17 +168,14 @@ class HeldoutEvaluator:
 
     @torch.no_grad()
     def heldout_logps(self, model: nn.Module) -> HeldoutLogps:
-        from torchtune_prefopt.data import paired_collate
-
         parts = []
         bs = self.settings.batch_size
         for start in range(0, len(self.items), bs):
-            batch = paired_collate(self.items[start : start + bs], padding_idx=self.pad_id, ignore_idx=IGNORE)
-            ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-            n = ids.shape[0] // 2
-            lp = decoder_sequence_logprobs(model, ids, labels, chunk_size=self.settings.chunk_size)
+            batch = PairedBatch.collate(self.items[start : start + bs], pad_id=self.pad_id).to(self.device)
+            lp = batch.logps(model, self.settings.chunk_size)
             s, m, t = lp.sum.double().cpu(), lp.mean.double().cpu(), lp.num_tokens.double().cpu()
-            parts.append(HeldoutLogps(s[:n], s[n:], m[:n], m[n:], t[:n], t[n:]))
+            c, r = PairedBatch.chosen, PairedBatch.rejected
+            parts.append(HeldoutLogps(c(s), r(s), c(m), r(m), c(t), r(t)))
         return HeldoutLogps.cat(parts)
 
     def generate(self, model: nn.Module, *, sample: bool = False, repeats: int = 1) -> List[List[int]]:

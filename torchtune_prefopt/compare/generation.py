@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from torchtune_prefopt.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune_prefopt.modules import decoder_sequence_logprobs
 
 __all__ = [
@@ -25,14 +26,13 @@ __all__ = [
     "prompt_ids",
 ]
 
-IGNORE = -100
 
 
 def prompt_ids(item) -> List[int]:
     """The chat-template prompt tokens of a paired item (tokens before the first label)."""
     labels = item["chosen_labels"]
     for i, lab in enumerate(labels):
-        if lab != IGNORE:
+        if lab != CROSS_ENTROPY_IGNORE_IDX:
             if i == 0:
                 raise ValueError(
                     "the held-out dataset puts labels on the prompt (train_on_input=True); "
@@ -160,10 +160,10 @@ def completion_logps(
             p = list(p)
             if model_max is not None and len(p) + len(c) > model_max:
                 p = p[len(p) + len(c) - int(model_max):] or p[-1:]
-            rows.append((p + list(c), [IGNORE] * len(p) + list(c)))
+            rows.append((p + list(c), [CROSS_ENTROPY_IGNORE_IDX] * len(p) + list(c)))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        labels = torch.full((len(rows), width), CROSS_ENTROPY_IGNORE_IDX, dtype=torch.long)
         for i, (x, y) in enumerate(rows):
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)

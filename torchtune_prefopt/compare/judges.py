@@ -27,6 +27,8 @@ import functools
 import inspect
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from torchtune_prefopt.plain import to_plain
+
 __all__ = [
     "COURTEOUS",
     "RUDE",
@@ -108,7 +110,7 @@ def build_judge(spec: Any, kind: Optional[str] = None) -> Tuple[Callable, str]:
             target = _get_component_from_path(path)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"compare.judge._component_ {path!r} cannot be imported: {e}") from e
-        kwargs = _plain(spec)
+        kwargs = to_plain(spec)
         if inspect.isclass(target):
             obj = target(**kwargs)
         elif callable(target):
@@ -141,19 +143,6 @@ def build_judge(spec: Any, kind: Optional[str] = None) -> Tuple[Callable, str]:
     if kind not in ("pairwise", "reward"):
         raise ValueError(f"compare.judge_kind must be 'pairwise', 'reward' or 'auto', got {kind!r}")
     return obj, kind
-
-
-def _plain(node: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(node, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(node, dict):
-        return {k: _plain(v) for k, v in node.items()}
-    return node
 
 
 def judge_win_rate(

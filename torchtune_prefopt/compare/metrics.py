@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from torchtune_prefopt.losses import pair_accuracy, pair_rewards
+
 __all__ = [
     "DEFINITIONS",
     "HeldoutLogps",
@@ -151,37 +153,19 @@ class HeldoutLogps:
         return [dict(zip(keys, vals)) for vals in zip(*cols)]
 
 
-def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Per pair: 1 if chosen > rejected, 0.5 on a tie, else 0."""
-    return (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
-
-
 def loss_rewards(loss_fn, pol: HeldoutLogps, ref: Optional[HeldoutLogps]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The loss's own implicit rewards ``(r(y_w), r(y_l))``, from its ``forward``.
-
-    Pairwise losses get ``(policy chosen, policy rejected, ref chosen, ref rejected)`` in the
-    loss's own log-prob form (mean if ``loss_fn.average_logps`` else sum). Unpaired losses
-    (KTO) are called once with every chosen completion as a desirable row and once with every
-    rejected completion as an undesirable row, with no KL rows (its rewards ``beta * log-ratio``
-    do not depend on the reference point ``z0``).
-    """
+    """The loss's own implicit rewards ``(r(y_w), r(y_l))`` (float64), from its ``forward``
+    (:func:`torchtune_prefopt.losses.pair_rewards`) on the held-out log-probs in the loss's own
+    form (mean if ``loss_fn.average_logps`` else sum)."""
     average = bool(getattr(loss_fn, "average_logps", False))
     pc, pr = pol.pick(average)
-    reference_free = bool(getattr(loss_fn, "reference_free", False))
     rc = rr = None
-    if not reference_free:
+    if not bool(getattr(loss_fn, "reference_free", False)):
         if ref is None:
             raise ValueError(f"{type(loss_fn).__name__} needs reference log-probs")
         rc, rr = ref.pick(average)
-    with torch.no_grad():
-        if getattr(loss_fn, "paired", True):
-            _, c, r = loss_fn(pc, pr, rc, rr)
-        else:
-            empty = pc.new_zeros(0)
-            ones = torch.ones(pc.shape[0], dtype=torch.bool)
-            _, c, _ = loss_fn(pc, rc, ones, empty, empty)
-            _, r, _ = loss_fn(pr, rr, ~ones, empty, empty)
-    return c.detach().double(), r.detach().double()
+    c, r = pair_rewards(loss_fn, pc, pr, rc, rr)
+    return c.double(), r.double()
 
 
 def _mean(x: torch.Tensor) -> float:

@@ -16,12 +16,23 @@ import html
 import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torchtune_prefopt.compare.metrics import DEFINITIONS, TRAIN_CURVE_METRICS
+from torchtune_prefopt.compare.runs import loss_label, matched_differences
 
-__all__ = ["matplotlib_available", "plot_curves", "svg_chart", "write_report"]
+__all__ = [
+    "assemble_report",
+    "matplotlib_available",
+    "plot_curves",
+    "run_record",
+    "svg_chart",
+    "training_summary",
+    "write_eval_files",
+    "write_report",
+]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
@@ -247,6 +258,131 @@ def _setup_lines(report) -> List[str]:
         f"- judge: {s.get('judge') or 'none (set compare.judge._component_)'}",
     ]
     return lines
+
+
+# --------------------------------------------------------------------------- assembling
+
+
+def _flat(prefix: str, d: Dict[str, Any]) -> Dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}/{k}"] = float(v)
+    return out
+
+
+def write_eval_files(out_dir: Path, name: str, result: Dict[str, Any], step: int) -> Dict[str, str]:
+    """The comparison's own numbers of one model as ``<out_dir>/eval/<name>/metrics.txt`` (a
+    DiskLogger file) and per-row JSONL files; removes ``result["rows"]``; returns the paths."""
+    from torchtune.training.metric_logging import DiskLogger
+
+    d = out_dir / "eval" / name
+    d.mkdir(parents=True, exist_ok=True)
+    metrics_file = d / "metrics.txt"
+    if metrics_file.exists():
+        metrics_file.unlink()
+    logger = DiskLogger(log_dir=str(d), filename="metrics.txt")
+    payload = {}
+    payload.update(_flat("heldout", result["heldout"]))
+    payload.update(_flat("generation", result["generation"]))
+    payload.update(_flat("kl", result.get("kl", {})))
+    logger.log_dict(payload, step=step)
+    logger.close()
+    files = {"metrics": str(metrics_file)}
+    for key, rows in result.pop("rows").items():  # per-row details live in the JSONL files only
+        if not rows:
+            continue
+        p = d / f"{key}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        files[key] = str(p)
+    return files
+
+
+def training_summary(curves: Dict[str, list], state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Steps, final loss and reward accuracy, and the held-out accuracy curve of one run."""
+    def last(name):
+        s = curves.get(name)
+        return s[-1][1] if s else None
+
+    steps = state.get("step") if state else None
+    if steps is None and curves.get("loss"):
+        steps = int(curves["loss"][-1][0])
+    return {
+        "steps": steps,
+        "final_loss": last("loss"),
+        "final_reward_accuracy": last("rewards/accuracies"),
+        "eval_accuracy": curves.get("eval/rewards/accuracies", []),
+    }
+
+
+def run_record(run, saved_cfg: Dict[str, Any], loss_fn, final: Path, state: Optional[Dict[str, Any]],
+               result: Dict[str, Any], curves: Dict[str, list], log_files: Sequence[Path],
+               eval_files: Dict[str, str]) -> Dict[str, Any]:
+    """One run's entry in the report: where it came from (command, config, checkpoint, logs),
+    its training summary, its evaluation ``result``, and its matching keys."""
+    train = training_summary(curves, state)
+    per_step = None
+    if state:
+        rows = state["batch_size"] * state["world_size"] * state["gradient_accumulation_steps"]
+        per_step = rows * (2 if getattr(loss_fn, "paired", True) else 1)
+    loss_cfg = saved_cfg.get("loss")
+    return {
+        "name": run.name,
+        "loss_label": loss_label(loss_cfg),
+        "loss_config": loss_cfg,
+        "run_dir": str(run.run_dir),
+        "command": run.shell,
+        "checkpoint": str(final),
+        "log_files": [str(f) for f in log_files],
+        "training": train,
+        "recipe_state": {k: state[k] for k in ("step", "world_size", "batch_size", "gradient_accumulation_steps", "seed") if state and k in state},
+        "completions_per_step": per_step,
+        "result": result,
+        "files": {"training log": ", ".join(str(f) for f in log_files) or "(no DiskLogger log)", **eval_files,
+                  "config": str(run.run_dir / "torchtune_config.yaml"), "checkpoint": str(final)},
+        "config": saved_cfg,
+        "curves": curves,
+    }
+
+
+def assemble_report(*, title: str, output_dir: Path, settings: Dict[str, Any], reference: Dict[str, Any],
+                    runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The report dict :func:`write_report` renders: ``settings`` (what the comparison did) plus
+    what all runs share, the matching check, the reference's and every run's entries
+    (:func:`run_record`), and the training curves."""
+    configs = {r["name"]: r.pop("config") for r in runs}
+    curves = {r["name"]: r.pop("curves") for r in runs}
+    steps = {r["name"]: r["training"]["steps"] for r in runs}
+    per_step = {r["name"]: r.pop("completions_per_step") for r in runs}
+    diffs = matched_differences(configs, steps, per_step)
+    first = next(iter(configs.values()))
+    from omegaconf import OmegaConf
+
+    base_checkpoint = OmegaConf.select(OmegaConf.create(first), "checkpointer.checkpoint_dir", default="?")
+    return {
+        "title": title,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "output_dir": str(output_dir),
+        "settings": {
+            "base_config": settings.pop("base_config"),
+            "base_config_file": settings.pop("base_config_file"),
+            "overrides": settings.pop("overrides"),
+            "base_checkpoint": str(base_checkpoint),
+            "reference_checkpoint": reference["checkpoint"],
+            "seed": first.get("seed"),
+            "steps_per_run": sorted({s for s in steps.values() if s is not None}),
+            "completions_per_step": sorted({s for s in per_step.values() if s is not None}),
+            **settings,
+        },
+        "matched": {"ok": not diffs, "differences": diffs},
+        "reference": {"name": "reference", "loss_label": "— (base weights)", **reference},
+        "runs": list(runs),
+        "curves": curves,
+        "notes": [],
+    }
+
+
+# --------------------------------------------------------------------------- writing
 
 
 def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:

@@ -10,19 +10,35 @@ so each run is also an ordinary job one can launch anywhere (another node, a SLU
 and evaluate later with ``compare.skip_training=true``. Everything a loss does not change
 (base weights, data, seed, steps, batch, optimizer, schedule) comes from the one base config,
 which is what makes the comparison matched. KTO trains on unpaired rows: the base config's
-paired dataset is swapped for its unpaired twin (:func:`kto_dataset_overrides`) and the
+paired dataset is switched to its unpaired form (:func:`kto_dataset_overrides`) and the
 per-process batch multiplied by ``compare.kto_rows_per_pair`` (2: the same completions per
 optimizer step as the paired losses).
 """
 
 from __future__ import annotations
 
+import inspect
+import os
 import shlex
+import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from torchtune_prefopt.errors import PrefOptUserError
+from torchtune_prefopt.plain import to_plain
+
+
+def _logger():
+    from torchtune import utils
+
+    return utils.get_logger("INFO")
+
+
+log = _logger()
 
 __all__ = [
     "DEFAULT_LOSSES",
@@ -33,36 +49,13 @@ __all__ = [
     "matched_differences",
     "plan_runs",
     "replace_component",
+    "runs_to_train",
+    "train_runs",
+    "tune_executable",
 ]
 
 DEFAULT_LOSSES = ("dpo", "ipo", "kto", "simpo")
 
-# paired builder -> unpaired (KTO) twin; builders taking ``unpaired=True`` are handled generically
-_KTO_TWINS = {
-    "torchtune_prefopt.data.preference_dataset": "torchtune_prefopt.data.unpaired_from_paired",
-    "torchtune_prefopt.data._paired.preference_dataset": "torchtune_prefopt.data.unpaired_from_paired",
-    "torchtune_prefopt.data.synthetic_preference_dataset": "torchtune_prefopt.data.synthetic_kto_dataset",
-    "torchtune_prefopt.data._synthetic.synthetic_preference_dataset": "torchtune_prefopt.data.synthetic_kto_dataset",
-}
-_UNPAIRED_FLAG = {
-    "hh_rlhf_dataset",
-    "ultrafeedback_binarized_dataset",
-    "stack_exchange_paired_dataset",
-}
-_UNPAIRED_COMPONENTS = {
-    "torchtune_prefopt.data.unpaired_from_paired",
-    "torchtune_prefopt.data.synthetic_kto_dataset",
-    "torchtune_prefopt.data.kto_dataset",
-    "torchtune_prefopt.data.thumbs_dataset",
-}
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=False)
-    return node
 
 
 def _value(v: Any) -> str:
@@ -83,7 +76,7 @@ def _value(v: Any) -> str:
 
 def dotlist(prefix: str, node: Any) -> List[str]:
     """``{"a": 1, "b": {"c": 2}}`` under ``prefix`` -> ``["prefix.a=1", "prefix.b.c=2"]``."""
-    node = _plain(node)
+    node = to_plain(node, resolve=False)
     if isinstance(node, Mapping):
         out = []
         for k, v in node.items():
@@ -94,7 +87,7 @@ def dotlist(prefix: str, node: Any) -> List[str]:
 
 def loss_label(spec: Any) -> str:
     """``DPOLoss(beta=0.1)``-style label of a loss config."""
-    spec = _plain(spec)
+    spec = to_plain(spec, resolve=False)
     if isinstance(spec, str):
         return spec
     spec = dict(spec or {})
@@ -104,13 +97,22 @@ def loss_label(spec: Any) -> str:
 
 
 def _component(node: Any) -> Optional[str]:
-    node = _plain(node)
+    node = to_plain(node, resolve=False)
     return node.get("_component_") if isinstance(node, Mapping) else None
+
+
+def _unpaired_builders() -> tuple:
+    """The public dataset builders that yield unpaired (KTO) rows and take no switch."""
+    from torchtune_prefopt import data
+
+    return (data.unpaired_from_paired, data.synthetic_kto_dataset, data.kto_dataset, data.thumbs_dataset)
 
 
 def kto_dataset_overrides(dataset_cfg: Any, explicit: Any = None) -> List[str]:
     """Command-line overrides that turn the base config's paired ``dataset`` into KTO rows.
 
+    A builder with an ``unpaired`` switch (every paired builder of this package) gets
+    ``dataset.unpaired=true``; a builder that already yields unpaired rows needs nothing.
     ``explicit``: ``compare.kto_dataset`` (a full dataset config) wins when given.
     """
     if explicit is not None:
@@ -120,15 +122,23 @@ def kto_dataset_overrides(dataset_cfg: Any, explicit: Any = None) -> List[str]:
         raise PrefOptUserError(
             "compare: cannot derive KTO's unpaired dataset from a dataset list; set compare.kto_dataset"
         )
-    if comp in _UNPAIRED_COMPONENTS:
+    if to_plain(dataset_cfg, resolve=False).get("unpaired") is True:
         return []
-    if comp in _KTO_TWINS:
-        node = dict(_plain(dataset_cfg))
-        node["_component_"] = _KTO_TWINS[comp]
-        node.pop("train_on_input", None)  # not an option of the unpaired builders
-        return replace_component("dataset", dataset_cfg, node)
-    if comp.rsplit(".", 1)[-1] in _UNPAIRED_FLAG:
-        return ["dataset.unpaired=true"]
+    try:
+        from torchtune.config._utils import _get_component_from_path
+
+        builder = _get_component_from_path(comp)
+    except Exception:  # noqa: BLE001 - reported below as "don't know"
+        builder = None
+    if builder is not None:
+        try:
+            params = inspect.signature(builder).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "unpaired" in params:
+            return ["dataset.unpaired=true"]
+        if builder in _unpaired_builders():
+            return []
     raise PrefOptUserError(
         f"compare: don't know the unpaired (KTO) form of dataset {comp!r}; set compare.kto_dataset "
         "to a dataset config that yields unpaired rows (e.g. torchtune_prefopt.data.unpaired_from_paired)"
@@ -154,7 +164,7 @@ def replace_component(key: str, base_node: Any, new_node: Any) -> List[str]:
     """Overrides replacing the component config ``key`` (``base_node`` in the base config) by
     ``new_node``: torchtune's command line cannot delete a component, so every base argument
     the new component does not set is removed (``~key.arg``), then the new one is set."""
-    base_node, new_node = _plain(base_node), _plain(new_node)
+    base_node, new_node = to_plain(base_node, resolve=False), to_plain(new_node, resolve=False)
     if isinstance(new_node, str):
         new_node = {"_component_": new_node}
     out = []
@@ -164,7 +174,7 @@ def replace_component(key: str, base_node: Any, new_node: Any) -> List[str]:
 
 
 def _loss_overrides(spec: Any, base_loss: Any) -> List[str]:
-    spec = _plain(spec)
+    spec = to_plain(spec, resolve=False)
     if isinstance(spec, str):
         spec = {"_component_": spec}
     if not isinstance(spec, Mapping) or not (spec.get("_component_") or spec.get("name")):
@@ -212,7 +222,7 @@ def plan_runs(
         paired = True
         if build_loss is not None:
             try:
-                loss_obj = build_loss(_plain(spec))
+                loss_obj = build_loss(to_plain(spec, resolve=False))
             except (ValueError, TypeError, ImportError) as e:
                 raise PrefOptUserError(f"compare.loss_configs.{name}: {e}") from e
             paired = bool(getattr(loss_obj, "paired", True))
@@ -229,8 +239,126 @@ def plan_runs(
         if nproc_per_node and int(nproc_per_node) > 1:
             cmd += ["--nproc_per_node", str(int(nproc_per_node))]
         cmd += ["prefopt_distributed", "--config", str(base_config), *ov]
-        runs.append(RunSpec(name=name, loss=_plain(spec), run_dir=run_dir, overrides=ov, command=cmd))
+        runs.append(RunSpec(name=name, loss=to_plain(spec, resolve=False), run_dir=run_dir, overrides=ov, command=cmd))
     return runs
+
+
+# --------------------------------------------------------------------------- launching
+
+#: torchrun/torchelastic variables a launcher must not pass on to its child jobs
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def tune_executable() -> List[str]:
+    """How to call ``tune``: the one next to this interpreter, else the one on PATH, else
+    ``python -m torchtune._cli.tune``."""
+    exe = Path(sys.executable).parent / "tune"
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("tune")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "torchtune._cli.tune"]
+
+
+def runs_to_train(runs: Sequence[RunSpec], *, skip_existing: bool, resume: bool) -> List[RunSpec]:
+    """The runs that still need training: finished runs (a ``final`` link) are skipped with
+    ``skip_existing`` or ``resume``; an interrupted run continues from its newest checkpoint
+    with ``resume``; any other non-empty run directory is an error (never overwritten)."""
+    from torchtune_prefopt.training import checkpoints as ckpt
+
+    todo = []
+    for run in runs:
+        finished = (run.run_dir / "final").exists()
+        if (skip_existing or resume) and finished:
+            log.info(f"[compare] {run.name}: {run.run_dir} already has a final checkpoint; not retrained")
+            continue
+        if run.run_dir.exists() and any(run.run_dir.iterdir()):
+            if resume and ckpt.latest_checkpoint(run.run_dir) is not None:
+                # an interrupted run (e.g. pre-empted): continue from its newest checkpoint
+                run.command = run.command + ["resume_from_checkpoint=true"]
+                todo.append(run)
+                continue
+            raise PrefOptUserError(
+                f"{run.run_dir} already exists and is not empty: use a new output_dir, "
+                "compare.skip_existing=true (keep finished runs), compare.resume=true (also continue "
+                "interrupted runs from their newest checkpoint) or compare.skip_training=true (evaluate only)"
+            )
+        todo.append(run)
+    return todo
+
+
+def _gpu_slots(max_parallel: int, nproc: int, on_cuda: bool) -> List[Optional[str]]:
+    """``CUDA_VISIBLE_DEVICES`` for each of ``max_parallel`` concurrent runs (``None``: leave it)."""
+    import torch
+
+    if not (max_parallel > 1 and on_cuda and torch.cuda.is_available()):
+        return [None] * max_parallel
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if len(gpus) < max_parallel * nproc:
+        raise PrefOptUserError(
+            f"compare.max_parallel={max_parallel} runs x nproc_per_node={nproc} need "
+            f"{max_parallel * nproc} GPUs, {len(gpus)} visible"
+        )
+    return [",".join(gpus[k * nproc:(k + 1) * nproc]) for k in range(max_parallel)]
+
+
+def train_runs(todo: Sequence[RunSpec], launch_dir: Path, *, max_parallel: int = 1, nproc: int = 1,
+               on_cuda: bool = False) -> None:
+    """Launch the runs as ``tune run`` subprocesses, ``max_parallel`` at a time; each one's
+    output goes to ``launch_dir/<run>.log``.
+
+    With several at a time on GPUs, run k gets its own ``nproc`` GPUs through
+    ``CUDA_VISIBLE_DEVICES``. If a run fails, the ones still running get SIGTERM (the
+    training recipe then saves a resumable checkpoint and exits) and the error names the
+    failed run's output file.
+    """
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    base_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    tune = tune_executable()
+    todo = list(todo)
+    max_parallel = max(1, int(max_parallel))
+    gpu_slots = _gpu_slots(max_parallel, int(nproc), on_cuda)
+    running: Dict[int, tuple] = {}  # slot -> (run, proc, file, t0, log_path)
+    failed = None
+    try:
+        while (todo and failed is None) or running:
+            while todo and failed is None and len(running) < max_parallel:
+                slot = next(k for k in range(max_parallel) if k not in running)
+                run = todo.pop(0)
+                env = dict(base_env)
+                if gpu_slots[slot] is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = gpu_slots[slot]
+                log_path = launch_dir / f"{run.name}.log"
+                gpus = f" on GPUs {gpu_slots[slot]}" if gpu_slots[slot] is not None else ""
+                log.info(f"[compare] training {run.name}{gpus}: {run.shell}\n          output: {log_path}")
+                fh = open(log_path, "w")
+                proc = subprocess.Popen(tune + run.command[1:], stdout=fh, stderr=subprocess.STDOUT, env=env)
+                running[slot] = (run, proc, fh, time.perf_counter(), log_path)
+            time.sleep(0.5)
+            for slot, (run, proc, fh, t0, log_path) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                fh.close()
+                del running[slot]
+                if proc.returncode != 0 and failed is None:
+                    failed = (run, proc.returncode, log_path)
+                    for _, p2, *_ in running.values():
+                        p2.terminate()  # SIGTERM: the recipe checkpoints and exits
+                elif proc.returncode == 0:
+                    log.info(f"[compare] {run.name} done in {time.perf_counter() - t0:.0f}s")
+    finally:
+        for _, p2, fh2, *_ in running.values():
+            p2.kill()
+            fh2.close()
+    if failed is not None:
+        run, code, log_path = failed
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
+        raise RuntimeError(
+            f"training run '{run.name}' failed (exit {code}); full output in {log_path}; last lines:\n{tail}"
+        )
 
 
 # Settings that must agree between runs for the comparison to be matched.

@@ -1,19 +1,31 @@
-"""Preference data: paired (DPO/IPO/SimPO) and unpaired (KTO) datasets, collates, synthetic set.
+"""Preference data: paired (DPO/IPO/SimPO) and unpaired (KTO) datasets, batches, synthetic set.
 
-See docs/ARCHITECTURE.md (section Data) for the item and batch layouts.
+Row kinds and batch layouts are owned by :mod:`torchtune_prefopt.data._batch` (see also
+docs/ARCHITECTURE.md, section Data).
 """
 
 from torchtune_prefopt.data._builders import (
     hh_rlhf_dataset,
     parse_hh_transcript,
+    preference_dataset,
     stack_exchange_paired_dataset,
     thumbs_dataset,
     thumbs_label,
     ultrafeedback_binarized_dataset,
 )
-from torchtune_prefopt.data._collate import kto_collate, paired_collate
+from torchtune_prefopt.data._batch import (
+    PairedBatch,
+    PreferenceBatch,
+    PreferenceCollator,
+    UnpairedBatch,
+    is_paired_row,
+    kl_partner,
+    kto_collate,
+    paired_collate,
+)
 from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
-from torchtune_prefopt.data._paired import PreferenceDataset, preference_dataset
+from torchtune_prefopt.data._paired import PreferenceDataset
+from torchtune_prefopt.data._position import PositionIndexed
 from torchtune_prefopt.data._synthetic import (
     SYNTHETIC_DIR,
     synthetic_data_file,
@@ -34,9 +46,16 @@ __all__ = [
     "DataRowError",
     "KTODataset",
     "KTO_RATIO_RANGE",
+    "PairedBatch",
+    "PositionIndexed",
+    "PreferenceBatch",
+    "PreferenceCollator",
     "PreferenceDataset",
+    "UnpairedBatch",
     "SYNTHETIC_DIR",
     "hh_rlhf_dataset",
+    "is_paired_row",
+    "kl_partner",
     "kto_balance_warning",
     "kto_collate",
     "kto_dataset",

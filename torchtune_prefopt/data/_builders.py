@@ -178,6 +178,67 @@ def _paired_result(
     return ds
 
 
+# --------------------------------------------------------------------------- local files / any source
+
+
+def preference_dataset(
+    tokenizer,
+    *,
+    source: str,
+    column_map: Optional[Dict[str, str]] = None,
+    train_on_input: bool = False,
+    new_system_prompt: Optional[str] = None,
+    split: str = "train",
+    max_seq_len: Optional[int] = None,
+    unpaired: bool = False,
+    **load_dataset_kwargs: Any,
+) -> Union[PreferenceDataset, KTODataset]:
+    """Paired preference dataset (chosen vs rejected), validated and tokenized eagerly.
+
+    Args:
+        tokenizer: a torchtune ``ModelTokenizer`` with ``tokenize_messages`` (chat template).
+        source: ``"json"`` (with ``data_files=``: local JSON / JSONL), another
+            ``datasets.load_dataset`` builder (``"parquet"``, ``"csv"`` with ``data_files``),
+            or a Hub dataset name.
+        column_map: maps ``"prompt"``, ``"chosen"``, ``"rejected"`` to the column names.
+            ``chosen``/``rejected`` are strings (then ``prompt`` is a string or a message
+            list) or message lists (a full conversation ending in the assistant answer, as
+            in torchtune's ``ChosenRejectedToMessages``; then ``prompt`` is not needed).
+        train_on_input: also put labels on prompt tokens (default: -100 there).
+        new_system_prompt: replace any system message with this one.
+        split: dataset split (local files: ``"train"`` unless ``data_files`` is a dict).
+        max_seq_len: max tokens per sequence; defaults to ``tokenizer.max_seq_len``.
+            Longer rows drop prompt tokens from the left first (chosen and rejected keep the
+            same prompt), then cut the completions' ends. Counted in ``stats``.
+        unpaired: the same rows as a KTO dataset instead (chosen -> desirable, rejected ->
+            undesirable; :func:`~torchtune_prefopt.data.unpaired_from_paired`).
+        **load_dataset_kwargs: ``data_files``, ``field``, or other ``load_dataset`` kwargs.
+
+    Each item: ``{"chosen_input_ids", "chosen_labels", "rejected_input_ids",
+    "rejected_labels", "index"}`` with labels -100 on prompt and template tokens.
+
+    Raises:
+        ValueError (:class:`~torchtune_prefopt.errors.PrefOptUserError`): a bad row (one line
+        naming file, row and field), no usable rows, or every row longer than max_seq_len.
+    """
+    raw = load_rows(source, split=split, **load_dataset_kwargs)
+    if unpaired:
+        if train_on_input:
+            raise PrefOptUserError("preference_dataset: train_on_input is not supported with unpaired=True (KTO)")
+        return _unpaired_from_raw(raw, tokenizer, column_map, new_system_prompt, resolve_max_seq_len(tokenizer, max_seq_len))
+    max_len = resolve_max_seq_len(tokenizer, max_seq_len)
+    records, counters = prepare_pairs(
+        raw,
+        tokenizer,
+        column_map=column_map,
+        train_on_input=train_on_input,
+        new_system_prompt=new_system_prompt,
+    )
+    return PreferenceDataset(
+        records, counters, name=raw.name, max_seq_len=max_len, train_on_input=train_on_input
+    )
+
+
 # --------------------------------------------------------------------------- hh-rlhf
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 from typing import List, Optional, Sequence, Tuple
 
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as CROSS_ENTROPY_IGNORE_IDX  # re-exported
 from torchtune.data import Message
 
 from torchtune_prefopt.errors import PrefOptUserError
 
-CROSS_ENTROPY_IGNORE_IDX = -100
+# CROSS_ENTROPY_IGNORE_IDX (torchtune's -100): the one label value that is not scored.
 
 
 def untruncated(tokenizer):

@@ -12,10 +12,11 @@ user data (``source="json", data_files=...``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
-from torchtune_prefopt.data._paired import PreferenceDataset, preference_dataset
-from torchtune_prefopt.data._unpaired import KTODataset, unpaired_from_paired
+from torchtune_prefopt.data._builders import preference_dataset
+from torchtune_prefopt.data._paired import PreferenceDataset
+from torchtune_prefopt.data._unpaired import KTODataset
 from torchtune_prefopt.errors import PrefOptUserError
 
 SYNTHETIC_DIR = Path(__file__).resolve().parent / "assets" / "synthetic"
@@ -31,16 +32,15 @@ def synthetic_data_file(split: str = "train") -> Path:
 
 
 def synthetic_preference_dataset(
-    tokenizer, split: str = "train", **kwargs: Any
-) -> PreferenceDataset:
-    """The bundled synthetic paired set (~800 train / ~200 held-out rows)."""
+    tokenizer, split: str = "train", unpaired: bool = False, **kwargs: Any
+) -> Union[PreferenceDataset, KTODataset]:
+    """The bundled synthetic paired set (~800 train / ~200 held-out rows); ``unpaired=True``:
+    as KTO rows (see :func:`~torchtune_prefopt.data.preference_dataset`)."""
     return preference_dataset(
-        tokenizer, source="json", data_files=str(synthetic_data_file(split)), **kwargs
+        tokenizer, source="json", data_files=str(synthetic_data_file(split)), unpaired=unpaired, **kwargs
     )
 
 
 def synthetic_kto_dataset(tokenizer, split: str = "train", **kwargs: Any) -> KTODataset:
     """The synthetic set converted to unpaired KTO rows (chosen desirable, rejected not)."""
-    return unpaired_from_paired(
-        tokenizer, source="json", data_files=str(synthetic_data_file(split)), **kwargs
-    )
+    return synthetic_preference_dataset(tokenizer, split, unpaired=True, **kwargs)

@@ -9,6 +9,7 @@ from .hinge import HingeLoss
 from .ipo import IPOLoss
 from .kto import KTOLoss
 from .registry import ENTRY_POINT_GROUP, available_losses, build_loss, get_loss_class
+from .rewards import pair_accuracy, pair_rewards
 from .simpo import SimPOLoss
 
 __all__ = [
@@ -23,4 +24,6 @@ __all__ = [
     "available_losses",
     "get_loss_class",
     "ENTRY_POINT_GROUP",
+    "pair_accuracy",
+    "pair_rewards",
 ]

@@ -64,6 +64,13 @@ class SequenceLogProbs:
     mean: Tensor
     num_tokens: Tensor
 
+    def __len__(self) -> int:
+        return int(self.sum.shape[0])
+
+    def __getitem__(self, rows) -> "SequenceLogProbs":
+        """The same rows (an index, slice or index tensor) of every field."""
+        return SequenceLogProbs(sum=self.sum[rows], mean=self.mean[rows], num_tokens=self.num_tokens[rows])
+
 
 def check_label_rows(labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Return the per-row label-token counts of *unshifted* ``labels`` ``[B, S]`` (int64).

@@ -1,27 +1,32 @@
-"""Reference-model helpers: a quantized frozen reference, and cached reference log-probs.
+"""The reference side of preference optimization.
 
+* :mod:`~torchtune_prefopt.reference.source`: :class:`ReferenceSource`, one object per way of
+  getting reference log-probs (none, frozen model, LoRA adapters disabled, cached), the one
+  interface the recipe calls.
 * :mod:`~torchtune_prefopt.reference.quantize`: :func:`check_quantization_supported` (before
   any weights load), :func:`quantize_reference` (torchao int8 / fp8 / fp8_dynamic on the
   decoder's linear layers of an unsharded reference), :func:`weight_bytes`.
-* :mod:`~torchtune_prefopt.reference.cache`: :func:`reference_fingerprint`,
-  :class:`ReferenceLogpsCache` (safetensors, atomic, verified), :func:`precompute_reference_logps`
-  (one sharded no-grad pass), :class:`CachedReferenceLogps` (lookup by dataset position),
+* :mod:`~torchtune_prefopt.reference.fingerprint`: :func:`reference_fingerprint`, the identity of
+  cached log-probs (weights, data, tokenizer, settings).
+* :mod:`~torchtune_prefopt.reference.store`: :class:`ReferenceLogpsCache` (safetensors, atomic,
+  verified) and :func:`load_or_compute` (rank 0 reads, everyone gets the tensors).
+* :mod:`~torchtune_prefopt.reference.precompute`: :func:`precompute_reference_logps` (one
+  sharded no-grad pass), :class:`CachedReferenceLogps` (lookup by dataset position),
   :func:`kto_kl_pairs` (the KL pairs a KTO run will build).
 """
 
-from torchtune_prefopt.reference.cache import (
+from torchtune_prefopt.reference.fingerprint import (
     FORMAT_VERSION,
-    CachedReferenceLogps,
-    PositionIndexed,
-    ReferenceLogpsCache,
-    fingerprint_parts,
+    Fingerprint,
     hash_dataset,
     hash_tokenizer,
     hash_weights,
-    kto_kl_pairs,
-    load_or_compute,
-    precompute_reference_logps,
     reference_fingerprint,
+)
+from torchtune_prefopt.reference.precompute import (
+    CachedReferenceLogps,
+    kto_kl_pairs,
+    precompute_reference_logps,
 )
 from torchtune_prefopt.reference.quantize import (
     MODES,
@@ -31,16 +36,29 @@ from torchtune_prefopt.reference.quantize import (
     tensor_storage_bytes,
     weight_bytes,
 )
+from torchtune_prefopt.reference.source import (
+    AdaptersDisabled,
+    CachedLogps,
+    FrozenModel,
+    NoReference,
+    ReferenceSource,
+)
+from torchtune_prefopt.reference.store import DIGEST_MEMO, ReferenceLogpsCache, load_or_compute
 
 __all__ = [
-    "FORMAT_VERSION",
-    "MODES",
+    "AdaptersDisabled",
+    "CachedLogps",
     "CachedReferenceLogps",
-    "PositionIndexed",
+    "DIGEST_MEMO",
+    "FORMAT_VERSION",
+    "Fingerprint",
+    "FrozenModel",
+    "MODES",
+    "NoReference",
     "QuantizationReport",
     "ReferenceLogpsCache",
+    "ReferenceSource",
     "check_quantization_supported",
-    "fingerprint_parts",
     "hash_dataset",
     "hash_tokenizer",
     "hash_weights",

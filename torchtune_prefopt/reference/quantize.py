@@ -24,17 +24,15 @@ projections, MLP w1/w2/w3). **Not** quantized, by default:
   also a *tied* output projection (torchtune's ``TiedLinear`` reads the embedding weight);
 * the untied ``output`` projection (``quantize_output=False``). Every scored token's
   log-prob goes through it and its rounding shifts the logits directly, with nothing after it
-  to average the error out. Measured (``tests/test_reference_quantize.py``, tiny Qwen2 with
-  peaked logits): quantizing it too raises the error of the DPO log-ratio ``h`` 3x for int8
-  (max |error| 0.047 -> 0.144 nats over 12 pairs) and 3x for fp8 (0.35 -> 1.0), per-token
-  errors 4x / 2x. Its weights are ``vocab x dim``, a small part of a large model (Llama 3.1
-  8B: 6.5 %, 70B: 1.5 %; int8 saves 0.5 / 1.0 GiB more), so it stays in full precision
-  unless you ask. ``BENCHMARKS.md`` ("Quantized reference") has a 128k-vocabulary model.
+  to average the error out: quantizing it too multiplies the error of the DPO log-ratio ``h``
+  (BENCHMARKS.md, "Quantized reference", has the measured ratios). Its weights are
+  ``vocab x dim``, a small part of a large model (Llama 3.1 8B: 6.5 %, 70B: 1.5 %), so it
+  stays in full precision unless you ask.
 
 Accuracy in one rule (checked in the tests): to first order a log-prob error is linear in the
 weight perturbation, so it scales with ``rho = ||W_q - W||_F / ||W||_F`` over the quantized
-layers: int8 per-row ``rho`` ~ 4e-3, e4m3 ~ 2.5e-2, against ~1.5e-3 for rounding the same
-weights to bf16. int8 is ~2.5x a bf16 reference's weight rounding error, fp8 ~16x.
+layers (int8 per-row rounding is a few times a bf16 rounding of the same weights, e4m3 about
+an order of magnitude more; measured values in BENCHMARKS.md).
 
 Sharding: torchao's quantized tensor subclasses (``Int8Tensor``, ``Float8Tensor``,
 ``AffineQuantizedTensor``) do not compose with FSDP2 in torchao 0.15 / torch 2.13, in either
@@ -175,9 +173,8 @@ def check_quantization_supported(mode: Optional[str], device: DeviceLike = None)
     if mode is None:
         return
     if mode not in MODES:
-        raise PrefOptUserError(
-            f"reference.quantization must be null or one of {list(MODES)}, got {mode!r}"
-        )
+        allowed = ", ".join(repr(m) for m in MODES)
+        raise PrefOptUserError(f"reference.quantization must be null or one of {allowed}, got {mode!r}")
     try:
         import torchao  # noqa: F401
         import torchao.quantization as tq

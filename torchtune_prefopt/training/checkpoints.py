@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from torchtune_prefopt.errors import PrefOptUserError
+from torchtune_prefopt.files import fsync_dir, fsync_file
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 MANIFEST = "CHECKPOINT.json"
@@ -64,27 +65,6 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def begin_checkpoint(output_dir: str | Path, step: int) -> Path:
     """Create (fresh) the temporary directory a checkpoint is written into."""
     root = checkpoints_root(output_dir)
@@ -101,14 +81,14 @@ def commit_checkpoint(tmp: Path, step: int, extra: Optional[Dict[str, Any]] = No
     files = {}
     for f in sorted(tmp.rglob("*")):
         if f.is_file():
-            _fsync_file(f)
+            fsync_file(f)
             files[str(f.relative_to(tmp))] = f.stat().st_size
     manifest = {"step": step, "files": files, **(extra or {})}
     with open(tmp / MANIFEST, "w") as fh:
         json.dump(manifest, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = tmp.parent / step_dirname(step)
     if final.exists():
         # Same step saved again (e.g. pre-emption right after a periodic save): swap safely.
@@ -119,8 +99,19 @@ def commit_checkpoint(tmp: Path, step: int, extra: Optional[Dict[str, Any]] = No
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(tmp.parent)
+    fsync_dir(tmp.parent)
     return final
+
+
+def link_final(output_dir: str | Path, checkpoint: Path) -> Path:
+    """Point ``<output_dir>/final`` at ``checkpoint`` (a relative symlink, replaced atomically)."""
+    output_dir = Path(output_dir)
+    link, tmp_link = output_dir / "final", output_dir / ".final.tmp"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    os.symlink(os.path.relpath(checkpoint, output_dir), tmp_link)
+    os.replace(tmp_link, link)
+    return link
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last_n: Optional[int]) -> List[Path]:
@@ -225,3 +216,31 @@ def load_adapter_weights(path: Path) -> Dict[str, torch.Tensor]:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise PrefOptUserError(f"checkpoint file {f} cannot be loaded: {err}")
+
+
+def load_model_state_dict(checkpointer: Any, key: str) -> Dict[str, torch.Tensor]:
+    """``checkpointer.load_checkpoint()[MODEL_KEY]``; a missing, truncated or damaged file is a
+    one-line :class:`PrefOptUserError` naming the config ``key`` and the file (torchtune raises
+    ``ValueError('Unable to load checkpoint from <file>')`` with the real error as its cause)."""
+    from torchtune import training
+
+    try:
+        return checkpointer.load_checkpoint()[training.MODEL_KEY]
+    except (ValueError, OSError, RuntimeError) as err:
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        raise PrefOptUserError(f"{key}: {' '.join(str(err).split())}{cause}") from err
+
+
+def check_state_dict(model: torch.nn.Module, sd: Dict[str, torch.Tensor], source: Any, strict_keys: bool) -> None:
+    """Compare a full state dict with ``model``'s parameter shapes (and, with ``strict_keys``,
+    its names) before loading it: a mismatch is one line naming the weight and ``source``."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, v in sd.items():
+        if k in expected and tuple(v.shape) != expected[k]:
+            raise PrefOptUserError(
+                f"checkpoint {source}: weight '{k}' has shape {tuple(v.shape)}, the model expects {expected[k]}"
+            )
+    if strict_keys:
+        missing = [k for k in expected if k not in sd]
+        if missing:
+            raise PrefOptUserError(f"checkpoint {source}: missing weight '{missing[0]}' ({len(missing)} missing)")

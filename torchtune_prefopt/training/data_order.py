@@ -2,8 +2,9 @@
 
 Every rank draws the same *global* micro-batches (``batch_size * world_size`` dataset
 indices per micro-step, from a permutation seeded by ``seed + epoch``) and keeps its own
-contiguous slice. So a run on 1 process and a run on N processes with the same global batch
-see the same examples at the same step, KTO's in-batch mismatched pairs (built over the
+contiguous slice (:class:`~torchtune_prefopt.data.PreferenceCollator` cuts it). So a run on 1
+process and a run on N processes with the same global batch see the same examples at the same
+step, KTO's in-batch mismatched pairs (built over the
 global micro-batch) are identical, and resuming only needs the number of micro-batches
 already consumed in the epoch.
 """
@@ -57,8 +58,3 @@ class GlobalBatchSampler:
         order = self.epoch_order()
         for b in range(self.start_batch, len(self)):
             yield order[b * self.global_batch_size : (b + 1) * self.global_batch_size]
-
-
-def rank_slice(rows: list, rank: int, batch_size: int) -> list:
-    """This rank's contiguous part of a global micro-batch."""
-    return rows[rank * batch_size : (rank + 1) * batch_size]

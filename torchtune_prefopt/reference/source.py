@@ -1,0 +1,183 @@
+"""Where a run's reference log-probs come from: one object per strategy, one interface.
+
+The recipe picks a :class:`ReferenceSource` at set-up and then only calls
+
+* :meth:`ReferenceSource.logps` ``(batch)``: the reference log-probs of a batch's sequences,
+  in the batch's own layout (``[2B]`` chosen-then-rejected for a
+  :class:`~torchtune_prefopt.data.PairedBatch`, ``[B]`` rows for an
+  :class:`~torchtune_prefopt.data.UnpairedBatch`), or ``None`` for a reference-free loss;
+* :meth:`ReferenceSource.kl_logps` ``(batch)``: KTO's mismatched KL rows of an unpaired batch.
+
+Strategies:
+
+==========================  =========================================================
+:class:`NoReference`        reference-free losses (SimPO): nothing is loaded or run
+:class:`FrozenModel`        a frozen copy of the base weights (FSDP2-sharded), or its
+                            torchao-quantized replica (``reference.quantization``)
+:class:`AdaptersDisabled`   LoRA: the policy itself with its adapters switched off
+:class:`CachedLogps`        ``reference.precompute``: log-probs computed once, looked
+                            up by dataset position (the model is freed)
+==========================  =========================================================
+
+All log-probs come out of :func:`~torchtune_prefopt.modules.decoder_sequence_logprobs` under
+``torch.no_grad`` (the cache was filled the same way), so the strategies give the same numbers
+for the same weights.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchtune.modules.peft import disable_adapter
+
+from torchtune_prefopt.data import PreferenceBatch, UnpairedBatch
+from torchtune_prefopt.modules import SequenceLogProbs
+from torchtune_prefopt.reference.precompute import CachedReferenceLogps, precompute_reference_logps
+from torchtune_prefopt.reference.store import ReferenceLogpsCache, load_or_compute
+
+__all__ = ["AdaptersDisabled", "CachedLogps", "FrozenModel", "NoReference", "ReferenceSource"]
+
+
+class ReferenceSource:
+    """The reference log-probs of a run (see the module docstring)."""
+
+    #: a frozen reference model held by this source (for inspection and freeing), if any
+    model: Optional[nn.Module] = None
+
+    def logps(self, batch: PreferenceBatch) -> Optional[SequenceLogProbs]:
+        raise NotImplementedError
+
+    def kl_logps(self, batch: UnpairedBatch) -> SequenceLogProbs:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for the log: what the reference is."""
+        raise NotImplementedError
+
+
+class NoReference(ReferenceSource):
+    """Reference-free losses: no reference model, no reference forward."""
+
+    def __init__(self, loss_name: str):
+        self.loss_name = loss_name
+
+    def logps(self, batch: PreferenceBatch) -> None:
+        return None
+
+    def kl_logps(self, batch: UnpairedBatch) -> SequenceLogProbs:
+        raise TypeError(f"{self.loss_name} is reference-free: it has no KL rows to score")
+
+    def describe(self) -> str:
+        return f"none ({self.loss_name} is reference-free)"
+
+
+class _ModelReference(ReferenceSource):
+    """Runs a model under ``torch.no_grad`` on the batch's sequences."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+
+    def using_model(self) -> ContextManager[nn.Module]:
+        """A context manager yielding the reference model to run."""
+        raise NotImplementedError
+
+    def logps(self, batch: PreferenceBatch) -> SequenceLogProbs:
+        with torch.no_grad(), self.using_model() as model:
+            return batch.logps(model, self.chunk_size)
+
+    def kl_logps(self, batch: UnpairedBatch) -> SequenceLogProbs:
+        with torch.no_grad(), self.using_model() as model:
+            return batch.kl_logps(model, self.chunk_size)
+
+
+class FrozenModel(_ModelReference):
+    """A frozen reference model (sharded like the policy, or a quantized replica)."""
+
+    def __init__(self, model: nn.Module, source: str, chunk_size: int):
+        super().__init__(chunk_size)
+        self.model = model
+        self.source = source
+
+    def using_model(self) -> ContextManager[nn.Module]:
+        return nullcontext(self.model)
+
+    def describe(self) -> str:
+        return f"frozen copy of {self.source}"
+
+
+class AdaptersDisabled(_ModelReference):
+    """LoRA: the reference is the policy's own base weights (adapters switched off)."""
+
+    def __init__(self, policy: nn.Module, chunk_size: int):
+        super().__init__(chunk_size)
+        self.policy = policy
+
+    @contextmanager
+    def using_model(self) -> Iterator[nn.Module]:
+        with disable_adapter(self.policy):
+            yield self.policy
+
+    def describe(self) -> str:
+        return "the policy with its LoRA adapters disabled (no second copy)"
+
+
+class CachedLogps(ReferenceSource):
+    """Precomputed reference log-probs, looked up by the batch's dataset positions.
+
+    Each lookup is checked against the batch: the cached rows must score as many tokens as
+    the batch's rows (a cheap guard against a cache of other data).
+    """
+
+    def __init__(self, cache: CachedReferenceLogps, what: str):
+        self.cache = cache
+        self.what = what
+
+    @classmethod
+    def precompute(
+        cls,
+        live: "_ModelReference",
+        dataset,
+        store: Optional[ReferenceLogpsCache],
+        *,
+        collate_fn: Callable[[List[Mapping[str, Any]]], PreferenceBatch],
+        batch_size: int,
+        world_size: int,
+        rank: int,
+        device: torch.device,
+        kl_pairs: Optional[Sequence[Tuple[int, int]]] = None,
+        what: str = "the training rows",
+    ) -> "CachedLogps":
+        """Load ``dataset``'s reference log-probs from ``store`` (rank 0 reads it; ``None`` on
+        the other ranks), or compute them with ``live``'s model (collective) and save them.
+        See :func:`~torchtune_prefopt.reference.store.load_or_compute`."""
+
+        def compute():
+            with live.using_model() as model:
+                return precompute_reference_logps(
+                    model, dataset, collate_fn, batch_size, world_size, rank, device,
+                    chunk_size=live.chunk_size, kl_pairs=kl_pairs,
+                )
+
+        data = load_or_compute(store, compute, rank=rank, world_size=world_size, device=device)
+        return cls(CachedReferenceLogps(data), what)
+
+    @staticmethod
+    def _checked(lp: SequenceLogProbs, counts: torch.Tensor) -> SequenceLogProbs:
+        if not torch.equal(lp.num_tokens, counts.to(lp.num_tokens.device)):
+            raise RuntimeError("cached reference log-probs do not match this batch's rows (token counts differ)")
+        return lp
+
+    def logps(self, batch: PreferenceBatch) -> SequenceLogProbs:
+        counts = batch.label_counts()
+        return self._checked(self.cache.logps(batch.index, device=counts.device), counts)
+
+    def kl_logps(self, batch: UnpairedBatch) -> SequenceLogProbs:
+        counts = batch.kl_label_counts()
+        lp = self.cache.kl(batch.index, batch.kl_completion_index, device=counts.device)
+        return self._checked(lp, counts)
+
+    def describe(self) -> str:
+        return f"cached log-probs of {self.what}"
