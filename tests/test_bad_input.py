@@ -21,42 +21,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
+from tune_harness import JOBS, synthetic_rows, tiny_config, tune, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-TUNE = Path(sys.executable).parent / "tune"
-SYNTHETIC_TRAIN = REPO / "torchtune_prefopt" / "data" / "assets" / "synthetic" / "train.jsonl"
-TIMEOUT = 600
-JOBS = max(1, int(os.environ.get("PREFOPT_TEST_JOBS", "2")))
 
 
 # ----------------------------------------------------------------------------- helpers
-def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    env = dict(os.environ)
-    for key in ("PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PREFOPT_DEBUG"):
-        env.pop(key, None)
-    env["OMP_NUM_THREADS"] = "1"  # the CI box has 2 shared cores
-    env.update(extra or {})
-    return env
-
-
-def _jsonl(path: Path, rows: List[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+_jsonl = write_jsonl
 
 
 def _good_rows(n: int = 8) -> List[dict]:
-    lines = SYNTHETIC_TRAIN.read_text().splitlines()[:n]
-    return [json.loads(x) for x in lines]
+    return synthetic_rows(n)
 
 
 def _kto_rows(n: int = 8, labels: Optional[List[bool]] = None) -> List[dict]:
@@ -69,26 +51,8 @@ def _kto_rows(n: int = 8, labels: Optional[List[bool]] = None) -> List[dict]:
 
 def _write_config(case_dir: Path, loss: str, edits: Dict[str, object]) -> Path:
     """configs/tiny/<loss>.yaml, made tiny (8 rows, batch 4, 1 step, no eval), plus ``edits``."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{loss}.yaml")
-    cfg.pop("eval_dataset", None)
-    cfg.output_dir = str(case_dir / "out")
-    cfg.checkpointer.checkpoint_dir = str(case_dir / "base")
-    cfg.tokenizer.max_seq_len = 64
-    cfg.batch_size = 4
-    cfg.epochs = 1
-    cfg.max_steps_per_epoch = 1
-    data = _jsonl(case_dir / "train.jsonl", _good_rows(8))
-    component = (
-        "torchtune_prefopt.data.unpaired_from_paired" if loss == "kto" else "torchtune_prefopt.data.preference_dataset"
-    )
-    cfg.dataset = {"_component_": component, "source": "json", "data_files": str(data)}
-    for key, value in edits.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    path = case_dir / "config.yaml"
-    OmegaConf.save(cfg, path)
-    return path
+    settings = {"batch_size": 4, "epochs": 1, "max_steps_per_epoch": 1}
+    return tiny_config(case_dir, loss, rows=8, **{**settings, **edits})
 
 
 def _make_step_checkpoint(case_dir: Path, base: Path, state: dict, step: int = 2) -> Path:
@@ -300,12 +264,12 @@ def _prepare(case: Case, case_dir: Path, base: Path) -> List[str]:
     if case.setup is not None:
         edits.update(case.setup(case_dir, base))
     cfg = _write_config(case_dir, case.loss, edits)
-    return [str(TUNE), "run", "prefopt_distributed", "--config", str(cfg), *case.overrides]
+    return ["run", "prefopt_distributed", "--config", str(cfg), *case.overrides]
 
 
 def _launch(cmd: List[str], case_dir: Path) -> Result:
     before = _snapshot(case_dir / "out")
-    proc = subprocess.run(cmd, cwd=case_dir, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = tune(cmd, case_dir)
     return Result(case_dir, proc.returncode, proc.stdout, proc.stderr, before)
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tune_harness import tune
 import torch
 from omegaconf import OmegaConf
 
@@ -44,7 +45,6 @@ from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.losses import DPOLoss, IPOLoss, KTOLoss, SimPOLoss, build_loss
 from torchtune_prefopt.models.tiny import make_tiny_hf_checkpoint, tiny_tokenizer
 
-TUNE = Path(sys.executable).parent / "tune"
 RECIPES = Path(torchtune_prefopt.__file__).parent / "recipes"
 SYNTHETIC_HELDOUT = Path(torchtune_prefopt.__file__).parent / "data" / "assets" / "synthetic" / "heldout.jsonl"
 TINY_MODEL = {"_component_": "torchtune_prefopt.models.tiny.tiny_qwen2"}
@@ -295,8 +295,7 @@ def test_write_report_minimal(tmp_path):
     assert data["runs"][0]["result"]["heldout"]["pref_accuracy"] is None
     html = paths["html"].read_text()
     assert "<table>" in html and ("<svg" in html or "<img" in html)
-    if not matplotlib_available():
-        pytest.skip("matplotlib not installed: PNG plots not checked (everything else was)")
+    assert matplotlib_available()  # a test dependency (pyproject's `test` extra)
     assert (tmp_path / "plots" / "loss.png").is_file()
 
 
@@ -332,14 +331,12 @@ def e2e(tmp_path_factory):
     heldout.write_text("".join(SYNTHETIC_HELDOUT.read_text().splitlines(keepends=True)[:E2E_ROWS]))
     out = root / "out"
     args = _tiny_compare_args(out, root / "base", heldout) + ["compare.max_parallel=2"]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "PREFOPT_DEBUG")}
-    env["OMP_NUM_THREADS"] = "1"  # small CPU footprint per training process
-    proc = subprocess.run([str(TUNE), "run", "prefopt_compare", "--config", "tiny/compare", *args],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    proc = tune(["run", "prefopt_compare", "--config", "tiny/compare", *args], root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"root": root, "out": out, "heldout": heldout, "stdout": proc.stdout, "args": args}
 
 
+@pytest.mark.slow
 def test_e2e_report(e2e):
     out = e2e["out"]
     report = json.loads((out / "report.json").read_text())
@@ -387,11 +384,8 @@ def test_e2e_report(e2e):
     assert "kl" in report["curves"]["kto"] and "rewards/desirable" in report["curves"]["kto"]
     assert set(report["curves"]["dpo"]) >= {"loss", "rewards/accuracies", "eval/rewards/accuracies"}
     assert "## Held-out preference metrics" in md and "| kto |" in md and "Definitions" in md
-    # the PNG plots are the only thing that needs matplotlib
-    if not matplotlib_available():
-        assert "matplotlib is not installed" in md
-        assert "<svg" in (out / "report.html").read_text()
-        pytest.skip("matplotlib not installed: PNG training curves not checked (everything else was)")
+    # the PNG plots are the only thing that needs matplotlib (a test dependency)
+    assert matplotlib_available()
     assert (out / "plots" / "loss.png").is_file() and "plots/loss.png" in md
 
 
@@ -405,6 +399,7 @@ def _run_compare_in_process(monkeypatch, args):
     return exc.value.code
 
 
+@pytest.mark.slow
 def test_e2e_skip_training_reevaluates_existing_runs(e2e, monkeypatch, capsys):
     out = e2e["out"]
     before = {p: p.stat().st_mtime_ns for p in (out / "dpo" / "checkpoints").rglob("*") if p.is_file()}
@@ -444,10 +439,7 @@ def test_dry_run_and_unfinished_runs(tmp_path, monkeypatch, capsys):
 
 def test_real_model_compare_config_plans_matched_runs(tmp_path, monkeypatch, capsys):
     """qwen2_5/0.5B_compare (no download needed for planning): dry run -> commands.sh."""
-    try:
-        _config.resolve_config("qwen2_5/0.5B_dpo")
-    except PrefOptUserError:
-        pytest.skip("qwen2_5/0.5B_dpo is not packaged")
+    _config.resolve_config("qwen2_5/0.5B_dpo")  # packaged (test_packaged_configs checks the set)
     out = tmp_path / "q"
     spec = importlib.util.spec_from_file_location("_prefopt_compare_test_q", RECIPES / "prefopt_compare.py")
     mod = importlib.util.module_from_spec(spec)

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from dataclasses import dataclass
@@ -40,15 +38,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+from tune_harness import TUNE, VOLATILE, clean_env, load_weights, log_rows, tiny_config
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-TUNE = Path(sys.executable).parent / "tune"
-SYNTHETIC_TRAIN = REPO / "torchtune_prefopt" / "data" / "assets" / "synthetic" / "train.jsonl"
 TIMEOUT = 600
-# Metrics that depend on wall-clock time or process memory, not on the training state.
-UNSTABLE = {"tokens_per_second", "peak_memory_gib"}
 
 SITECUSTOMIZE = '''
 """Test hook: SIGKILL this process while it writes the step-N checkpoint (see test_crash_resume)."""
@@ -75,40 +69,14 @@ if _STEP:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    env = dict(os.environ)
-    for key in ("PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PREFOPT_DEBUG"):
-        env.pop(key, None)
-    env["OMP_NUM_THREADS"] = "1"  # same thread count in every run (and the CI box has 2 cores)
-    env.update(extra or {})
-    return env
-
-
 def write_config(workdir: Path, loss: str = "dpo", **edits) -> Path:
     """configs/tiny/<loss>.yaml made tiny: 16 pairs, batch 2 x accum 2 (KTO: 32 unpaired rows,
     batch 4 x accum 2), 2 epochs: 8 steps."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{loss}.yaml")
-    cfg.pop("eval_dataset", None)
-    data = workdir / "train.jsonl"
-    data.write_text("\n".join(SYNTHETIC_TRAIN.read_text().splitlines()[:16]) + "\n")
-    cfg.output_dir = str(workdir / "out")
-    cfg.checkpointer.checkpoint_dir = str(workdir / "base")
-    cfg.tokenizer.max_seq_len = 64
-    component = "torchtune_prefopt.data.unpaired_from_paired" if loss == "kto" else "torchtune_prefopt.data.preference_dataset"
-    cfg.dataset = {"_component_": component, "source": "json", "data_files": str(data)}
-    cfg.batch_size = 4 if loss == "kto" else 2
-    cfg.gradient_accumulation_steps = 2
-    cfg.epochs = 2
-    cfg.lr_scheduler.num_warmup_steps = 2
-    cfg.save_every_n_steps = 2
-    cfg.keep_last_n_checkpoints = 2
-    for key, value in edits.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    path = workdir / "config.yaml"
-    OmegaConf.save(cfg, path)
-    return path
+    settings = {
+        "batch_size": 4 if loss == "kto" else 2, "gradient_accumulation_steps": 2, "epochs": 2,
+        "lr_scheduler.num_warmup_steps": 2, "save_every_n_steps": 2, "keep_last_n_checkpoints": 2,
+    }
+    return tiny_config(workdir, loss, rows=16, **{**settings, **edits})
 
 
 @dataclass
@@ -119,22 +87,8 @@ class Run:
     signalled_after_step: Optional[int] = None
 
 
-def read_metrics(out: Path) -> List[Dict[str, float]]:
-    """Every ``Step N | k:v ...`` line of every DiskLogger file under out/logs, in file order."""
-    rows = []
-    for f in sorted((out / "logs").glob("*.txt")):
-        for line in f.read_text().splitlines():
-            m = re.match(r"^Step (\d+) \| (.*)$", line)
-            if m:
-                values = dict(kv.split(":", 1) for kv in m.group(2).split())
-                row = {k: float(v) for k, v in values.items()}
-                row["step"] = int(m.group(1))
-                rows.append(row)
-    return rows
-
-
 def last_logged_step(out: Path) -> int:
-    rows = read_metrics(out) if (out / "logs").exists() else []
+    rows = log_rows(out) if (out / "logs").exists() else []
     return max((r["step"] for r in rows), default=0)
 
 
@@ -156,7 +110,7 @@ def run_tune(
     out = Path(config.parent / "out")
     start = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=_env(env), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=workdir, env=clean_env(env), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         signalled = None
         try:
             while proc.poll() is None and signal_after_step is not None and signalled is None:
@@ -183,17 +137,6 @@ def describe(run: Run) -> str:
 def checkpoints(out: Path) -> List[str]:
     root = out / "checkpoints"
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
-
-
-def load_weights(step_dir: Path):
-    from safetensors.torch import load_file
-
-    files = sorted(step_dir.glob("model*.safetensors"))
-    assert files, f"no weights in {step_dir}"
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    return sd
 
 
 def load_state(step_dir: Path):
@@ -230,7 +173,7 @@ def assert_metrics_match(reference: List[Dict[str, float]], got: List[Dict[str, 
     assert {r["step"] for r in got} == set(ref), (sorted({r["step"] for r in got}), sorted(ref))
     for row in got:
         want = ref[row["step"]]
-        for key in set(want) - UNSTABLE:
+        for key in set(want) - VOLATILE:
             if rel == 0.0:
                 assert row[key] == want[key], f"step {row['step']} {key}: {row[key]!r} != {want[key]!r}"
             else:
@@ -263,7 +206,7 @@ def _reference(tmp_path_factory, base: Path, loss: str) -> Reference:
     assert run.returncode == 0, describe(run)
     out = d / "out"
     assert checkpoints(out) == ["step_000006", "step_000008"], checkpoints(out)
-    return Reference(out, read_metrics(out), run.seconds)
+    return Reference(out, log_rows(out), run.seconds)
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +324,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume(dpo_chain: Chain):
 
 def test_interrupted_dpo_run_is_bit_identical_to_an_uninterrupted_one(dpo_chain: Chain, dpo_reference: Reference):
     assert dpo_chain.runs["final"].returncode == 0, describe(dpo_chain.runs["final"])
-    got = read_metrics(dpo_chain.out)
+    got = log_rows(dpo_chain.out)
     # Steps after a crash point were logged twice (before the SIGKILL and after the resume).
     assert len(got) > 8
     assert_metrics_match(dpo_reference.metrics, got)
@@ -405,7 +348,7 @@ def test_kto_sigkill_and_resume_is_bit_identical(tmp_path_factory, base_checkpoi
     resumed = run_tune(d, cfg, "resume_from_checkpoint=True")
     assert resumed.returncode == 0, describe(resumed)
     assert f"Resuming from {d / 'out' / 'checkpoints' / newest}" in resumed.output
-    assert_metrics_match(kto_reference.metrics, read_metrics(d / "out"))
+    assert_metrics_match(kto_reference.metrics, log_rows(d / "out"))
     assert_same_final_state(kto_reference, d / "out")
 
 
@@ -481,7 +424,7 @@ def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_referenc
     assert resumed.returncode == 0, describe(resumed)
     assert f"Resuming from {out / 'checkpoints' / saved[-1]}" in resumed.output
     # 2 ranks sum gradients in another order than 1 rank: equal up to float32 rounding.
-    assert_metrics_match(dpo_reference.metrics, read_metrics(out), rel=1e-5)
+    assert_metrics_match(dpo_reference.metrics, log_rows(out), rel=1e-5)
     ref_w = load_weights(dpo_reference.out / "checkpoints" / "step_000008")
     assert_tensors_equal(ref_w, load_weights(out / "checkpoints" / "step_000008"), "weights", atol=1e-4)
 
@@ -500,6 +443,6 @@ def test_two_processes_with_accumulation_match_one(request, tmp_path, base_check
     assert run.returncode == 0, describe(run)
     out = tmp_path / "out"
     assert load_state(out / "checkpoints" / "step_000008")["world_size"] == 2
-    assert_metrics_match(reference.metrics, read_metrics(out), rel=1e-5)
+    assert_metrics_match(reference.metrics, log_rows(out), rel=1e-5)
     ref_w = load_weights(reference.out / "checkpoints" / "step_000008")
     assert_tensors_equal(ref_w, load_weights(out / "checkpoints" / "step_000008"), "weights", atol=1e-4)

@@ -165,8 +165,7 @@ def test_json_list_columnar_and_split_dict(tok, tmp_path):
 
 
 def test_parquet_through_datasets_names_the_file(tok, tmp_path):
-    pytest.importorskip("pyarrow")
-    import pyarrow as pa
+    import pyarrow as pa  # a dependency of `datasets`
     import pyarrow.parquet as pq
 
     rows = ROWS + [{"prompt": "Hi", "chosen": "", "rejected": "x"}]

@@ -42,8 +42,7 @@ def qwen():
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory):
     """torchtune's Llama-3 tokenizer (real template and special tokens) over byte-level BPE."""
-    pytest.importorskip("tiktoken")
-    from torchtune.models.llama3 import llama3_tokenizer
+    from torchtune.models.llama3 import llama3_tokenizer  # needs tiktoken, a torchtune dependency
 
     path = tmp_path_factory.mktemp("llama3") / "bytes.tiktoken"
     path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))

@@ -8,33 +8,22 @@ compared with the exported one.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
+from tune_harness import recipe_in_process
 
 import torchtune_prefopt
 from torchtune_prefopt import _config
 from torchtune_prefopt.compare import TRAIN_CURVE_METRICS, parse_disk_log
 
-RECIPES = Path(torchtune_prefopt.__file__).parent / "recipes"
 SYNTHETIC_HELDOUT = Path(torchtune_prefopt.__file__).parent / "data" / "assets" / "synthetic" / "heldout.jsonl"
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 PAIRED_TRAIN = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_second", "peak_memory_gib"}
 EVAL = {"eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen", "eval/logps/rejected",
         "eval/rows", "eval/reference/accuracies"}
-
-
-def _recipe_module():
-    spec = importlib.util.spec_from_file_location("_prefopt_distributed_export_test", RECIPES / "prefopt_distributed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +43,8 @@ def train_in_process(shared, name: str, config: str, extra=()):
         "eval_dataset._component_=torchtune_prefopt.data.preference_dataset", "eval_dataset.source=json",
         f"eval_dataset.data_files.heldout={shared['heldout']}", *extra,
     ])
-    saved_env = {k: os.environ.get(k) for k in _DIST_ENV}
-    for k in _DIST_ENV:
-        os.environ.pop(k, None)
-    old_sigterm = signal.getsignal(signal.SIGTERM)
-    recipe = _recipe_module().PrefOptRecipe(cfg)
     names: set = set()
-    try:
-        recipe.setup()
+    with recipe_in_process(cfg) as recipe:
         logger = recipe._metric_logger
         original = logger.log_dict
 
@@ -76,14 +59,6 @@ def train_in_process(shared, name: str, config: str, extra=()):
         probe = torch.tensor([recipe._eval_dataset[0]["chosen_input_ids"]])
         with torch.no_grad():
             logits = recipe._model(probe).float()
-    finally:
-        recipe.cleanup()
-        signal.signal(signal.SIGTERM, old_sigterm)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return out, names, log_file, probe, logits
 
 
@@ -138,7 +113,7 @@ def test_kto_metric_names(shared):
 
 
 def test_tensorboard_logger(shared):
-    pytest.importorskip("tensorboard", reason="tensorboard is not installed")
+    import tensorboard  # noqa: F401  (the `test` extra installs it)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb_dir = shared["root"] / "tb"

@@ -21,23 +21,16 @@ What must hold:
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+from tune_harness import describe, load_weights, log_rows, recipe_in_process, tiny_config, tune
 
-REPO = Path(__file__).resolve().parents[1]
-TUNE = Path(sys.executable).parent / "tune"
-SYNTHETIC_TRAIN = REPO / "torchtune_prefopt" / "data" / "assets" / "synthetic" / "train.jsonl"
-TIMEOUT = 600
 N_ROWS = 24  # batch 4: 6 steps
 BATCH = 4
 
@@ -72,60 +65,20 @@ class FaultyDPOLoss(DPOLoss):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    env = dict(os.environ)
-    for key in ("PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PREFOPT_DEBUG"):
-        env.pop(key, None)
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra or {})
-    return env
-
-
-def _data(workdir: Path) -> Path:
-    f = workdir / "train.jsonl"
-    f.write_text("\n".join(SYNTHETIC_TRAIN.read_text().splitlines()[:N_ROWS]) + "\n")
-    return f
-
-
 def _config(workdir: Path, loss: Optional[dict] = None, **edits) -> Path:
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "dpo.yaml")
-    cfg.pop("eval_dataset", None)
-    cfg.output_dir = str(workdir / "out")
-    cfg.checkpointer.checkpoint_dir = str(workdir / "base")
-    cfg.tokenizer.max_seq_len = 64
-    cfg.dataset = {"_component_": "torchtune_prefopt.data.preference_dataset", "source": "json", "data_files": str(_data(workdir))}
-    cfg.batch_size = BATCH
-    cfg.lr_scheduler.num_warmup_steps = 1
-    cfg.save_every_n_steps = 1
+    settings = {"batch_size": BATCH, "lr_scheduler.num_warmup_steps": 1, "save_every_n_steps": 1}
     if loss is not None:
-        cfg.loss = loss
-    for key, value in edits.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    path = workdir / "config.yaml"
-    OmegaConf.save(cfg, path)
-    return path
+        settings["loss"] = loss
+    return tiny_config(workdir, "dpo", rows=N_ROWS, **{**settings, **edits})
 
 
 def _run(workdir: Path, config: Path) -> subprocess.CompletedProcess:
     (workdir / "guardloss.py").write_text(GUARDLOSS)
-    cmd = [str(TUNE), "run", "prefopt_distributed", "--config", str(config)]
-    return subprocess.run(cmd, cwd=workdir, env=_env({"PYTHONPATH": str(workdir)}), capture_output=True, text=True, timeout=TIMEOUT)
-
-
-def _describe(p: subprocess.CompletedProcess) -> str:
-    return f"exit {p.returncode}\n--- stderr (tail) ---\n{p.stderr[-5000:]}"
+    return tune(["run", "prefopt_distributed", "--config", config], workdir, env={"PYTHONPATH": str(workdir)})
 
 
 def _metrics(out: Path) -> Dict[int, Dict[str, float]]:
-    rows = {}
-    for f in sorted((out / "logs").glob("*.txt")):
-        for line in f.read_text().splitlines():
-            m = re.match(r"^Step (\d+) \| (.*)$", line)
-            if m:
-                rows[int(m.group(1))] = {k: float(v) for k, v in (kv.split(":", 1) for kv in m.group(2).split())}
-    return rows
+    return {row["step"]: row for row in log_rows(out)}
 
 
 def _checkpoints(out: Path) -> List[str]:
@@ -134,14 +87,7 @@ def _checkpoints(out: Path) -> List[str]:
 
 
 def _weights(out: Path, step: int):
-    from safetensors.torch import load_file
-
-    d = out / "checkpoints" / f"step_{step:06d}"
-    sd = {}
-    for f in sorted(d.glob("model*.safetensors")):
-        sd.update(load_file(str(f)))
-    assert sd, d
-    return sd
+    return load_weights(out / "checkpoints" / f"step_{step:06d}")
 
 
 def _all_finite(sd) -> bool:
@@ -184,9 +130,9 @@ def workdir(tmp_path: Path, base_checkpoint: Path) -> Path:
 def test_nan_loss_stops_naming_step_and_rows(workdir: Path):
     cfg = _config(workdir, loss={"_component_": "guardloss.FaultyDPOLoss", "beta": 0.1, "nan_on_call": 3, "nan_row": 1})
     p = _run(workdir, cfg)
-    assert p.returncode not in (0, -signal.SIGKILL), _describe(p)
+    assert p.returncode not in (0, -signal.SIGKILL), describe(p)
     row = _rows_of_step(3, 1)
-    assert f"step 3: non-finite loss for dataset rows [{row}] (set nonfinite=skip to skip such steps)" in p.stderr, _describe(p)
+    assert f"step 3: non-finite loss for dataset rows [{row}] (set nonfinite=skip to skip such steps)" in p.stderr, describe(p)
     out = workdir / "out"
     assert sorted(_metrics(out)) == [1, 2]
     assert _checkpoints(out) == ["step_000001", "step_000002"]  # nothing for step 3, no .tmp- leftover
@@ -197,8 +143,8 @@ def test_nan_loss_stops_naming_step_and_rows(workdir: Path):
 def test_nonfinite_grad_norm_stops(workdir: Path):
     cfg = _config(workdir, loss={"_component_": "guardloss.FaultyDPOLoss", "beta": 0.1, "inf_grad_on_call": 2})
     p = _run(workdir, cfg)
-    assert p.returncode not in (0, -signal.SIGKILL), _describe(p)
-    assert re.search(r"step 2: non-finite gradient norm \((inf|nan)\) \(set nonfinite=skip", p.stderr), _describe(p)
+    assert p.returncode not in (0, -signal.SIGKILL), describe(p)
+    assert re.search(r"step 2: non-finite gradient norm \((inf|nan)\) \(set nonfinite=skip", p.stderr), describe(p)
     out = workdir / "out"
     assert _checkpoints(out) == ["step_000001"]
     assert _all_finite(_weights(out, 1))
@@ -216,10 +162,10 @@ def test_skip_mode_skips_the_step_and_continues(workdir: Path):
         clip_grad_norm=None,
     )
     p = _run(workdir, cfg)
-    assert p.returncode == 0, _describe(p)
+    assert p.returncode == 0, describe(p)
     row = _rows_of_step(2, 3)
-    assert f"WARNING: step 2: non-finite loss for dataset rows [{row}]; skipping this step" in p.stderr, _describe(p)
-    assert re.search(r"WARNING: step 4: non-finite gradient norm \((inf|nan)\); skipping this step", p.stderr), _describe(p)
+    assert f"WARNING: step 2: non-finite loss for dataset rows [{row}]; skipping this step" in p.stderr, describe(p)
+    assert re.search(r"WARNING: step 4: non-finite gradient norm \((inf|nan)\); skipping this step", p.stderr), describe(p)
     out = workdir / "out"
     metrics = _metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
@@ -244,49 +190,23 @@ def test_nonfinite_weights_are_never_written(workdir: Path):
         **{"loss.beta": 1e6},
     )
     p = _run(workdir, cfg)
-    assert p.returncode not in (0, -signal.SIGKILL), _describe(p)
-    assert "step 1: the weights contain non-finite values; refusing to write a checkpoint" in p.stderr, _describe(p)
+    assert p.returncode not in (0, -signal.SIGKILL), describe(p)
+    assert "step 1: the weights contain non-finite values; refusing to write a checkpoint" in p.stderr, describe(p)
     assert _checkpoints(workdir / "out") == []  # no step_000001, no .tmp-step_000001
     assert not (workdir / "out" / "final").exists()
 
 
 # ----------------------------------------------------------------------------- bf16
-def _load_recipe_module():
-    spec = importlib.util.spec_from_file_location("_prefopt_recipe_under_test", REPO / "recipes" / "prefopt_distributed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
 def test_bf16_keeps_logprobs_and_loss_in_fp32(tmp_path: Path, base_checkpoint: Path, loss: str):
     """In-process, on the recipe object: dtype=bf16 puts the weights in bf16; the per-sequence
     log-probs (fp32 log-softmax), the reference log-probs and the losses are fp32."""
     import torch
-    import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this pytest process")
     shutil.copytree(base_checkpoint, tmp_path / "base")
-    cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{loss}.yaml")
-    cfg.pop("eval_dataset", None)
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(SYNTHETIC_TRAIN.read_text().splitlines()[:8]) + "\n")
-    component = "torchtune_prefopt.data.unpaired_from_paired" if loss == "kto" else "torchtune_prefopt.data.preference_dataset"
-    cfg.dataset = {"_component_": component, "source": "json", "data_files": str(data)}
-    cfg.output_dir = str(tmp_path / "out")
-    cfg.checkpointer.checkpoint_dir = str(tmp_path / "base")
-    cfg.tokenizer.max_seq_len = 64
-    cfg.batch_size = 4
-    cfg.dtype = "bf16"
-    recipe_mod = _load_recipe_module()
-    old_handler = signal.getsignal(signal.SIGTERM)
-    # A one-process recipe sets RANK/LOCAL_RANK/WORLD_SIZE (setdefault): put them back after.
-    old_env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    recipe = recipe_mod.PrefOptRecipe(cfg)
-    try:
-        recipe.setup()
+    cfg = OmegaConf.load(tiny_config(tmp_path, loss, rows=8, batch_size=4, dtype="bf16"))
+    with recipe_in_process(cfg) as recipe:
         assert {p.dtype for p in recipe._model.parameters()} == {torch.bfloat16}
         recipe._sampler.set_epoch(0)
         batch = next(iter(recipe._dataloader))
@@ -301,11 +221,3 @@ def test_bf16_keeps_logprobs_and_loss_in_fp32(tmp_path: Path, base_checkpoint: P
         losses.mean().backward()  # gradients flow back into the bf16 weights
         grads = [p.grad for p in recipe._model.parameters() if p.grad is not None]
         assert grads and all(g.dtype == torch.bfloat16 for g in grads)
-    finally:
-        recipe.cleanup()
-        signal.signal(signal.SIGTERM, old_handler)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

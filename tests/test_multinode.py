@@ -8,16 +8,13 @@ global permutation cut into global micro-batches, so the process layout does not
 
 from __future__ import annotations
 
-import os
-import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tune_harness import TUNE, clean_env, log_rows, run_process
 
-TUNE = str(Path(sys.executable).with_name("tune"))
 STEPS = 3
 
 
@@ -28,13 +25,7 @@ def _free_port() -> int:
 
 
 def _losses(out: Path) -> dict:
-    (log,) = sorted((out / "logs").glob("log_*.txt"))
-    losses = {}
-    for line in log.read_text().splitlines():
-        m = re.match(r"Step (\d+) \| loss:(\S+)", line)
-        if m:
-            losses[int(m.group(1))] = float(m.group(2))
-    return losses
+    return {row["step"]: row["loss"] for row in log_rows(out) if "loss" in row}
 
 
 def _common(tmp_path: Path, out: Path) -> list:
@@ -47,10 +38,10 @@ def _common(tmp_path: Path, out: Path) -> list:
 
 @pytest.mark.slow
 def test_two_nodes_rendezvous_match_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = clean_env()
     single = tmp_path / "single"
-    subprocess.run([TUNE, "run", *_common(tmp_path, single), "batch_size=4"],
-                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    done = run_process([TUNE, "run", *_common(tmp_path, single), "batch_size=4"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
 
     multi = tmp_path / "multi"
     port = _free_port()

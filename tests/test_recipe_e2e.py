@@ -15,7 +15,7 @@ What is checked (every run is a subprocess of the installed `tune`, cwd = its ow
 
 Cost: every run is a fresh interpreter (~10 s CPU just to import torch/torchtune), so the
 runs are tiny (4 steps, 4 rows, 64 tokens, no eval) and are started ahead of time in a
-small pool (``PREFOPT_E2E_JOBS``, default 2 concurrent runs): the runs the *selected*
+small pool (``tune_harness.RunPool``, ``PREFOPT_TEST_JOBS``, default 2 concurrent runs): the runs the *selected*
 tests need are submitted when the module's first test starts, dependencies first. Tests then
 only read their runs' outputs (``output_dir/logs/log_*.txt``, ``output_dir/checkpoints``);
 none modifies another run's files (resume copies a checkpoint into a fresh directory). The
@@ -26,27 +26,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List
 
 import pytest
+from tune_harness import VOLATILE, RunPool, RunResult, RunSpec, load_weights, uses_runs, wanted_runs
 
 from torchtune_prefopt._config import available_configs
 
 pytestmark = pytest.mark.slow
 
-TUNE = Path(sys.executable).parent / "tune"
-RUN_TIMEOUT = 900  # seconds per run; generous because the CPUs are shared
-JOBS = max(1, int(os.environ.get("PREFOPT_E2E_JOBS", "2")))
 
 LOSSES = ("dpo", "ipo", "kto", "simpo")
 VARIANTS = ("full", "lora")
@@ -71,8 +60,6 @@ COMMON = (
     "compile=false",
 )
 
-# Metrics that depend on wall time or process memory, not on the maths.
-VOLATILE = {"tokens_per_second", "peak_memory_gib"}
 
 # Fallback when another team's tiny/<loss> config is not there: tiny/dpo + overrides.
 _LOSS_FALLBACK = {
@@ -102,176 +89,6 @@ def loss_config(loss: str, variant: str) -> tuple:
 
 # --------------------------------------------------------------------------------------
 # runs
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    key: str
-    config: str = "tiny/dpo"
-    overrides: tuple = ()
-    nproc: int = 1
-    # key of a finished run whose checkpoints/step_<resume_step> seeds this run's output_dir
-    resume_from: Optional[str] = None
-    resume_step: int = SAVE_EVERY
-    # (run_dir) -> extra environment; called in the worker right before launching
-    prepare: Optional[Callable[[Path], dict]] = field(default=None, compare=False)
-    # a Python script instead of `tune run` (argv: json of the spec's overrides)
-    script: Optional[str] = None
-
-    @property
-    def deps(self) -> tuple:
-        return (self.resume_from,) if self.resume_from else ()
-
-
-@dataclass
-class RunResult:
-    spec: RunSpec
-    cmd: List[str]
-    returncode: int
-    stdout: str
-    stderr: str
-    run_dir: Path
-    out_dir: Path
-    seconds: float
-
-    def tail(self, n: int = 40) -> str:
-        lines = (self.stdout + "\n" + self.stderr).strip().splitlines()
-        return "\n".join(lines[-n:])
-
-    def check(self) -> "RunResult":
-        assert self.returncode == 0, (
-            f"run {self.spec.key} failed (exit {self.returncode}): {' '.join(self.cmd)}\n{self.tail()}"
-        )
-        return self
-
-    def log_file(self) -> Path:
-        logs = sorted((self.out_dir / "logs").glob("log_*.txt"))
-        assert len(logs) == 1, f"{self.spec.key}: expected one DiskLogger file, got {logs}"
-        return logs[0]
-
-    def steps(self) -> Dict[int, Dict[str, float]]:
-        """Training metrics per step from the DiskLogger file (lines with a 'loss')."""
-        return parse_disk_log(self.log_file().read_text())
-
-    def losses(self) -> List[float]:
-        steps = self.steps()
-        return [steps[s]["loss"] for s in sorted(steps)]
-
-    @property
-    def final(self) -> Path:
-        return self.out_dir / "final"
-
-
-_LINE = re.compile(r"^Step (\d+) \| (.*)$")
-
-
-def parse_disk_log(text: str) -> Dict[int, Dict[str, float]]:
-    out: Dict[int, Dict[str, float]] = {}
-    for line in text.splitlines():
-        m = _LINE.match(line.strip())
-        if not m:
-            continue
-        metrics = {}
-        for item in m.group(2).split():
-            key, _, value = item.rpartition(":")
-            metrics[key] = float(value)
-        if "loss" in metrics:  # training line (eval lines carry eval/* keys only)
-            step = int(m.group(1))
-            assert step not in out, f"step {step} logged twice:\n{text}"
-            out[step] = metrics
-    return out
-
-
-def _clean_env(extra: Optional[dict] = None) -> dict:
-    env = dict(os.environ)
-    for key in ("PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                "MASTER_ADDR", "MASTER_PORT", "PREFOPT_DEBUG", "TORCHELASTIC_RUN_ID"):
-        env.pop(key, None)
-    # One intra-op thread per process: what torchrun sets for the 2-process runs anyway, so
-    # 1- and 2-process runs use the same kernels; it also suits the small shared CPU.
-    env["OMP_NUM_THREADS"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env.update(extra or {})
-    return env
-
-
-class RunPool:
-    """Runs specs in background threads (``JOBS`` at a time); ``get`` waits for one."""
-
-    def __init__(self, root: Path, base_dir: Path, specs: Dict[str, RunSpec]):
-        self.root = root
-        self.base_dir = base_dir
-        self.specs = specs
-        self._futures: Dict[str, Future] = {}
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=JOBS, thread_name_prefix="e2e")
-
-    def submit(self, key: str) -> Future:
-        with self._lock:
-            return self._submit_locked(key)
-
-    def _submit_locked(self, key: str) -> Future:
-        if key in self._futures:
-            return self._futures[key]
-        spec = self.specs[key]
-        deps = [self._submit_locked(d) for d in spec.deps]  # FIFO: deps start first
-        fut = self._pool.submit(self._run, spec, deps)
-        self._futures[key] = fut
-        return fut
-
-    def get(self, key: str) -> RunResult:
-        return self.submit(key).result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def timings(self) -> List[tuple]:
-        out = []
-        for key, fut in self._futures.items():
-            if fut.done() and fut.exception() is None:
-                r = fut.result()
-                out.append((key, r.seconds, r.returncode))
-        return out
-
-    # -- worker
-    def _run(self, spec: RunSpec, deps: Sequence[Future]) -> RunResult:
-        for d in deps:
-            d.result()
-        run_dir = self.root / spec.key
-        run_dir.mkdir(parents=True)
-        out_dir = run_dir / "out"
-        if spec.resume_from:
-            src = self.get(spec.resume_from).check()
-            name = f"step_{spec.resume_step:06d}"
-            shutil.copytree(src.out_dir / "checkpoints" / name, out_dir / "checkpoints" / name)
-        extra_env = spec.prepare(run_dir) if spec.prepare else {}
-        paths = (f"output_dir={out_dir}", f"checkpointer.checkpoint_dir={self.base_dir}")
-        if spec.script is not None:
-            script = run_dir / "script.py"
-            script.write_text(spec.script)
-            payload = {"config": spec.config, "overrides": [*COMMON, *spec.overrides, *paths]}
-            cmd = [sys.executable, str(script), json.dumps(payload)]
-        else:
-            launcher = ["--nproc_per_node", str(spec.nproc)] if spec.nproc > 1 else []
-            cmd = [str(TUNE), "run", *launcher, "prefopt_distributed", "--config", spec.config,
-                   *COMMON, *spec.overrides, *paths]
-        start = time.perf_counter()
-        # own process group: on a timeout, torchrun's workers are killed with it
-        proc = subprocess.Popen(cmd, cwd=run_dir, env=_clean_env(extra_env), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            rc, stderr = -9, stderr + f"\nTIMEOUT after {RUN_TIMEOUT}s"
-        seconds = time.perf_counter() - start
-        (run_dir / "stdout.txt").write_text(stdout)
-        (run_dir / "stderr.txt").write_text(stderr)
-        return RunResult(spec, cmd, rc, stdout, stderr, run_dir, out_dir, seconds)
 
 
 def one_proc_key(loss: str, variant: str) -> str:
@@ -494,23 +311,13 @@ def build_specs() -> Dict[str, RunSpec]:
         base = specs[one_proc_key(loss, variant)]
         key = f"resume-{loss}-{variant}"
         specs[key] = RunSpec(key, base.config, (*base.overrides, "resume_from_checkpoint=true"),
-                             resume_from=base.key)
+                             seed_from=base.key, seed_paths=(f"checkpoints/step_{SAVE_EVERY:06d}",))
     specs["acme"] = RunSpec("acme", "acme/tiny_offset", (f"batch_size={BATCH}",), prepare=_acme_prepare)
     specs["inspect-reference"] = _inspect_payload_spec()
     return specs
 
 
 SPECS = build_specs()
-
-
-def uses_runs(fn_of_params: Callable[..., Sequence[str]]):
-    """Declare which runs a test reads (so the pool can start them before it is reached)."""
-
-    def deco(test):
-        test._e2e_runs = fn_of_params
-        return test
-
-    return deco
 
 
 @pytest.fixture(scope="module")
@@ -520,41 +327,23 @@ def runs(request, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("e2e")
     base_dir = make_tiny_hf_checkpoint(root / "base", seed=0)
-    pool = RunPool(root, base_dir, SPECS)
-    wanted: List[str] = []
-    for item in request.session.items:
-        fn = getattr(getattr(item, "function", None), "_e2e_runs", None)
-        if fn is None or item.module is not request.module:
-            continue
-        params = item.callspec.params if hasattr(item, "callspec") else {}
-        for key in fn(**params):
-            if key not in wanted:
-                wanted.append(key)
+
+    def overrides(spec: RunSpec, out_dir: Path) -> List[str]:
+        return [*COMMON, *spec.overrides, f"output_dir={out_dir}", f"checkpointer.checkpoint_dir={base_dir}"]
+
+    pool = RunPool(root, SPECS, overrides)
+    pool.base_dir = base_dir  # the tests compare against the base weights
     # 2-process runs first among equals: they take longest; then the rest in test order
-    for key in sorted(wanted, key=lambda k: (not k.startswith("2p-"),)):
+    for key in sorted(wanted_runs(request), key=lambda k: (not k.startswith("2p-"),)):
         pool.submit(key)
     yield pool
     pool.close()
-    summary = ", ".join(f"{k} {s:.0f}s" + ("" if rc == 0 else f" (exit {rc})") for k, s, rc in pool.timings())
+    summary = pool.summary()
     print(f"\n[e2e run times] {summary}")
 
 
 # --------------------------------------------------------------------------------------
 # helpers on outputs
-
-
-def load_weights(ckpt_dir: Path, adapter: bool = False) -> Dict[str, "torch.Tensor"]:
-    from safetensors.torch import load_file
-
-    if adapter:
-        files = sorted(ckpt_dir.glob("adapter_model*.safetensors"))
-    else:
-        files = sorted(p for p in ckpt_dir.glob("*.safetensors") if not p.name.startswith("adapter"))
-    assert files, f"no {'adapter ' if adapter else ''}safetensors in {ckpt_dir}: {os.listdir(ckpt_dir)}"
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    return sd
 
 
 def assert_same_training(a: Dict, b: Dict, base: Dict, what: str, max_abs: float = 1e-4,
@@ -565,8 +354,6 @@ def assert_same_training(a: Dict, b: Dict, base: Dict, what: str, max_abs: float
     Not bit-equal across process counts: FSDP2 reduce-scatters gradients (another summation
     order), and Adam turns float noise in (near-)zero gradients into lr-sized steps (the
     k_proj biases: softmax is shift-invariant, so their true gradient is 0)."""
-    import torch
-
     assert sorted(a) == sorted(b) == sorted(base), f"{what}: different weight names"
     num = den = 0.0
     for k in a:

@@ -32,26 +32,16 @@ its ``output_dir`` from another run copies files (never writes into the other ru
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import pytest
+from tune_harness import VOLATILE, RunPool, RunSpec, uses_runs, wanted_runs
 
 pytestmark = pytest.mark.slow
 
-TUNE = Path(sys.executable).parent / "tune"
-RUN_TIMEOUT = 900  # seconds per run; generous because the CPUs are shared
-JOBS = max(1, int(os.environ.get("PREFOPT_E2E_JOBS", "2")))
 
 STEPS = 4
 BATCH = 4  # global rows per optimizer step
@@ -61,8 +51,6 @@ N_KTO_PAIRS = STEPS * BATCH // 2  # KTO: 2 unpaired rows per pair -> STEPS steps
 N_EVAL_PAIRS = 2 * BATCH  # 2 eval batches
 LN2 = math.log(2.0)
 
-# Metrics that depend on wall time or process memory, not on the maths.
-VOLATILE = {"tokens_per_second", "peak_memory_gib"}
 
 # Tolerance of precomputed vs live reference. The cached value of a row is the same frozen
 # reference forward of the same token ids; only the batch it ran in differs (position order,
@@ -112,162 +100,7 @@ COMMON = (
 
 
 # --------------------------------------------------------------------------------------
-# runs
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    key: str
-    config: str  # tiny/dpo or tiny/kto
-    overrides: tuple = ()
-    eval: bool = False
-    nproc: int = 1
-    env: tuple = ()  # (name, value) pairs
-    # (run key, relative paths in its output_dir) copied into this run's output_dir first
-    seed_from: Optional[str] = None
-    seed_paths: tuple = ()
-
-    @property
-    def deps(self) -> tuple:
-        return (self.seed_from,) if self.seed_from else ()
-
-
-@dataclass
-class RunResult:
-    spec: RunSpec
-    cmd: List[str]
-    returncode: int
-    stdout: str
-    stderr: str
-    run_dir: Path
-    out_dir: Path
-    seconds: float
-
-    @property
-    def output(self) -> str:
-        return self.stdout + "\n" + self.stderr
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.output.strip().splitlines()[-n:])
-
-    def check(self) -> "RunResult":
-        assert self.returncode == 0, (
-            f"run {self.spec.key} failed (exit {self.returncode}): {' '.join(self.cmd)}\n{self.tail()}"
-        )
-        assert "Traceback" not in self.stderr, f"{self.spec.key}: traceback on stderr\n{self.tail()}"
-        return self
-
-    def log_text(self) -> str:
-        logs = sorted((self.out_dir / "logs").glob("log_*.txt"))
-        assert len(logs) == 1, f"{self.spec.key}: expected one DiskLogger file, got {logs}"
-        return logs[0].read_text()
-
-    def steps(self) -> Dict[int, Dict[str, float]]:
-        return parse_disk_log(self.log_text())[0]
-
-    def evals(self) -> Dict[int, Dict[str, float]]:
-        return parse_disk_log(self.log_text())[1]
-
-
-_LINE = re.compile(r"^Step (\d+) \| (.*)$")
-
-
-def parse_disk_log(text: str):
-    """``(train, eval)``: ``{step: {metric: value}}`` from a DiskLogger file (eval lines carry
-    only ``eval/*`` keys)."""
-    train: Dict[int, Dict[str, float]] = {}
-    evals: Dict[int, Dict[str, float]] = {}
-    for line in text.splitlines():
-        m = _LINE.match(line.strip())
-        if not m:
-            continue
-        metrics = {}
-        for item in m.group(2).split():
-            key, _, value = item.rpartition(":")
-            metrics[key] = float(value)
-        target = evals if any(k.startswith("eval/") for k in metrics) else train
-        step = int(m.group(1))
-        assert step not in target, f"step {step} logged twice:\n{text}"
-        target[step] = metrics
-    return train, evals
-
-
-def _clean_env(extra: Sequence[tuple] = ()) -> dict:
-    env = dict(os.environ)
-    for key in ("PYTHONPATH", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "PREFOPT_DEBUG", "TORCHELASTIC_RUN_ID", "TORCH_COMPILE_BACKEND"):
-        env.pop(key, None)
-    env["OMP_NUM_THREADS"] = "1"  # what torchrun sets for 2 processes: same kernels on 1 and 2
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env.update(dict(extra))
-    return env
-
-
-class RunPool:
-    """Runs specs in background threads (``JOBS`` at a time); ``get`` waits for one."""
-
-    def __init__(self, root: Path, base_dir: Path, data: Dict[str, Path], specs: Dict[str, RunSpec]):
-        self.root, self.base_dir, self.data, self.specs = root, base_dir, data, specs
-        self._futures: Dict[str, Future] = {}
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=JOBS, thread_name_prefix="refrun")
-
-    def submit(self, key: str) -> Future:
-        with self._lock:
-            return self._submit_locked(key)
-
-    def _submit_locked(self, key: str) -> Future:
-        if key not in self._futures:
-            spec = self.specs[key]
-            deps = [self._submit_locked(d) for d in spec.deps]  # FIFO: deps start first
-            self._futures[key] = self._pool.submit(self._run, spec, deps)
-        return self._futures[key]
-
-    def get(self, key: str) -> RunResult:
-        return self.submit(key).result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def timings(self) -> List[tuple]:
-        return [(k, f.result().seconds, f.result().returncode)
-                for k, f in self._futures.items() if f.done() and f.exception() is None]
-
-    def _run(self, spec: RunSpec, deps: Sequence[Future]) -> RunResult:
-        for d in deps:
-            d.result()
-        run_dir = self.root / spec.key
-        run_dir.mkdir(parents=True)
-        out_dir = run_dir / "out"
-        if spec.seed_from:
-            src = self.get(spec.seed_from).check().out_dir
-            for rel in spec.seed_paths:
-                shutil.copytree(src / rel, out_dir / rel)
-        paired = spec.config == "tiny/dpo"
-        data = (*(_PAIRED_DATA if paired else _KTO_DATA),
-                f"dataset.data_files={self.data['train' if paired else 'kto']}")
-        ev = (*_EVAL, f"eval_dataset.data_files={self.data['eval']}") if spec.eval else ("eval_dataset=null",)
-        launcher = ["--nproc_per_node", str(spec.nproc)] if spec.nproc > 1 else []
-        cmd = [str(TUNE), "run", *launcher, "prefopt_distributed", "--config", spec.config,
-               *COMMON, *data, *ev, f"batch_size={BATCH // spec.nproc}", *spec.overrides,
-               f"output_dir={out_dir}", f"checkpointer.checkpoint_dir={self.base_dir}"]
-        start = time.perf_counter()
-        # own process group: on a timeout, torchrun's workers are killed with it
-        proc = subprocess.Popen(cmd, cwd=run_dir, env=_clean_env(spec.env), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            rc, stderr = -9, stderr + f"\nTIMEOUT after {RUN_TIMEOUT}s"
-        seconds = time.perf_counter() - start
-        (run_dir / "stdout.txt").write_text(stdout)
-        (run_dir / "stderr.txt").write_text(stderr)
-        return RunResult(spec, cmd, rc, stdout, stderr, run_dir, out_dir, seconds)
+# runs (tune_harness.RunPool; ``tags=("eval",)``: with the held-out set)
 
 
 _CACHE = "reference_cache"
@@ -277,12 +110,12 @@ _AOT = (("TORCH_COMPILE_BACKEND", "aot_eager"), ("TORCH_LOGS", "recompiles,graph
 
 SPECS: Dict[str, RunSpec] = {s.key: s for s in (
     # 1. DPO: live reference vs precomputed; the precompute run also saves at step 2 (3.)
-    RunSpec("dpo-live", "tiny/dpo", eval=True),
-    RunSpec("dpo-pre", "tiny/dpo", (*_PRE, "save_every_n_steps=2"), eval=True),
+    RunSpec("dpo-live", "tiny/dpo", tags=("eval",)),
+    RunSpec("dpo-pre", "tiny/dpo", (*_PRE, "save_every_n_steps=2"), tags=("eval",)),
     # second run, same inputs, the first run's cache and step-2 checkpoint: loads the cache
     # and resumes (3.)
     RunSpec("dpo-pre-resume", "tiny/dpo", (*_PRE, "save_every_n_steps=2", "resume_from_checkpoint=true"),
-            eval=True, seed_from="dpo-pre", seed_paths=(_CACHE, "checkpoints/step_000002")),
+            tags=("eval",), seed_from="dpo-pre", seed_paths=(_CACHE, "checkpoints/step_000002")),
     # one input changed (the reference's quantization): the copied cache is stale (1., 4.)
     RunSpec("dpo-pre-int8", "tiny/dpo", (*_PRE, "reference.quantization=int8"),
             seed_from="dpo-pre", seed_paths=(_CACHE,)),
@@ -298,16 +131,6 @@ SPECS: Dict[str, RunSpec] = {s.key: s for s in (
     # (on 1 process any reduction would pass); compared with the eager 2-process run
     RunSpec("kto-compile-2p", "tiny/kto", (*_PRE, "compile=true"), nproc=2, env=_AOT),
 )}
-
-
-def uses_runs(*keys: str):
-    """Declare which runs a test reads (so the pool can start them before it is reached)."""
-
-    def deco(test):
-        test._ref_runs = keys
-        return test
-
-    return deco
 
 
 def _children_cpu() -> float:
@@ -336,23 +159,24 @@ def runs(request, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("refrecipe")
     base_dir = make_tiny_hf_checkpoint(root / "base", seed=0)
-    pool = RunPool(root, base_dir, _write_data(root), SPECS)
-    wanted: List[str] = []
-    for item in request.session.items:
-        keys = getattr(getattr(item, "function", None), "_ref_runs", None)
-        if keys is None or item.module is not request.module:
-            continue
-        wanted += [k for k in keys if k not in wanted]
+    data = _write_data(root)
+
+    def overrides(spec: RunSpec, out_dir: Path) -> List[str]:
+        paired = spec.config == "tiny/dpo"
+        ds = (*(_PAIRED_DATA if paired else _KTO_DATA), f"dataset.data_files={data['train' if paired else 'kto']}")
+        ev = (*_EVAL, f"eval_dataset.data_files={data['eval']}") if "eval" in spec.tags else ("eval_dataset=null",)
+        return [*COMMON, *ds, *ev, f"batch_size={BATCH // spec.nproc}", *spec.overrides,
+                f"output_dir={out_dir}", f"checkpointer.checkpoint_dir={base_dir}"]
+
+    pool = RunPool(root, SPECS, overrides)
     # the 2-process and compile runs first: they take longest
-    for key in sorted(wanted, key=lambda k: not (k.endswith("-2p") or "compile" in k)):
+    for key in sorted(wanted_runs(request), key=lambda k: not (k.endswith("-2p") or "compile" in k)):
         pool.submit(key)
     start, cpu0 = time.perf_counter(), _children_cpu()
     yield pool
     pool.close()
-    t = pool.timings()
-    print(f"\n[reference recipe runs] {len(t)} runs, {time.perf_counter() - start:.0f}s wall, "
-          f"{_children_cpu() - cpu0:.0f} CPU-s in the runs: "
-          + ", ".join(f"{k} {s:.0f}s" + ("" if rc == 0 else f" (exit {rc})") for k, s, rc in t))
+    print(f"\n[reference recipe runs] {len(pool.timings())} runs, {time.perf_counter() - start:.0f}s wall, "
+          f"{_children_cpu() - cpu0:.0f} CPU-s in the runs: {pool.summary()}")
 
 
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tune_harness import run_process, tune
 
 import torchtune_prefopt
 from torchtune_prefopt import _config, _tune_registry
@@ -29,35 +30,15 @@ from torchtune_prefopt._config import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TUNE = BIN / "tune"
-TIMEOUT = 600
-
-
-def _env(pythonpath: Path | None = None, extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    for key in ("PYTHONPATH", "RANK", "PREFOPT_DEBUG"):
-        env.pop(key, None)
+def _run(args, cwd: Path, pythonpath: Path | None = None, extra_env: dict | None = None):
+    env = dict(extra_env or {})
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    env.update(extra or {})
-    return env
-
-
-def _run(args, cwd: Path, pythonpath: Path | None = None, extra_env: dict | None = None):
-    return subprocess.run(
-        [str(a) for a in args],
-        cwd=cwd,
-        env=_env(pythonpath, extra_env),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    return run_process(args, cwd, env)
 
 
 def _tune(args, cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
-    assert TUNE.exists(), f"`tune` not found next to {sys.executable}"
-    return _run([TUNE, *args], cwd, pythonpath)
+    return tune(args, cwd, {"PYTHONPATH": str(pythonpath)} if pythonpath is not None else None)
 
 
 def _python(code: str, cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
@@ -214,8 +195,6 @@ def test_tune_cp_config_copies_exact_bytes(tmp_path):
 @pytest.mark.slow
 def test_tune_cp_recipe(tmp_path):
     source = REPO_ROOT / "recipes" / "prefopt_distributed.py"
-    if not source.is_file():
-        pytest.skip("recipes/prefopt_distributed.py is not written yet")
     out = _tune(["cp", "prefopt_distributed", "./r.py"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "r.py").read_bytes() == source.read_bytes()

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,6 +25,7 @@ __all__ = [
     "HeldoutLogps",
     "TRAIN_CURVE_METRICS",
     "heldout_metrics",
+    "iter_disk_log",
     "kl_estimate",
     "loss_rewards",
     "pair_accuracy",
@@ -89,27 +90,34 @@ DEFINITIONS: Dict[str, str] = {
 _STEP_RE = re.compile(r"^Step (\d+) \| (.*)$")
 
 
-def parse_disk_log(path) -> Dict[str, List[Tuple[int, float]]]:
-    """``{metric: [(step, value), ...]}`` from a torchtune ``DiskLogger`` file.
+def iter_disk_log(path) -> Iterator[Tuple[int, Dict[str, float]]]:
+    """``(step, {metric: value})`` for every line of a torchtune ``DiskLogger`` file, in order.
 
     Lines look like ``Step 12 | loss:0.69 rewards/accuracies:0.5 `` (``log_dict``) or
-    ``Step 12 | loss:0.69`` (``log``). Values that are not numbers are skipped; a metric
-    logged twice at one step keeps the last value.
+    ``Step 12 | loss:0.69`` (``log``). Values that are not numbers are skipped.
     """
-    out: Dict[str, Dict[int, float]] = {}
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         m = _STEP_RE.match(line.strip())
         if not m:
             continue
-        step = int(m.group(1))
+        metrics: Dict[str, float] = {}
         for tok in m.group(2).split():
             name, sep, value = tok.rpartition(":")
             if not sep or not name:
                 continue
             try:
-                v = float(value)
+                metrics[name] = float(value)
             except ValueError:
                 continue
+        yield int(m.group(1)), metrics
+
+
+def parse_disk_log(path) -> Dict[str, List[Tuple[int, float]]]:
+    """``{metric: [(step, value), ...]}`` from a torchtune ``DiskLogger`` file
+    (:func:`iter_disk_log`); a metric logged twice at one step keeps the last value."""
+    out: Dict[str, Dict[int, float]] = {}
+    for step, metrics in iter_disk_log(path):
+        for name, v in metrics.items():
             out.setdefault(name, {})[step] = v
     return {k: sorted(v.items()) for k, v in out.items()}
 
