@@ -140,7 +140,7 @@ def run_child(a: argparse.Namespace, variant: str, scenario: str, chunk: int) ->
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant}/{scenario} failed:\n{proc.stdout}\n{proc.stderr}")
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT ") :])
 
 

@@ -70,7 +70,7 @@ def estimate_bytes(model, mode: str, quantize_output: bool, dtype) -> tuple:
     before = sum(p.numel() * itemsize for p in model.parameters())
     after = before
     scale_bytes = itemsize if mode == "int8" else 4
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, nn.Linear) and (quantize_output or m is not getattr(model, "output", None)):
             out_f, in_f = m.weight.shape
             after += out_f * in_f * 1 + out_f * scale_bytes - out_f * in_f * itemsize
@@ -100,7 +100,11 @@ def main() -> None:
 
     from torchtune_prefopt.errors import PrefOptUserError
     from torchtune_prefopt.modules import decoder_sequence_logprobs
-    from torchtune_prefopt.reference import check_quantization_supported, quantize_reference, weight_bytes
+    from torchtune_prefopt.reference import (
+        check_quantization_supported,
+        quantize_reference,
+        weight_bytes,
+    )
 
     torch.manual_seed(a.seed)
     base = _qwen2(a.vocab, a.dim, a.layers, a.heads, a.kv_heads, a.inter)

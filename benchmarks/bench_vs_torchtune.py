@@ -386,7 +386,7 @@ def run_one(name: str, a: argparse.Namespace, workdir: Path, tt_recipe: Path, ck
         proc.wait()
     wall = time.monotonic() - t_start
     load1 = os.getloadavg()[0]
-    recs = [json.loads(l) for l in clock.read_text().splitlines()] if clock.exists() else []
+    recs = [json.loads(ln) for ln in clock.read_text().splitlines()] if clock.exists() else []
     stamps = {r["step"]: r["t"] for r in recs if "step" in r}
     durations = [stamps[s] - stamps[s - 1] for s in sorted(stamps) if s - 1 in stamps and s > a.warmup]
     cpu = {r["step"]: r["cpu"] for r in recs if "step" in r and "cpu" in r}

@@ -33,13 +33,11 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
@@ -48,8 +46,20 @@ from torchtune_prefopt._config import parse
 from torchtune_prefopt.compare import evaluation as ev
 from torchtune_prefopt.compare.judges import build_judge
 from torchtune_prefopt.compare.metrics import read_run_logs
-from torchtune_prefopt.compare.report import assemble_report, run_record, training_summary, write_eval_files, write_report
-from torchtune_prefopt.compare.runs import DEFAULT_LOSSES, dotlist, plan_runs, runs_to_train, train_runs
+from torchtune_prefopt.compare.report import (
+    assemble_report,
+    run_record,
+    training_summary,
+    write_eval_files,
+    write_report,
+)
+from torchtune_prefopt.compare.runs import (
+    DEFAULT_LOSSES,
+    dotlist,
+    plan_runs,
+    runs_to_train,
+    train_runs,
+)
 from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
 from torchtune_prefopt.losses import build_loss
 from torchtune_prefopt.training import checkpoints as ckpt

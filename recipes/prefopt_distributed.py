@@ -83,7 +83,12 @@ from torchtune_prefopt.reference import (
 from torchtune_prefopt.training import checkpoints as ckpt
 from torchtune_prefopt.training.data_order import GlobalBatchSampler
 from torchtune_prefopt.training.distributed import any_rank, init_distributed
-from torchtune_prefopt.training.lora import adapter_config, lora_init_state, lora_settings, merged_lora_state_dict
+from torchtune_prefopt.training.lora import (
+    adapter_config,
+    lora_init_state,
+    lora_settings,
+    merged_lora_state_dict,
+)
 from torchtune_prefopt.training.metrics import StepMetrics
 
 log = utils.get_logger("INFO")

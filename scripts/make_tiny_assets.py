@@ -217,8 +217,16 @@ def tokenizer_training_text(splits: Dict[str, List[Dict[str, str]]]) -> List[str
 
 def train_tokenizer(texts: List[str]):
     """Byte-level BPE on the Qwen2 split regex; special tokens appended after the vocab."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.normalizer = normalizers.NFC()

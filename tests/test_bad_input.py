@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
+
 from tune_harness import JOBS, synthetic_rows, tiny_config, tune, write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -11,13 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tune_harness import tune
 import torch
 from omegaconf import OmegaConf
 
@@ -44,6 +41,7 @@ from torchtune_prefopt.compare.report import matplotlib_available
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.losses import DPOLoss, IPOLoss, KTOLoss, SimPOLoss, build_loss
 from torchtune_prefopt.models.tiny import make_tiny_hf_checkpoint, tiny_tokenizer
+from tune_harness import tune
 
 RECIPES = Path(torchtune_prefopt.__file__).parent / "recipes"
 SYNTHETIC_HELDOUT = Path(torchtune_prefopt.__file__).parent / "data" / "assets" / "synthetic" / "heldout.jsonl"

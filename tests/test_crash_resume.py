@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+
 from tune_harness import TUNE, VOLATILE, clean_env, load_weights, log_rows, tiny_config
 
 pytestmark = pytest.mark.slow

@@ -339,9 +339,9 @@ def test_paired_collate(tok, tmp_path):
     S = max(map(len, seqs))
     assert out["input_ids"].shape == out["labels"].shape == (4, S)
     assert out["input_ids"].dtype == out["labels"].dtype == torch.long
-    for r, (s, l) in enumerate(zip(seqs, labs)):
+    for r, (s, lab) in enumerate(zip(seqs, labs)):
         assert out["input_ids"][r].tolist() == s + [tok.pad_id] * (S - len(s))
-        assert out["labels"][r].tolist() == l + [IGNORE] * (S - len(l))
+        assert out["labels"][r].tolist() == lab + [IGNORE] * (S - len(lab))
     assert out["index"].tolist() == [1, 0] and out["index"].dtype == torch.long
 
 
@@ -480,7 +480,7 @@ def test_kto_balance_warning_boundaries(nd, nu, wd, wu, warn):
 
 
 def _prompts(split):
-    return [json.loads(l)["prompt"] for l in synthetic_data_file(split).read_text().splitlines()]
+    return [json.loads(ln)["prompt"] for ln in synthetic_data_file(split).read_text().splitlines()]
 
 
 def test_synthetic_sets(tok):
@@ -516,6 +516,7 @@ def test_synthetic_through_dataloader(tok):
 def test_other_torchtune_tokenizer_class(tmp_path):
     """The prompt/completion split does not rely on Qwen2.5 specifics (Qwen2 tokenizer)."""
     from torchtune.models.qwen2 import qwen2_tokenizer
+
     from torchtune_prefopt.models import tiny
 
     tok2 = qwen2_tokenizer(

@@ -102,7 +102,7 @@ def compare(model, tokens, labels, chunk_size=1024, **kw):
     g = torch.autograd.grad(loss_of(out.sum, out.mean), [p for _, p in params])
     nonzero = 0
     for (name, _), a, b in zip(params, g, g_ref):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
         nonzero += bool(a.abs().sum() > 0)
     assert nonzero == len(params)
     return out
@@ -268,7 +268,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str) -> None:
             assert type(model.output).__name__.startswith("FSDP") == sharded_output
             paths = []
             model.norm.register_forward_hook(
-                lambda m, i, o: paths.append(_plain_linear(model.output) is not None)
+                lambda m, i, o, paths=paths, model=model: paths.append(_plain_linear(model.output) is not None)
             )
             out = decoder_sequence_logprobs(model, tokens[lo:hi], labels[lo:hi], chunk_size=5)
             assert paths == [kind != "lora" and not sharded_output], paths
@@ -289,7 +289,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str) -> None:
                 assert isinstance(p, DTensor) and p.grad is not None, name
                 want = ref_params[name.replace("._checkpoint_wrapped_module", "")].grad
                 torch.testing.assert_close(
-                    p.grad.full_tensor(), want, atol=2e-5, rtol=1e-5, msg=lambda m: f"{variant} {name}: {m}"
+                    p.grad.full_tensor(), want, atol=2e-5, rtol=1e-5, msg=lambda m, variant=variant, name=name: f"{variant} {name}: {m}"
                 )
                 checked += 1
             assert checked > 0

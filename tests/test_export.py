@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tune_harness import recipe_in_process
 
 import torchtune_prefopt
 from torchtune_prefopt import _config
 from torchtune_prefopt.compare import TRAIN_CURVE_METRICS, parse_disk_log
+from tune_harness import recipe_in_process
 
 SYNTHETIC_HELDOUT = Path(torchtune_prefopt.__file__).parent / "data" / "assets" / "synthetic" / "heldout.jsonl"
 

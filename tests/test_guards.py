@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+
 from tune_harness import describe, load_weights, log_rows, recipe_in_process, tiny_config, tune
 
 N_ROWS = 24  # batch 4: 6 steps

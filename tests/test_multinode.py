@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from tune_harness import TUNE, clean_env, log_rows, run_process
 
 STEPS = 3

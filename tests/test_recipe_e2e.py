@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from tune_harness import VOLATILE, RunPool, RunResult, RunSpec, load_weights, uses_runs, wanted_runs
 
 from torchtune_prefopt._config import available_configs
+from tune_harness import VOLATILE, RunPool, RunResult, RunSpec, load_weights, uses_runs, wanted_runs
 
 pytestmark = pytest.mark.slow
 

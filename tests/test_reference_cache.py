@@ -191,7 +191,7 @@ def test_weights_hash_modes_and_memo(env, weight_files, tmp_path):
 
 
 def test_tokenizer_files_hash(tmp_path):
-    from torchtune_prefopt.models.tiny import TOKENIZER_FILES, ASSETS_DIR
+    from torchtune_prefopt.models.tiny import ASSETS_DIR, TOKENIZER_FILES
     from torchtune_prefopt.reference.fingerprint import hash_tokenizer
 
     files = []

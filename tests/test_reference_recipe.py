@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import pytest
+
 from tune_harness import VOLATILE, RunPool, RunSpec, uses_runs, wanted_runs
 
 pytestmark = pytest.mark.slow

@@ -17,17 +17,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tune_harness import run_process, tune
 
 import torchtune_prefopt
 from torchtune_prefopt import _config, _tune_registry
 from torchtune_prefopt._config import (
-    ConfigNameClashError,
     ConfigNotFoundError,
     available_configs,
     load_config,
     resolve_config,
 )
+from tune_harness import run_process, tune
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 def _run(args, cwd: Path, pythonpath: Path | None = None, extra_env: dict | None = None):

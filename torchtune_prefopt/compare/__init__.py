@@ -16,7 +16,12 @@
 See docs/compare.md.
 """
 
-from torchtune_prefopt.compare.judges import CourtesyJudge, build_judge, courtesy_reward, courtesy_score
+from torchtune_prefopt.compare.judges import (
+    CourtesyJudge,
+    build_judge,
+    courtesy_reward,
+    courtesy_score,
+)
 from torchtune_prefopt.compare.metrics import (
     DEFINITIONS,
     TRAIN_CURVE_METRICS,

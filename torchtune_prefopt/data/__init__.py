@@ -4,15 +4,6 @@ Row kinds and batch layouts are owned by :mod:`torchtune_prefopt.data._batch` (s
 docs/ARCHITECTURE.md, section Data).
 """
 
-from torchtune_prefopt.data._builders import (
-    hh_rlhf_dataset,
-    parse_hh_transcript,
-    preference_dataset,
-    stack_exchange_paired_dataset,
-    thumbs_dataset,
-    thumbs_label,
-    ultrafeedback_binarized_dataset,
-)
 from torchtune_prefopt.data._batch import (
     PairedBatch,
     PreferenceBatch,
@@ -22,6 +13,15 @@ from torchtune_prefopt.data._batch import (
     kl_partner,
     kto_collate,
     paired_collate,
+)
+from torchtune_prefopt.data._builders import (
+    hh_rlhf_dataset,
+    parse_hh_transcript,
+    preference_dataset,
+    stack_exchange_paired_dataset,
+    thumbs_dataset,
+    thumbs_label,
+    ultrafeedback_binarized_dataset,
 )
 from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
 from torchtune_prefopt.data._paired import PreferenceDataset

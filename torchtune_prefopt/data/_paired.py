@@ -11,13 +11,12 @@ from torchtune.data import ChosenRejectedToMessages
 
 from torchtune_prefopt.data._common import (
     CROSS_ENTROPY_IGNORE_IDX,
-    resolve_max_seq_len,
-    too_long_error,
     tokenize_split,
+    too_long_error,
     truncate_keep_completion,
     untruncated,
 )
-from torchtune_prefopt.data._source import RawRows, load_rows
+from torchtune_prefopt.data._source import RawRows
 from torchtune_prefopt.data._validation import conversation, resolve_column_map, row_error
 from torchtune_prefopt.errors import PrefOptUserError
 

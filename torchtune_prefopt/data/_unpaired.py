@@ -9,8 +9,8 @@ from torchtune.data import Message
 
 from torchtune_prefopt.data._common import (
     resolve_max_seq_len,
-    too_long_error,
     tokenize_split,
+    too_long_error,
     truncate_keep_completion,
     untruncated,
 )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from torchtune_prefopt.modules.sequence_logprobs import (

@@ -134,7 +134,7 @@ def verify_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise PrefOptUserError(f"checkpoint {manifest_path}: unreadable manifest ({err})")
+        raise PrefOptUserError(f"checkpoint {manifest_path}: unreadable manifest ({err})") from err
     for rel, size in manifest.get("files", {}).items():
         f = path / rel
         if not f.is_file():
@@ -151,7 +151,7 @@ def verify_checkpoint(path: Path) -> Dict[str, Any]:
                 with safe_open(str(f), framework="pt") as sf:
                     sf.keys()
             except Exception as err:  # noqa: BLE001 - any parse failure means damage
-                raise PrefOptUserError(f"checkpoint file {f} is damaged: {err}")
+                raise PrefOptUserError(f"checkpoint file {f} is damaged: {err}") from err
     return manifest
 
 
@@ -169,8 +169,8 @@ def load_recipe_state(path: Path) -> Dict[str, Any]:
                 f"checkpoint file {f} cannot be loaded: it holds an object that weights_only=True "
                 f"refuses to unpickle ({refused.group(1)}); this recipe never writes one, so the file "
                 "was not written by it or was modified: do not load it with weights_only=False"
-            )
-        raise PrefOptUserError(f"checkpoint file {f} cannot be loaded: {err}")
+            ) from None
+        raise PrefOptUserError(f"checkpoint file {f} cannot be loaded: {err}") from err
 
 
 def save_recipe_state(tmp: Path, state: Dict[str, Any]) -> None:
@@ -215,7 +215,7 @@ def load_adapter_weights(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise PrefOptUserError(f"checkpoint file {f} cannot be loaded: {err}")
+        raise PrefOptUserError(f"checkpoint file {f} cannot be loaded: {err}") from err
 
 
 def load_model_state_dict(checkpointer: Any, key: str) -> Dict[str, torch.Tensor]:

@@ -8,7 +8,12 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
-from torchtune.modules.peft import DoRALinear, LoRALinear, get_lora_module_names, get_merged_lora_ckpt
+from torchtune.modules.peft import (
+    DoRALinear,
+    LoRALinear,
+    get_lora_module_names,
+    get_merged_lora_ckpt,
+)
 
 __all__ = ["adapter_config", "lora_init_state", "lora_settings", "merged_lora_state_dict"]
 
