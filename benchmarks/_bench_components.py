@@ -67,7 +67,9 @@ def synthetic_token_pairs(
     if prompt_len is None:
         prompt_len = seq_len // 2
     if not 0 < prompt_len < seq_len:
-        raise ValueError(f"prompt_len must be in (0, seq_len), got {prompt_len} (seq_len {seq_len})")
+        raise ValueError(
+            f"prompt_len must be in (0, seq_len), got {prompt_len} (seq_len {seq_len})"
+        )
     pad = int(getattr(tokenizer, "pad_id", 0))
     rng = random.Random(seed)
     lo = 1 if pad == 0 else 0
@@ -87,7 +89,12 @@ def synthetic_token_pairs(
         if unpaired:
             for completion, label in ((chosen, True), (rejected, False)):
                 items.append(
-                    {"prompt_ids": prompt, "completion_ids": completion, "label": label, "index": len(items)}
+                    {
+                        "prompt_ids": prompt,
+                        "completion_ids": completion,
+                        "label": label,
+                        "index": len(items),
+                    }
                 )
         else:
             ignore = [-100] * prompt_len
@@ -150,7 +157,13 @@ class StepClockLogger:
             return
         # t: wall clock; cpu: this process's CPU time (all threads), less sensitive to other
         # processes on a shared machine; rss/hwm: diagnostics only
-        rec = {"step": int(step), "t": t, "cpu": time.process_time(), "rss": _vm("VmRSS"), "hwm": _vm("VmHWM")}
+        rec = {
+            "step": int(step),
+            "t": t,
+            "cpu": time.process_time(),
+            "rss": _vm("VmRSS"),
+            "hwm": _vm("VmHWM"),
+        }
         try:
             rec["loss"] = float(payload["loss"])
         except (TypeError, ValueError):

@@ -106,7 +106,9 @@ def child(a: argparse.Namespace) -> None:
     before = _maxrss_mib()
     slack = before - _rss_mib()
     if slack > 32:
-        print(f"warning: high-water mark already {slack:.0f} MiB above current RSS", file=sys.stderr)
+        print(
+            f"warning: high-water mark already {slack:.0f} MiB above current RSS", file=sys.stderr
+        )
     for _ in range(a.iters):
         hidden.grad = None
         weight.grad = None
@@ -145,7 +147,9 @@ def run_child(a: argparse.Namespace, variant: str, scenario: str, chunk: int) ->
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--dim", type=int, default=512)
@@ -174,7 +178,10 @@ def main() -> None:
     rows = []
     for scenario in a.scenarios.split(","):
         full = run_child(a, "full", scenario, 0)
-        print(f"[{scenario}] full: {full['peak_mib']:.0f} MiB, {full['cpu_s']:.2f} cpu-s", file=sys.stderr)
+        print(
+            f"[{scenario}] full: {full['peak_mib']:.0f} MiB, {full['cpu_s']:.2f} cpu-s",
+            file=sys.stderr,
+        )
         for variant, c in runs:
             ours = run_child(a, variant, scenario, c)
             diff = max(abs(x - y) for x, y in zip(ours["sums"], full["sums"]))

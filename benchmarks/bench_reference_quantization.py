@@ -71,7 +71,9 @@ def estimate_bytes(model, mode: str, quantize_output: bool, dtype) -> tuple:
     after = before
     scale_bytes = itemsize if mode == "int8" else 4
     for m in model.modules():
-        if isinstance(m, nn.Linear) and (quantize_output or m is not getattr(model, "output", None)):
+        if isinstance(m, nn.Linear) and (
+            quantize_output or m is not getattr(model, "output", None)
+        ):
             out_f, in_f = m.weight.shape
             after += out_f * in_f * 1 + out_f * scale_bytes - out_f * in_f * itemsize
     return before, after
@@ -159,14 +161,25 @@ def main() -> None:
         d = (q_sum - ref_sum).abs()
         dt = (q_tok - ref_tok)[mask].abs()
         hd = ((q_sum - ref_sum)[: a.pairs] - (q_sum - ref_sum)[a.pairs :]).abs()
-        return d.mean().item(), d.max().item(), dt.mean().item(), dt.max().item(), hd.mean().item(), hd.max().item()
+        return (
+            d.mean().item(),
+            d.max().item(),
+            dt.mean().item(),
+            dt.max().item(),
+            hd.mean().item(),
+            hd.max().item(),
+        )
 
     rows = []
     total_before = weight_bytes(base)
     linear_before = sum(weight_bytes(m) for m in base.modules() if isinstance(m, nn.Linear))
 
     def linear_names(qout):
-        return [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and (qout or m is not base.output)]
+        return [
+            n
+            for n, m in base.named_modules()
+            if isinstance(m, nn.Linear) and (qout or m is not base.output)
+        ]
 
     def rho(model, names):
         """Relative Frobenius norm of the weight perturbation over ``names``."""
@@ -190,7 +203,18 @@ def main() -> None:
         q_sum, q_tok, dt = run(bw)
         e = errors(q_sum, q_tok.double())
         yard[qout] = (rho(bw, names), e)
-        rows.append(("bf16-rounded weights (yardstick)", "yes" if qout else "no", None, None, e, dt, yard[qout][0], None))
+        rows.append(
+            (
+                "bf16-rounded weights (yardstick)",
+                "yes" if qout else "no",
+                None,
+                None,
+                e,
+                dt,
+                yard[qout][0],
+                None,
+            )
+        )
         del bw
 
     for mode in ("int8", "fp8", "fp8_dynamic"):
@@ -205,13 +229,27 @@ def main() -> None:
             rep = quantize_reference(m, mode, quantize_output=qout)
             est = estimate_bytes(base, mode, qout, torch.float32)[1]
             if est != rep.bytes_after:
-                print(f"WARNING: {mode} output={qout}: measured {rep.bytes_after} B, shape formula {est} B", file=sys.stderr)
+                print(
+                    f"WARNING: {mode} output={qout}: measured {rep.bytes_after} B, shape formula {est} B",
+                    file=sys.stderr,
+                )
             q_sum, q_tok, dt = run(m)
             e = errors(q_sum, q_tok.double())
             r = rho(m, rep.quantized)
             y_rho, y_e = yard[qout]
             measured = e[5] / y_e[5]  # h max, in units of the yardstick
-            rows.append((mode, "yes" if qout else "no", rep.bytes_after, None, e, dt, r, (measured, r / y_rho)))
+            rows.append(
+                (
+                    mode,
+                    "yes" if qout else "no",
+                    rep.bytes_after,
+                    None,
+                    e,
+                    dt,
+                    r,
+                    (measured, r / y_rho),
+                )
+            )
             del m
 
     # ---- table
@@ -271,7 +309,9 @@ def main() -> None:
         _, i8o = estimate_bytes(meta, "int8", True, torch.bfloat16)
         _, f8 = estimate_bytes(meta, "fp8", False, torch.bfloat16)
         share = meta.output.weight.numel() * 2 / b0
-        shape_rows.append(f"| {label} | {gib(b0)} | {gib(i8)} | {gib(i8o)} | {gib(f8)} | {share:.1%} |")
+        shape_rows.append(
+            f"| {label} | {gib(b0)} | {gib(i8)} | {gib(i8o)} | {gib(f8)} | {share:.1%} |"
+        )
         del meta
 
     body = head + "\n".join(table) + "\n" + "\n".join(shape_rows) + "\n" + NOTES
@@ -315,7 +355,9 @@ def _hidden(model, tokens, captured):
             model.__dict__.pop("unembed", None)
         else:
             model.__dict__["unembed"] = saved
-    return captured["h"].to(torch.float32) if captured["h"].dtype != torch.float32 else captured["h"]
+    return (
+        captured["h"].to(torch.float32) if captured["h"].dtype != torch.float32 else captured["h"]
+    )
 
 
 def _per_token(model, h, labels, chunk: int = 512):

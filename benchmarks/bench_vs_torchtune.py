@@ -69,7 +69,7 @@ OUR_RECIPE = REPO / "recipes" / "prefopt_distributed.py"
 # torchtune 0.6.1 full_dpo_distributed.py on CPU. Each entry: (what fails, old, new, count).
 PATCHES: List[Tuple[str, str, str, int]] = [
     (
-        "(1) `init_process_group(\"cuda:nccl,cpu:gloo\")` -> `RuntimeError: Distributed package "
+        '(1) `init_process_group("cuda:nccl,cpu:gloo")` -> `RuntimeError: Distributed package '
         "doesn't have NCCL built in` (CPU build of torch): backend -> `gloo`",
         'init_process_group("cuda:nccl,cpu:gloo")',
         'init_process_group("gloo")',
@@ -82,7 +82,7 @@ PATCHES: List[Tuple[str, str, str, int]] = [
         "        if self._is_rank_zero:\n"
         "            memory_stats = training.get_memory_stats(device=self._device)\n"
         "            training.log_memory_stats(memory_stats)\n",
-        "        if self._is_rank_zero and self._device.type != \"cpu\":\n"
+        '        if self._is_rank_zero and self._device.type != "cpu":\n'
         "            memory_stats = training.get_memory_stats(device=self._device)\n"
         "            training.log_memory_stats(memory_stats)\n",
         2,
@@ -92,7 +92,7 @@ PATCHES: List[Tuple[str, str, str, int]] = [
         "`AttributeError: module 'torch.cpu' has no attribute 'empty_cache'`: on CPU only its "
         "`gc.collect()` is kept",
         "        training.cleanup_before_training()\n",
-        "        if self._device.type != \"cpu\":\n"
+        '        if self._device.type != "cpu":\n'
         "            training.cleanup_before_training()\n"
         "        else:\n"
         "            import gc\n"
@@ -184,7 +184,9 @@ def _yaml(d: Dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(d))
 
 
-def common_cfg(a: argparse.Namespace, ckpt_dir: Path, files: List[str], out: Path, unpaired=False) -> Dict:
+def common_cfg(
+    a: argparse.Namespace, ckpt_dir: Path, files: List[str], out: Path, unpaired=False
+) -> Dict:
     total = a.warmup + a.steps
     hf = {
         "_component_": "torchtune.training.FullModelHFCheckpointer",
@@ -196,8 +198,15 @@ def common_cfg(a: argparse.Namespace, ckpt_dir: Path, files: List[str], out: Pat
     }
     return {
         "output_dir": str(out),
-        "model": {"_component_": "torchtune.models.llama3._component_builders.llama3", **model_kwargs(a)},
-        "tokenizer": {"_component_": "_bench_components.PadOnlyTokenizer", "pad_id": 0, "max_seq_len": a.seq_len},
+        "model": {
+            "_component_": "torchtune.models.llama3._component_builders.llama3",
+            **model_kwargs(a),
+        },
+        "tokenizer": {
+            "_component_": "_bench_components.PadOnlyTokenizer",
+            "pad_id": 0,
+            "max_seq_len": a.seq_len,
+        },
         "checkpointer": hf,
         "ref_checkpointer": dict(hf),
         "resume_from_checkpoint": False,
@@ -249,10 +258,16 @@ LABELS = {
 }
 
 
-def config_for(name: str, a: argparse.Namespace, ckpt_dir: Path, files: List[str], out: Path) -> Dict:
+def config_for(
+    name: str, a: argparse.Namespace, ckpt_dir: Path, files: List[str], out: Path
+) -> Dict:
     c = common_cfg(a, ckpt_dir, files, out, unpaired=(name == "kto"))
     if name == "tt_dpo":
-        c["loss"] = {"_component_": "torchtune.rlhf.loss.DPOLoss", "beta": 0.1, "label_smoothing": 0.0}
+        c["loss"] = {
+            "_component_": "torchtune.rlhf.loss.DPOLoss",
+            "beta": 0.1,
+            "label_smoothing": 0.0,
+        }
         c["log_peak_memory_stats"] = False
         return c
     c.update(
@@ -282,8 +297,14 @@ def config_for(name: str, a: argparse.Namespace, ckpt_dir: Path, files: List[str
 def option_available(name: str) -> Optional[str]:
     """None if usable, else why not: int8 / precompute are being wired into the recipe."""
     need = {
-        "dpo_int8": ("quantize_reference", "reference.quantization (recipe does not call quantize_reference yet)"),
-        "dpo_cached": ("precompute_reference_logps", "reference.precompute (recipe does not call precompute_reference_logps yet)"),
+        "dpo_int8": (
+            "quantize_reference",
+            "reference.quantization (recipe does not call quantize_reference yet)",
+        ),
+        "dpo_cached": (
+            "precompute_reference_logps",
+            "reference.precompute (recipe does not call precompute_reference_logps yet)",
+        ),
     }
     if name not in need:
         return None
@@ -388,7 +409,9 @@ def run_one(name: str, a: argparse.Namespace, workdir: Path, tt_recipe: Path, ck
     load1 = os.getloadavg()[0]
     recs = [json.loads(ln) for ln in clock.read_text().splitlines()] if clock.exists() else []
     stamps = {r["step"]: r["t"] for r in recs if "step" in r}
-    durations = [stamps[s] - stamps[s - 1] for s in sorted(stamps) if s - 1 in stamps and s > a.warmup]
+    durations = [
+        stamps[s] - stamps[s - 1] for s in sorted(stamps) if s - 1 in stamps and s > a.warmup
+    ]
     cpu = {r["step"]: r["cpu"] for r in recs if "step" in r and "cpu" in r}
     cpu_durations = [cpu[s] - cpu[s - 1] for s in sorted(cpu) if s - 1 in cpu and s > a.warmup]
     agent = proc.pid
@@ -476,7 +499,9 @@ def render(summary: Dict[str, Dict], a: argparse.Namespace) -> Tuple[str, List[s
 
     def target(label, names, value_fn, limit, op, cpu_fn=None):
         if not ok(*names):
-            targets.append(f"- ? {label}: not measured ({', '.join(n for n in names if not ok(n))} not available)")
+            targets.append(
+                f"- ? {label}: not measured ({', '.join(n for n in names if not ok(n))} not available)"
+            )
             return
         v = value_fn()
         met = v <= limit if op == "<=" else v >= limit
@@ -536,9 +561,11 @@ def write_section(path: str, body: str) -> None:
     notes = ""
     if m and NOTES_MARKER in m.group(0):
         notes = m.group(0).split(NOTES_MARKER, 1)[1].strip("\n")
-    section = f"{SECTION}\n\n{body.rstrip()}\n\n{NOTES_MARKER}\n" + (f"\n{notes}\n" if notes else "")
+    section = f"{SECTION}\n\n{body.rstrip()}\n\n{NOTES_MARKER}\n" + (
+        f"\n{notes}\n" if notes else ""
+    )
     if m:
-        text = text[: m.start()] + section + "\n" + text[m.end():]
+        text = text[: m.start()] + section + "\n" + text[m.end() :]
         text = text.rstrip("\n") + "\n"
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -547,7 +574,9 @@ def write_section(path: str, body: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workdir", default="/tmp/prefopt_bench_vs_torchtune")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--embed-dim", type=int, default=256)
@@ -617,7 +646,9 @@ def main() -> None:
                              cwd=REPO, capture_output=True, text=True).stdout.strip()  # fmt: skip
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "recipes/prefopt_distributed.py"],
                                cwd=REPO).returncode != 0  # fmt: skip
-        recipe_rev = f"`recipes/prefopt_distributed.py` at {rev}" + (" plus uncommitted changes" if dirty else "")
+        recipe_rev = f"`recipes/prefopt_distributed.py` at {rev}" + (
+            " plus uncommitted changes" if dirty else ""
+        )
     except OSError:
         recipe_rev = "`recipes/prefopt_distributed.py`"
     head = (
@@ -645,11 +676,20 @@ def main() -> None:
         f"loading and all steps included; the end-of-training checkpoint save excluded), the "
         f"same outside measurement for every row.\n\n"
     )
-    body = head + table + "\nTargets:\n\n" + "\n".join(targets) + "\n\n" + (
-        "torchtune's recipe on CPU needs exactly these patches (applied to the `tune cp` "
-        "copy by string replacement):\n\n"
-        + "\n".join(f"- {w}" for w, *_ in PATCHES)
-        + "\n\n```diff\n" + diff + "```\n"
+    body = (
+        head
+        + table
+        + "\nTargets:\n\n"
+        + "\n".join(targets)
+        + "\n\n"
+        + (
+            "torchtune's recipe on CPU needs exactly these patches (applied to the `tune cp` "
+            "copy by string replacement):\n\n"
+            + "\n".join(f"- {w}" for w, *_ in PATCHES)
+            + "\n\n```diff\n"
+            + diff
+            + "```\n"
+        )
     )
     print(body)
     if a.write:

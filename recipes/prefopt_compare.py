@@ -68,15 +68,34 @@ log = utils.get_logger("INFO")
 
 TOP_KEYS = {"output_dir", "compare"}
 COMPARE_KEYS = {
-    "base_config", "losses", "loss_configs", "train_overrides", "loss_overrides", "kto_dataset",
-    "kto_rows_per_pair", "nproc_per_node", "max_parallel", "skip_training", "skip_existing", "resume", "dry_run", "device",
-    "heldout", "generation", "kl", "judge", "judge_kind", "title",
+    "base_config",
+    "losses",
+    "loss_configs",
+    "train_overrides",
+    "loss_overrides",
+    "kto_dataset",
+    "kto_rows_per_pair",
+    "nproc_per_node",
+    "max_parallel",
+    "skip_training",
+    "skip_existing",
+    "resume",
+    "dry_run",
+    "device",
+    "heldout",
+    "generation",
+    "kl",
+    "judge",
+    "judge_kind",
+    "title",
 }
 SECTION_KEYS = {
     "heldout": {"dataset", "max_rows", "batch_size", "logprobs_chunk_size"},
     "generation": {"max_new_tokens", "temperature", "top_k", "seed", "batch_size", "kv_cache"},
     "kl": {"samples_per_prompt", "max_new_tokens", "seed"},
 }
+
+
 def _unknown(keys, known, where: str) -> None:
     bad = sorted(set(keys) - set(known))
     if bad:
@@ -91,14 +110,18 @@ def validate_config(cfg: DictConfig) -> None:
         raise PrefOptUserError("config key 'output_dir' is required")
     c = cfg.get("compare")
     if c is None or not c.get("base_config"):
-        raise PrefOptUserError("config key 'compare.base_config' is required (a prefopt_distributed config)")
+        raise PrefOptUserError(
+            "config key 'compare.base_config' is required (a prefopt_distributed config)"
+        )
     _unknown(c.keys(), COMPARE_KEYS, "compare.")
     for section, known in SECTION_KEYS.items():
         if c.get(section) is not None:
             _unknown(c[section].keys(), known, f"compare.{section}.")
     for key in ("train_overrides", "loss_overrides", "loss_configs"):
         if c.get(key) is not None and not isinstance(c.get(key), DictConfig):
-            raise PrefOptUserError(f"compare.{key} must be a mapping (key: value), got {c.get(key)!r}")
+            raise PrefOptUserError(
+                f"compare.{key} must be a mapping (key: value), got {c.get(key)!r}"
+            )
     n = c.get("nproc_per_node", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PrefOptUserError(f"compare.nproc_per_node must be an integer >= 1, got {n!r}")
@@ -171,7 +194,9 @@ class CompareRecipe:
         loss_overrides = {k: dotlist_all(v) for k, v in (c.get("loss_overrides") or {}).items()}
         unknown = sorted(set(loss_overrides) - set(losses))
         if unknown:
-            raise PrefOptUserError(f"compare.loss_overrides.{unknown[0]}: not in compare.losses {losses}")
+            raise PrefOptUserError(
+                f"compare.loss_overrides.{unknown[0]}: not in compare.losses {losses}"
+            )
         runs = plan_runs(
             base_config=self.base_ref,
             base_cfg=self.base_cfg,
@@ -219,16 +244,28 @@ class CompareRecipe:
     def train(self, runs) -> None:
         """Train the runs that are not finished yet (see :func:`compare.runs.train_runs`)."""
         c = self.c
-        todo = runs_to_train(runs, skip_existing=bool(c.get("skip_existing", False)), resume=bool(c.get("resume", False)))
+        todo = runs_to_train(
+            runs,
+            skip_existing=bool(c.get("skip_existing", False)),
+            resume=bool(c.get("resume", False)),
+        )
         train_runs(
-            todo, self.out / "launch_logs", max_parallel=int(c.get("max_parallel", 1) or 1),
-            nproc=int(c.get("nproc_per_node", 1)), on_cuda=str(self.base_cfg.get("device", "cpu")).startswith("cuda"),
+            todo,
+            self.out / "launch_logs",
+            max_parallel=int(c.get("max_parallel", 1) or 1),
+            nproc=int(c.get("nproc_per_node", 1)),
+            on_cuda=str(self.base_cfg.get("device", "cpu")).startswith("cuda"),
         )
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, runs) -> Dict[str, Any]:
         c, base = self.c, self.base_cfg
-        missing = [r for r in runs if not (r.run_dir / "torchtune_config.yaml").is_file() or _final_checkpoint(r.run_dir) is None]
+        missing = [
+            r
+            for r in runs
+            if not (r.run_dir / "torchtune_config.yaml").is_file()
+            or _final_checkpoint(r.run_dir) is None
+        ]
         if missing:
             r = missing[0]
             raise PrefOptUserError(
@@ -242,21 +279,36 @@ class CompareRecipe:
         tokenizer = config.instantiate(base.tokenizer)
 
         heldout_cfg = (c.get("heldout") or {}).get("dataset") or base.get("eval_dataset")
-        if heldout_cfg is None or (isinstance(heldout_cfg, DictConfig) and heldout_cfg.get("_component_") is None):
-            raise PrefOptUserError("compare.heldout.dataset: none given and the base config has no eval_dataset")
+        if heldout_cfg is None or (
+            isinstance(heldout_cfg, DictConfig) and heldout_cfg.get("_component_") is None
+        ):
+            raise PrefOptUserError(
+                "compare.heldout.dataset: none given and the base config has no eval_dataset"
+            )
         heldout = config.instantiate(heldout_cfg, tokenizer=tokenizer)
         if len(heldout) == 0 or "chosen_input_ids" not in heldout[0]:
-            raise PrefOptUserError("compare.heldout.dataset must yield paired (chosen/rejected) rows")
-        items = [heldout[i] for i in range(len(heldout) if settings.max_rows is None else min(len(heldout), settings.max_rows))]
+            raise PrefOptUserError(
+                "compare.heldout.dataset must yield paired (chosen/rejected) rows"
+            )
+        items = [
+            heldout[i]
+            for i in range(
+                len(heldout) if settings.max_rows is None else min(len(heldout), settings.max_rows)
+            )
+        ]
 
         ref_ck_cfg = base.get("ref_checkpointer")
-        if ref_ck_cfg is None or (isinstance(ref_ck_cfg, DictConfig) and ref_ck_cfg.get("_component_") is None):
+        if ref_ck_cfg is None or (
+            isinstance(ref_ck_cfg, DictConfig) and ref_ck_cfg.get("_component_") is None
+        ):
             ref_ck_cfg = base.checkpointer
         ref_ck = config.instantiate(ref_ck_cfg)
         model_type = ref_ck._model_type.name
         ref_dir = str(getattr(ref_ck, "_checkpoint_dir", "?"))
         log.info(f"[compare] reference: {ref_dir}")
-        reference = ev.build_eval_model(base.model, ref_ck.load_checkpoint()[training.MODEL_KEY], device, dtype)
+        reference = ev.build_eval_model(
+            base.model, ref_ck.load_checkpoint()[training.MODEL_KEY], device, dtype
+        )
 
         judge, judge_kind, judge_label = None, None, None
         judge_cfg = c.get("judge")
@@ -268,7 +320,9 @@ class CompareRecipe:
             judge_label = f"{judge_cfg._component_} ({judge_kind})"
 
         t0 = time.perf_counter()
-        evaluator = ev.HeldoutEvaluator(tokenizer, items, reference, settings, device, dtype, judge, judge_kind)
+        evaluator = ev.HeldoutEvaluator(
+            tokenizer, items, reference, settings, device, dtype, judge, judge_kind
+        )
         ref_result = evaluator.evaluate(None)
         ref_files = write_eval_files(self.out, "reference", ref_result, 0)
         log.info(f"[compare] reference evaluated in {time.perf_counter() - t0:.0f}s")
@@ -285,20 +339,34 @@ class CompareRecipe:
                 state = ckpt.load_recipe_state(final)
             except PrefOptUserError:
                 pass
-            policy = ev.build_eval_model(saved.model, ev.load_hf_weights(final, model_type, scratch), device, dtype)
+            policy = ev.build_eval_model(
+                saved.model, ev.load_hf_weights(final, model_type, scratch), device, dtype
+            )
             result = evaluator.evaluate(policy, loss_fn)
             del policy
-            log_dir = Path(str(OmegaConf.select(saved, "metric_logger.log_dir", default="") or run.run_dir / "logs"))
+            log_dir = Path(
+                str(
+                    OmegaConf.select(saved, "metric_logger.log_dir", default="")
+                    or run.run_dir / "logs"
+                )
+            )
             curves, log_files = read_run_logs(log_dir)
-            eval_files = write_eval_files(self.out, run.name, result, int(training_summary(curves, state)["steps"] or 0))
+            eval_files = write_eval_files(
+                self.out, run.name, result, int(training_summary(curves, state)["steps"] or 0)
+            )
             saved_cfg = OmegaConf.to_container(saved, resolve=False)
             saved_cfg["loss"] = OmegaConf.to_container(saved.loss, resolve=True)
-            records.append(run_record(run, saved_cfg, loss_fn, final, state, result, curves, log_files, eval_files))
+            records.append(
+                run_record(
+                    run, saved_cfg, loss_fn, final, state, result, curves, log_files, eval_files
+                )
+            )
             log.info(f"[compare] {run.name} evaluated in {time.perf_counter() - t0:.0f}s")
         shutil.rmtree(scratch, ignore_errors=True)
 
         generation = (
-            "greedy" if settings.temperature <= 0
+            "greedy"
+            if settings.temperature <= 0
             else f"sampled at temperature {settings.temperature}, top_k {settings.top_k}, seed {settings.generation_seed}"
         )
         return assemble_report(
@@ -330,7 +398,9 @@ def dotlist_all(node: Any) -> List[str]:
         return []
     node = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
     if not isinstance(node, dict):
-        raise PrefOptUserError(f"overrides must be a mapping of config keys to values, got {node!r}")
+        raise PrefOptUserError(
+            f"overrides must be a mapping of config keys to values, got {node!r}"
+        )
     out: List[str] = []
     for k, v in node.items():
         out += dotlist(str(k), v)

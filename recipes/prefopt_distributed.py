@@ -94,14 +94,40 @@ from torchtune_prefopt.training.metrics import StepMetrics
 log = utils.get_logger("INFO")
 
 KNOWN_KEYS = {
-    "output_dir", "model", "tokenizer", "checkpointer", "ref_checkpointer",
-    "resume_from_checkpoint", "loss", "dataset", "eval_dataset", "eval_every_n_steps",
-    "seed", "shuffle", "batch_size", "gradient_accumulation_steps", "epochs",
-    "max_steps_per_epoch", "optimizer", "lr_scheduler", "clip_grad_norm", "device", "dtype",
-    "compile", "enable_activation_checkpointing", "fsdp_cpu_offload",
-    "fsdp_reshard_after_forward", "custom_sharded_layers", "reference", "logprobs_chunk_size",
-    "metric_logger", "log_every_n_steps", "save_every_n_steps", "keep_last_n_checkpoints",
-    "nonfinite", "recipe_name",
+    "output_dir",
+    "model",
+    "tokenizer",
+    "checkpointer",
+    "ref_checkpointer",
+    "resume_from_checkpoint",
+    "loss",
+    "dataset",
+    "eval_dataset",
+    "eval_every_n_steps",
+    "seed",
+    "shuffle",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "epochs",
+    "max_steps_per_epoch",
+    "optimizer",
+    "lr_scheduler",
+    "clip_grad_norm",
+    "device",
+    "dtype",
+    "compile",
+    "enable_activation_checkpointing",
+    "fsdp_cpu_offload",
+    "fsdp_reshard_after_forward",
+    "custom_sharded_layers",
+    "reference",
+    "logprobs_chunk_size",
+    "metric_logger",
+    "log_every_n_steps",
+    "save_every_n_steps",
+    "keep_last_n_checkpoints",
+    "nonfinite",
+    "recipe_name",
 }
 REFERENCE_KEYS = {"quantization", "precompute"}
 
@@ -148,7 +174,9 @@ def validate_config(cfg: DictConfig) -> None:
     ref = cfg.get("reference") or {}
     bad = sorted(set(ref.keys()) - REFERENCE_KEYS)
     if bad:
-        raise PrefOptUserError(f"unknown config key 'reference.{bad[0]}' (valid: {sorted(REFERENCE_KEYS)})")
+        raise PrefOptUserError(
+            f"unknown config key 'reference.{bad[0]}' (valid: {sorted(REFERENCE_KEYS)})"
+        )
     device = str(cfg.get("device", "cpu"))
     if not (device == "cpu" or device.startswith("cuda")):
         raise PrefOptUserError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -228,7 +256,10 @@ class PrefOptRecipe:
         self._reference_free = bool(getattr(self._loss_fn, "reference_free", False))
         self._paired = bool(getattr(self._loss_fn, "paired", True))
         self._average = bool(getattr(self._loss_fn, "average_logps", False))
-        if self._reference_free and (_configured(cfg.get("ref_checkpointer")) or (cfg.get("reference") or {}).get("quantization")):
+        if self._reference_free and (
+            _configured(cfg.get("ref_checkpointer"))
+            or (cfg.get("reference") or {}).get("quantization")
+        ):
             utils.log_rank_zero(
                 log,
                 f"WARNING: {type(self._loss_fn).__name__} is reference-free: ref_checkpointer/reference.* "
@@ -248,7 +279,9 @@ class PrefOptRecipe:
         self._check_dataset_kind(self._dataset, "dataset", paired=self._paired)
         self._eval_dataset = None
         if _configured(cfg.get("eval_dataset")):
-            self._eval_dataset = PositionIndexed(self._build_dataset(cfg.eval_dataset, "eval_dataset"))
+            self._eval_dataset = PositionIndexed(
+                self._build_dataset(cfg.eval_dataset, "eval_dataset")
+            )
             self._check_dataset_kind(self._eval_dataset, "eval_dataset", paired=True)
         global_batch = self.batch_size * self.world_size
         if len(self._dataset) < global_batch:
@@ -283,7 +316,8 @@ class PrefOptRecipe:
             resume_dir = ckpt.latest_checkpoint(self._output_dir)
             if resume_dir is None:
                 utils.log_rank_zero(
-                    log, f"resume_from_checkpoint=True but no complete checkpoint in {self._output_dir}; starting fresh"
+                    log,
+                    f"resume_from_checkpoint=True but no complete checkpoint in {self._output_dir}; starting fresh",
                 )
             else:
                 ckpt.verify_checkpoint(resume_dir)
@@ -297,11 +331,18 @@ class PrefOptRecipe:
         del base_sd
 
         # 4. Optimizer, data order, schedule.
-        self._optimizer = config.instantiate(cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad])
-        self._sampler = GlobalBatchSampler(len(self._dataset), global_batch, seed=self.seed, shuffle=cfg.get("shuffle", True))
+        self._optimizer = config.instantiate(
+            cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
+        )
+        self._sampler = GlobalBatchSampler(
+            len(self._dataset), global_batch, seed=self.seed, shuffle=cfg.get("shuffle", True)
+        )
         self._collate = PreferenceCollator(
-            paired=self._paired, pad_id=self._tokenizer.pad_id, max_seq_len=self._tokenizer.max_seq_len,
-            rank=self.rank, rows_per_rank=self.batch_size,
+            paired=self._paired,
+            pad_id=self._tokenizer.pad_id,
+            max_seq_len=self._tokenizer.max_seq_len,
+            rank=self.rank,
+            rows_per_rank=self.batch_size,
         )
         self._dataloader = self._loader(self._dataset, self._sampler)
         micro_per_epoch = len(self._sampler)
@@ -315,7 +356,9 @@ class PrefOptRecipe:
             )
         self._eval_dataloader = None
         if self._eval_dataset is not None:
-            eval_order = GlobalBatchSampler(len(self._eval_dataset), global_batch, seed=self.seed, shuffle=False)
+            eval_order = GlobalBatchSampler(
+                len(self._eval_dataset), global_batch, seed=self.seed, shuffle=False
+            )
             self._eval_dataloader = self._loader(self._eval_dataset, eval_order, paired=True)
         if recipe_state is not None:
             self._load_recipe_state(recipe_state)
@@ -335,7 +378,9 @@ class PrefOptRecipe:
                 # Constructing the scheduler (last_epoch=-1) reset every group's lr to the
                 # schedule's step-0 value; load_state_dict does not touch the optimizer, so put
                 # back the lr the interrupted run would use for its next step.
-                for group, lr in zip(self._optimizer.param_groups, self._lr_scheduler.get_last_lr()):
+                for group, lr in zip(
+                    self._optimizer.param_groups, self._lr_scheduler.get_last_lr()
+                ):
                     group["lr"] = lr
 
         if cfg.get("compile", False):
@@ -355,7 +400,9 @@ class PrefOptRecipe:
             if isinstance(cfg_ds, ListConfig):
                 from torchtune.datasets import ConcatDataset
 
-                return ConcatDataset([config.instantiate(c, tokenizer=self._tokenizer) for c in cfg_ds])
+                return ConcatDataset(
+                    [config.instantiate(c, tokenizer=self._tokenizer) for c in cfg_ds]
+                )
             return config.instantiate(cfg_ds, tokenizer=self._tokenizer)
         except PrefOptUserError:
             raise
@@ -378,19 +425,31 @@ class PrefOptRecipe:
                 "torchtune_prefopt.data.unpaired_from_paired (chosen -> desirable, rejected -> undesirable)"
             )
 
-    def _loader(self, dataset, order: GlobalBatchSampler, paired: Optional[bool] = None) -> DataLoader:
+    def _loader(
+        self, dataset, order: GlobalBatchSampler, paired: Optional[bool] = None
+    ) -> DataLoader:
         """Global micro-batches in ``order``, each collated into this rank's batch object.
 
         Own generator: iter(DataLoader) draws a base seed from its generator, which would
         otherwise be the global RNG (one extra draw per epoch or evaluation; a resumed run's
         RNG state would then differ from the uninterrupted run's).
         """
-        collate = self._collate if paired is None else PreferenceCollator(
-            paired=paired, pad_id=self._collate.pad_id, max_seq_len=self._collate.max_seq_len,
-            rank=self.rank, rows_per_rank=self.batch_size,
+        collate = (
+            self._collate
+            if paired is None
+            else PreferenceCollator(
+                paired=paired,
+                pad_id=self._collate.pad_id,
+                max_seq_len=self._collate.max_seq_len,
+                rank=self.rank,
+                rows_per_rank=self.batch_size,
+            )
         )
         return DataLoader(
-            dataset, batch_sampler=order, collate_fn=collate, num_workers=0,
+            dataset,
+            batch_sampler=order,
+            collate_fn=collate,
+            num_workers=0,
             generator=torch.Generator().manual_seed(self.seed),
         )
 
@@ -406,7 +465,12 @@ class PrefOptRecipe:
     def _shard(self, model: nn.Module) -> None:
         training.shard_model(
             model=model,
-            shard_conditions=[partial(training.get_shard_conditions, names_to_match=self.cfg.get("custom_sharded_layers"))],
+            shard_conditions=[
+                partial(
+                    training.get_shard_conditions,
+                    names_to_match=self.cfg.get("custom_sharded_layers"),
+                )
+            ],
             cpu_offload=self.cfg.get("fsdp_cpu_offload", False),
             reshard_after_forward=self.cfg.get("fsdp_reshard_after_forward", True),
         )
@@ -417,7 +481,9 @@ class PrefOptRecipe:
                 if hasattr(m, "rope_init"):
                     m.rope_init()
 
-    def _setup_policy(self, base_sd: Dict[str, torch.Tensor], resume_dir: Optional[Path]) -> nn.Module:
+    def _setup_policy(
+        self, base_sd: Dict[str, torch.Tensor], resume_dir: Optional[Path]
+    ) -> nn.Module:
         cfg = self.cfg
         model = self._instantiate_meta_model()
         adapter_params = get_adapter_params(model)
@@ -448,11 +514,17 @@ class PrefOptRecipe:
         if cfg.get("compile", False):
             training.compile_model(model, verbose=self._is_rank_zero)
         if cfg.get("enable_activation_checkpointing", False):
-            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
         self._shard(model)
         self._init_rope(model)
         training.load_from_full_model_state_dict(
-            model, policy_sd, self._device, strict=True, cpu_offload=cfg.get("fsdp_cpu_offload", False)
+            model,
+            policy_sd,
+            self._device,
+            strict=True,
+            cpu_offload=cfg.get("fsdp_cpu_offload", False),
         )
         training.validate_no_params_on_meta_device(model)
         training.disable_dropout(model)
@@ -461,12 +533,18 @@ class PrefOptRecipe:
     def _setup_reference(self, base_sd: Dict[str, torch.Tensor]) -> ReferenceSource:
         """The strategy for reference log-probs; the only place the recipe looks at which."""
         # the files whose content identifies the reference (for the precompute cache)
-        self._ref_files = [*self._checkpointer._checkpoint_paths, self._checkpointer._checkpoint_dir / "config.json"]
+        self._ref_files = [
+            *self._checkpointer._checkpoint_paths,
+            self._checkpointer._checkpoint_dir / "config.json",
+        ]
         if self._reference_free:
             return NoReference(type(self._loss_fn).__name__)
         if self._is_lora:
             if self._ref_quant is not None:
-                utils.log_rank_zero(log, "WARNING: reference.quantization is ignored with LoRA (the reference is the policy's own base weights)")
+                utils.log_rank_zero(
+                    log,
+                    "WARNING: reference.quantization is ignored with LoRA (the reference is the policy's own base weights)",
+                )
                 self._ref_quant = None
             return AdaptersDisabled(self._model, self._chunk_size)
         ref_sd, source = base_sd, getattr(self._checkpointer, "_checkpoint_dir", "checkpointer")
@@ -474,8 +552,13 @@ class PrefOptRecipe:
             ref_ckpt = config.instantiate(self.cfg.ref_checkpointer)
             ref_sd = ckpt.load_model_state_dict(ref_ckpt, "ref_checkpointer")
             source = getattr(ref_ckpt, "_checkpoint_dir", "ref_checkpointer")
-            self._ref_files = [*ref_ckpt._checkpoint_paths, ref_ckpt._checkpoint_dir / "config.json"]
-        return FrozenModel(self._frozen_reference_model(ref_sd, source), str(source), self._chunk_size)
+            self._ref_files = [
+                *ref_ckpt._checkpoint_paths,
+                ref_ckpt._checkpoint_dir / "config.json",
+            ]
+        return FrozenModel(
+            self._frozen_reference_model(ref_sd, source), str(source), self._chunk_size
+        )
 
     def _frozen_reference_model(self, ref_sd: Dict[str, torch.Tensor], source: Any) -> nn.Module:
         model = self._instantiate_meta_model()
@@ -483,7 +566,9 @@ class PrefOptRecipe:
         if self._ref_quant is not None:
             # torchao's quantized tensors do not compose with FSDP2: a plain module, replicated
             # on every rank. Weights stay on the CPU until each layer is quantized on the device.
-            model.load_state_dict({k: v.to(self._dtype) for k, v in ref_sd.items()}, strict=True, assign=True)
+            model.load_state_dict(
+                {k: v.to(self._dtype) for k, v in ref_sd.items()}, strict=True, assign=True
+            )
             self._init_rope(model)
             report = quantize_reference(model, self._ref_quant, device=self._device)
             training.validate_no_params_on_meta_device(model)
@@ -495,7 +580,11 @@ class PrefOptRecipe:
         self._shard(model)
         self._init_rope(model)
         training.load_from_full_model_state_dict(
-            model, ref_sd, self._device, strict=True, cpu_offload=self.cfg.get("fsdp_cpu_offload", False)
+            model,
+            ref_sd,
+            self._device,
+            strict=True,
+            cpu_offload=self.cfg.get("fsdp_cpu_offload", False),
         )
         training.validate_no_params_on_meta_device(model)
         training.disable_dropout(model)
@@ -511,28 +600,58 @@ class PrefOptRecipe:
         live, root = self._reference, self._output_dir / "reference_cache"
         pairs = None
         if not self._paired:
-            pairs = kto_kl_pairs(self._sampler, self.total_epochs, self._steps_per_epoch * self.accum)
-        padded = PreferenceCollator(paired=self._paired, pad_id=self._collate.pad_id, max_seq_len=self._collate.max_seq_len)
-        self._reference = self._cached(live, self._dataset, root, padded, pairs, "the training rows")
+            pairs = kto_kl_pairs(
+                self._sampler, self.total_epochs, self._steps_per_epoch * self.accum
+            )
+        padded = PreferenceCollator(
+            paired=self._paired, pad_id=self._collate.pad_id, max_seq_len=self._collate.max_seq_len
+        )
+        self._reference = self._cached(
+            live, self._dataset, root, padded, pairs, "the training rows"
+        )
         if self._eval_dataset is not None:
             padded = PreferenceCollator(paired=True, pad_id=self._collate.pad_id)
-            self._eval_reference = self._cached(live, self._eval_dataset, root / "eval", padded, None, "the held-out rows")
+            self._eval_reference = self._cached(
+                live, self._eval_dataset, root / "eval", padded, None, "the held-out rows"
+            )
         if live.model is not None:
             live.model = None  # not needed any more: free its memory
-            utils.log_rank_zero(log, "reference model freed: training and evaluation use the cached reference log-probs")
+            utils.log_rank_zero(
+                log,
+                "reference model freed: training and evaluation use the cached reference log-probs",
+            )
 
-    def _cached(self, live: ReferenceSource, dataset, cache_dir: Path, collate, pairs, what: str) -> CachedLogps:
+    def _cached(
+        self, live: ReferenceSource, dataset, cache_dir: Path, collate, pairs, what: str
+    ) -> CachedLogps:
         store = None
         if self._is_rank_zero:  # only rank 0 reads/writes the file: only it needs the fingerprint
             fingerprint = reference_fingerprint(
-                self._ref_files, dataset, self._tokenizer, self._tokenizer.max_seq_len,
-                extra={"model": self.cfg.model, "dtype": self.cfg.get("dtype", "fp32"), "lora": self._is_lora, "kl_pairs": pairs},
-                quantization=self._ref_quant, digest_memo=self._output_dir / "reference_cache" / DIGEST_MEMO,
+                self._ref_files,
+                dataset,
+                self._tokenizer,
+                self._tokenizer.max_seq_len,
+                extra={
+                    "model": self.cfg.model,
+                    "dtype": self.cfg.get("dtype", "fp32"),
+                    "lora": self._is_lora,
+                    "kl_pairs": pairs,
+                },
+                quantization=self._ref_quant,
+                digest_memo=self._output_dir / "reference_cache" / DIGEST_MEMO,
             )
             store = ReferenceLogpsCache(cache_dir, fingerprint)
         return CachedLogps.precompute(
-            live, dataset, store, collate_fn=collate, batch_size=self.batch_size, world_size=self.world_size,
-            rank=self.rank, device=self._device, kl_pairs=pairs, what=what,
+            live,
+            dataset,
+            store,
+            collate_fn=collate,
+            batch_size=self.batch_size,
+            world_size=self.world_size,
+            rank=self.rank,
+            device=self._device,
+            kl_pairs=pairs,
+            what=what,
         )
 
     # ------------------------------------------------------------------ state
@@ -563,7 +682,10 @@ class PrefOptRecipe:
                 f"{gb_now} and {self.accum}: keep batch_size x world_size and accumulation the same to resume exactly"
             )
         if state["seed"] != self.seed:
-            utils.log_rank_zero(log, f"WARNING: using the checkpoint's seed {state['seed']} (config has {self.seed})")
+            utils.log_rank_zero(
+                log,
+                f"WARNING: using the checkpoint's seed {state['seed']} (config has {self.seed})",
+            )
             self.seed = state["seed"]
             self._sampler.seed = self.seed
         self.global_step = state["step"]
@@ -577,7 +699,9 @@ class PrefOptRecipe:
             torch.set_rng_state(rng[self.rank])
         opt_sd = state.get("optimizer")
         if opt_sd is not None:
-            training.load_from_full_optimizer_state_dict(self._model, self._optimizer, opt_sd, self._device)
+            training.load_from_full_optimizer_state_dict(
+                self._model, self._optimizer, opt_sd, self._device
+            )
 
     def _gather_adapter_state(self) -> Dict[str, torch.Tensor]:
         """Full LoRA adapter tensors on rank 0, without gathering the frozen base weights."""
@@ -603,12 +727,18 @@ class PrefOptRecipe:
         if adapter_only:
             full_sd = self._gather_adapter_state()
         else:
-            full_sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
-        opt_sd = training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero, device=self._device)
+            full_sd = training.gather_cpu_state_dict(
+                self._model, self._is_rank_zero, device=self._device
+            )
+        opt_sd = training.get_full_optimizer_state_dict(
+            self._model, self._optimizer, self._is_rank_zero, device=self._device
+        )
         state = self._recipe_state(epoch, micro_in_epoch)
         finite = True
         if self._is_rank_zero:
-            finite = all(torch.isfinite(v).all().item() for v in full_sd.values() if v.is_floating_point())
+            finite = all(
+                torch.isfinite(v).all().item() for v in full_sd.values() if v.is_floating_point()
+            )
         if any_rank(not finite, self._device):
             raise FloatingPointError(
                 f"step {self.global_step}: the weights contain non-finite values; refusing to write a checkpoint"
@@ -617,7 +747,10 @@ class PrefOptRecipe:
         if self._is_rank_zero:
             tmp = ckpt.begin_checkpoint(self._output_dir, self.global_step)
             if adapter_only:
-                to_write = {training.ADAPTER_KEY: full_sd, training.ADAPTER_CONFIG: adapter_config(self._lora)}
+                to_write = {
+                    training.ADAPTER_KEY: full_sd,
+                    training.ADAPTER_CONFIG: adapter_config(self._lora),
+                }
             elif self._is_lora:
                 to_write = {
                     training.MODEL_KEY: merged_lora_state_dict(full_sd, self._lora),
@@ -633,7 +766,9 @@ class PrefOptRecipe:
                 tmp, self.global_step, extra={"reason": reason, "model_weights": not adapter_only}
             )
             ckpt.prune_checkpoints(self._output_dir, self._keep_last)
-            log.info(f"Saved checkpoint {final_path} ({reason}) in {time.perf_counter() - start:.1f}s")
+            log.info(
+                f"Saved checkpoint {final_path} ({reason}) in {time.perf_counter() - start:.1f}s"
+            )
         dist.barrier()
         return final_path
 
@@ -651,7 +786,9 @@ class PrefOptRecipe:
         """Loss of ``B`` pairs, and the metric sums ``{name: (sum over pairs, count name)}``."""
         pol = batch.logps(self._model, self._chunk_size)
         ref = self._reference.logps(batch)
-        losses, chosen_rewards, rejected_rewards = self._loss_fn(*_pairs(self._pick(pol)), *_pairs(self._pick(ref)))
+        losses, chosen_rewards, rejected_rewards = self._loss_fn(
+            *_pairs(self._pick(pol)), *_pairs(self._pick(ref))
+        )
         pol_chosen, pol_rejected = _pairs(pol.sum.detach())
         stats = {
             "rewards/chosen": (chosen_rewards.detach().sum(), "rows"),
@@ -668,17 +805,29 @@ class PrefOptRecipe:
         pol = batch.logps(self._model, self._chunk_size)
         with torch.no_grad():
             pol_kl = self._pick(batch.kl_logps(self._model, self._chunk_size))
-        ref, ref_kl = self._pick(self._reference.logps(batch)), self._pick(self._reference.kl_logps(batch))
-        losses, rewards, kl = self._loss_fn(self._pick(pol), ref, batch.is_desirable, pol_kl, ref_kl)
+        ref, ref_kl = (
+            self._pick(self._reference.logps(batch)),
+            self._pick(self._reference.kl_logps(batch)),
+        )
+        losses, rewards, kl = self._loss_fn(
+            self._pick(pol), ref, batch.is_desirable, pol_kl, ref_kl
+        )
         d = batch.is_desirable.float()
         stats = {
-            "kl": (kl.detach().float() * len(batch), "rows"),  # z0 is global; weight so the mean is z0
+            "kl": (
+                kl.detach().float() * len(batch),
+                "rows",
+            ),  # z0 is global; weight so the mean is z0
             "rewards/desirable": ((rewards.detach() * d).sum(), "desirable"),
             "rewards/undesirable": ((rewards.detach() * (1 - d)).sum(), "undesirable"),
             "logps/desirable": ((pol.sum.detach() * d).sum(), "desirable"),
             "logps/undesirable": ((pol.sum.detach() * (1 - d)).sum(), "undesirable"),
         }
-        counts = {"rows": float(len(batch)), "desirable": d.sum().item(), "undesirable": (1 - d).sum().item()}
+        counts = {
+            "rows": float(len(batch)),
+            "desirable": d.sum().item(),
+            "undesirable": (1 - d).sum().item(),
+        }
         return losses, stats, counts
 
     def _nonfinite_rows(self, losses: torch.Tensor, index: torch.Tensor) -> List[int]:
@@ -697,7 +846,9 @@ class PrefOptRecipe:
             batch = batch.to(self._device)
             pol = batch.logps(self._model, self._chunk_size)
             ref = self._eval_reference.logps(batch)
-            chosen_rewards, rejected_rewards = pair_rewards(self._loss_module, *_pairs(self._pick(pol)), *_pairs(self._pick(ref)))
+            chosen_rewards, rejected_rewards = pair_rewards(
+                self._loss_module, *_pairs(self._pick(pol)), *_pairs(self._pick(ref))
+            )
             pol_chosen, pol_rejected = _pairs(pol.sum)
             m.add("eval/rewards/accuracies", pair_accuracy(chosen_rewards, rejected_rewards).sum())
             m.add("eval/rewards/margins", (chosen_rewards - rejected_rewards).double().sum())
@@ -726,8 +877,16 @@ class PrefOptRecipe:
             f"{self.global_step} steps in {seconds:.0f}s",
         ]
         m = self._last_metrics
-        keys = ["loss", "rewards/accuracies", "rewards/margins", "kl", "logps/chosen", "logps/rejected",
-                "tokens_per_second", "peak_memory_gib"]
+        keys = [
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "kl",
+            "logps/chosen",
+            "logps/rejected",
+            "tokens_per_second",
+            "peak_memory_gib",
+        ]
         shown = [f"{k}={m[k]:.4g}" for k in keys if k in m]
         if shown:
             lines.append("   last step: " + "  ".join(shown))
@@ -740,7 +899,9 @@ class PrefOptRecipe:
             )
         if final_path is not None:
             lines.append(f"   checkpoint (HF format): {final_path}")
-        log_dir = getattr(self._metric_logger, "log_dir", None) or self.cfg.get("metric_logger", {}).get("log_dir")
+        log_dir = getattr(self._metric_logger, "log_dir", None) or self.cfg.get(
+            "metric_logger", {}
+        ).get("log_dir")
         if log_dir:
             lines.append(f"   metrics log: {log_dir}")
         return "\n".join(lines)
@@ -753,7 +914,11 @@ class PrefOptRecipe:
         if self._eval_dataloader is not None and self.global_step == 0:
             self._log(self.evaluate())
             t0 = time.perf_counter()
-        pbar = tqdm(total=self.total_epochs * self._steps_per_epoch, initial=self.global_step, disable=not self._is_rank_zero)
+        pbar = tqdm(
+            total=self.total_epochs * self._steps_per_epoch,
+            initial=self.global_step,
+            disable=not self._is_rank_zero,
+        )
         for epoch in range(self.epochs_run, self.total_epochs):
             # Only the first epoch of a resumed run starts mid-way (epochs_run is advanced at the
             # end of every epoch, so comparing epoch with it would skip the next epoch's start too).
@@ -790,13 +955,17 @@ class PrefOptRecipe:
                     # Always measured (the non-finite guard needs it); clipping only if configured
                     # (max_norm=inf scales the gradients by exactly 1.0).
                     max_norm = float(self._clip) if self._clip is not None else math.inf
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=max_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        self._model.parameters(), max_norm=max_norm
+                    )
                     if hasattr(grad_norm, "full_tensor"):
                         grad_norm = grad_norm.full_tensor()
                     if not torch.isfinite(grad_norm):
                         msg = f"step {self.global_step + 1}: non-finite gradient norm ({grad_norm.item()})"
                         if self._nonfinite == "stop":
-                            raise FloatingPointError(msg + " (set nonfinite=skip to skip such steps)")
+                            raise FloatingPointError(
+                                msg + " (set nonfinite=skip to skip such steps)"
+                            )
                         utils.log_rank_zero(log, f"WARNING: {msg}; skipping this step")
                         step_bad = True
                 if not step_bad:
@@ -813,23 +982,32 @@ class PrefOptRecipe:
                     metrics["lr"] = get_lr(self._optimizer)
                     if grad_norm is not None:
                         metrics["grad_norm"] = grad_norm.item()
-                    metrics["tokens_per_second"] = counts.get("tokens", 0.0) / max(time.perf_counter() - t0, 1e-9)
+                    metrics["tokens_per_second"] = counts.get("tokens", 0.0) / max(
+                        time.perf_counter() - t0, 1e-9
+                    )
                     metrics["peak_memory_gib"] = _peak_memory_gib(self._device)
                     if step_bad:
                         metrics["skipped_step"] = 1.0
                     self._log(metrics)
                     if "loss" in metrics:
-                        pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {metrics['loss']:.4f}")
+                        pbar.set_description(
+                            f"{epoch + 1}|{self.global_step}|loss {metrics['loss']:.4f}"
+                        )
                     t0 = time.perf_counter()
                 step_bad = False
 
-                if self._eval_dataloader is not None and self._eval_every and self.global_step % self._eval_every == 0:
+                if (
+                    self._eval_dataloader is not None
+                    and self._eval_every
+                    and self.global_step % self._eval_every == 0
+                ):
                     self._log(self.evaluate())
                     t0 = time.perf_counter()
                 if any_rank(self._sigterm, self._device):
                     path = self.save_checkpoint(epoch, micro, reason="sigterm")
                     utils.log_rank_zero(
-                        log, f"SIGTERM: saved {path} at step {self.global_step}; resume with resume_from_checkpoint=True"
+                        log,
+                        f"SIGTERM: saved {path} at step {self.global_step}; resume with resume_from_checkpoint=True",
                     )
                     pbar.close()
                     raise _Preempted()
@@ -837,7 +1015,9 @@ class PrefOptRecipe:
                     self.save_checkpoint(epoch, micro, reason="periodic")
             self.epochs_run = epoch + 1
         pbar.close()
-        if self._eval_dataloader is not None and not (self._eval_every and self.global_step % self._eval_every == 0):
+        if self._eval_dataloader is not None and not (
+            self._eval_every and self.global_step % self._eval_every == 0
+        ):
             self._log(self.evaluate())
         last = ckpt.latest_checkpoint(self._output_dir)
         has_final = (
@@ -873,7 +1053,10 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe.setup()
         recipe.train()
         if recipe._is_rank_zero:
-            print(recipe.summary(getattr(recipe, "_final_path", None), time.perf_counter() - start), flush=True)
+            print(
+                recipe.summary(getattr(recipe, "_final_path", None), time.perf_counter() - start),
+                flush=True,
+            )
     except _Preempted:
         pass
     except FloatingPointError as err:

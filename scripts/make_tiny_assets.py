@@ -167,13 +167,9 @@ def split_pairs(rng: random.Random) -> Tuple[List[Tuple[int, str]], List[Tuple[i
     return train, heldout
 
 
-def _rows(
-    pairs: Sequence[Tuple[int, str]], n: int, rng: random.Random
-) -> List[Dict[str, str]]:
+def _rows(pairs: Sequence[Tuple[int, str]], n: int, rng: random.Random) -> List[Dict[str, str]]:
     cats = item_category()
-    all_prompts = [
-        (g, t, item) for t, item in pairs for g in range(len(GREETINGS))
-    ]
+    all_prompts = [(g, t, item) for t, item in pairs for g in range(len(GREETINGS))]
     if n > len(all_prompts):
         raise ValueError(f"asked for {n} rows but only {len(all_prompts)} distinct prompts")
     chosen_prompts = rng.sample(all_prompts, n)
@@ -188,9 +184,7 @@ def _rows(
         else:  # defect: unhelpful (no answer at all)
             rejected = rng.choice(UNHELPFUL).format(a_item=_a(item))
             defect = "unhelpful"
-        rows.append(
-            {"prompt": prompt, "chosen": chosen, "rejected": rejected, "defect": defect}
-        )
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "defect": defect})
     return rows
 
 
@@ -246,9 +240,7 @@ def train_tokenizer(texts: List[str]):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     base = tok.get_vocab_size(with_added_tokens=False)
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
-    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if ids != list(range(base, base + len(SPECIAL_TOKENS))):
         raise RuntimeError(f"special tokens did not land right after the vocab: {ids}")

@@ -33,7 +33,6 @@ from tune_harness import JOBS, synthetic_rows, tiny_config, tune, write_jsonl
 pytestmark = pytest.mark.slow
 
 
-
 # ----------------------------------------------------------------------------- helpers
 _jsonl = write_jsonl
 
@@ -46,7 +45,13 @@ def _kto_rows(n: int = 8, labels: Optional[List[bool]] = None) -> List[dict]:
     rows = []
     for i, r in enumerate(_good_rows(n)):
         good = labels[i] if labels is not None else i % 2 == 0
-        rows.append({"prompt": r["prompt"], "completion": r["chosen"] if good else r["rejected"], "label": good})
+        rows.append(
+            {
+                "prompt": r["prompt"],
+                "completion": r["chosen"] if good else r["rejected"],
+                "label": good,
+            }
+        )
     return rows
 
 
@@ -77,8 +82,14 @@ def _recipe_state(batch_size: int = 4, world_size: int = 1, accum: int = 1) -> d
     import torch
 
     return {
-        "step": 2, "epoch": 0, "micro_in_epoch": 2 * accum, "seed": 42, "world_size": world_size,
-        "batch_size": batch_size, "gradient_accumulation_steps": accum, "rng_states": [torch.get_rng_state()],
+        "step": 2,
+        "epoch": 0,
+        "micro_in_epoch": 2 * accum,
+        "seed": 42,
+        "world_size": world_size,
+        "batch_size": batch_size,
+        "gradient_accumulation_steps": accum,
+        "rng_states": [torch.get_rng_state()],
     }
 
 
@@ -116,13 +127,19 @@ class Case:
     loss: str = "dpo"
     edits: Dict[str, object] = field(default_factory=dict)  # applied to the YAML
     overrides: List[str] = field(default_factory=list)  # key=value on the command line
-    setup: Optional[Callable[[Path, Path], Dict[str, object]]] = None  # (case_dir, base) -> more edits
+    setup: Optional[Callable[[Path, Path], Dict[str, object]]] = (
+        None  # (case_dir, base) -> more edits
+    )
     expect: List[str] = field(default_factory=list)  # substrings of the one error line
     warn: Optional[List[str]] = None  # a warning case: exit 0, these substrings in the output
     preexisting_checkpoint: bool = False
 
 
-def _data(rows_fn: Callable[[], List[dict]], component: str = "torchtune_prefopt.data.preference_dataset", key: str = "dataset"):
+def _data(
+    rows_fn: Callable[[], List[dict]],
+    component: str = "torchtune_prefopt.data.preference_dataset",
+    key: str = "dataset",
+):
     def setup(case_dir: Path, base: Path) -> Dict[str, object]:
         f = _jsonl(case_dir / f"{key}.jsonl", rows_fn())
         return {key: {"_component_": component, "source": "json", "data_files": str(f)}}
@@ -209,38 +226,161 @@ KTO_DS = "torchtune_prefopt.data.kto_dataset"
 
 CASES = [
     # -- config keys and hyper-parameters
-    Case("unknown_loss", overrides=["loss._component_=dpoo"], expect=["loss: unknown loss 'dpoo'", "valid:", "dpo", "kto", "simpo"]),
+    Case(
+        "unknown_loss",
+        overrides=["loss._component_=dpoo"],
+        expect=["loss: unknown loss 'dpoo'", "valid:", "dpo", "kto", "simpo"],
+    ),
     Case("beta_zero", overrides=["loss.beta=0"], expect=["loss.beta must be > 0, got 0"]),
-    Case("label_smoothing_0.5", overrides=["loss.label_smoothing=0.5"], expect=["loss.label_smoothing must be in [0, 0.5), got 0.5"]),
-    Case("simpo_gamma_negative", loss="simpo", overrides=["loss.gamma=-1"], expect=["loss.gamma must be >= 0"]),
+    Case(
+        "label_smoothing_0.5",
+        overrides=["loss.label_smoothing=0.5"],
+        expect=["loss.label_smoothing must be in [0, 0.5), got 0.5"],
+    ),
+    Case(
+        "simpo_gamma_negative",
+        loss="simpo",
+        overrides=["loss.gamma=-1"],
+        expect=["loss.gamma must be >= 0"],
+    ),
     Case("ipo_tau_zero", loss="ipo", overrides=["loss.tau=0"], expect=["loss.tau must be > 0"]),
-    Case("unknown_key_typo", overrides=["batch_sise=4"], expect=["unknown config key 'batch_sise'", "did you mean 'batch_size'"]),
-    Case("batch_size_zero", overrides=["batch_size=0"], expect=["batch_size must be an integer >= 1, got 0"]),
-    Case("bad_dtype", overrides=["dtype=fp16"], expect=["dtype must be 'fp32' or 'bf16', got 'fp16'"]),
-    Case("bad_nonfinite", overrides=["nonfinite=ignore"], expect=["nonfinite must be 'stop' or 'skip', got 'ignore'"]),
-    Case("bogus_quantization", overrides=["reference.quantization=int4"], expect=["reference.quantization must be", "got 'int4'"]),
-    Case("fp8_dynamic_on_cpu", overrides=["reference.quantization=fp8_dynamic"], expect=["fp8_dynamic needs a CUDA GPU"]),
-    Case("cuda_without_cuda", overrides=["device=cuda"], expect=["device is 'cuda' but no CUDA device is available"]),
+    Case(
+        "unknown_key_typo",
+        overrides=["batch_sise=4"],
+        expect=["unknown config key 'batch_sise'", "did you mean 'batch_size'"],
+    ),
+    Case(
+        "batch_size_zero",
+        overrides=["batch_size=0"],
+        expect=["batch_size must be an integer >= 1, got 0"],
+    ),
+    Case(
+        "bad_dtype", overrides=["dtype=fp16"], expect=["dtype must be 'fp32' or 'bf16', got 'fp16'"]
+    ),
+    Case(
+        "bad_nonfinite",
+        overrides=["nonfinite=ignore"],
+        expect=["nonfinite must be 'stop' or 'skip', got 'ignore'"],
+    ),
+    Case(
+        "bogus_quantization",
+        overrides=["reference.quantization=int4"],
+        expect=["reference.quantization must be", "got 'int4'"],
+    ),
+    Case(
+        "fp8_dynamic_on_cpu",
+        overrides=["reference.quantization=fp8_dynamic"],
+        expect=["fp8_dynamic needs a CUDA GPU"],
+    ),
+    Case(
+        "cuda_without_cuda",
+        overrides=["device=cuda"],
+        expect=["device is 'cuda' but no CUDA device is available"],
+    ),
     # -- checkpoints
-    Case("ref_checkpoint_other_shape", setup=_mismatched_ref, expect=["ref32", "has shape (704, 32), the model expects (704, 64)"]),
+    Case(
+        "ref_checkpoint_other_shape",
+        setup=_mismatched_ref,
+        expect=["ref32", "has shape (704, 32), the model expects (704, 64)"],
+    ),
     Case("truncated_base_safetensors", setup=_truncated_base, expect=["model.safetensors"]),
     # -- data rows
-    Case("missing_field", setup=_data(_rows_with(2, rejected=_DROP)), expect=["dataset.jsonl row 2 (line 3): field 'rejected' is missing"]),
-    Case("empty_completion", setup=_data(_rows_with(1, chosen="  ")), expect=["dataset.jsonl row 1 (line 2): field 'chosen' is empty"]),
-    Case("non_string_completion", setup=_data(_rows_with(3, rejected=5)), expect=["dataset.jsonl row 3 (line 4): field 'rejected' must be a non-empty string or a list of messages, got int"]),
-    Case("all_rows_too_long", overrides=["tokenizer.max_seq_len=8"], expect=["train.jsonl: all 8 rows are longer than max_seq_len=8 tokens"]),
-    Case("kto_one_class", loss="kto", setup=_data(lambda: _kto_rows(8, [True] * 8), KTO_DS), expect=["dataset.jsonl: KTO needs both desirable and undesirable rows, got 8 desirable and 0 undesirable"]),
-    Case("kto_batch_size_1", loss="kto", overrides=["batch_size=1"], expect=["batch_size: KTOLoss", "needs batch_size >= 2 per rank, got 1"]),
-    Case("kto_paired_data", loss="kto", edits={"dataset._component_": "torchtune_prefopt.data.preference_dataset"}, expect=["dataset: KTO trains on unpaired rows", "unpaired_from_paired"]),
-    Case("eval_dataset_unpaired", setup=_data(lambda: _kto_rows(8), KTO_DS, key="eval_dataset"), expect=["eval_dataset: this loss (or evaluation) needs paired chosen/rejected rows"]),
+    Case(
+        "missing_field",
+        setup=_data(_rows_with(2, rejected=_DROP)),
+        expect=["dataset.jsonl row 2 (line 3): field 'rejected' is missing"],
+    ),
+    Case(
+        "empty_completion",
+        setup=_data(_rows_with(1, chosen="  ")),
+        expect=["dataset.jsonl row 1 (line 2): field 'chosen' is empty"],
+    ),
+    Case(
+        "non_string_completion",
+        setup=_data(_rows_with(3, rejected=5)),
+        expect=[
+            "dataset.jsonl row 3 (line 4): field 'rejected' must be a non-empty string or a list of messages, got int"
+        ],
+    ),
+    Case(
+        "all_rows_too_long",
+        overrides=["tokenizer.max_seq_len=8"],
+        expect=["train.jsonl: all 8 rows are longer than max_seq_len=8 tokens"],
+    ),
+    Case(
+        "kto_one_class",
+        loss="kto",
+        setup=_data(lambda: _kto_rows(8, [True] * 8), KTO_DS),
+        expect=[
+            "dataset.jsonl: KTO needs both desirable and undesirable rows, got 8 desirable and 0 undesirable"
+        ],
+    ),
+    Case(
+        "kto_batch_size_1",
+        loss="kto",
+        overrides=["batch_size=1"],
+        expect=["batch_size: KTOLoss", "needs batch_size >= 2 per rank, got 1"],
+    ),
+    Case(
+        "kto_paired_data",
+        loss="kto",
+        edits={"dataset._component_": "torchtune_prefopt.data.preference_dataset"},
+        expect=["dataset: KTO trains on unpaired rows", "unpaired_from_paired"],
+    ),
+    Case(
+        "eval_dataset_unpaired",
+        setup=_data(lambda: _kto_rows(8), KTO_DS, key="eval_dataset"),
+        expect=["eval_dataset: this loss (or evaluation) needs paired chosen/rejected rows"],
+    ),
     # -- resume
-    Case("resume_other_global_batch", setup=_resume_other_batch, preexisting_checkpoint=True, expect=["resume: the checkpoint was trained with a global micro-batch of 8", "this run has 4"]),
-    Case("resume_truncated_checkpoint", setup=_resume_truncated, preexisting_checkpoint=True, expect=["step_000002/model.safetensors is truncated or damaged", "manifest says"]),
-    Case("resume_corrupt_header", setup=_resume_corrupt_header, preexisting_checkpoint=True, expect=["step_000002/model.safetensors is damaged"]),
-    Case("resume_pickled_object", setup=_resume_pickle, preexisting_checkpoint=True, expect=["step_000002/recipe_state.pt cannot be loaded", "refuses to unpickle (GLOBAL posix.mkdir)", "do not load it with weights_only=False"]),
+    Case(
+        "resume_other_global_batch",
+        setup=_resume_other_batch,
+        preexisting_checkpoint=True,
+        expect=[
+            "resume: the checkpoint was trained with a global micro-batch of 8",
+            "this run has 4",
+        ],
+    ),
+    Case(
+        "resume_truncated_checkpoint",
+        setup=_resume_truncated,
+        preexisting_checkpoint=True,
+        expect=["step_000002/model.safetensors is truncated or damaged", "manifest says"],
+    ),
+    Case(
+        "resume_corrupt_header",
+        setup=_resume_corrupt_header,
+        preexisting_checkpoint=True,
+        expect=["step_000002/model.safetensors is damaged"],
+    ),
+    Case(
+        "resume_pickled_object",
+        setup=_resume_pickle,
+        preexisting_checkpoint=True,
+        expect=[
+            "step_000002/recipe_state.pt cannot be loaded",
+            "refuses to unpickle (GLOBAL posix.mkdir)",
+            "do not load it with weights_only=False",
+        ],
+    ),
     # -- warnings, not errors: the run trains
-    Case("chosen_equals_rejected", setup=_data(_rows_with(5, rejected=_good_rows(8)[5]["chosen"])), warn=["dropped 1 row(s) whose chosen and rejected completions are identical", "'dropped_identical': 1"]),
-    Case("simpo_with_ref_checkpointer", loss="simpo", setup=_simpo_with_ref, warn=["SimPOLoss is reference-free: ref_checkpointer/reference.* are ignored and no reference model is loaded"]),
+    Case(
+        "chosen_equals_rejected",
+        setup=_data(_rows_with(5, rejected=_good_rows(8)[5]["chosen"])),
+        warn=[
+            "dropped 1 row(s) whose chosen and rejected completions are identical",
+            "'dropped_identical': 1",
+        ],
+    ),
+    Case(
+        "simpo_with_ref_checkpointer",
+        loss="simpo",
+        setup=_simpo_with_ref,
+        warn=[
+            "SimPOLoss is reference-free: ref_checkpointer/reference.* are ignored and no reference model is loaded"
+        ],
+    ),
 ]
 
 
@@ -301,7 +441,11 @@ def results(request, tmp_path_factory, base_checkpoint) -> Dict[str, Result]:
     dump = os.environ.get("PREFOPT_TEST_DUMP_ERRORS")  # regenerate docs/troubleshooting.md's table
     if dump:
         lines = {
-            cid: [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("error: ") or "WARNING" in x or "Warning:" in x]
+            cid: [
+                x
+                for x in (r.stdout + r.stderr).splitlines()
+                if x.startswith("error: ") or "WARNING" in x or "Warning:" in x
+            ]
             for cid, r in done.items()
         }
         Path(dump).write_text(json.dumps(lines, indent=1))

@@ -44,7 +44,9 @@ from torchtune_prefopt.models.tiny import make_tiny_hf_checkpoint, tiny_tokenize
 from tune_harness import tune
 
 RECIPES = Path(torchtune_prefopt.__file__).parent / "recipes"
-SYNTHETIC_HELDOUT = Path(torchtune_prefopt.__file__).parent / "data" / "assets" / "synthetic" / "heldout.jsonl"
+SYNTHETIC_HELDOUT = (
+    Path(torchtune_prefopt.__file__).parent / "data" / "assets" / "synthetic" / "heldout.jsonl"
+)
 TINY_MODEL = {"_component_": "torchtune_prefopt.models.tiny.tiny_qwen2"}
 
 
@@ -96,17 +98,40 @@ def test_loss_rewards_are_each_losses_own_implicit_reward():
     assert torch.allclose(c, 0.25 * (pol.chosen_sum - ref.chosen_sum))
     c, r = loss_rewards(SimPOLoss(beta=2.0, gamma=1.0), pol, None)  # reference-free
     assert torch.allclose(c, 2.0 * pol.chosen_mean) and torch.allclose(r, 2.0 * pol.rejected_mean)
-    c, r = loss_rewards(KTOLoss(beta=0.1), pol, ref)  # unpaired: chosen rows desirable, rejected not
+    c, r = loss_rewards(
+        KTOLoss(beta=0.1), pol, ref
+    )  # unpaired: chosen rows desirable, rejected not
     assert torch.allclose(c, 0.1 * (pol.chosen_sum - ref.chosen_sum))
     assert torch.allclose(r, 0.1 * (pol.rejected_sum - ref.rejected_sum))
 
 
 def test_heldout_metrics_definitions():
-    ref = HeldoutLogps(*(torch.tensor(v, dtype=torch.float64) for v in (
-        [-10.0, -10.0, -10.0, -10.0], [-12.0, -8.0, -10.0, -9.0], [-2.0] * 4, [-2.0] * 4, [5.0] * 4, [5.0] * 4)))
-    pol = HeldoutLogps(*(torch.tensor(v, dtype=torch.float64) for v in (
-        [-11.0, -9.0, -10.0, -10.0], [-14.0, -9.0, -10.0, -8.0], [-2.2, -1.8, -2.0, -2.0],
-        [-2.8, -1.8, -2.0, -1.6], [5.0] * 4, [5.0] * 4)))
+    ref = HeldoutLogps(
+        *(
+            torch.tensor(v, dtype=torch.float64)
+            for v in (
+                [-10.0, -10.0, -10.0, -10.0],
+                [-12.0, -8.0, -10.0, -9.0],
+                [-2.0] * 4,
+                [-2.0] * 4,
+                [5.0] * 4,
+                [5.0] * 4,
+            )
+        )
+    )
+    pol = HeldoutLogps(
+        *(
+            torch.tensor(v, dtype=torch.float64)
+            for v in (
+                [-11.0, -9.0, -10.0, -10.0],
+                [-14.0, -9.0, -10.0, -8.0],
+                [-2.2, -1.8, -2.0, -2.0],
+                [-2.8, -1.8, -2.0, -1.6],
+                [5.0] * 4,
+                [5.0] * 4,
+            )
+        )
+    )
     m = heldout_metrics(DPOLoss(beta=0.1), pol, ref)
     # D = (S_w - S_l) - (S_ref_w - S_ref_l): [3-2, -0 - (-2), 0-0, -2-(-1)] = [1, 2, 0, -1]
     assert m["margin_improved"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)  # a tie counts 0.5
@@ -118,11 +143,15 @@ def test_heldout_metrics_definitions():
     assert m["chosen_logp_fell"] == pytest.approx(0.25)
     assert m["rejected_logp_drift"] == pytest.approx(-0.5)
     ref_row = heldout_metrics(None, ref, None)
-    assert "pref_accuracy" not in ref_row and ref_row["ranking_accuracy"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    assert "pref_accuracy" not in ref_row and ref_row["ranking_accuracy"] == pytest.approx(
+        (1 + 0 + 0.5 + 0) / 4
+    )
 
 
 def test_kl_estimate_stderr_over_prompts():
-    out = kl_estimate(torch.tensor([1.0, 3.0, 2.0, 2.0]), torch.zeros(4), torch.tensor([0, 0, 1, 1]))
+    out = kl_estimate(
+        torch.tensor([1.0, 3.0, 2.0, 2.0]), torch.zeros(4), torch.tensor([0, 0, 1, 1])
+    )
     assert out["kl"] == pytest.approx(2.0) and out["kl_stderr"] == pytest.approx(0.0)
     assert out["kl_prompts"] == 2 and out["kl_samples"] == 4
 
@@ -138,9 +167,15 @@ def tiny_dpo_cfg():
 def test_plan_runs_matched_commands(tiny_dpo_cfg, tmp_path):
     losses = OmegaConf.load(_config.resolve_config("tiny/compare")).compare.loss_configs
     runs = plan_runs(
-        base_config="tiny/dpo", base_cfg=tiny_dpo_cfg, output_dir=tmp_path, losses=["dpo", "ipo", "kto", "simpo"],
-        loss_configs=losses, overrides=["max_steps_per_epoch=8"], loss_overrides={"simpo": ["optimizer.lr=0.001"]},
-        nproc_per_node=2, build_loss=build_loss,
+        base_config="tiny/dpo",
+        base_cfg=tiny_dpo_cfg,
+        output_dir=tmp_path,
+        losses=["dpo", "ipo", "kto", "simpo"],
+        loss_configs=losses,
+        overrides=["max_steps_per_epoch=8"],
+        loss_overrides={"simpo": ["optimizer.lr=0.001"]},
+        nproc_per_node=2,
+        build_loss=build_loss,
     )
     by = {r.name: r for r in runs}
     assert by["dpo"].command[:5] == ["tune", "run", "--nproc_per_node", "2", "prefopt_distributed"]
@@ -152,7 +187,9 @@ def test_plan_runs_matched_commands(tiny_dpo_cfg, tmp_path):
     # batch (same completions per step)
     assert "dataset.unpaired=true" in by["kto"].overrides
     assert "batch_size=16" in by["kto"].overrides
-    assert not any(o.startswith("dataset") or o.startswith("batch_size") for o in by["dpo"].overrides)
+    assert not any(
+        o.startswith("dataset") or o.startswith("batch_size") for o in by["dpo"].overrides
+    )
     assert by["simpo"].overrides[-1] == "optimizer.lr=0.001"
     assert all("max_steps_per_epoch=8" in r.overrides for r in runs)
     # every planned command parses into a valid config with the intended loss and data
@@ -160,20 +197,38 @@ def test_plan_runs_matched_commands(tiny_dpo_cfg, tmp_path):
         merged = _config.load_config(["--config", "tiny/dpo", *r.overrides])
         loss = build_loss(merged.loss)
         assert type(loss).__name__.lower().startswith(r.name)
-        assert merged.seed == tiny_dpo_cfg.seed and merged.optimizer.lr == (0.001 if r.name == "simpo" else tiny_dpo_cfg.optimizer.lr)
+        assert merged.seed == tiny_dpo_cfg.seed and merged.optimizer.lr == (
+            0.001 if r.name == "simpo" else tiny_dpo_cfg.optimizer.lr
+        )
     assert "'~loss.beta'" in by["ipo"].shell  # shell-quoted in commands.sh
 
 
 def test_kto_dataset_overrides():
-    pd = {"_component_": "torchtune_prefopt.data.preference_dataset", "source": "json", "data_files": "d.jsonl",
-          "train_on_input": False}
+    pd = {
+        "_component_": "torchtune_prefopt.data.preference_dataset",
+        "source": "json",
+        "data_files": "d.jsonl",
+        "train_on_input": False,
+    }
     # every paired builder of the package has the unpaired switch (the same rows as KTO rows)
     assert kto_dataset_overrides(pd) == ["dataset.unpaired=true"]
     assert kto_dataset_overrides({**pd, "unpaired": True}) == []
-    assert kto_dataset_overrides({"_component_": "torchtune_prefopt.data.hh_rlhf_dataset"}) == ["dataset.unpaired=true"]
-    assert kto_dataset_overrides({"_component_": "torchtune_prefopt.data.unpaired_from_paired", "source": "x"}) == []
-    explicit = kto_dataset_overrides(pd, {"_component_": "torchtune_prefopt.data.thumbs_dataset", "source": "json"})
-    assert "~dataset.data_files" in explicit and "dataset._component_=torchtune_prefopt.data.thumbs_dataset" in explicit
+    assert kto_dataset_overrides({"_component_": "torchtune_prefopt.data.hh_rlhf_dataset"}) == [
+        "dataset.unpaired=true"
+    ]
+    assert (
+        kto_dataset_overrides(
+            {"_component_": "torchtune_prefopt.data.unpaired_from_paired", "source": "x"}
+        )
+        == []
+    )
+    explicit = kto_dataset_overrides(
+        pd, {"_component_": "torchtune_prefopt.data.thumbs_dataset", "source": "json"}
+    )
+    assert (
+        "~dataset.data_files" in explicit
+        and "dataset._component_=torchtune_prefopt.data.thumbs_dataset" in explicit
+    )
     with pytest.raises(PrefOptUserError, match="compare.kto_dataset"):
         kto_dataset_overrides({"_component_": "my.own_dataset"})
 
@@ -183,28 +238,44 @@ def test_kto_dataset_overrides():
 
 def test_courtesy_judge_and_win_rates():
     j = CourtesyJudge()
-    assert j("q", "A cat is an animal. Hope this helps!", "A cat is an animal. Stop bothering me.") == 1.0
+    assert (
+        j("q", "A cat is an animal. Hope this helps!", "A cat is an animal. Stop bothering me.")
+        == 1.0
+    )
     assert j("q", "No idea, sorry.", "A cat is an animal.") == 0.0
     assert j("q", "x", "y") == 0.5
     assert courtesy_reward("q", "Thanks for asking!") == 1.0
-    wr = judge_win_rate(j, "pairwise", ["q"] * 3, ["Happy to help!", "x", "no idea"], ["x", "x", "x"])
-    assert wr["win_rate"] == pytest.approx((1 + 0.5 + 0) / 3) and (wr["wins"], wr["ties"], wr["losses"]) == (1, 1, 1)
+    wr = judge_win_rate(
+        j, "pairwise", ["q"] * 3, ["Happy to help!", "x", "no idea"], ["x", "x", "x"]
+    )
+    assert wr["win_rate"] == pytest.approx((1 + 0.5 + 0) / 3) and (
+        wr["wins"],
+        wr["ties"],
+        wr["losses"],
+    ) == (1, 1, 1)
 
     # a position-biased judge (always prefers the first answer) gets 0.5 from the two orders
     assert judge_win_rate(lambda x, a, b: 1.0, "pairwise", ["q"], ["a"], ["b"])["win_rate"] == 0.5
 
 
 def test_build_judge_kinds():
-    judge, kind = build_judge({"_component_": "torchtune_prefopt.compare.judges.CourtesyJudge", "tie": 0.4})
+    judge, kind = build_judge(
+        {"_component_": "torchtune_prefopt.compare.judges.CourtesyJudge", "tie": 0.4}
+    )
     assert kind == "pairwise" and judge("q", "a", "b") == 0.4
     judge, kind = build_judge({"_component_": "torchtune_prefopt.compare.judges.courtesy_reward"})
     assert kind == "reward" and judge("q", "Hope this helps!") == 1.0
-    judge, kind = build_judge(OmegaConf.create({"_component_": "torchtune_prefopt.compare.judges.CourtesyJudge"}), "reward")
+    judge, kind = build_judge(
+        OmegaConf.create({"_component_": "torchtune_prefopt.compare.judges.CourtesyJudge"}),
+        "reward",
+    )
     assert kind == "reward"  # explicit kind wins
     with pytest.raises(ValueError, match="cannot be imported"):
         build_judge({"_component_": "no.such.judge"})
     with pytest.raises(ValueError, match="neither a judge"):
-        build_judge({"_component_": "torchtune_prefopt.compare.judges.courtesy_score"})  # 1 argument
+        build_judge(
+            {"_component_": "torchtune_prefopt.compare.judges.courtesy_score"}
+        )  # 1 argument
     with pytest.raises(ValueError, match="judge_kind"):
         build_judge(lambda *args: 0.5)  # arity unknown
 
@@ -220,7 +291,10 @@ def tiny_models(tmp_path_factory):
     sd = load_hf_weights(ckpt, "QWEN2", d / "scratch")
     ref = build_eval_model(OmegaConf.create(TINY_MODEL), sd, torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(0)
-    pert = {k: (v + 0.05 * torch.randn(v.shape, generator=g) if k == "output.weight" else v) for k, v in sd.items()}
+    pert = {
+        k: (v + 0.05 * torch.randn(v.shape, generator=g) if k == "output.weight" else v)
+        for k, v in sd.items()
+    }
     pol = build_eval_model(OmegaConf.create(TINY_MODEL), pert, torch.device("cpu"), torch.float32)
     return tiny_tokenizer(), ref, pol
 
@@ -228,17 +302,30 @@ def tiny_models(tmp_path_factory):
 def _prompt(tok, text):
     from torchtune.data import Message
 
-    ids, _ = tok.tokenize_messages([Message("user", text, masked=True), Message("assistant", "", eot=False)], add_eos=False)
+    ids, _ = tok.tokenize_messages(
+        [Message("user", text, masked=True), Message("assistant", "", eot=False)], add_eos=False
+    )
     return ids
 
 
 def test_batched_greedy_generation_matches_one_by_one(tiny_models):
     tok, ref, _ = tiny_models
-    prompts = [_prompt(tok, t) for t in ("What is an owl?", "Hi! Please classify this word: harp.", "Hey")]
-    kw = dict(max_new_tokens=6, stop_tokens=tok.stop_tokens, pad_id=tok.pad_id, device=torch.device("cpu"),
-              dtype=torch.float32)
-    batched = generate_completions(ref, prompts, batch_size=3, kv_cache=True, **kw)  # left-padded, KV cache
-    single = [generate_completions(ref, [p], batch_size=1, kv_cache=False, **kw)[0] for p in prompts]
+    prompts = [
+        _prompt(tok, t) for t in ("What is an owl?", "Hi! Please classify this word: harp.", "Hey")
+    ]
+    kw = dict(
+        max_new_tokens=6,
+        stop_tokens=tok.stop_tokens,
+        pad_id=tok.pad_id,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    batched = generate_completions(
+        ref, prompts, batch_size=3, kv_cache=True, **kw
+    )  # left-padded, KV cache
+    single = [
+        generate_completions(ref, [p], batch_size=1, kv_cache=False, **kw)[0] for p in prompts
+    ]
     assert batched == single and all(1 <= len(c) <= 6 for c in batched)
     # sampling with a seed is reproducible
     s1 = generate_completions(ref, prompts, temperature=1.0, seed=7, **kw)
@@ -255,41 +342,83 @@ def test_monte_carlo_kl_matches_exact_one_token_kl(tiny_models):
         lq = torch.log_softmax(ref(x)[0, -1].double(), -1)
     exact = float((lp.exp() * (lp - lq)).sum())
     n = 512
-    samples = generate_completions(pol, [prompt] * n, max_new_tokens=1, stop_tokens=[], pad_id=tok.pad_id,
-                                   device=torch.device("cpu"), dtype=torch.float32, temperature=1.0, seed=0,
-                                   batch_size=n)
-    a = completion_logps(pol, [prompt] * n, samples, pad_id=tok.pad_id, device=torch.device("cpu"), batch_size=n)
-    b = completion_logps(ref, [prompt] * n, samples, pad_id=tok.pad_id, device=torch.device("cpu"), batch_size=n)
+    samples = generate_completions(
+        pol,
+        [prompt] * n,
+        max_new_tokens=1,
+        stop_tokens=[],
+        pad_id=tok.pad_id,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        temperature=1.0,
+        seed=0,
+        batch_size=n,
+    )
+    a = completion_logps(
+        pol, [prompt] * n, samples, pad_id=tok.pad_id, device=torch.device("cpu"), batch_size=n
+    )
+    b = completion_logps(
+        ref, [prompt] * n, samples, pad_id=tok.pad_id, device=torch.device("cpu"), batch_size=n
+    )
     diff = a - b
     se = float(diff.std() / math.sqrt(n))
     assert exact > 0.01
     assert abs(float(diff.mean()) - exact) < 4 * se + 1e-3, (float(diff.mean()), exact, se)
     # the reference against itself: exactly 0
-    assert torch.equal(completion_logps(ref, [prompt] * 4, samples[:4], pad_id=tok.pad_id, device=torch.device("cpu")),
-                       b[:4])
+    assert torch.equal(
+        completion_logps(
+            ref, [prompt] * 4, samples[:4], pad_id=tok.pad_id, device=torch.device("cpu")
+        ),
+        b[:4],
+    )
 
 
 # ----------------------------------------------------------------------------- report
 
 
 def test_write_report_minimal(tmp_path):
-    res = {"heldout": {"ranking_accuracy": 0.5, "pref_accuracy": float("nan")}, "generation": {"response_length": 3.0},
-           "kl": {"kl": 0.1, "kl_stderr": 0.01}, "rows": {}}
+    res = {
+        "heldout": {"ranking_accuracy": 0.5, "pref_accuracy": float("nan")},
+        "generation": {"response_length": 3.0},
+        "kl": {"kl": 0.1, "kl_stderr": 0.01},
+        "rows": {},
+    }
     report = {
-        "settings": {"base_config": "tiny/dpo", "base_config_file": "x.yaml", "heldout_rows": 2, "heldout_prompts": 2,
-                     "heldout_dataset": "d", "generation": "greedy", "kl": "1 sample"},
+        "settings": {
+            "base_config": "tiny/dpo",
+            "base_config_file": "x.yaml",
+            "heldout_rows": 2,
+            "heldout_prompts": 2,
+            "heldout_dataset": "d",
+            "generation": "greedy",
+            "kl": "1 sample",
+        },
         "matched": {"ok": False, "differences": ["seed differs: a=1, b=2"]},
-        "reference": {"name": "reference", "result": {"heldout": {"ranking_accuracy": 0.5}, "generation": {}}, "files": {}},
-        "runs": [{"name": "dpo", "loss_label": "DPOLoss(beta=0.1)", "result": res, "files": {"metrics": "m.txt"},
-                  "training": {"steps": 2, "final_loss": 0.6, "eval_accuracy": [[0, 0.5], [2, 1.0]]},
-                  "log_files": ["log.txt"], "command": "tune run x"}],
+        "reference": {
+            "name": "reference",
+            "result": {"heldout": {"ranking_accuracy": 0.5}, "generation": {}},
+            "files": {},
+        },
+        "runs": [
+            {
+                "name": "dpo",
+                "loss_label": "DPOLoss(beta=0.1)",
+                "result": res,
+                "files": {"metrics": "m.txt"},
+                "training": {"steps": 2, "final_loss": 0.6, "eval_accuracy": [[0, 0.5], [2, 1.0]]},
+                "log_files": ["log.txt"],
+                "command": "tune run x",
+            }
+        ],
         "curves": {"dpo": {"loss": [[1, 0.7], [2, 0.6]], "not_a_recipe_metric": [[1, 1.0]]}},
     }
     paths = write_report(report, tmp_path)
     md = paths["md"].read_text()
     assert "| dpo | DPOLoss(beta=0.1) |" in md and "0.100 ± 0.010" in md and "seed differs" in md
     assert "0.500 (step 0) → 1.000 (step 2)" in md and "`log.txt`" in md
-    data = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    data = json.loads(
+        paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")
+    )
     assert data["runs"][0]["result"]["heldout"]["pref_accuracy"] is None
     html = paths["html"].read_text()
     assert "<table>" in html and ("<svg" in html or "<img" in html)
@@ -366,19 +495,29 @@ def test_e2e_report(e2e):
         assert ev["kl/kl"] == [(E2E_STEPS, pytest.approx(k["kl"]))]
         # ... and the training numbers are the run's own DiskLogger log
         logs, files = read_run_logs(Path(run["run_dir"]) / "logs")
-        assert [str(f) for f in files] == run["log_files"] and all(f in md for f in run["log_files"])
+        assert [str(f) for f in files] == run["log_files"] and all(
+            f in md for f in run["log_files"]
+        )
         step, value = logs["loss"][-1]
         assert step == E2E_STEPS and value == pytest.approx(run["training"]["final_loss"])
         assert run["command"] in (out / "commands.sh").read_text()
-        gens = [json.loads(line) for line in (Path(run["files"]["generations"])).read_text().splitlines()]
-        assert len(gens) == E2E_ROWS and all("judge_p" in r and "reference_response" in r for r in gens)
+        gens = [
+            json.loads(line)
+            for line in (Path(run["files"]["generations"])).read_text().splitlines()
+        ]
+        assert len(gens) == E2E_ROWS and all(
+            "judge_p" in r and "reference_response" in r for r in gens
+        )
         assert gens[0]["prompt"].startswith("user\n") and gens[0]["prompt"].endswith("assistant\n")
     # each loss's own reward: SimPO's is beta * (per-token mean logp), from the per-row file
     by = {r["name"]: r for r in report["runs"]}
-    rows = [json.loads(line) for line in Path(by["simpo"]["files"]["heldout"]).read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in Path(by["simpo"]["files"]["heldout"]).read_text().splitlines()
+    ]
     beta = by["simpo"]["loss_config"]["beta"]
     assert by["simpo"]["result"]["heldout"]["reward_chosen"] == pytest.approx(
-        sum(beta * r["chosen_mean"] for r in rows) / len(rows))
+        sum(beta * r["chosen_mean"] for r in rows) / len(rows)
+    )
     assert "kl" in report["curves"]["kto"] and "rewards/desirable" in report["curves"]["kto"]
     assert set(report["curves"]["dpo"]) >= {"loss", "rewards/accuracies", "eval/rewards/accuracies"}
     assert "## Held-out preference metrics" in md and "| kto |" in md and "Definitions" in md
@@ -388,7 +527,9 @@ def test_e2e_report(e2e):
 
 
 def _run_compare_in_process(monkeypatch, args):
-    spec = importlib.util.spec_from_file_location("_prefopt_compare_test", RECIPES / "prefopt_compare.py")
+    spec = importlib.util.spec_from_file_location(
+        "_prefopt_compare_test", RECIPES / "prefopt_compare.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.setattr(sys, "argv", ["prefopt_compare", "--config", "tiny/compare", *args])
@@ -400,9 +541,13 @@ def _run_compare_in_process(monkeypatch, args):
 @pytest.mark.slow
 def test_e2e_skip_training_reevaluates_existing_runs(e2e, monkeypatch, capsys):
     out = e2e["out"]
-    before = {p: p.stat().st_mtime_ns for p in (out / "dpo" / "checkpoints").rglob("*") if p.is_file()}
+    before = {
+        p: p.stat().st_mtime_ns for p in (out / "dpo" / "checkpoints").rglob("*") if p.is_file()
+    }
     args = [a for a in e2e["args"]] + [
-        "compare.skip_training=true", "compare.losses=[dpo,kto]", "compare.kl.samples_per_prompt=0",
+        "compare.skip_training=true",
+        "compare.losses=[dpo,kto]",
+        "compare.kl.samples_per_prompt=0",
         "compare.judge._component_=torchtune_prefopt.compare.judges.courtesy_reward",
     ]
     assert _run_compare_in_process(monkeypatch, args) in (None, 0)
@@ -413,15 +558,22 @@ def test_e2e_skip_training_reevaluates_existing_runs(e2e, monkeypatch, capsys):
     assert "judge mean score" in (out / "report.md").read_text()
     assert "rows" not in report["runs"][0]["result"]  # per-row details: eval/<run>/*.jsonl only
     assert report["runs"][0]["result"]["kl"] == {}
-    after = {p: p.stat().st_mtime_ns for p in (out / "dpo" / "checkpoints").rglob("*") if p.is_file()}
+    after = {
+        p: p.stat().st_mtime_ns for p in (out / "dpo" / "checkpoints").rglob("*") if p.is_file()
+    }
     assert before == after  # nothing retrained
     assert "Held-out preference metrics" in capsys.readouterr().out
 
 
 def test_dry_run_and_unfinished_runs(tmp_path, monkeypatch, capsys):
     out = tmp_path / "fresh"
-    assert _run_compare_in_process(monkeypatch, [f"output_dir={out}", "compare.dry_run=true"]) in (None, 0)
-    lines = [ln for ln in (out / "commands.sh").read_text().splitlines() if ln.startswith("tune run")]
+    assert _run_compare_in_process(monkeypatch, [f"output_dir={out}", "compare.dry_run=true"]) in (
+        None,
+        0,
+    )
+    lines = [
+        ln for ln in (out / "commands.sh").read_text().splitlines() if ln.startswith("tune run")
+    ]
     assert len(lines) == 4 and all(f"output_dir={out}/" in ln for ln in lines)
     assert not (out / "dpo").exists()
     # evaluating runs that were never trained: one line, naming the command to train them
@@ -431,7 +583,10 @@ def test_dry_run_and_unfinished_runs(tmp_path, monkeypatch, capsys):
     # config mistakes are one line too
     assert _run_compare_in_process(monkeypatch, [f"output_dir={out}", "compare.lossses=[dpo]"]) == 2
     assert "did you mean 'losses'" in capsys.readouterr().err
-    assert _run_compare_in_process(monkeypatch, [f"output_dir={out}", "compare.losses=[dpo,orpo]"]) == 2
+    assert (
+        _run_compare_in_process(monkeypatch, [f"output_dir={out}", "compare.losses=[dpo,orpo]"])
+        == 2
+    )
     assert "compare.loss_configs.orpo" in capsys.readouterr().err
 
 
@@ -439,17 +594,32 @@ def test_real_model_compare_config_plans_matched_runs(tmp_path, monkeypatch, cap
     """qwen2_5/0.5B_compare (no download needed for planning): dry run -> commands.sh."""
     _config.resolve_config("qwen2_5/0.5B_dpo")  # packaged (test_packaged_configs checks the set)
     out = tmp_path / "q"
-    spec = importlib.util.spec_from_file_location("_prefopt_compare_test_q", RECIPES / "prefopt_compare.py")
+    spec = importlib.util.spec_from_file_location(
+        "_prefopt_compare_test_q", RECIPES / "prefopt_compare.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    monkeypatch.setattr(sys, "argv", ["prefopt_compare", "--config", "qwen2_5/0.5B_compare", f"output_dir={out}",
-                                      "compare.dry_run=true"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "prefopt_compare",
+            "--config",
+            "qwen2_5/0.5B_compare",
+            f"output_dir={out}",
+            "compare.dry_run=true",
+        ],
+    )
     with pytest.raises(SystemExit) as exc:
         mod.recipe_main()
     assert exc.value.code in (None, 0), capsys.readouterr().err
-    lines = [ln for ln in (out / "commands.sh").read_text().splitlines() if ln.startswith("tune run")]
-    assert len(lines) == 4 and all(ln.startswith("tune run --nproc_per_node 8 prefopt_distributed --config qwen2_5/0.5B_dpo")
-                                   for ln in lines)
+    lines = [
+        ln for ln in (out / "commands.sh").read_text().splitlines() if ln.startswith("tune run")
+    ]
+    assert len(lines) == 4 and all(
+        ln.startswith("tune run --nproc_per_node 8 prefopt_distributed --config qwen2_5/0.5B_dpo")
+        for ln in lines
+    )
     kto = next(ln for ln in lines if "/kto" in ln)
     assert "dataset.unpaired=true" in kto and "batch_size=8" in kto
     assert "loss.gamma=1.375" in next(ln for ln in lines if "/simpo" in ln)

@@ -74,8 +74,12 @@ def write_config(workdir: Path, loss: str = "dpo", **edits) -> Path:
     """configs/tiny/<loss>.yaml made tiny: 16 pairs, batch 2 x accum 2 (KTO: 32 unpaired rows,
     batch 4 x accum 2), 2 epochs: 8 steps."""
     settings = {
-        "batch_size": 4 if loss == "kto" else 2, "gradient_accumulation_steps": 2, "epochs": 2,
-        "lr_scheduler.num_warmup_steps": 2, "save_every_n_steps": 2, "keep_last_n_checkpoints": 2,
+        "batch_size": 4 if loss == "kto" else 2,
+        "gradient_accumulation_steps": 2,
+        "epochs": 2,
+        "lr_scheduler.num_warmup_steps": 2,
+        "save_every_n_steps": 2,
+        "keep_last_n_checkpoints": 2,
     }
     return tiny_config(workdir, loss, rows=16, **{**settings, **edits})
 
@@ -111,7 +115,14 @@ def run_tune(
     out = Path(config.parent / "out")
     start = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=clean_env(env), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            env=clean_env(env),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         signalled = None
         try:
             while proc.poll() is None and signal_after_step is not None and signalled is None:
@@ -152,9 +163,13 @@ def assert_tensors_equal(a, b, what: str, atol: float = 0.0) -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.shape == b.shape, what
         if atol == 0.0:
-            assert torch.equal(a, b), f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
+            assert torch.equal(a, b), (
+                f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
+            )
         else:
-            assert torch.allclose(a, b, atol=atol, rtol=0), f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
+            assert torch.allclose(a, b, atol=atol, rtol=0), (
+                f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
+            )
     elif isinstance(a, dict):
         assert set(a) == set(b), f"{what}: keys {sorted(set(a) ^ set(b))}"
         for k in a:
@@ -167,7 +182,9 @@ def assert_tensors_equal(a, b, what: str, atol: float = 0.0) -> None:
         assert a == b, f"{what}: {a!r} != {b!r}"
 
 
-def assert_metrics_match(reference: List[Dict[str, float]], got: List[Dict[str, float]], rel: float = 0.0) -> None:
+def assert_metrics_match(
+    reference: List[Dict[str, float]], got: List[Dict[str, float]], rel: float = 0.0
+) -> None:
     """Every logged step (a step logged twice, before a crash and after the resume, is checked
     both times) has the reference's metrics: exactly, or within ``rel`` relative error."""
     ref = {r["step"]: r for r in reference}
@@ -176,9 +193,13 @@ def assert_metrics_match(reference: List[Dict[str, float]], got: List[Dict[str, 
         want = ref[row["step"]]
         for key in set(want) - VOLATILE:
             if rel == 0.0:
-                assert row[key] == want[key], f"step {row['step']} {key}: {row[key]!r} != {want[key]!r}"
+                assert row[key] == want[key], (
+                    f"step {row['step']} {key}: {row[key]!r} != {want[key]!r}"
+                )
             else:
-                assert row[key] == pytest.approx(want[key], rel=rel, abs=1e-4), f"step {row['step']} {key}"
+                assert row[key] == pytest.approx(want[key], rel=rel, abs=1e-4), (
+                    f"step {row['step']} {key}"
+                )
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +247,10 @@ def ipo_reference(tmp_path_factory, base_checkpoint) -> Reference:
 
 
 def assert_same_final_state(reference: Reference, out: Path) -> None:
-    ref_dir, got_dir = reference.out / "checkpoints" / "step_000008", out / "checkpoints" / "step_000008"
+    ref_dir, got_dir = (
+        reference.out / "checkpoints" / "step_000008",
+        out / "checkpoints" / "step_000008",
+    )
     assert_tensors_equal(load_weights(ref_dir), load_weights(got_dir), "weights")
     ref_state, got_state = load_state(ref_dir), load_state(got_dir)
     assert_tensors_equal(ref_state["optimizer"], got_state["optimizer"], "optimizer")
@@ -242,7 +266,9 @@ class Chain:
     out: Path
     runs: Dict[str, Run]
     after: Dict[str, List[str]]  # checkpoint dir listing after each run
-    kill_step: int  # the checkpoint whose writing was SIGKILLed (the first save after the SIGTERM one)
+    kill_step: (
+        int  # the checkpoint whose writing was SIGKILLed (the first save after the SIGTERM one)
+    )
     tmp_listing: List[str]  # .tmp-step_<kill_step> content right after the mid-checkpoint kill
     sigterm_manifest: dict  # CHECKPOINT.json of the checkpoint the SIGTERM run wrote
 
@@ -262,13 +288,21 @@ def dpo_chain(tmp_path_factory, base_checkpoint) -> Chain:
     runs["sigterm"] = run_tune(d, cfg, signal_after_step=1, sig=signal.SIGTERM, to_group=False)
     after["sigterm"] = checkpoints(out)
     newest = [c for c in after["sigterm"] if c.startswith("step_")]
-    sigterm_manifest = json.loads((out / "checkpoints" / newest[-1] / "CHECKPOINT.json").read_text()) if newest else {}
+    sigterm_manifest = (
+        json.loads((out / "checkpoints" / newest[-1] / "CHECKPOINT.json").read_text())
+        if newest
+        else {}
+    )
     # B: resumed, then SIGKILLed while writing its first checkpoint (save_every_n_steps=2).
     resumed_at = sigterm_manifest.get("step", 0)
     kill_step = (resumed_at // 2 + 1) * 2
-    assert kill_step <= 6, f"the SIGTERM run went on to step {resumed_at}: {describe(runs['sigterm'])}"
+    assert kill_step <= 6, (
+        f"the SIGTERM run went on to step {resumed_at}: {describe(runs['sigterm'])}"
+    )
     runs["kill_in_checkpoint"] = run_tune(
-        d, cfg, "resume_from_checkpoint=True",
+        d,
+        cfg,
+        "resume_from_checkpoint=True",
         env={"PYTHONPATH": str(hooks), "PREFOPT_TEST_SIGKILL_IN_CHECKPOINT": str(kill_step)},
     )
     after["kill_in_checkpoint"] = checkpoints(out)
@@ -292,11 +326,17 @@ def test_sigterm_saves_at_next_step_boundary_and_exits_0(dpo_chain: Chain):
     step = int(last.split("_")[1])
     # The signal came once step 1 was logged: the checkpoint is at the step boundary that
     # followed (1, or 2 if step 2 was already under way), the run stopped there.
-    assert run.signalled_after_step is not None and 1 <= step <= run.signalled_after_step + 1, (saved, run.signalled_after_step)
+    assert run.signalled_after_step is not None and 1 <= step <= run.signalled_after_step + 1, (
+        saved,
+        run.signalled_after_step,
+    )
     manifest = dpo_chain.sigterm_manifest
     assert manifest["reason"] == "sigterm" and manifest["step"] == step, manifest
     assert f"SIGTERM: saved {dpo_chain.out / 'checkpoints' / last} at step {step}" in run.output
-    assert f"Resuming from {dpo_chain.out / 'checkpoints' / last}" in dpo_chain.runs["kill_in_checkpoint"].output
+    assert (
+        f"Resuming from {dpo_chain.out / 'checkpoints' / last}"
+        in dpo_chain.runs["kill_in_checkpoint"].output
+    )
 
 
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_usable(dpo_chain: Chain):
@@ -306,12 +346,20 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_usable(dpo_c
     # The half-written checkpoint stayed a .tmp- directory: weights, half a recipe state, no manifest.
     name = f"step_{dpo_chain.kill_step:06d}"
     assert f".tmp-{name}" in listing and name not in listing, listing
-    assert "recipe_state.pt" in dpo_chain.tmp_listing and "CHECKPOINT.json" not in dpo_chain.tmp_listing, dpo_chain.tmp_listing
+    assert (
+        "recipe_state.pt" in dpo_chain.tmp_listing
+        and "CHECKPOINT.json" not in dpo_chain.tmp_listing
+    ), dpo_chain.tmp_listing
     assert any(f.endswith(".safetensors") for f in dpo_chain.tmp_listing), dpo_chain.tmp_listing
     # The next run ignored it, resumed from the newest complete checkpoint and removed it on its next save.
     newest = [c for c in listing if c.startswith("step_")][-1]
-    assert f"Resuming from {dpo_chain.out / 'checkpoints' / newest}" in dpo_chain.runs["kill_at_step"].output
-    assert not any(c.startswith(".tmp-") for c in dpo_chain.after["final"]), dpo_chain.after["final"]
+    assert (
+        f"Resuming from {dpo_chain.out / 'checkpoints' / newest}"
+        in dpo_chain.runs["kill_at_step"].output
+    )
+    assert not any(c.startswith(".tmp-") for c in dpo_chain.after["final"]), dpo_chain.after[
+        "final"
+    ]
 
 
 def test_sigkill_at_an_arbitrary_step_then_resume(dpo_chain: Chain):
@@ -323,7 +371,9 @@ def test_sigkill_at_an_arbitrary_step_then_resume(dpo_chain: Chain):
     assert f"Resuming from {dpo_chain.out / 'checkpoints' / newest}" in final.output
 
 
-def test_interrupted_dpo_run_is_bit_identical_to_an_uninterrupted_one(dpo_chain: Chain, dpo_reference: Reference):
+def test_interrupted_dpo_run_is_bit_identical_to_an_uninterrupted_one(
+    dpo_chain: Chain, dpo_reference: Reference
+):
     assert dpo_chain.runs["final"].returncode == 0, describe(dpo_chain.runs["final"])
     got = log_rows(dpo_chain.out)
     # Steps after a crash point were logged twice (before the SIGKILL and after the resume).
@@ -340,7 +390,9 @@ def test_keep_last_n_checkpoints_prunes(dpo_chain: Chain):
 
 
 # ----------------------------------------------------------------------------- KTO
-def test_kto_sigkill_and_resume_is_bit_identical(tmp_path_factory, base_checkpoint, kto_reference: Reference):
+def test_kto_sigkill_and_resume_is_bit_identical(
+    tmp_path_factory, base_checkpoint, kto_reference: Reference
+):
     d = _workdir(tmp_path_factory, "kill_kto", base_checkpoint)
     cfg = write_config(d, "kto")
     killed = run_tune(d, cfg, signal_after_step=3)
@@ -354,17 +406,23 @@ def test_kto_sigkill_and_resume_is_bit_identical(tmp_path_factory, base_checkpoi
 
 
 # ----------------------------------------------------------------------------- leftovers, hand-made
-def test_leftovers_are_ignored_and_newest_complete_checkpoint_is_used(tmp_path, dpo_reference: Reference):
+def test_leftovers_are_ignored_and_newest_complete_checkpoint_is_used(
+    tmp_path, dpo_reference: Reference
+):
     """A hand-made .tmp-step_000007 (truncated weights, no manifest) and a step_000007 without a
     manifest are not checkpoints: the newest complete one (step 6) is found."""
     from torchtune_prefopt.training import checkpoints as ckpt
 
     out = tmp_path / "out"
-    shutil.copytree(dpo_reference.out / "checkpoints" / "step_000006", out / "checkpoints" / "step_000006")
+    shutil.copytree(
+        dpo_reference.out / "checkpoints" / "step_000006", out / "checkpoints" / "step_000006"
+    )
     for name in (".tmp-step_000007", "step_000007"):
         partial = out / "checkpoints" / name
         partial.mkdir()
-        data = (out / "checkpoints" / "step_000006" / "model-00001-of-00001.safetensors").read_bytes()
+        data = (
+            out / "checkpoints" / "step_000006" / "model-00001-of-00001.safetensors"
+        ).read_bytes()
         (partial / "model-00001-of-00001.safetensors").write_bytes(data[: len(data) // 2])
     assert ckpt.latest_checkpoint(out) == out / "checkpoints" / "step_000006"
     ckpt.verify_checkpoint(out / "checkpoints" / "step_000006")
@@ -384,10 +442,13 @@ def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_referenc
     both ranks save one checkpoint at the next step boundary and exit 0 (recorded by an atexit
     hook), and the run resumes, here on 1 process with the same global batch (elastic shrink)."""
     shutil.copytree(base_checkpoint, tmp_path / "base")
-    cfg = write_config(tmp_path, "dpo", batch_size=1)  # 2 ranks x 1 = the reference's global batch 2
+    cfg = write_config(
+        tmp_path, "dpo", batch_size=1
+    )  # 2 ranks x 1 = the reference's global batch 2
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(textwrap.dedent('''
+    (hooks / "sitecustomize.py").write_text(
+        textwrap.dedent("""
         import atexit, os, sys
         if "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
             _code = ["no sys.exit"]
@@ -400,22 +461,37 @@ def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_referenc
                 with open(os.path.join(os.environ["PREFOPT_TEST_EXIT_DIR"], "rank%s" % os.environ["RANK"]), "w") as f:
                     f.write(repr(_code[0]))
             atexit.register(_record)
-    '''))
+    """)
+    )
     exits = tmp_path / "exits"
     exits.mkdir()
     run = run_tune(
-        tmp_path, cfg, nproc=2, signal_after_step=1, sig=signal.SIGTERM, to_group=False,
+        tmp_path,
+        cfg,
+        nproc=2,
+        signal_after_step=1,
+        sig=signal.SIGTERM,
+        to_group=False,
         env={"PYTHONPATH": str(hooks), "PREFOPT_TEST_EXIT_DIR": str(exits)},
     )
     out = tmp_path / "out"
     saved = [c for c in checkpoints(out) if c.startswith("step_")]
     step = int(saved[-1].split("_")[1])
     assert 1 <= step <= run.signalled_after_step + 1, (saved, describe(run))
-    assert json.loads((out / "checkpoints" / saved[-1] / "CHECKPOINT.json").read_text())["reason"] == "sigterm"
-    assert f"SIGTERM: saved {out / 'checkpoints' / saved[-1]} at step {step}" in run.output, describe(run)
+    assert (
+        json.loads((out / "checkpoints" / saved[-1] / "CHECKPOINT.json").read_text())["reason"]
+        == "sigterm"
+    )
+    assert f"SIGTERM: saved {out / 'checkpoints' / saved[-1]} at step {step}" in run.output, (
+        describe(run)
+    )
     # Each rank returned normally from the recipe: sys.exit(None), i.e. exit status 0.
-    assert {f.name: f.read_text() for f in exits.iterdir()} == {"rank0": "None", "rank1": "None"}, describe(run)
-    assert "[rank0]:" not in run.output and "[rank1]:" not in run.output, describe(run)  # no rank tracebacks
+    assert {f.name: f.read_text() for f in exits.iterdir()} == {"rank0": "None", "rank1": "None"}, (
+        describe(run)
+    )
+    assert "[rank0]:" not in run.output and "[rank1]:" not in run.output, describe(
+        run
+    )  # no rank tracebacks
     # torchrun itself re-raises the signal after its workers exited (torch.distributed.elastic
     # behaviour, not the recipe's): the agent's status is 1.
     assert "closing signal SIGKILL" not in run.output, describe(run)
@@ -427,7 +503,9 @@ def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_referenc
     # 2 ranks sum gradients in another order than 1 rank: equal up to float32 rounding.
     assert_metrics_match(dpo_reference.metrics, log_rows(out), rel=1e-5)
     ref_w = load_weights(dpo_reference.out / "checkpoints" / "step_000008")
-    assert_tensors_equal(ref_w, load_weights(out / "checkpoints" / "step_000008"), "weights", atol=1e-4)
+    assert_tensors_equal(
+        ref_w, load_weights(out / "checkpoints" / "step_000008"), "weights", atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("loss", ["ipo", "kto"])
@@ -446,4 +524,6 @@ def test_two_processes_with_accumulation_match_one(request, tmp_path, base_check
     assert load_state(out / "checkpoints" / "step_000008")["world_size"] == 2
     assert_metrics_match(reference.metrics, log_rows(out), rel=1e-5)
     ref_w = load_weights(reference.out / "checkpoints" / "step_000008")
-    assert_tensors_equal(ref_w, load_weights(out / "checkpoints" / "step_000008"), "weights", atol=1e-4)
+    assert_tensors_equal(
+        ref_w, load_weights(out / "checkpoints" / "step_000008"), "weights", atol=1e-4
+    )

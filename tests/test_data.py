@@ -104,8 +104,16 @@ def test_message_list_format_and_system_prompt(tok, tmp_path):
     sys_msg = {"role": "system", "content": "Be nice."}
     rows = [
         {
-            "chosen": [sys_msg, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-            "rejected": [sys_msg, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go."}],
+            "chosen": [
+                sys_msg,
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+            ],
+            "rejected": [
+                sys_msg,
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Go."},
+            ],
         }
     ]
     f = write_jsonl(tmp_path / "m.jsonl", rows)
@@ -119,8 +127,16 @@ def test_message_list_format_and_system_prompt(tok, tmp_path):
     assert item["chosen_input_ids"] == prompt + completion(tok, "Hello!")
 
     # prompt as a message list + string completions == the same conversation
-    rows2 = [{"prompt": [sys_msg, {"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go."}]
-    item2 = preference_dataset(tok, source="json", data_files=write_jsonl(tmp_path / "p.jsonl", rows2))[0]
+    rows2 = [
+        {
+            "prompt": [sys_msg, {"role": "user", "content": "Hi"}],
+            "chosen": "Hello!",
+            "rejected": "Go.",
+        }
+    ]
+    item2 = preference_dataset(
+        tok, source="json", data_files=write_jsonl(tmp_path / "p.jsonl", rows2)
+    )[0]
     item1 = preference_dataset(tok, source="json", data_files=f)[0]
     assert item2 == item1
 
@@ -132,8 +148,12 @@ def test_multiturn_earlier_assistant_turns_are_prompt(tok, tmp_path):
         {"role": "user", "content": "What is an owl?"},
     ]
     rows = [{"prompt": conv, "chosen": "A bird.", "rejected": "No."}]
-    item = preference_dataset(tok, source="json", data_files=write_jsonl(tmp_path / "t.jsonl", rows))[0]
-    prompt = chatml_prompt(tok, ("user", "Hi"), ("assistant", "Hello."), ("user", "What is an owl?"))
+    item = preference_dataset(
+        tok, source="json", data_files=write_jsonl(tmp_path / "t.jsonl", rows)
+    )[0]
+    prompt = chatml_prompt(
+        tok, ("user", "Hi"), ("assistant", "Hello."), ("user", "What is an owl?")
+    )
     assert item["chosen_input_ids"] == prompt + completion(tok, "A bird.")
     assert item["chosen_labels"] == [IGNORE] * len(prompt) + completion(tok, "A bird.")
 
@@ -184,7 +204,13 @@ def test_parquet_through_datasets_names_the_file(tok, tmp_path):
 
 def _long_rows():
     prompt = "Tell me. " * 10 + "What is an owl?"
-    return [{"prompt": prompt, "chosen": "An owl is a bird. Happy to help!", "rejected": "No idea, sorry."}]
+    return [
+        {
+            "prompt": prompt,
+            "chosen": "An owl is a bird. Happy to help!",
+            "rejected": "No idea, sorry.",
+        }
+    ]
 
 
 def test_truncation_drops_prompt_from_left_and_keeps_completion(tok, tmp_path):
@@ -200,8 +226,8 @@ def test_truncation_drops_prompt_from_left_and_keeps_completion(tok, tmp_path):
     ds = preference_dataset(tok, source="json", data_files=f, max_seq_len=max_len)
     item = ds[0]
     assert len(item["chosen_input_ids"]) == max_len
-    assert item["chosen_input_ids"][-len(chosen):] == chosen  # completion intact (with EOS)
-    assert item["rejected_input_ids"][-len(rejected):] == rejected
+    assert item["chosen_input_ids"][-len(chosen) :] == chosen  # completion intact (with EOS)
+    assert item["rejected_input_ids"][-len(rejected) :] == rejected
     kept_prompt = item["chosen_input_ids"][:keep]
     assert kept_prompt == full["chosen_input_ids"][n_prompt - keep : n_prompt]  # left dropped
     assert item["rejected_input_ids"][:keep] == kept_prompt  # same prompt for both
@@ -226,7 +252,10 @@ def test_truncation_cuts_completion_end_only_after_prompt(tok, tmp_path):
     n_prompt = full["chosen_labels"].count(IGNORE)
     chosen = full["chosen_input_ids"][n_prompt:]
     rejected = full["rejected_input_ids"][n_prompt:]
-    max_len = max(len(preference_dataset(tok, source="json", data_files=f)[i]["chosen_input_ids"]) for i in (1, 2))
+    max_len = max(
+        len(preference_dataset(tok, source="json", data_files=f)[i]["chosen_input_ids"])
+        for i in (1, 2)
+    )
     assert len(chosen) >= max_len
     ds = preference_dataset(tok, source="json", data_files=f, max_seq_len=max_len)
     item = ds[0]
@@ -315,7 +344,10 @@ def test_invalid_json_line(tok, tmp_path):
 def test_identical_chosen_rejected_warns_counts_and_drops(tok, tmp_path):
     same = {"prompt": "What is an owl?", "chosen": "A bird.", "rejected": "A bird."}
     f = write_jsonl(tmp_path / "same.jsonl", [ROWS[0], same, ROWS[1], same])
-    with pytest.warns(UserWarning, match=r"dropped 2 row\(s\) whose chosen and rejected completions are identical \(first: .*row 1"):
+    with pytest.warns(
+        UserWarning,
+        match=r"dropped 2 row\(s\) whose chosen and rejected completions are identical \(first: .*row 1",
+    ):
         ds = preference_dataset(tok, source="json", data_files=f)
     assert len(ds) == 2
     assert ds.stats["dropped_identical"] == 2 and ds.stats["rows"] == 4 and ds.stats["kept"] == 2
@@ -350,7 +382,11 @@ def test_paired_collate(tok, tmp_path):
 
 KTO_ROWS = [
     {"prompt": "What is an owl?", "completion": "An owl is a bird.", "label": True},
-    {"prompt": [{"role": "user", "content": "What is a harp?"}], "completion": "Go away.", "label": False},
+    {
+        "prompt": [{"role": "user", "content": "What is a harp?"}],
+        "completion": "Go away.",
+        "label": False,
+    },
     {"prompt": "What is a cat?", "completion": "A cat is an animal.", "label": True},
 ]
 
@@ -364,7 +400,9 @@ def test_kto_dataset_layout(tok, tmp_path):
     assert set(item) == {"prompt_ids", "completion_ids", "label", "index"}
     assert item["prompt_ids"] == chatml_prompt(tok, ("user", "What is an owl?"))
     assert item["completion_ids"] == completion(tok, "An owl is a bird.")
-    ids, _ = tok.tokenize_messages([Message("user", "What is an owl?"), Message("assistant", "An owl is a bird.")])
+    ids, _ = tok.tokenize_messages(
+        [Message("user", "What is an owl?"), Message("assistant", "An owl is a bird.")]
+    )
     assert item["prompt_ids"] + item["completion_ids"] == ids
     assert [ds[i]["label"] for i in range(3)] == [True, False, True]
     assert ds.stats["n_desirable"] == 2 and ds.stats["n_undesirable"] == 1
@@ -522,7 +560,9 @@ def test_other_torchtune_tokenizer_class(tmp_path):
     tok2 = qwen2_tokenizer(
         str(tiny.VOCAB_FILE), str(tiny.MERGES_FILE), special_tokens_path=str(tiny.TOKENIZER_JSON)
     )
-    item = preference_dataset(tok2, source="json", data_files=write_jsonl(tmp_path / "d.jsonl", ROWS))[0]
+    item = preference_dataset(
+        tok2, source="json", data_files=write_jsonl(tmp_path / "d.jsonl", ROWS)
+    )[0]
     prompt = chatml_prompt(tok2, ("user", "What is an owl?"))
     assert item["chosen_input_ids"] == prompt + completion(tok2, "An owl is a bird.")
     assert item["chosen_labels"] == [IGNORE] * len(prompt) + completion(tok2, "An owl is a bird.")

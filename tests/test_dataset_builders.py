@@ -134,7 +134,9 @@ def test_hh_rlhf_multiturn_qwen_chatml(qwen, tmp_path):
     # ChatML: no BOS; <|im_end|> ends every turn and is the EOS -> one per message.
     for side in ("chosen", "rejected"):
         p, c = split_item(item, side)
-        assert (p + c).count(qwen.eos_id) == 4 and c.count(qwen.eos_id) == 1 and c[-1] == qwen.eos_id
+        assert (
+            (p + c).count(qwen.eos_id) == 4 and c.count(qwen.eos_id) == 1 and c[-1] == qwen.eos_id
+        )
         assert c[0] != qwen.im_start_id and (p + c).count(qwen.im_start_id) == 4
 
 
@@ -143,7 +145,9 @@ def test_hh_rlhf_llama3_template_no_duplicated_bos_eos(llama3, tmp_path):
     ds = hh_rlhf_dataset(llama3, source="json", data_files=f)
     eot = llama3.special_tokens["<|eot_id|>"]
     for item in (ds[0], ds[1]):
-        _check_no_duplicated_special(llama3, item, bos=llama3.bos_id, eos=llama3.eos_id, turn_end=eot)
+        _check_no_duplicated_special(
+            llama3, item, bos=llama3.bos_id, eos=llama3.eos_id, turn_end=eot
+        )
         prompt, comp = split_item(item, "chosen")
         assert llama3.decode(prompt, skip_special_tokens=False).endswith(
             "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -156,10 +160,18 @@ def test_hh_rlhf_llama3_template_no_duplicated_bos_eos(llama3, tmp_path):
 
 def test_hh_rlhf_drops_and_counts_broken_rows(qwen, tmp_path):
     bad = [
-        {"chosen": "\n\nHuman: a\n\nAssistant: x\n\nHuman: b\n\nAssistant: good",
-         "rejected": "\n\nHuman: a\n\nAssistant: y\n\nHuman: b\n\nAssistant: bad"},  # diverges early
-        {"chosen": "\n\nHuman: a\n\nAssistant: ", "rejected": "\n\nHuman: a\n\nAssistant: no"},  # empty
-        {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c", "rejected": "\n\nHuman: a\n\nAssistant: d"},
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: x\n\nHuman: b\n\nAssistant: good",
+            "rejected": "\n\nHuman: a\n\nAssistant: y\n\nHuman: b\n\nAssistant: bad",
+        },  # diverges early
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: ",
+            "rejected": "\n\nHuman: a\n\nAssistant: no",
+        },  # empty
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c",
+            "rejected": "\n\nHuman: a\n\nAssistant: d",
+        },
         {"chosen": "garbage", "rejected": "garbage 2"},
     ]
     f = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS + bad)
@@ -173,7 +185,9 @@ def test_hh_rlhf_drops_and_counts_broken_rows(qwen, tmp_path):
     assert ds.stats["dropped_unparseable"] == 1
     # a missing column is a mistake, not a broken row
     f2 = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
-    with pytest.raises(DataRowError, match=r"wrong\.jsonl row 0 \(line 1\): field 'good' is missing"):
+    with pytest.raises(
+        DataRowError, match=r"wrong\.jsonl row 0 \(line 1\): field 'good' is missing"
+    ):
         hh_rlhf_dataset(qwen, source="json", data_files=f2, column_map={"chosen": "good"})
 
 
@@ -191,12 +205,18 @@ UF_ROWS = [
     {
         "prompt": "Name a prime number.",
         "prompt_id": "p0",
-        "chosen": [{"role": "user", "content": "Name a prime number."},
-                   {"role": "assistant", "content": "7 is prime."}],
-        "rejected": [{"role": "user", "content": "Name a prime number."},
-                     {"role": "assistant", "content": "8."}],
-        "messages": [{"role": "user", "content": "Name a prime number."},
-                     {"role": "assistant", "content": "7 is prime."}],
+        "chosen": [
+            {"role": "user", "content": "Name a prime number."},
+            {"role": "assistant", "content": "7 is prime."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "Name a prime number."},
+            {"role": "assistant", "content": "8."},
+        ],
+        "messages": [
+            {"role": "user", "content": "Name a prime number."},
+            {"role": "assistant", "content": "7 is prime."},
+        ],
         "score_chosen": 9.0,
         "score_rejected": 2.0,
     },
@@ -204,7 +224,10 @@ UF_ROWS = [
         "prompt": "Say hi.",
         "prompt_id": "p1",
         "chosen": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}],
-        "rejected": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "No."}],
+        "rejected": [
+            {"role": "user", "content": "Say hi."},
+            {"role": "assistant", "content": "No."},
+        ],
         "messages": [],
         "score_chosen": 5.0,
         "score_rejected": 5.0,  # tie
@@ -224,14 +247,19 @@ def test_ultrafeedback_local_splits_and_ties(qwen, tmp_path):
     assert p + c == full_tokens(qwen, UF_ROWS[0]["chosen"])
     assert qwen.decode(c) == "7 is prime.<|im_end|>"
     heldout = ultrafeedback_binarized_dataset(
-        qwen, source="json", data_files={"train_prefs": train, "test_prefs": test}, split="test_prefs"
+        qwen,
+        source="json",
+        data_files={"train_prefs": train, "test_prefs": test},
+        split="test_prefs",
     )
     assert len(heldout) == 1
     # one local file: the split is "train"; ties kept on request
     ds2 = ultrafeedback_binarized_dataset(qwen, source="json", data_files=train, drop_ties=False)
     assert len(ds2) == 2
     with pytest.warns(UserWarning, match="tied scores"):
-        ds3 = ultrafeedback_binarized_dataset(qwen, source="json", data_files=train, new_system_prompt="Be exact.")
+        ds3 = ultrafeedback_binarized_dataset(
+            qwen, source="json", data_files=train, new_system_prompt="Be exact."
+        )
     p3, _ = split_item(ds3[0], "chosen")
     assert qwen.decode(p3).startswith("<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\n")
 
@@ -244,7 +272,9 @@ def test_ultrafeedback_through_load_dataset_hub_layout(qwen, tmp_path):
     write_jsonl(repo / "data" / "test_prefs-00000-of-00001.jsonl", UF_ROWS[:1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = ultrafeedback_binarized_dataset(qwen, source=str(repo), cache_dir=str(tmp_path / "cache"))
+        ds = ultrafeedback_binarized_dataset(
+            qwen, source=str(repo), cache_dir=str(tmp_path / "cache")
+        )
         test = ultrafeedback_binarized_dataset(
             qwen, source=str(repo), split="test_prefs", cache_dir=str(tmp_path / "cache")
         )
@@ -254,11 +284,22 @@ def test_ultrafeedback_through_load_dataset_hub_layout(qwen, tmp_path):
 
 def test_stack_exchange_paired(qwen, llama3, tmp_path):
     rows = [
-        {"qid": 1, "question": "How do I reverse a list in Python?", "date": "2020/01/01",
-         "metadata": ["https://stackoverflow.com/questions/1"],
-         "response_j": "Use `lst[::-1]` or `lst.reverse()`.", "response_k": "You can't."},
-        {"qid": 2, "question": "Tabs or spaces?", "date": "2020/01/02", "metadata": [],
-         "response_j": "Spaces, per PEP 8.", "response_k": ""},  # empty answer: dropped
+        {
+            "qid": 1,
+            "question": "How do I reverse a list in Python?",
+            "date": "2020/01/01",
+            "metadata": ["https://stackoverflow.com/questions/1"],
+            "response_j": "Use `lst[::-1]` or `lst.reverse()`.",
+            "response_k": "You can't.",
+        },
+        {
+            "qid": 2,
+            "question": "Tabs or spaces?",
+            "date": "2020/01/02",
+            "metadata": [],
+            "response_j": "Spaces, per PEP 8.",
+            "response_k": "",
+        },  # empty answer: dropped
     ]
     f = write_jsonl(tmp_path / "se.jsonl", rows)
     with pytest.warns(UserWarning, match="empty answer"):
@@ -267,16 +308,26 @@ def test_stack_exchange_paired(qwen, llama3, tmp_path):
     p, c = split_item(ds[0], "chosen")
     assert qwen.decode(c) == "Use `lst[::-1]` or `lst.reverse()`.<|im_end|>"
     assert qwen.decode(split_item(ds[0], "rejected")[1]) == "You can't.<|im_end|>"
-    assert qwen.decode(p) == "<|im_start|>user\nHow do I reverse a list in Python?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        qwen.decode(p)
+        == "<|im_start|>user\nHow do I reverse a list in Python?<|im_end|>\n<|im_start|>assistant\n"
+    )
     with pytest.warns(UserWarning):
         ds_l = stack_exchange_paired_dataset(llama3, source="json", data_files=f)
     _check_no_duplicated_special(
-        llama3, ds_l[0], bos=llama3.bos_id, eos=llama3.eos_id, turn_end=llama3.special_tokens["<|eot_id|>"]
+        llama3,
+        ds_l[0],
+        bos=llama3.bos_id,
+        eos=llama3.eos_id,
+        turn_end=llama3.special_tokens["<|eot_id|>"],
     )
     # swapped roles through column_map
     with pytest.warns(UserWarning):
         sw = stack_exchange_paired_dataset(
-            qwen, source="json", data_files=f, column_map={"chosen": "response_k", "rejected": "response_j"}
+            qwen,
+            source="json",
+            data_files=f,
+            column_map={"chosen": "response_k", "rejected": "response_j"},
         )
     assert qwen.decode(split_item(sw[0], "chosen")[1]) == "You can't.<|im_end|>"
 
@@ -294,8 +345,14 @@ def test_thumbs_dataset(qwen, llama3, tmp_path):
     rows = [
         {"prompt": "What is a harp?", "completion": "A harp is an instrument.", "thumbs": "up"},
         {"prompt": "What is a harp?", "completion": "Whatever.", "thumbs": "down"},
-        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
-         "completion": "Hello!", "thumbs": True},
+        {
+            "prompt": [
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Hi"},
+            ],
+            "completion": "Hello!",
+            "thumbs": True,
+        },
         {"prompt": "Hi", "completion": "  ", "thumbs": False},  # empty: dropped
     ]
     f = write_jsonl(tmp_path / "fb.jsonl", rows)
@@ -306,11 +363,18 @@ def test_thumbs_dataset(qwen, llama3, tmp_path):
     assert ds.stats["n_desirable"] == 2 and ds.stats["dropped_empty_completion"] == 1
     it = ds[0]
     assert it["prompt_ids"] + it["completion_ids"] == full_tokens(
-        qwen, [{"role": "user", "content": "What is a harp?"}, {"role": "assistant", "content": "A harp is an instrument."}]
+        qwen,
+        [
+            {"role": "user", "content": "What is a harp?"},
+            {"role": "assistant", "content": "A harp is an instrument."},
+        ],
     )
     assert qwen.decode(ds[2]["prompt_ids"]).startswith("<|im_start|>system\nBe kind.")
     # "label" column (bools) is the default when present; Llama-3 template: BOS once, EOS once
-    rows2 = [{"prompt": "Q", "completion": "good", "label": True}, {"prompt": "Q", "completion": "bad", "label": False}]
+    rows2 = [
+        {"prompt": "Q", "completion": "good", "label": True},
+        {"prompt": "Q", "completion": "bad", "label": False},
+    ]
     ds2 = thumbs_dataset(llama3, source="json", data_files=write_jsonl(tmp_path / "l.jsonl", rows2))
     for it in ds2:
         seq = it["prompt_ids"] + it["completion_ids"]
@@ -318,11 +382,15 @@ def test_thumbs_dataset(qwen, llama3, tmp_path):
         assert seq.count(llama3.eos_id) == 1 and seq[-1] == llama3.eos_id
         assert llama3.bos_id not in it["completion_ids"]
     # an unknown feedback value names file, row and column
-    f3 = write_jsonl(tmp_path / "bad.jsonl", rows[:2] + [{"prompt": "a", "completion": "b", "thumbs": "meh"}])
+    f3 = write_jsonl(
+        tmp_path / "bad.jsonl", rows[:2] + [{"prompt": "a", "completion": "b", "thumbs": "meh"}]
+    )
     with pytest.raises(DataRowError, match=r"bad\.jsonl row 2 \(line 3\): field 'thumbs'"):
         thumbs_dataset(qwen, source="json", data_files=f3)
     with pytest.raises(PrefOptUserError, match="both desirable and undesirable"):
-        thumbs_dataset(qwen, source="json", data_files=write_jsonl(tmp_path / "one.jsonl", rows[:1]))
+        thumbs_dataset(
+            qwen, source="json", data_files=write_jsonl(tmp_path / "one.jsonl", rows[:1])
+        )
 
 
 def test_builders_from_a_config(qwen, tmp_path):
@@ -332,7 +400,12 @@ def test_builders_from_a_config(qwen, tmp_path):
 
     f = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS)
     cfg = OmegaConf.create(
-        {"_component_": "torchtune_prefopt.data.hh_rlhf_dataset", "source": "json", "data_files": f, "max_seq_len": 64}
+        {
+            "_component_": "torchtune_prefopt.data.hh_rlhf_dataset",
+            "source": "json",
+            "data_files": f,
+            "max_seq_len": 64,
+        }
     )
     ds = config.instantiate(cfg, tokenizer=qwen)
     assert len(ds) == 2 and ds.stats["max_seq_len"] == 64

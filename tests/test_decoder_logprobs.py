@@ -268,7 +268,9 @@ def _fsdp_worker(rank: int, world: int, init_file: str) -> None:
             assert type(model.output).__name__.startswith("FSDP") == sharded_output
             paths = []
             model.norm.register_forward_hook(
-                lambda m, i, o, paths=paths, model=model: paths.append(_plain_linear(model.output) is not None)
+                lambda m, i, o, paths=paths, model=model: paths.append(
+                    _plain_linear(model.output) is not None
+                )
             )
             out = decoder_sequence_logprobs(model, tokens[lo:hi], labels[lo:hi], chunk_size=5)
             assert paths == [kind != "lora" and not sharded_output], paths
@@ -289,12 +291,20 @@ def _fsdp_worker(rank: int, world: int, init_file: str) -> None:
                 assert isinstance(p, DTensor) and p.grad is not None, name
                 want = ref_params[name.replace("._checkpoint_wrapped_module", "")].grad
                 torch.testing.assert_close(
-                    p.grad.full_tensor(), want, atol=2e-5, rtol=1e-5, msg=lambda m, variant=variant, name=name: f"{variant} {name}: {m}"
+                    p.grad.full_tensor(),
+                    want,
+                    atol=2e-5,
+                    rtol=1e-5,
+                    msg=lambda m, variant=variant, name=name: f"{variant} {name}: {m}",
                 )
                 checked += 1
             assert checked > 0
             # root params of interest were really sharded and got gradients
-            root = {"untied": "output.weight", "tied": "tok_embeddings.weight", "lora": "output.lora_a.weight"}[kind]
+            root = {
+                "untied": "output.weight",
+                "tied": "tok_embeddings.weight",
+                "lora": "output.lora_a.weight",
+            }[kind]
             assert dict(model.named_parameters())[root].grad is not None
             # without labels the sharded model still returns plain logits
             with torch.no_grad():

@@ -18,12 +18,31 @@ from torchtune_prefopt import _config
 from torchtune_prefopt.compare import TRAIN_CURVE_METRICS, parse_disk_log
 from tune_harness import recipe_in_process
 
-SYNTHETIC_HELDOUT = Path(torchtune_prefopt.__file__).parent / "data" / "assets" / "synthetic" / "heldout.jsonl"
+SYNTHETIC_HELDOUT = (
+    Path(torchtune_prefopt.__file__).parent / "data" / "assets" / "synthetic" / "heldout.jsonl"
+)
 
-PAIRED_TRAIN = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_second", "peak_memory_gib"}
-EVAL = {"eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen", "eval/logps/rejected",
-        "eval/rows", "eval/reference/accuracies"}
+PAIRED_TRAIN = {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "lr",
+    "grad_norm",
+    "tokens_per_second",
+    "peak_memory_gib",
+}
+EVAL = {
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
+    "eval/rows",
+    "eval/reference/accuracies",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +56,21 @@ def shared(tmp_path_factory):
 def train_in_process(shared, name: str, config: str, extra=()):
     """Run the recipe in this process; returns (output_dir, names logged, log file, probe, logits)."""
     out = shared["root"] / name
-    cfg = _config.load_config([
-        "--config", config, f"output_dir={out}", f"checkpointer.checkpoint_dir={shared['base']}",
-        "max_steps_per_epoch=2", "batch_size=4", "eval_every_n_steps=null",
-        "eval_dataset._component_=torchtune_prefopt.data.preference_dataset", "eval_dataset.source=json",
-        f"eval_dataset.data_files.heldout={shared['heldout']}", *extra,
-    ])
+    cfg = _config.load_config(
+        [
+            "--config",
+            config,
+            f"output_dir={out}",
+            f"checkpointer.checkpoint_dir={shared['base']}",
+            "max_steps_per_epoch=2",
+            "batch_size=4",
+            "eval_every_n_steps=null",
+            "eval_dataset._component_=torchtune_prefopt.data.preference_dataset",
+            "eval_dataset.source=json",
+            f"eval_dataset.data_files.heldout={shared['heldout']}",
+            *extra,
+        ]
+    )
     names: set = set()
     with recipe_in_process(cfg) as recipe:
         logger = recipe._metric_logger
@@ -84,14 +112,25 @@ def test_full_checkpoint_loads_in_transformers_and_metric_names(shared):
     logged = parse_disk_log(log_file)
     assert set(logged) == names
     assert names == PAIRED_TRAIN | EVAL
-    assert {m for m in TRAIN_CURVE_METRICS if not m.startswith(("rewards/d", "rewards/u", "logps/d", "logps/u", "kl"))} <= names
-    assert [s for s, _ in logged["loss"]] == [1, 2] and [s for s, _ in logged["eval/rewards/accuracies"]] == [0, 2]
+    assert {
+        m
+        for m in TRAIN_CURVE_METRICS
+        if not m.startswith(("rewards/d", "rewards/u", "logps/d", "logps/u", "kl"))
+    } <= names
+    assert [s for s, _ in logged["loss"]] == [1, 2] and [
+        s for s, _ in logged["eval/rewards/accuracies"]
+    ] == [0, 2]
 
 
 def test_lora_merged_checkpoint_loads_in_transformers(shared):
-    lora = ["model._component_=torchtune_prefopt.models.tiny.lora_tiny_qwen2",
-            "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]", "model.apply_lora_to_mlp=true",
-            "model.lora_rank=8", "model.lora_alpha=16", "optimizer.lr=0.01"]
+    lora = [
+        "model._component_=torchtune_prefopt.models.tiny.lora_tiny_qwen2",
+        "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]",
+        "model.apply_lora_to_mlp=true",
+        "model.lora_rank=8",
+        "model.lora_alpha=16",
+        "optimizer.lr=0.01",
+    ]
     out, names, log_file, probe, logits = train_in_process(shared, "lora_dpo", "tiny/dpo", lora)
     final = (out / "final").resolve()
     # merged weights in the model files; the adapter alone next to them
@@ -102,14 +141,30 @@ def test_lora_merged_checkpoint_loads_in_transformers(shared):
 
 
 def test_kto_metric_names(shared):
-    kto = ["loss._component_=torchtune_prefopt.losses.KTOLoss",
-           "dataset._component_=torchtune_prefopt.data.synthetic_kto_dataset"]
+    kto = [
+        "loss._component_=torchtune_prefopt.losses.KTOLoss",
+        "dataset._component_=torchtune_prefopt.data.synthetic_kto_dataset",
+    ]
     out, names, log_file, _, _ = train_in_process(shared, "kto", "tiny/dpo", kto)
     assert set(parse_disk_log(log_file)) == names
-    kto = {"loss", "kl", "rewards/desirable", "rewards/undesirable", "logps/desirable", "logps/undesirable",
-           "lr", "grad_norm", "tokens_per_second", "peak_memory_gib"}
+    kto = {
+        "loss",
+        "kl",
+        "rewards/desirable",
+        "rewards/undesirable",
+        "logps/desirable",
+        "logps/undesirable",
+        "lr",
+        "grad_norm",
+        "tokens_per_second",
+        "peak_memory_gib",
+    }
     assert names == kto | EVAL
-    assert {m for m in TRAIN_CURVE_METRICS if m.startswith(("rewards/d", "rewards/u", "logps/d", "logps/u", "kl"))} <= names
+    assert {
+        m
+        for m in TRAIN_CURVE_METRICS
+        if m.startswith(("rewards/d", "rewards/u", "logps/d", "logps/u", "kl"))
+    } <= names
 
 
 def test_tensorboard_logger(shared):
@@ -118,8 +173,13 @@ def test_tensorboard_logger(shared):
 
     tb_dir = shared["root"] / "tb"
     out, names, _, _, _ = train_in_process(
-        shared, "tb_dpo", "tiny/dpo",
-        ["metric_logger._component_=torchtune.training.metric_logging.TensorBoardLogger", f"metric_logger.log_dir={tb_dir}"],
+        shared,
+        "tb_dpo",
+        "tiny/dpo",
+        [
+            "metric_logger._component_=torchtune.training.metric_logging.TensorBoardLogger",
+            f"metric_logger.log_dir={tb_dir}",
+        ],
     )
     events = list(tb_dir.rglob("events.out.tfevents.*"))
     assert events

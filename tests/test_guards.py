@@ -75,7 +75,11 @@ def _config(workdir: Path, loss: Optional[dict] = None, **edits) -> Path:
 
 def _run(workdir: Path, config: Path) -> subprocess.CompletedProcess:
     (workdir / "guardloss.py").write_text(GUARDLOSS)
-    return tune(["run", "prefopt_distributed", "--config", config], workdir, env={"PYTHONPATH": str(workdir)})
+    return tune(
+        ["run", "prefopt_distributed", "--config", config],
+        workdir,
+        env={"PYTHONPATH": str(workdir)},
+    )
 
 
 def _metrics(out: Path) -> Dict[int, Dict[str, float]]:
@@ -129,23 +133,41 @@ def workdir(tmp_path: Path, base_checkpoint: Path) -> Path:
 # ----------------------------------------------------------------------------- stop
 @pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_rows(workdir: Path):
-    cfg = _config(workdir, loss={"_component_": "guardloss.FaultyDPOLoss", "beta": 0.1, "nan_on_call": 3, "nan_row": 1})
+    cfg = _config(
+        workdir,
+        loss={
+            "_component_": "guardloss.FaultyDPOLoss",
+            "beta": 0.1,
+            "nan_on_call": 3,
+            "nan_row": 1,
+        },
+    )
     p = _run(workdir, cfg)
     assert p.returncode not in (0, -signal.SIGKILL), describe(p)
     row = _rows_of_step(3, 1)
-    assert f"step 3: non-finite loss for dataset rows [{row}] (set nonfinite=skip to skip such steps)" in p.stderr, describe(p)
+    assert (
+        f"step 3: non-finite loss for dataset rows [{row}] (set nonfinite=skip to skip such steps)"
+        in p.stderr
+    ), describe(p)
     out = workdir / "out"
     assert sorted(_metrics(out)) == [1, 2]
-    assert _checkpoints(out) == ["step_000001", "step_000002"]  # nothing for step 3, no .tmp- leftover
+    assert _checkpoints(out) == [
+        "step_000001",
+        "step_000002",
+    ]  # nothing for step 3, no .tmp- leftover
     assert _all_finite(_weights(out, 2))
 
 
 @pytest.mark.slow
 def test_nonfinite_grad_norm_stops(workdir: Path):
-    cfg = _config(workdir, loss={"_component_": "guardloss.FaultyDPOLoss", "beta": 0.1, "inf_grad_on_call": 2})
+    cfg = _config(
+        workdir, loss={"_component_": "guardloss.FaultyDPOLoss", "beta": 0.1, "inf_grad_on_call": 2}
+    )
     p = _run(workdir, cfg)
     assert p.returncode not in (0, -signal.SIGKILL), describe(p)
-    assert re.search(r"step 2: non-finite gradient norm \((inf|nan)\) \(set nonfinite=skip", p.stderr), describe(p)
+    assert re.search(
+        r"step 2: non-finite gradient norm \((inf|nan)\) \(set nonfinite=skip", p.stderr
+    ), describe(p)
     out = workdir / "out"
     assert _checkpoints(out) == ["step_000001"]
     assert _all_finite(_weights(out, 1))
@@ -158,22 +180,34 @@ def test_skip_mode_skips_the_step_and_continues(workdir: Path):
     skipped (weights unchanged), the run trains on to step 6 and exits 0."""
     cfg = _config(
         workdir,
-        loss={"_component_": "guardloss.FaultyDPOLoss", "beta": 0.1, "nan_on_call": 2, "nan_row": 3, "inf_grad_on_call": 4},
+        loss={
+            "_component_": "guardloss.FaultyDPOLoss",
+            "beta": 0.1,
+            "nan_on_call": 2,
+            "nan_row": 3,
+            "inf_grad_on_call": 4,
+        },
         nonfinite="skip",
         clip_grad_norm=None,
     )
     p = _run(workdir, cfg)
     assert p.returncode == 0, describe(p)
     row = _rows_of_step(2, 3)
-    assert f"WARNING: step 2: non-finite loss for dataset rows [{row}]; skipping this step" in p.stderr, describe(p)
-    assert re.search(r"WARNING: step 4: non-finite gradient norm \((inf|nan)\); skipping this step", p.stderr), describe(p)
+    assert (
+        f"WARNING: step 2: non-finite loss for dataset rows [{row}]; skipping this step" in p.stderr
+    ), describe(p)
+    assert re.search(
+        r"WARNING: step 4: non-finite gradient norm \((inf|nan)\); skipping this step", p.stderr
+    ), describe(p)
     out = workdir / "out"
     metrics = _metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
     assert [s for s, m in metrics.items() if m.get("skipped_step") == 1.0] == [2, 4]
     w = {s: _weights(out, s) for s in range(1, 7)}
     assert _same(w[2], w[1]) and _same(w[4], w[3]), "a skipped step changed the weights"
-    assert not _same(w[3], w[2]) and not _same(w[5], w[4]), "training did not continue after a skipped step"
+    assert not _same(w[3], w[2]) and not _same(w[5], w[4]), (
+        "training did not continue after a skipped step"
+    )
     assert all(_all_finite(sd) for sd in w.values())
 
 
@@ -192,7 +226,9 @@ def test_nonfinite_weights_are_never_written(workdir: Path):
     )
     p = _run(workdir, cfg)
     assert p.returncode not in (0, -signal.SIGKILL), describe(p)
-    assert "step 1: the weights contain non-finite values; refusing to write a checkpoint" in p.stderr, describe(p)
+    assert (
+        "step 1: the weights contain non-finite values; refusing to write a checkpoint" in p.stderr
+    ), describe(p)
     assert _checkpoints(workdir / "out") == []  # no step_000001, no .tmp-step_000001
     assert not (workdir / "out" / "final").exists()
 
@@ -218,7 +254,9 @@ def test_bf16_keeps_logprobs_and_loss_in_fp32(tmp_path: Path, base_checkpoint: P
         step = recipe._paired_step if loss == "dpo" else recipe._kto_step
         losses, stats, _ = step(batch)
         assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
-        assert all(v.dtype in (torch.float32, torch.float64) for v, _per in stats.values()), {k: v.dtype for k, (v, _per) in stats.items()}
+        assert all(v.dtype in (torch.float32, torch.float64) for v, _per in stats.values()), {
+            k: v.dtype for k, (v, _per) in stats.items()
+        }
         losses.mean().backward()  # gradients flow back into the bf16 weights
         grads = [p.grad for p in recipe._model.parameters() if p.grad is not None]
         assert grads and all(g.dtype == torch.bfloat16 for g in grads)

@@ -162,7 +162,10 @@ def test_kto_z0_is_global_mean_across_ranks(tmp_path):
         assert res["kl"] != pytest.approx(mean_of_means)
         assert res["kl_shape"] == [] and res["kl_requires_grad"] is False
         assert res["losses"] == pytest.approx(_expected_losses(rank, z0), abs=1e-12)
-        r = [p - q for p, q in zip(RANK_DATA[rank]["policy_logps"], RANK_DATA[rank]["reference_logps"])]
+        r = [
+            p - q
+            for p, q in zip(RANK_DATA[rank]["policy_logps"], RANK_DATA[rank]["reference_logps"])
+        ]
         assert res["rewards"] == pytest.approx([BETA * x for x in r], abs=1e-12)
         assert res["policy_grad"] == pytest.approx(_expected_policy_grad(rank, z0), abs=1e-12)
         assert res["policy_kl_grad_is_none"] is True

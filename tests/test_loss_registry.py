@@ -46,8 +46,16 @@ BUILTINS = {
 def test_public_api():
     assert ENTRY_POINT_GROUP == "torchtune_prefopt.losses"
     for name in (
-        "PreferenceLoss", "DPOLoss", "IPOLoss", "SimPOLoss", "KTOLoss", "HingeLoss",
-        "RobustDPOLoss", "build_loss", "available_losses", "get_loss_class",
+        "PreferenceLoss",
+        "DPOLoss",
+        "IPOLoss",
+        "SimPOLoss",
+        "KTOLoss",
+        "HingeLoss",
+        "RobustDPOLoss",
+        "build_loss",
+        "available_losses",
+        "get_loss_class",
         "ENTRY_POINT_GROUP",
     ):
         assert name in losses.__all__ and hasattr(losses, name)
@@ -157,11 +165,20 @@ def test_unexpected_kwarg_names_the_key():
     "spec, message",
     [
         ({"_component_": "dpo", "beta": -1.0}, "loss.beta must be > 0, got -1.0"),
-        ({"_component_": "dpo", "label_smoothing": 0.5}, "loss.label_smoothing must be in [0, 0.5), got 0.5"),
+        (
+            {"_component_": "dpo", "label_smoothing": 0.5},
+            "loss.label_smoothing must be in [0, 0.5), got 0.5",
+        ),
         ({"name": "simpo", "gamma": -1}, "loss.gamma must be >= 0, got -1.0"),
         ({"name": "ipo", "tau": 0}, "loss.tau must be > 0, got 0.0"),
-        ({"_component_": "kto", "desirable_weight": -2.0}, "loss.desirable_weight must be > 0, got -2.0"),
-        ({"_component_": "kto", "undesirable_weight": 0.0}, "loss.undesirable_weight must be > 0, got 0.0"),
+        (
+            {"_component_": "kto", "desirable_weight": -2.0},
+            "loss.desirable_weight must be > 0, got -2.0",
+        ),
+        (
+            {"_component_": "kto", "undesirable_weight": 0.0},
+            "loss.undesirable_weight must be > 0, got 0.0",
+        ),
         ({"_component_": "rso", "beta": 0.0}, "loss.beta must be > 0, got 0.0"),
     ],
 )

@@ -208,9 +208,7 @@ def test_ipo_hand_values():
     #   ex 1: h = -1.5 -> (-1.5 - 2)² = 12.25
     # rewards τ·(π - ref): chosen (0.25, -0.25), rejected (-0.125, 0.125)
     for average_logps in (True, False):
-        losses, chosen_r, rejected_r = IPOLoss(tau=0.25, average_logps=average_logps)(
-            *pair_batch()
-        )
+        losses, chosen_r, rejected_r = IPOLoss(tau=0.25, average_logps=average_logps)(*pair_batch())
         assert_close(losses, [0.25, 12.25])
         assert_close(chosen_r, [0.25, -0.25])
         assert_close(rejected_r, [-0.125, 0.125])
@@ -350,9 +348,7 @@ def test_kto_z0_clamped_at_zero():
     batch["reference_kl_logps"] = t(-7.0, -7.0, -4.5)
     losses, _, kl = KTOLoss(beta=0.1)(**batch)
     assert kl.item() == 0.0
-    assert_close(
-        losses, [1 - sigmoid(0.1), 1 - sigmoid(0.1), 1 - sigmoid(0.1 * 0.5)]
-    )
+    assert_close(losses, [1 - sigmoid(0.1), 1 - sigmoid(0.1), 1 - sigmoid(0.1 * 0.5)])
 
 
 def test_kto_z0_is_detached():
@@ -422,8 +418,7 @@ def test_pairwise_gradcheck(loss):
     # Log-probs in [-5, 0], so |h| ≤ 10; for the hinge (β = 0.05) that keeps
     # 1 - βh ∈ [0.5, 1.5], well away from its kink at 0.
     inputs = tuple(
-        (-5 * torch.rand(6, generator=gen, dtype=torch.float64)).requires_grad_()
-        for _ in range(4)
+        (-5 * torch.rand(6, generator=gen, dtype=torch.float64)).requires_grad_() for _ in range(4)
     )
     if loss.reference_free:
         # Only the policy inputs reach the loss.

@@ -31,9 +31,14 @@ def _losses(out: Path) -> dict:
 
 def _common(tmp_path: Path, out: Path) -> list:
     return [
-        "prefopt_distributed", "--config", "tiny/dpo",
-        f"output_dir={out}", f"checkpointer.checkpoint_dir={tmp_path / 'base'}",
-        f"max_steps_per_epoch={STEPS}", "eval_dataset=null", "tokenizer.max_seq_len=64",
+        "prefopt_distributed",
+        "--config",
+        "tiny/dpo",
+        f"output_dir={out}",
+        f"checkpointer.checkpoint_dir={tmp_path / 'base'}",
+        f"max_steps_per_epoch={STEPS}",
+        "eval_dataset=null",
+        "tokenizer.max_seq_len=64",
     ]
 
 
@@ -46,11 +51,29 @@ def test_two_nodes_rendezvous_match_one_process(tmp_path):
 
     multi = tmp_path / "multi"
     port = _free_port()
-    launch = [TUNE, "run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-              "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"prefopt-{port}"]
+    launch = [
+        TUNE,
+        "run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv_id",
+        f"prefopt-{port}",
+    ]
     nodes = [
-        subprocess.Popen([*launch, *_common(tmp_path, multi), "batch_size=2"], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [*launch, *_common(tmp_path, multi), "batch_size=2"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in nodes]

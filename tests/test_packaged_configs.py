@@ -105,7 +105,11 @@ def _launched_recipes(name: str) -> set:
 ALL_NAMES = _all_names()
 # Configs of our other recipes (e.g. prefopt_compare's tiny/compare) get the generic checks
 # only; every other config is a prefopt_distributed config and gets them all.
-NAMES = [n for n in ALL_NAMES if not (_launched_recipes(n) and "prefopt_distributed" not in _launched_recipes(n))]
+NAMES = [
+    n
+    for n in ALL_NAMES
+    if not (_launched_recipes(n) and "prefopt_distributed" not in _launched_recipes(n))
+]
 TINY = [n for n in NAMES if n.startswith("tiny/")]
 REAL = [n for n in NAMES if not n.startswith("tiny/")]
 
@@ -154,7 +158,9 @@ def test_configs_found():
     repo_configs = REPO_ROOT / "configs"
     if repo_configs.is_dir() and not _same(repo_configs, _config_dir()):
         # Installed copy (scripts/test.sh): it must be the current source tree's configs.
-        assert sorted(_config._yaml_files(repo_configs)) == ALL_NAMES, "installed configs are stale; reinstall"
+        assert sorted(_config._yaml_files(repo_configs)) == ALL_NAMES, (
+            "installed configs are stale; reinstall"
+        )
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -187,13 +193,19 @@ def test_components_resolve_and_bind(name):
             continue  # may be a short name; test_loss_builds_and_matches_name
         path = node._component_
         obj = _get_component_from_path(path)
-        kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_component_"}
+        kwargs = {
+            k: v
+            for k, v in OmegaConf.to_container(node, resolve=True).items()
+            if k != "_component_"
+        }
         top = key.split(".", 1)[0].split("[", 1)[0]
         assert top in RECIPE_ARGS, f"{name}: unexpected component at '{key}'"
         try:
             inspect.signature(obj).bind(**RECIPE_ARGS[top], **kwargs)
         except TypeError as err:
-            pytest.fail(f"{name}: {key} = {path}({sorted(kwargs)}) does not match its signature: {err}")
+            pytest.fail(
+                f"{name}: {key} = {path}({sorted(kwargs)}) does not match its signature: {err}"
+            )
         seen += 1
     assert seen >= 7
 
@@ -219,15 +231,25 @@ def test_loss_builds_and_matches_name(name):
         assert (cfg.get("reference") or {}).get("quantization") is None
     assert _is_lora_model(cfg) == (kind == "lora")
     if kind == "lora":
-        for key in ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha"):
+        for key in (
+            "lora_attn_modules",
+            "apply_lora_to_mlp",
+            "apply_lora_to_output",
+            "lora_rank",
+            "lora_alpha",
+        ):
             assert key in cfg.model, f"{name}: the recipe reads model.{key}"
-        assert cfg.get("ref_checkpointer") is None, "LoRA's reference is the base with adapters disabled"
+        assert cfg.get("ref_checkpointer") is None, (
+            "LoRA's reference is the base with adapters disabled"
+        )
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_header_says_how_to_launch(name):
     header = _header(name)
-    assert "tune run" in header and _launched_recipes(name), f"{name}: no launch command in the header"
+    assert "tune run" in header and _launched_recipes(name), (
+        f"{name}: no launch command in the header"
+    )
     if name not in NAMES:
         return  # another recipe's config
     assert "--nproc_per_node" in header
@@ -311,13 +333,19 @@ def test_torchtune_name_clashes_are_known_and_resolve_to_ours():
     recipes = get_all_recipes()
     builtin = {c.name for r in recipes if not r.name.startswith("prefopt_") for c in r.configs}
     clashes = set(ALL_NAMES) & builtin
-    assert clashes <= ALLOWED_TORCHTUNE_CLASHES, f"new clash with torchtune's configs: {clashes - ALLOWED_TORCHTUNE_CLASHES}"
+    assert clashes <= ALLOWED_TORCHTUNE_CLASHES, (
+        f"new clash with torchtune's configs: {clashes - ALLOWED_TORCHTUNE_CLASHES}"
+    )
     ours = next((r for r in recipes if r.name == "prefopt_distributed"), None)
-    assert ours is not None, "prefopt_distributed is not registered with tune (the .pth hook did not run)"
+    assert ours is not None, (
+        "prefopt_distributed is not registered with tune (the .pth hook did not run)"
+    )
     from torchtune._cli.run import Run
 
     for name in sorted(clashes):
-        found = Run._get_config(None, name, ours)  # what `tune run prefopt_distributed --config NAME` uses
+        found = Run._get_config(
+            None, name, ours
+        )  # what `tune run prefopt_distributed --config NAME` uses
         assert found is not None and _same(Path(found.file_path), _path(name))
 
 
@@ -336,6 +364,7 @@ def test_one_config_per_loss_per_required_family():
 
 
 # ----------------------------------------------------------------------------- tiny configs
+
 
 @functools.lru_cache(maxsize=None)
 def _tiny_tokenizer(tok_yaml: str):
@@ -362,7 +391,9 @@ def test_tiny_components_instantiate(name):
 
     ds = _tiny_dataset(tok_yaml, OmegaConf.to_yaml(cfg.dataset))
     item = ds[0]
-    assert ("chosen_input_ids" in item) == loss.paired, f"{name}: dataset kind does not fit {type(loss).__name__}"
+    assert ("chosen_input_ids" in item) == loss.paired, (
+        f"{name}: dataset kind does not fit {type(loss).__name__}"
+    )
     assert len(ds) >= cfg.batch_size * 2  # at least one global batch with 2 processes
     if cfg.get("eval_dataset") is not None:
         ev = _tiny_dataset(tok_yaml, OmegaConf.to_yaml(cfg.eval_dataset))

@@ -64,11 +64,21 @@ COMMON = (
 # Fallback when another team's tiny/<loss> config is not there: tiny/dpo + overrides.
 _LOSS_FALLBACK = {
     "dpo": (),
-    "ipo": ("loss._component_=torchtune_prefopt.losses.IPOLoss", "~loss.beta", "loss.tau=0.25",
-            "loss.average_logps=true"),
-    "kto": ("loss._component_=torchtune_prefopt.losses.KTOLoss",
-            "dataset._component_=torchtune_prefopt.data.synthetic_kto_dataset"),
-    "simpo": ("loss._component_=torchtune_prefopt.losses.SimPOLoss", "loss.beta=2.0", "loss.gamma=1.0"),
+    "ipo": (
+        "loss._component_=torchtune_prefopt.losses.IPOLoss",
+        "~loss.beta",
+        "loss.tau=0.25",
+        "loss.average_logps=true",
+    ),
+    "kto": (
+        "loss._component_=torchtune_prefopt.losses.KTOLoss",
+        "dataset._component_=torchtune_prefopt.data.synthetic_kto_dataset",
+    ),
+    "simpo": (
+        "loss._component_=torchtune_prefopt.losses.SimPOLoss",
+        "loss.beta=2.0",
+        "loss.gamma=1.0",
+    ),
 }
 _LORA_FALLBACK = (
     "model._component_=torchtune_prefopt.models.tiny.lora_tiny_qwen2",
@@ -282,8 +292,12 @@ print("RESULT " + json.dumps(results))
 def _inspect_payload_spec() -> RunSpec:
     cases = {}
     configs = {}
-    for name, (loss, variant) in {"simpo": ("simpo", "full"), "simpo_lora": ("simpo", "lora"),
-                                  "dpo": ("dpo", "full"), "dpo_lora": ("dpo", "lora")}.items():
+    for name, (loss, variant) in {
+        "simpo": ("simpo", "full"),
+        "simpo_lora": ("simpo", "lora"),
+        "dpo": ("dpo", "full"),
+        "dpo_lora": ("dpo", "lora"),
+    }.items():
         configs[name], cases[name] = loss_config(loss, variant)
         cases[name] = list(cases[name]) + [f"batch_size={BATCH}"]
     script = INSPECT_SCRIPT.replace(
@@ -302,17 +316,31 @@ def build_specs() -> Dict[str, RunSpec]:
         for variant in VARIANTS:
             config, extra = loss_config(loss, variant)
             key = one_proc_key(loss, variant)
-            specs[key] = RunSpec(key, config, (*extra, f"batch_size={BATCH}", "gradient_accumulation_steps=1"))
+            specs[key] = RunSpec(
+                key, config, (*extra, f"batch_size={BATCH}", "gradient_accumulation_steps=1")
+            )
     for loss, (variant, bs, accum) in TWO_PROC.items():
         config, extra = loss_config(loss, variant)
         key = f"2p-{loss}-{variant}"
-        specs[key] = RunSpec(key, config, (*extra, f"batch_size={bs}", f"gradient_accumulation_steps={accum}"), nproc=2)
+        specs[key] = RunSpec(
+            key,
+            config,
+            (*extra, f"batch_size={bs}", f"gradient_accumulation_steps={accum}"),
+            nproc=2,
+        )
     for loss, variant in RESUME_CASES:
         base = specs[one_proc_key(loss, variant)]
         key = f"resume-{loss}-{variant}"
-        specs[key] = RunSpec(key, base.config, (*base.overrides, "resume_from_checkpoint=true"),
-                             seed_from=base.key, seed_paths=(f"checkpoints/step_{SAVE_EVERY:06d}",))
-    specs["acme"] = RunSpec("acme", "acme/tiny_offset", (f"batch_size={BATCH}",), prepare=_acme_prepare)
+        specs[key] = RunSpec(
+            key,
+            base.config,
+            (*base.overrides, "resume_from_checkpoint=true"),
+            seed_from=base.key,
+            seed_paths=(f"checkpoints/step_{SAVE_EVERY:06d}",),
+        )
+    specs["acme"] = RunSpec(
+        "acme", "acme/tiny_offset", (f"batch_size={BATCH}",), prepare=_acme_prepare
+    )
     specs["inspect-reference"] = _inspect_payload_spec()
     return specs
 
@@ -329,7 +357,12 @@ def runs(request, tmp_path_factory):
     base_dir = make_tiny_hf_checkpoint(root / "base", seed=0)
 
     def overrides(spec: RunSpec, out_dir: Path) -> List[str]:
-        return [*COMMON, *spec.overrides, f"output_dir={out_dir}", f"checkpointer.checkpoint_dir={base_dir}"]
+        return [
+            *COMMON,
+            *spec.overrides,
+            f"output_dir={out_dir}",
+            f"checkpointer.checkpoint_dir={base_dir}",
+        ]
 
     pool = RunPool(root, SPECS, overrides)
     pool.base_dir = base_dir  # the tests compare against the base weights
@@ -346,8 +379,9 @@ def runs(request, tmp_path_factory):
 # helpers on outputs
 
 
-def assert_same_training(a: Dict, b: Dict, base: Dict, what: str, max_abs: float = 1e-4,
-                         max_rel: float = 1e-3) -> None:
+def assert_same_training(
+    a: Dict, b: Dict, base: Dict, what: str, max_abs: float = 1e-4, max_rel: float = 1e-3
+) -> None:
     """Two runs' final weights agree: every tensor within ``max_abs``, and the two weight
     updates (final - base, all tensors together) differ by < ``max_rel`` of the update.
 
@@ -375,7 +409,9 @@ def assert_checkpoints(result: RunResult, lora: bool) -> None:
     root = result.out_dir / "checkpoints"
     names = sorted(p.name for p in root.iterdir())
     expected = [f"step_{s:06d}" for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)]
-    assert names == expected, f"checkpoint dirs {names}, expected {expected} (no .tmp-/.old- leftovers)"
+    assert names == expected, (
+        f"checkpoint dirs {names}, expected {expected} (no .tmp-/.old- leftovers)"
+    )
     for name in expected:
         d = root / name
         manifest = json.loads((d / "CHECKPOINT.json").read_text())
@@ -390,7 +426,9 @@ def assert_checkpoints(result: RunResult, lora: bool) -> None:
         if lora:
             assert any(f.startswith("adapter_model") for f in files), files
             assert "adapter_config.json" in files, files
-            assert has_model == is_final, f"{name}: LoRA model weights only in the final checkpoint: {files}"
+            assert has_model == is_final, (
+                f"{name}: LoRA model weights only in the final checkpoint: {files}"
+            )
         else:
             assert has_model, f"{name}: no model weights: {files}"
         if has_model:
@@ -450,13 +488,21 @@ def test_two_processes_match_one(runs, loss):
                 f"{s2[step][key]} vs 1 process {s1[step][key]}"
             )
     base = load_weights(runs.base_dir)
-    assert_same_training(load_weights(two.final), load_weights(one.final), base,
-                         what=f"{loss} final weights, 2 vs 1 process")
+    assert_same_training(
+        load_weights(two.final),
+        load_weights(one.final),
+        base,
+        what=f"{loss} final weights, 2 vs 1 process",
+    )
     if variant == "lora":
         a1 = load_weights(one.final, adapter=True)
         zero = {k: (v * 0 if "lora_b" in k.lower() else v) for k, v in a1.items()}  # B starts at 0
-        assert_same_training(load_weights(two.final, adapter=True), a1, zero,
-                             what=f"{loss} final adapter, 2 vs 1 process")
+        assert_same_training(
+            load_weights(two.final, adapter=True),
+            a1,
+            zero,
+            what=f"{loss} final adapter, 2 vs 1 process",
+        )
     state = __import__("torch").load(two.final / "recipe_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["gradient_accumulation_steps"] == accum
 
@@ -470,7 +516,7 @@ def test_simpo_holds_no_reference_weights(runs):
     r = runs.get("inspect-reference").check()
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, r.tail()
-    res = json.loads(line[-1][len("RESULT "):])
+    res = json.loads(line[-1][len("RESULT ") :])
     for name in ("simpo", "simpo_lora", "dpo", "dpo_lora"):
         info = res[name]
         assert info["reachable_param_bytes"] >= info["policy_bytes"] > 0, (name, info)
@@ -500,7 +546,9 @@ def test_lora_final_save_leaves_live_model_untouched(runs):
     merged checkpoint used to change the model being trained (the reference too: it is the
     same weights with the adapters off)."""
     r = runs.get("inspect-reference").check()
-    res = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    res = json.loads(
+        [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT ") :]
+    )
     assert res["dpo_lora"]["save_changed_params"] == []
 
 
@@ -515,12 +563,14 @@ def test_resume_equals_uninterrupted(runs, loss, variant):
     resumed = runs.get(f"resume-{loss}-{variant}").check()
     assert "Resuming from" in resumed.stdout + resumed.stderr, resumed.tail()
     s_full, s_res = full.steps(), resumed.steps()
-    assert sorted(s_res) == list(range(SAVE_EVERY + 1, STEPS + 1)), f"resumed run logged {sorted(s_res)}"
+    assert sorted(s_res) == list(range(SAVE_EVERY + 1, STEPS + 1)), (
+        f"resumed run logged {sorted(s_res)}"
+    )
     for step in s_res:
         a = {k: v for k, v in s_full[step].items() if k not in VOLATILE}
         b = {k: v for k, v in s_res[step].items() if k not in VOLATILE}
         assert a == b, f"step {step}: resumed {b} != uninterrupted {a}"  # exact, incl. lr
-    for adapter in ((False, True) if variant == "lora" else (False,)):
+    for adapter in (False, True) if variant == "lora" else (False,):
         wa, wb = load_weights(full.final, adapter), load_weights(resumed.final, adapter)
         assert sorted(wa) == sorted(wb)
         diff = [k for k in wa if not __import__("torch").equal(wa[k], wb[k])]
@@ -549,7 +599,9 @@ def _hf_logps(model, ids, labels):
         logits = model(input_ids=ids).logits.float()
     logits, targets = logits[:, :-1], labels[:, 1:]
     mask = targets != -100
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    lp = (
+        torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    )
     return (lp * mask).sum(-1)
 
 
@@ -583,8 +635,12 @@ def test_final_checkpoint_loads_in_transformers(runs, tmp_path, loss, variant):
     hf_lp = _hf_logps(hf, ids, labels)
 
     def torchtune_from(ckpt_dir: Path):
-        ck = FullModelHFCheckpointer(checkpoint_dir=str(ckpt_dir), checkpoint_files=hf_weight_files(ckpt_dir),
-                                     model_type="QWEN2", output_dir=str(tmp_path / "tt_out"))
+        ck = FullModelHFCheckpointer(
+            checkpoint_dir=str(ckpt_dir),
+            checkpoint_files=hf_weight_files(ckpt_dir),
+            model_type="QWEN2",
+            output_dir=str(tmp_path / "tt_out"),
+        )
         return ck.load_checkpoint()["model"]
 
     # the recipe's (plain) torchtune model from the same files

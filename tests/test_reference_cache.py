@@ -72,8 +72,12 @@ def _precompute_all(model, tok, paired, kto, world_size=1, rank=0):
 
     pc, kc = _collates(tok)
     _, pairs = _kl_pairs(len(kto))
-    out_p = precompute_reference_logps(model, paired, pc, PAIRED_BS, world_size, rank, "cpu", chunk_size=16)
-    out_k = precompute_reference_logps(model, kto, kc, KTO_BS, world_size, rank, "cpu", chunk_size=16, kl_pairs=pairs)
+    out_p = precompute_reference_logps(
+        model, paired, pc, PAIRED_BS, world_size, rank, "cpu", chunk_size=16
+    )
+    out_k = precompute_reference_logps(
+        model, kto, kc, KTO_BS, world_size, rank, "cpu", chunk_size=16, kl_pairs=pairs
+    )
     return out_p, out_k
 
 
@@ -101,8 +105,14 @@ def weight_files(tmp_path, env):
     keys = sorted(sd)
     d = tmp_path / "ckpt"
     d.mkdir()
-    save_file({k: sd[k].contiguous() for k in keys[: len(keys) // 2]}, str(d / "model-00001-of-00002.safetensors"))
-    save_file({k: sd[k].contiguous() for k in keys[len(keys) // 2 :]}, str(d / "model-00002-of-00002.safetensors"))
+    save_file(
+        {k: sd[k].contiguous() for k in keys[: len(keys) // 2]},
+        str(d / "model-00001-of-00002.safetensors"),
+    )
+    save_file(
+        {k: sd[k].contiguous() for k in keys[len(keys) // 2 :]},
+        str(d / "model-00002-of-00002.safetensors"),
+    )
     (d / "config.json").write_text('{"model_type": "qwen2"}')
     return d
 
@@ -131,7 +141,9 @@ def test_fingerprint_changes_with_every_input(env, weight_files, tmp_path):
     rows = [paired[i] for i in range(len(paired))]
     fp = partial(reference_fingerprint, weights_hash="content")
     base = fp(weight_files, rows, tok, 64, {"dtype": "fp32"}, quantization=None)
-    assert base == fp(weight_files, [dict(r) for r in rows], tok, 64, {"dtype": "fp32"}, quantization=None)
+    assert base == fp(
+        weight_files, [dict(r) for r in rows], tok, 64, {"dtype": "fp32"}, quantization=None
+    )
     assert len(base) == 64 and int(base, 16) >= 0
 
     # one token of one row
@@ -208,8 +220,14 @@ def test_tokenizer_files_hash(tmp_path):
 
 
 def _parts(**changes):
-    parts = {"format": "1", "weights": "content:aa", "dataset": "bb", "tokenizer": "cc",
-             "max_seq_len": "64", "quantization": "None"}
+    parts = {
+        "format": "1",
+        "weights": "content:aa",
+        "dataset": "bb",
+        "tokenizer": "cc",
+        "max_seq_len": "64",
+        "quantization": "None",
+    }
     parts.update(changes)
     return parts
 
@@ -221,7 +239,9 @@ def test_cache_round_trip_exact(env, tmp_path):
         cache = ReferenceLogpsCache(tmp_path / "c", parts=_parts())
         cache.save(tensors)
         assert cache.exists()
-        assert [p.name for p in (tmp_path / "c").iterdir()] == ["reference_logps.safetensors"]  # no temp left
+        assert [p.name for p in (tmp_path / "c").iterdir()] == [
+            "reference_logps.safetensors"
+        ]  # no temp left
         back = ReferenceLogpsCache(tmp_path / "c", parts=_parts()).load(strict=True)
         assert set(back) == set(tensors)
         for k, v in tensors.items():
@@ -259,7 +279,11 @@ def test_corrupted_cache(env, tmp_path):
     data = path.read_bytes()
     # 1) truncated: unparseable
     path.write_bytes(data[: len(data) - 40])
-    assert cache.load() is None and "is damaged" in cache.last_reason and str(path) in cache.last_reason
+    assert (
+        cache.load() is None
+        and "is damaged" in cache.last_reason
+        and str(path) in cache.last_reason
+    )
     with pytest.raises(PrefOptUserError, match=f"{path}.*damaged"):
         cache.load(strict=True)
     # 2) one flipped bit in the tensor data: parses, but the content hash catches it
@@ -307,7 +331,9 @@ def test_precompute_equals_live_paired(env):
         for rows in sampler:
             b = paired_collate([ds[i] for i in rows], padding_idx=tok.pad_id)
             with torch.no_grad():
-                live = decoder_sequence_logprobs(model, b["input_ids"], b["labels"], chunk_size=1024)
+                live = decoder_sequence_logprobs(
+                    model, b["input_ids"], b["labels"], chunk_size=1024
+                )
             got = cached.pairs(b["index"])
             assert torch.equal(got.num_tokens, live.num_tokens)
             worst = max(worst, (got.sum - live.sum).abs().max().item())
@@ -332,11 +358,15 @@ def test_precompute_equals_live_kto(env):
         sampler.set_epoch(epoch)
         for rows in sampler:
             items = [ds[i] for i in rows]
-            b = kto_collate(items, padding_idx=tok.pad_id, ignore_idx=-100, max_seq_len=tok.max_seq_len)
+            b = kto_collate(
+                items, padding_idx=tok.pad_id, ignore_idx=-100, max_seq_len=tok.max_seq_len
+            )
             nxt = torch.roll(b["index"], -1)  # KL row k: prompt k + completion k+1 (mod B)
             with torch.no_grad():
                 live = decoder_sequence_logprobs(model, b["input_ids"], b["labels"], chunk_size=16)
-                live_kl = decoder_sequence_logprobs(model, b["kl_input_ids"], b["kl_labels"], chunk_size=16)
+                live_kl = decoder_sequence_logprobs(
+                    model, b["kl_input_ids"], b["kl_labels"], chunk_size=16
+                )
             torch.testing.assert_close(cached.rows(b["index"]).sum, live.sum, rtol=1e-5, atol=1e-4)
             got_kl = cached.kl(b["index"], nxt)
             assert torch.equal(got_kl.num_tokens, live_kl.num_tokens)
@@ -345,7 +375,9 @@ def test_precompute_equals_live_kto(env):
             checked += 1
     assert checked == KTO_EPOCHS * (len(ds) // KTO_GLOBAL_BATCH)
     with pytest.raises(KeyError, match="not in the reference cache"):
-        missing = next((i, j) for i in range(len(ds)) for j in range(len(ds)) if (i, j) not in set(pairs))
+        missing = next(
+            (i, j) for i in range(len(ds)) for j in range(len(ds)) if (i, j) not in set(pairs)
+        )
         cached.kl(torch.tensor([missing[0]]), torch.tensor([missing[1]]))
 
 
@@ -363,9 +395,20 @@ def test_kto_kl_pairs_replays_sampler():
         for rows in s:
             expect += [(rows[k], rows[(k + 1) % 4]) for k in range(4)]
     assert pairs == list(dict.fromkeys(expect))
-    assert kto_kl_pairs(s, 2, max_batches_per_epoch=1) == list(dict.fromkeys(expect[:4] + expect[8:12]))
+    assert kto_kl_pairs(s, 2, max_batches_per_epoch=1) == list(
+        dict.fromkeys(expect[:4] + expect[8:12])
+    )
     unshuffled = GlobalBatchSampler(8, 4, seed=0, shuffle=False)
-    assert kto_kl_pairs(unshuffled, 3) == [(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4)]
+    assert kto_kl_pairs(unshuffled, 3) == [
+        (0, 1),
+        (1, 2),
+        (2, 3),
+        (3, 0),
+        (4, 5),
+        (5, 6),
+        (6, 7),
+        (7, 4),
+    ]
 
 
 def test_position_indexed_concat():
@@ -403,7 +446,9 @@ def _worker(data_dir: str, out_dir: str, rank: int, world: int) -> None:
     from torchtune_prefopt.reference.store import ReferenceLogpsCache, load_or_compute
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world
+    )
     # the parent's tokenized rows (no tokenizer or dataset build here) and the same seeded model
     rows = json.loads((Path(out_dir) / "rows.json").read_text())
     tok = SimpleNamespace(pad_id=rows["pad_id"], max_seq_len=rows["max_seq_len"])
@@ -413,7 +458,9 @@ def _worker(data_dir: str, out_dir: str, rank: int, world: int) -> None:
     out_p, out_k = _precompute_all(model, tok, paired, kto, world_size=world, rank=rank)
     # cache: only rank 0 has one (and a fingerprint) and writes; the second load_or_compute
     # reads the file on rank 0 and broadcasts its tensors to rank 1 (no recompute anywhere)
-    cache = ReferenceLogpsCache(Path(out_dir) / "cache", fingerprint="0" * 64) if rank == 0 else None
+    cache = (
+        ReferenceLogpsCache(Path(out_dir) / "cache", fingerprint="0" * 64) if rank == 0 else None
+    )
     first = load_or_compute(cache, lambda: out_p, rank=rank, world_size=world)
 
     def _no_recompute():
@@ -421,8 +468,10 @@ def _worker(data_dir: str, out_dir: str, rank: int, world: int) -> None:
 
     again = load_or_compute(cache, _no_recompute, rank=rank, world_size=world)
     assert all(torch.equal(first[k], again[k]) for k in out_p)
-    save_file({f"p.{k}": v for k, v in again.items()} | {f"k.{k}": v for k, v in out_k.items()},
-              f"{out_dir}/rank{rank}.safetensors")
+    save_file(
+        {f"p.{k}": v for k, v in again.items()} | {f"k.{k}": v for k, v in out_k.items()},
+        f"{out_dir}/rank{rank}.safetensors",
+    )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -433,12 +482,16 @@ def test_two_process_precompute_equals_one_process(env, tmp_path):
     from safetensors.torch import load_file
 
     tok = env["tok"]
-    (tmp_path / "rows.json").write_text(json.dumps({
-        "pad_id": tok.pad_id,
-        "max_seq_len": tok.max_seq_len,
-        "paired": [env["paired"][i] for i in range(len(env["paired"]))],
-        "kto": [env["kto"][i] for i in range(len(env["kto"]))],
-    }))
+    (tmp_path / "rows.json").write_text(
+        json.dumps(
+            {
+                "pad_id": tok.pad_id,
+                "max_seq_len": tok.max_seq_len,
+                "paired": [env["paired"][i] for i in range(len(env["paired"]))],
+                "kto": [env["kto"][i] for i in range(len(env["kto"]))],
+            }
+        )
+    )
 
     procs = [
         subprocess.Popen(

@@ -73,7 +73,11 @@ def setup(tmp_path_factory):
 
 
 def _linear_names(model, quantize_output):
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (quantize_output or m is not model.output)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (quantize_output or m is not model.output)
+    ]
 
 
 def _dense(w):
@@ -177,7 +181,12 @@ def test_quantize_bytes_and_logprob_error(setup, mode, quantize_output):
         for n in report.quantized:
             w0 = base.get_submodule(n).weight.double()
             step = w0.abs().amax(dim=1, keepdim=True) / 127
-            assert bool(((_dense(model.get_submodule(n).weight).double() - w0).abs() <= step / 2 * 1.001 + 1e-12).all()), n
+            assert bool(
+                (
+                    (_dense(model.get_submodule(n).weight).double() - w0).abs()
+                    <= step / 2 * 1.001 + 1e-12
+                ).all()
+            ), n
             num += float((step / 2).pow(2).sum() * w0.shape[1])
             den += float(w0.pow(2).sum())
         rho_max = (num / den) ** 0.5
@@ -231,7 +240,9 @@ def test_bf16_model_int8(setup):
     assert q16.sum.dtype == torch.float32
     n = ids.shape[0] // 2
     e, e_q32, e_b16 = _errors(q16, b16, n), _errors(lq32, ref, n), _errors(b16, ref, n)
-    print(f"\n[int8 on bf16 vs bf16] |d token| mean {e['tok_mean']:.2e}; |d h| max {e['h_max']:.2e}")
+    print(
+        f"\n[int8 on bf16 vs bf16] |d token| mean {e['tok_mean']:.2e}; |d h| max {e['h_max']:.2e}"
+    )
     for k in ("h_max", "tok_mean"):
         assert e[k] <= 2 * e_b16[k] + e_q32[k], k
 
@@ -258,7 +269,9 @@ def test_weight_bytes_counts_inner_storage():
 
 
 def test_fp8_dynamic_on_cpu_is_a_user_error(setup):
-    with pytest.raises(PrefOptUserError, match=r"fp8_dynamic needs a CUDA GPU with compute capability >= 8\.9") as ei:
+    with pytest.raises(
+        PrefOptUserError, match=r"fp8_dynamic needs a CUDA GPU with compute capability >= 8\.9"
+    ) as ei:
         check_quantization_supported("fp8_dynamic", "cpu")
     assert "\n" not in str(ei.value)
     base = setup[0]
@@ -267,7 +280,9 @@ def test_fp8_dynamic_on_cpu_is_a_user_error(setup):
     with pytest.raises(PrefOptUserError, match="fp8_dynamic"):
         quantize_reference(model, "fp8_dynamic")
     after = model.state_dict()
-    assert all(type(after[k]) is torch.Tensor and torch.equal(after[k], v) for k, v in before.items())
+    assert all(
+        type(after[k]) is torch.Tensor and torch.equal(after[k], v) for k, v in before.items()
+    )
 
 
 def test_check_errors(monkeypatch):
@@ -279,7 +294,10 @@ def test_check_errors(monkeypatch):
     import torchao.quantization as tq
 
     monkeypatch.delattr(tq, "Float8WeightOnlyConfig")
-    with pytest.raises(PrefOptUserError, match=r"needs torchao\.quantization\.Float8WeightOnlyConfig, missing in torchao"):
+    with pytest.raises(
+        PrefOptUserError,
+        match=r"needs torchao\.quantization\.Float8WeightOnlyConfig, missing in torchao",
+    ):
         check_quantization_supported("fp8", "cpu")
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
     with pytest.raises(PrefOptUserError, match="needs torchao, which cannot be imported"):

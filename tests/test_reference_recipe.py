@@ -109,29 +109,43 @@ _PRE = ("reference.precompute=true",)
 # recompiles/graph_breaks: dynamo's own log lines show that the layers really were compiled
 _AOT = (("TORCH_COMPILE_BACKEND", "aot_eager"), ("TORCH_LOGS", "recompiles,graph_breaks"))
 
-SPECS: Dict[str, RunSpec] = {s.key: s for s in (
-    # 1. DPO: live reference vs precomputed; the precompute run also saves at step 2 (3.)
-    RunSpec("dpo-live", "tiny/dpo", tags=("eval",)),
-    RunSpec("dpo-pre", "tiny/dpo", (*_PRE, "save_every_n_steps=2"), tags=("eval",)),
-    # second run, same inputs, the first run's cache and step-2 checkpoint: loads the cache
-    # and resumes (3.)
-    RunSpec("dpo-pre-resume", "tiny/dpo", (*_PRE, "save_every_n_steps=2", "resume_from_checkpoint=true"),
-            tags=("eval",), seed_from="dpo-pre", seed_paths=(_CACHE, "checkpoints/step_000002")),
-    # one input changed (the reference's quantization): the copied cache is stale (1., 4.)
-    RunSpec("dpo-pre-int8", "tiny/dpo", (*_PRE, "reference.quantization=int8"),
-            seed_from="dpo-pre", seed_paths=(_CACHE,)),
-    RunSpec("dpo-fp8", "tiny/dpo", ("reference.quantization=fp8",)),
-    RunSpec("dpo-fp8-dynamic", "tiny/dpo", ("reference.quantization=fp8_dynamic",)),
-    # 2. KTO
-    RunSpec("kto-live", "tiny/kto"),
-    RunSpec("kto-pre", "tiny/kto", _PRE),
-    RunSpec("kto-pre-2p", "tiny/kto", _PRE, nproc=2),
-    # 5. compile
-    RunSpec("dpo-compile", "tiny/dpo", ("compile=true",), env=_AOT),
-    # KTO on 2 processes: z0's all-reduce inside the compiled loss must really sum over ranks
-    # (on 1 process any reduction would pass); compared with the eager 2-process run
-    RunSpec("kto-compile-2p", "tiny/kto", (*_PRE, "compile=true"), nproc=2, env=_AOT),
-)}
+SPECS: Dict[str, RunSpec] = {
+    s.key: s
+    for s in (
+        # 1. DPO: live reference vs precomputed; the precompute run also saves at step 2 (3.)
+        RunSpec("dpo-live", "tiny/dpo", tags=("eval",)),
+        RunSpec("dpo-pre", "tiny/dpo", (*_PRE, "save_every_n_steps=2"), tags=("eval",)),
+        # second run, same inputs, the first run's cache and step-2 checkpoint: loads the cache
+        # and resumes (3.)
+        RunSpec(
+            "dpo-pre-resume",
+            "tiny/dpo",
+            (*_PRE, "save_every_n_steps=2", "resume_from_checkpoint=true"),
+            tags=("eval",),
+            seed_from="dpo-pre",
+            seed_paths=(_CACHE, "checkpoints/step_000002"),
+        ),
+        # one input changed (the reference's quantization): the copied cache is stale (1., 4.)
+        RunSpec(
+            "dpo-pre-int8",
+            "tiny/dpo",
+            (*_PRE, "reference.quantization=int8"),
+            seed_from="dpo-pre",
+            seed_paths=(_CACHE,),
+        ),
+        RunSpec("dpo-fp8", "tiny/dpo", ("reference.quantization=fp8",)),
+        RunSpec("dpo-fp8-dynamic", "tiny/dpo", ("reference.quantization=fp8_dynamic",)),
+        # 2. KTO
+        RunSpec("kto-live", "tiny/kto"),
+        RunSpec("kto-pre", "tiny/kto", _PRE),
+        RunSpec("kto-pre-2p", "tiny/kto", _PRE, nproc=2),
+        # 5. compile
+        RunSpec("dpo-compile", "tiny/dpo", ("compile=true",), env=_AOT),
+        # KTO on 2 processes: z0's all-reduce inside the compiled loss must really sum over ranks
+        # (on 1 process any reduction would pass); compared with the eager 2-process run
+        RunSpec("kto-compile-2p", "tiny/kto", (*_PRE, "compile=true"), nproc=2, env=_AOT),
+    )
+}
 
 
 def _children_cpu() -> float:
@@ -145,8 +159,11 @@ def _write_data(root: Path) -> Dict[str, Path]:
     from torchtune_prefopt.data import synthetic_data_file
 
     out = {}
-    for name, split, n in (("train", "train", N_TRAIN_PAIRS), ("kto", "train", N_KTO_PAIRS),
-                           ("eval", "heldout", N_EVAL_PAIRS)):
+    for name, split, n in (
+        ("train", "train", N_TRAIN_PAIRS),
+        ("kto", "train", N_KTO_PAIRS),
+        ("eval", "heldout", N_EVAL_PAIRS),
+    ):
         lines = synthetic_data_file(split).read_text().splitlines()[:n]
         assert len(lines) == n
         out[name] = root / f"{name}.jsonl"
@@ -164,29 +181,53 @@ def runs(request, tmp_path_factory):
 
     def overrides(spec: RunSpec, out_dir: Path) -> List[str]:
         paired = spec.config == "tiny/dpo"
-        ds = (*(_PAIRED_DATA if paired else _KTO_DATA), f"dataset.data_files={data['train' if paired else 'kto']}")
-        ev = (*_EVAL, f"eval_dataset.data_files={data['eval']}") if "eval" in spec.tags else ("eval_dataset=null",)
-        return [*COMMON, *ds, *ev, f"batch_size={BATCH // spec.nproc}", *spec.overrides,
-                f"output_dir={out_dir}", f"checkpointer.checkpoint_dir={base_dir}"]
+        ds = (
+            *(_PAIRED_DATA if paired else _KTO_DATA),
+            f"dataset.data_files={data['train' if paired else 'kto']}",
+        )
+        ev = (
+            (*_EVAL, f"eval_dataset.data_files={data['eval']}")
+            if "eval" in spec.tags
+            else ("eval_dataset=null",)
+        )
+        return [
+            *COMMON,
+            *ds,
+            *ev,
+            f"batch_size={BATCH // spec.nproc}",
+            *spec.overrides,
+            f"output_dir={out_dir}",
+            f"checkpointer.checkpoint_dir={base_dir}",
+        ]
 
     pool = RunPool(root, SPECS, overrides)
     # the 2-process and compile runs first: they take longest
-    for key in sorted(wanted_runs(request), key=lambda k: not (k.endswith("-2p") or "compile" in k)):
+    for key in sorted(
+        wanted_runs(request), key=lambda k: not (k.endswith("-2p") or "compile" in k)
+    ):
         pool.submit(key)
     start, cpu0 = time.perf_counter(), _children_cpu()
     yield pool
     pool.close()
-    print(f"\n[reference recipe runs] {len(pool.timings())} runs, {time.perf_counter() - start:.0f}s wall, "
-          f"{_children_cpu() - cpu0:.0f} CPU-s in the runs: {pool.summary()}")
+    print(
+        f"\n[reference recipe runs] {len(pool.timings())} runs, {time.perf_counter() - start:.0f}s wall, "
+        f"{_children_cpu() - cpu0:.0f} CPU-s in the runs: {pool.summary()}"
+    )
 
 
 # --------------------------------------------------------------------------------------
 # helpers
 
 
-def assert_steps_match(a: Dict[int, Dict[str, float]], b: Dict[int, Dict[str, float]], what: str,
-                       rel: float, abs_: float, steps: Optional[Sequence[int]] = None,
-                       skip: Sequence[str] = ()) -> float:
+def assert_steps_match(
+    a: Dict[int, Dict[str, float]],
+    b: Dict[int, Dict[str, float]],
+    what: str,
+    rel: float,
+    abs_: float,
+    steps: Optional[Sequence[int]] = None,
+    skip: Sequence[str] = (),
+) -> float:
     """Every non-volatile metric of ``b`` equals ``a``'s at each step; returns the largest
     absolute difference seen."""
     steps = sorted(b) if steps is None else list(steps)
@@ -198,7 +239,9 @@ def assert_steps_match(a: Dict[int, Dict[str, float]], b: Dict[int, Dict[str, fl
         for key in sorted(keys):
             x, y = a[step][key], b[step][key]
             worst = max(worst, abs(x - y))
-            assert y == pytest.approx(x, rel=rel, abs=abs_), f"{what}: step {step} {key}: {y} vs {x}"
+            assert y == pytest.approx(x, rel=rel, abs=abs_), (
+                f"{what}: step {step} {key}: {y} vs {x}"
+            )
     return worst
 
 
@@ -265,7 +308,9 @@ def test_dpo_changed_input_recomputes_stale_cache(runs):
     out = r.output
     m = re.search(r"^.*reference_logps\.safetensors is stale \((.*)\).*$", out, re.M)
     assert m, f"no stale-cache message\n{r.tail()}"
-    assert m.group(1) == "changed since it was written: quantization", m.group(0)  # names what changed
+    assert m.group(1) == "changed since it was written: quantization", m.group(
+        0
+    )  # names what changed
     assert "loaded reference log-probs" not in out
     assert f"reference log-probs precomputed: {N_TRAIN_PAIRS} rows" in out
     assert "saved reference log-probs to" in out
@@ -288,9 +333,14 @@ def test_kto_precompute_one_and_two_processes_equal_live(runs):
     assert any(s["kl"] > 0 for s in s_pre.values()), s_pre  # z0 moves once the policy does
     worst = assert_steps_match(s_live, s_pre, "kto precompute vs live", CACHE_REL, CACHE_ABS)
     print(f"kto precompute vs live: max |diff| {worst:.3g}")
-    worst = assert_steps_match(s_pre, s_two, "kto precompute, 2 vs 1 processes", TWO_PROC_REL, TWO_PROC_ABS)
+    worst = assert_steps_match(
+        s_pre, s_two, "kto precompute, 2 vs 1 processes", TWO_PROC_REL, TWO_PROC_ABS
+    )
     print(f"kto precompute 2 vs 1 processes: max |diff| {worst:.3g}")
-    pairs = re.search(r"reference log-probs precomputed: (\d+) rows \+ (\d+) KL pairs in .* on (\d+) process", two.output)
+    pairs = re.search(
+        r"reference log-probs precomputed: (\d+) rows \+ (\d+) KL pairs in .* on (\d+) process",
+        two.output,
+    )
     assert pairs, two.tail()
     assert int(pairs.group(1)) == 2 * N_KTO_PAIRS and int(pairs.group(3)) == 2
     assert int(pairs.group(2)) == STEPS * BATCH  # one KL pair per row, all distinct here
@@ -335,7 +385,12 @@ def test_quantized_reference_runs(runs, key, mode):
     m = _QUANT.search(r.output)
     assert m, f"no quantization summary\n{r.tail()}"
     assert m.group(1) == mode
-    n_layers, before, after, ratio = int(m.group(2)), float(m.group(3)), float(m.group(4)), float(m.group(5))
+    n_layers, before, after, ratio = (
+        int(m.group(2)),
+        float(m.group(3)),
+        float(m.group(4)),
+        float(m.group(5)),
+    )
     # ratio = after / before. The tiny model's untied output projection (kept in full
     # precision) is a large share of its linear weights, hence only ~0.67x here.
     assert n_layers > 0 and "kept 1 in full precision (output)" in m.group(0), m.group(0)
@@ -354,9 +409,11 @@ def test_quantized_reference_runs(runs, key, mode):
     # consistent with the logged margin to first order (the x^2/8 term: < 2e-3 for |x| < 0.12)
     assert abs(dev + first["rewards/margins"] / 2) < 2e-3, (dev, first)
     assert steps[STEPS]["loss"] < first["loss"]
-    print(f"{mode}: weights {before} -> {after} MiB ({ratio}x), step-1 loss {first['loss']:.6f} "
-          f"(ln2 {dev:+.2e}), margin {first['rewards/margins']:+.2e}, "
-          f"rewards chosen {first['rewards/chosen']:+.2e} rejected {first['rewards/rejected']:+.2e}")
+    print(
+        f"{mode}: weights {before} -> {after} MiB ({ratio}x), step-1 loss {first['loss']:.6f} "
+        f"(ln2 {dev:+.2e}), margin {first['rewards/margins']:+.2e}, "
+        f"rewards chosen {first['rewards/chosen']:+.2e} rejected {first['rewards/rejected']:+.2e}"
+    )
 
 
 @uses_runs("dpo-fp8-dynamic")
@@ -388,10 +445,17 @@ def test_compile_matches_eager(runs, loss):
     eager = runs.get({"dpo": "dpo-live", "kto": "kto-pre-2p"}[loss]).check()
     comp = runs.get({"dpo": "dpo-compile", "kto": "kto-compile-2p"}[loss]).check()
     out = comp.output
-    assert "Compiling model layers with torch.compile" in out and "Compiling loss with torch.compile" in out
+    assert (
+        "Compiling model layers with torch.compile" in out
+        and "Compiling loss with torch.compile" in out
+    )
     # dynamo compiled the decoder layers (and re-specialised them: grad mode, new lengths)
-    assert "Recompiling function forward" in out and "torchtune/modules/transformer.py" in out, comp.tail()
-    breaks = sorted({ln.split("]", 2)[-1].strip()[:160] for ln in out.splitlines() if "__graph_breaks" in ln})
+    assert "Recompiling function forward" in out and "torchtune/modules/transformer.py" in out, (
+        comp.tail()
+    )
+    breaks = sorted(
+        {ln.split("]", 2)[-1].strip()[:160] for ln in out.splitlines() if "__graph_breaks" in ln}
+    )
     name = "DPOLoss" if loss == "dpo" else "KTOLoss"
     assert f"== prefopt_distributed: {name} |" in comp.stdout, comp.stdout  # not "OptimizedModule"
     s_e, s_c = eager.steps(), comp.steps()
@@ -401,4 +465,6 @@ def test_compile_matches_eager(runs, loss):
         # z0 (logged as kl) comes out of the compiled loss's all-reduce over both ranks
         assert "on 2 process(es)" in out
         assert any(s["kl"] > 0 for s in s_c.values())
-    print(f"{loss} compile (aot_eager) vs eager: max |diff| {worst:.3g}; graph breaks logged: {breaks[:6]}")
+    print(
+        f"{loss} compile (aot_eager) vs eager: max |diff| {worst:.3g}; graph breaks logged: {breaks[:6]}"
+    )

@@ -29,6 +29,8 @@ from torchtune_prefopt._config import (
 from tune_harness import run_process, tune
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def _run(args, cwd: Path, pythonpath: Path | None = None, extra_env: dict | None = None):
     env = dict(extra_env or {})
     if pythonpath is not None:
@@ -68,9 +70,7 @@ def _write_config_dist(site: Path, dist: str, package: str, files: dict[str, str
     info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(
-        f"[torchtune_prefopt.configs]\n{dist} = {package}\n"
-    )
+    (info / "entry_points.txt").write_text(f"[torchtune_prefopt.configs]\n{dist} = {package}\n")
     return pkg_dir
 
 
@@ -82,8 +82,9 @@ ACME_YAML = "# acme's own config\nbatch_size: 2\n"
 def acme_site(tmp_path: Path) -> Path:
     """tmp site dir with distribution `acme-prefopt-configs` providing `acme/dpo_big`."""
     site = tmp_path / "site"
-    _write_config_dist(site, "acme-prefopt-configs", "acme_prefopt_configs",
-                       {"acme/dpo_big.yaml": ACME_YAML})
+    _write_config_dist(
+        site, "acme-prefopt-configs", "acme_prefopt_configs", {"acme/dpo_big.yaml": ACME_YAML}
+    )
     return site
 
 
@@ -139,7 +140,9 @@ def test_registry_entries_in_process():
     assert Path(recipe.file_path).name == "prefopt_distributed.py"
     configs = {c.name: c.file_path for c in recipe.configs}
     everything = {name: str(path) for name, path in available_configs().items()}
-    assert configs == {n: p for n, p in everything.items() if not _tune_registry.is_compare_config(n)}
+    assert configs == {
+        n: p for n, p in everything.items() if not _tune_registry.is_compare_config(n)
+    }
     compare = [r for r in registry.get_all_recipes() if r.name == "prefopt_compare"]
     if compare:  # each config is listed once, under the recipe that runs it
         assert {c.name: c.file_path for c in compare[0].configs} == {
@@ -232,8 +235,9 @@ def test_third_party_configs_via_entry_point(tmp_path, acme_site):
 @pytest.mark.slow
 def test_config_name_clash_is_an_error_naming_both(tmp_path):
     site = tmp_path / "site"
-    clash = _write_config_dist(site, "clashing-configs", "clashing_configs",
-                               {"tiny/dpo.yaml": "batch_size: 1\n"})
+    clash = _write_config_dist(
+        site, "clashing-configs", "clashing_configs", {"tiny/dpo.yaml": "batch_size: 1\n"}
+    )
 
     out = _python(
         """
@@ -339,8 +343,9 @@ def test_parse_exits_with_one_line_for_unknown_config(tmp_path):
     # under torchrun only rank 0 reports; PREFOPT_DEBUG=1 shows the traceback
     out = _run([sys.executable, script, "--config", "tiny/dpp"], tmp_path, extra_env={"RANK": "1"})
     assert (out.returncode, out.stderr) == (2, "")
-    out = _run([sys.executable, script, "--config", "tiny/dpp"], tmp_path,
-               extra_env={"PREFOPT_DEBUG": "1"})
+    out = _run(
+        [sys.executable, script, "--config", "tiny/dpp"], tmp_path, extra_env={"PREFOPT_DEBUG": "1"}
+    )
     assert out.returncode == 1 and "Traceback" in out.stderr
     assert "ConfigNotFoundError" in out.stderr
 

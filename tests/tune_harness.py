@@ -38,8 +38,17 @@ RUN_TIMEOUT = 900  # seconds per run; generous because the CPUs are shared
 JOBS = max(1, int(os.environ.get("PREFOPT_TEST_JOBS", "2")))
 
 #: variables of torchrun / a parent recipe that must not leak into a child run
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-            "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+DIST_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 #: metrics that depend on wall time or process memory, not on the maths
 VOLATILE = {"tokens_per_second", "peak_memory_gib"}
 
@@ -63,15 +72,29 @@ def clean_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def run_process(cmd: Sequence[object], cwd: Path, env: Optional[Dict[str, str]] = None,
-                timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+def run_process(
+    cmd: Sequence[object],
+    cwd: Path,
+    env: Optional[Dict[str, str]] = None,
+    timeout: float = RUN_TIMEOUT,
+) -> subprocess.CompletedProcess:
     """``cmd`` in ``cwd`` with :func:`clean_env` (+ ``env``); output captured as text."""
-    return subprocess.run([str(a) for a in cmd], cwd=cwd, env=clean_env(env), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(a) for a in cmd],
+        cwd=cwd,
+        env=clean_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def tune(args: Sequence[object], cwd: Path, env: Optional[Dict[str, str]] = None,
-         timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+def tune(
+    args: Sequence[object],
+    cwd: Path,
+    env: Optional[Dict[str, str]] = None,
+    timeout: float = RUN_TIMEOUT,
+) -> subprocess.CompletedProcess:
     """``tune <args>`` (the installed CLI next to this interpreter) in ``cwd``."""
     assert TUNE.exists(), f"`tune` not found next to {sys.executable}"
     return run_process([TUNE, *args], cwd, env, timeout)
@@ -79,8 +102,10 @@ def tune(args: Sequence[object], cwd: Path, env: Optional[Dict[str, str]] = None
 
 def describe(proc, n: int = 5000) -> str:
     """Exit code and the tails of stderr/stdout of a finished process, for assertion messages."""
-    return (f"exit {proc.returncode}\n--- stderr (tail) ---\n{(proc.stderr or '')[-n:]}"
-            f"\n--- stdout (tail) ---\n{(proc.stdout or '')[-1500:]}")
+    return (
+        f"exit {proc.returncode}\n--- stderr (tail) ---\n{(proc.stderr or '')[-n:]}"
+        f"\n--- stdout (tail) ---\n{(proc.stdout or '')[-1500:]}"
+    )
 
 
 # ----------------------------------------------------------------------------- data and configs
@@ -112,7 +137,11 @@ def tiny_config(workdir: Path, name: str = "dpo", rows: int = 8, **edits) -> Pat
     cfg.tokenizer.max_seq_len = 64
     data = write_jsonl(workdir / "train.jsonl", synthetic_rows(rows))
     component = "unpaired_from_paired" if name.startswith("kto") else "preference_dataset"
-    cfg.dataset = {"_component_": f"torchtune_prefopt.data.{component}", "source": "json", "data_files": str(data)}
+    cfg.dataset = {
+        "_component_": f"torchtune_prefopt.data.{component}",
+        "source": "json",
+        "data_files": str(data),
+    }
     for key, value in edits.items():
         OmegaConf.update(cfg, key, value, merge=False)
     path = workdir / "config.yaml"
@@ -127,8 +156,12 @@ def load_weights(ckpt_dir: Path, adapter: bool = False) -> dict:
     if adapter:
         files = sorted(ckpt_dir.glob("adapter_model*.safetensors"))
     else:
-        files = sorted(p for p in ckpt_dir.glob("*.safetensors") if not p.name.startswith("adapter"))
-    assert files, f"no {'adapter ' if adapter else ''}safetensors in {ckpt_dir}: {sorted(os.listdir(ckpt_dir))}"
+        files = sorted(
+            p for p in ckpt_dir.glob("*.safetensors") if not p.name.startswith("adapter")
+        )
+    assert files, (
+        f"no {'adapter ' if adapter else ''}safetensors in {ckpt_dir}: {sorted(os.listdir(ckpt_dir))}"
+    )
     sd = {}
     for f in files:
         sd.update(load_file(str(f)))
@@ -209,7 +242,9 @@ class RunResult:
         assert self.returncode == 0, (
             f"run {self.spec.key} failed (exit {self.returncode}): {' '.join(self.cmd)}\n{self.tail()}"
         )
-        assert "Traceback" not in self.stderr, f"{self.spec.key}: traceback on stderr\n{self.tail()}"
+        assert "Traceback" not in self.stderr, (
+            f"{self.spec.key}: traceback on stderr\n{self.tail()}"
+        )
         return self
 
     def steps(self) -> Dict[int, Dict[str, float]]:
@@ -235,8 +270,12 @@ class RunPool:
     ``root/<key>``; one seeded from another copies files first.
     """
 
-    def __init__(self, root: Path, specs: Dict[str, RunSpec],
-                 overrides: Callable[[RunSpec, Path], Sequence[str]]):
+    def __init__(
+        self,
+        root: Path,
+        specs: Dict[str, RunSpec],
+        overrides: Callable[[RunSpec, Path], Sequence[str]],
+    ):
         self.root, self.specs, self.overrides = root, specs, overrides
         self._futures: Dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -260,11 +299,16 @@ class RunPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def timings(self) -> List[tuple]:
-        return [(k, f.result().seconds, f.result().returncode)
-                for k, f in self._futures.items() if f.done() and f.exception() is None]
+        return [
+            (k, f.result().seconds, f.result().returncode)
+            for k, f in self._futures.items()
+            if f.done() and f.exception() is None
+        ]
 
     def summary(self) -> str:
-        return ", ".join(f"{k} {s:.0f}s" + ("" if rc == 0 else f" (exit {rc})") for k, s, rc in self.timings())
+        return ", ".join(
+            f"{k} {s:.0f}s" + ("" if rc == 0 else f" (exit {rc})") for k, s, rc in self.timings()
+        )
 
     def _run(self, spec: RunSpec, deps: Sequence[Future]) -> RunResult:
         for d in deps:
@@ -283,14 +327,33 @@ class RunPool:
         if spec.script is not None:
             script = run_dir / "script.py"
             script.write_text(spec.script)
-            cmd = [sys.executable, str(script), json.dumps({"config": spec.config, "overrides": args})]
+            cmd = [
+                sys.executable,
+                str(script),
+                json.dumps({"config": spec.config, "overrides": args}),
+            ]
         else:
             launcher = ["--nproc_per_node", str(spec.nproc)] if spec.nproc > 1 else []
-            cmd = [str(TUNE), "run", *launcher, "prefopt_distributed", "--config", spec.config, *args]
+            cmd = [
+                str(TUNE),
+                "run",
+                *launcher,
+                "prefopt_distributed",
+                "--config",
+                spec.config,
+                *args,
+            ]
         start = time.perf_counter()
         # own process group: on a timeout, torchrun's workers are killed with it
-        proc = subprocess.Popen(cmd, cwd=run_dir, env=clean_env(env), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=run_dir,
+            env=clean_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
             rc = proc.returncode
@@ -323,7 +386,11 @@ def wanted_runs(request) -> List[str]:
         declared = getattr(getattr(item, "function", None), "_tune_runs", None)
         if declared is None or item.module is not request.module:
             continue
-        keys = declared(**(item.callspec.params if hasattr(item, "callspec") else {})) if callable(declared) else declared
+        keys = (
+            declared(**(item.callspec.params if hasattr(item, "callspec") else {}))
+            if callable(declared)
+            else declared
+        )
         wanted += [k for k in keys if k not in wanted]
     return wanted
 

@@ -87,9 +87,7 @@ def _yaml_files(root: Path) -> Dict[str, Path]:
     if not root.is_dir():
         return found
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and d != "__pycache__"
-        )
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         for filename in sorted(filenames):
             if filename.startswith(".") or not filename.endswith(_SUFFIX):
                 continue

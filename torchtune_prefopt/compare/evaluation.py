@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 
-
 @dataclass
 class EvalSettings:
     """What the comparison measures and how (``compare.heldout/generation/kl`` in the config)."""
@@ -58,7 +57,9 @@ class EvalSettings:
     kl_seed: int = 4321
 
 
-def build_eval_model(model_cfg, state_dict: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_eval_model(
+    model_cfg, state_dict: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> nn.Module:
     """Instantiate ``model_cfg`` on ``device`` in ``dtype`` and load a full (merged) state dict.
 
     LoRA builders: the adapter weights are not in ``state_dict`` (merged checkpoints), so
@@ -71,7 +72,9 @@ def build_eval_model(model_cfg, state_dict: Dict[str, torch.Tensor], device: tor
         model = config.instantiate(model_cfg)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     adapters = [m for m in model.modules() if isinstance(m, (LoRALinear, DoRALinear))]
-    bad_missing = [k for k in missing if not (adapters and ("lora_" in k or k.endswith("magnitude")))]
+    bad_missing = [
+        k for k in missing if not (adapters and ("lora_" in k or k.endswith("magnitude")))
+    ]
     if bad_missing or unexpected:
         raise ValueError(
             f"checkpoint does not match the model: missing {bad_missing[:3]}{'...' if len(bad_missing) > 3 else ''}, "
@@ -97,7 +100,9 @@ def load_hf_weights(checkpoint_dir, model_type: str, scratch_dir) -> Dict[str, t
     if not files:
         raise FileNotFoundError(f"no model weight files in {checkpoint_dir}")
     ck = training.FullModelHFCheckpointer(
-        checkpoint_dir=str(checkpoint_dir), checkpoint_files=files, model_type=model_type,
+        checkpoint_dir=str(checkpoint_dir),
+        checkpoint_files=files,
+        model_type=model_type,
         output_dir=str(scratch_dir),
     )
     return ck.load_checkpoint()[training.MODEL_KEY]
@@ -171,24 +176,33 @@ class HeldoutEvaluator:
         parts = []
         bs = self.settings.batch_size
         for start in range(0, len(self.items), bs):
-            batch = PairedBatch.collate(self.items[start : start + bs], pad_id=self.pad_id).to(self.device)
+            batch = PairedBatch.collate(self.items[start : start + bs], pad_id=self.pad_id).to(
+                self.device
+            )
             lp = batch.logps(model, self.settings.chunk_size)
             s, m, t = lp.sum.double().cpu(), lp.mean.double().cpu(), lp.num_tokens.double().cpu()
             c, r = PairedBatch.chosen, PairedBatch.rejected
             parts.append(HeldoutLogps(c(s), r(s), c(m), r(m), c(t), r(t)))
         return HeldoutLogps.cat(parts)
 
-    def generate(self, model: nn.Module, *, sample: bool = False, repeats: int = 1) -> List[List[int]]:
+    def generate(
+        self, model: nn.Module, *, sample: bool = False, repeats: int = 1
+    ) -> List[List[int]]:
         s = self.settings
         prompts = [p for p in self.prompts for _ in range(repeats)]
         return generate_completions(
-            model, prompts,
+            model,
+            prompts,
             max_new_tokens=s.kl_max_new_tokens if sample else s.max_new_tokens,
-            stop_tokens=self.stop_tokens, pad_id=self.pad_id, device=self.device, dtype=self.dtype,
+            stop_tokens=self.stop_tokens,
+            pad_id=self.pad_id,
+            device=self.device,
+            dtype=self.dtype,
             temperature=1.0 if sample else s.temperature,
             top_k=None if sample else s.top_k,
             seed=s.kl_seed if sample else s.generation_seed,
-            batch_size=s.generation_batch_size, kv_cache=s.kv_cache,
+            batch_size=s.generation_batch_size,
+            kv_cache=s.kv_cache,
         )
 
     def kl(self, policy: nn.Module) -> Dict[str, Any]:
@@ -197,8 +211,15 @@ class HeldoutEvaluator:
             return {}
         samples = self.generate(policy, sample=True, repeats=s.kl_samples_per_prompt)
         prompts = [p for p in self.prompts for _ in range(s.kl_samples_per_prompt)]
-        index = torch.tensor([i for i in range(len(self.prompts)) for _ in range(s.kl_samples_per_prompt)])
-        kw = dict(pad_id=self.pad_id, device=self.device, batch_size=s.batch_size * 2, chunk_size=s.chunk_size)
+        index = torch.tensor(
+            [i for i in range(len(self.prompts)) for _ in range(s.kl_samples_per_prompt)]
+        )
+        kw = dict(
+            pad_id=self.pad_id,
+            device=self.device,
+            batch_size=s.batch_size * 2,
+            chunk_size=s.chunk_size,
+        )
         lp_pol = completion_logps(policy, prompts, samples, **kw)
         lp_ref = completion_logps(self.reference, prompts, samples, **kw)
         out = kl_estimate(lp_pol, lp_ref, index)
@@ -206,7 +227,13 @@ class HeldoutEvaluator:
         lengths, _ = completion_lengths(samples, self.stop_tokens)
         out["kl_sample_mean_length"] = sum(lengths) / max(len(lengths), 1)
         out["rows"] = [
-            {"prompt": int(i), "sample": self._text(c), "tokens": len(c), "logp": float(a), "logp_ref": float(b)}
+            {
+                "prompt": int(i),
+                "sample": self._text(c),
+                "tokens": len(c),
+                "logp": float(a),
+                "logp_ref": float(b),
+            }
             for i, c, a, b in zip(index.tolist(), samples, lp_pol.tolist(), lp_ref.tolist())
         ]
         return out
@@ -218,7 +245,9 @@ class HeldoutEvaluator:
         model = self.reference if is_ref else policy
         logps = self.reference_logps if is_ref else self.heldout_logps(model)
         result: Dict[str, Any] = {
-            "heldout": heldout_metrics(None if is_ref else loss_fn, logps, None if is_ref else self.reference_logps)
+            "heldout": heldout_metrics(
+                None if is_ref else loss_fn, logps, None if is_ref else self.reference_logps
+            )
         }
         completions = self.reference_completions if is_ref else self.generate(model)
         lengths, hit = completion_lengths(completions, self.stop_tokens)
@@ -235,13 +264,17 @@ class HeldoutEvaluator:
         }
         judge = None
         if self.judge is not None and not is_ref:
-            judge = judge_win_rate(self.judge, self.judge_kind, self.prompt_texts, responses, ref_responses)
+            judge = judge_win_rate(
+                self.judge, self.judge_kind, self.prompt_texts, responses, ref_responses
+            )
             gen["win_rate"] = judge["win_rate"]
             if "mean_score" in judge:
                 gen["judge_mean_score"] = judge["mean_score"]
                 gen["judge_reference_mean_score"] = judge["reference_mean_score"]
         elif self.judge is not None and self.judge_kind == "reward":
-            gen["judge_mean_score"] = sum(self.judge(x, r) for x, r in zip(self.prompt_texts, ref_responses)) / len(ref_responses)
+            gen["judge_mean_score"] = sum(
+                self.judge(x, r) for x, r in zip(self.prompt_texts, ref_responses)
+            ) / len(ref_responses)
         result["generation"] = gen
         kl = {} if is_ref else self.kl(model)
         kl_rows = kl.pop("rows", [])
@@ -257,7 +290,9 @@ class HeldoutEvaluator:
                     **({} if is_ref else {"reference_response": rr}),
                     **({"judge_p": judge["per_prompt"][i]} if judge else {}),
                 }
-                for i, (x, r, n, h, rr) in enumerate(zip(self.prompt_texts, responses, lengths, hit, ref_responses))
+                for i, (x, r, n, h, rr) in enumerate(
+                    zip(self.prompt_texts, responses, lengths, hit, ref_responses)
+                )
             ],
             "kl_samples": kl_rows,
         }

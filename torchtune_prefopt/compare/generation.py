@@ -27,7 +27,6 @@ __all__ = [
 ]
 
 
-
 def prompt_ids(item) -> List[int]:
     """The chat-template prompt tokens of a paired item (tokens before the first label)."""
     labels = item["chosen_labels"]
@@ -93,7 +92,9 @@ def generate_completions(
     results: List[List[int]] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = [list(p)[-keep:] if keep else list(p) for p in prompts[start : start + batch_size]]
+            chunk = [
+                list(p)[-keep:] if keep else list(p) for p in prompts[start : start + batch_size]
+            ]
             width = max(len(p) for p in chunk)
             batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             for i, p in enumerate(chunk):
@@ -109,7 +110,10 @@ def generate_completions(
             )
             if kv_cache and hasattr(model, "setup_caches") and not model.caches_are_setup():
                 with local_kv_cache(
-                    model, batch_size=len(chunk), device=device, dtype=dtype,
+                    model,
+                    batch_size=len(chunk),
+                    device=device,
+                    dtype=dtype,
                     decoder_max_seq_len=width + max_new_tokens,
                 ):
                     out, _ = generate(model, batch, **kwargs)
@@ -122,7 +126,9 @@ def generate_completions(
     return results
 
 
-def completion_lengths(completions: Sequence[Sequence[int]], stop_tokens: Sequence[int]) -> Tuple[List[int], List[bool]]:
+def completion_lengths(
+    completions: Sequence[Sequence[int]], stop_tokens: Sequence[int]
+) -> Tuple[List[int], List[bool]]:
     """``(lengths, hit_limit)``: tokens per completion without the final stop token, and
     whether the completion ended without one (cut at ``max_new_tokens``)."""
     stop = set(int(t) for t in stop_tokens)
@@ -154,12 +160,14 @@ def completion_logps(
     model_max = getattr(model, "max_seq_len", None)
     for start in range(0, len(prompts), batch_size):
         rows = []
-        for p, c in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
+        for p, c in zip(
+            prompts[start : start + batch_size], completions[start : start + batch_size]
+        ):
             if not c:
                 raise ValueError("empty completion")
             p = list(p)
             if model_max is not None and len(p) + len(c) > model_max:
-                p = p[len(p) + len(c) - int(model_max):] or p[-1:]
+                p = p[len(p) + len(c) - int(model_max) :] or p[-1:]
             rows.append((p + list(c), [CROSS_ENTROPY_IGNORE_IDX] * len(p) + list(c)))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -167,6 +175,8 @@ def completion_logps(
         for i, (x, y) in enumerate(rows):
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
-        lp = decoder_sequence_logprobs(model, ids.to(device), labels.to(device), chunk_size=chunk_size)
+        lp = decoder_sequence_logprobs(
+            model, ids.to(device), labels.to(device), chunk_size=chunk_size
+        )
         out.append(lp.sum.detach().double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

@@ -146,7 +146,11 @@ def build_judge(spec: Any, kind: Optional[str] = None) -> Tuple[Callable, str]:
 
 
 def judge_win_rate(
-    judge: Callable, kind: str, prompts: Sequence[str], responses: Sequence[str], reference: Sequence[str]
+    judge: Callable,
+    kind: str,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    reference: Sequence[str],
 ) -> Dict[str, Any]:
     """Win rate of ``responses`` over ``reference`` (same prompts). Returns
     ``{"win_rate", "per_prompt": [p...], ...}``; see ``DEFINITIONS["win_rate"]``."""

@@ -149,7 +149,11 @@ class HeldoutLogps:
     rejected_tokens: torch.Tensor
 
     def pick(self, average: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        return (self.chosen_mean, self.rejected_mean) if average else (self.chosen_sum, self.rejected_sum)
+        return (
+            (self.chosen_mean, self.rejected_mean)
+            if average
+            else (self.chosen_sum, self.rejected_sum)
+        )
 
     @classmethod
     def cat(cls, parts: Sequence["HeldoutLogps"]) -> "HeldoutLogps":
@@ -161,7 +165,9 @@ class HeldoutLogps:
         return [dict(zip(keys, vals)) for vals in zip(*cols)]
 
 
-def loss_rewards(loss_fn, pol: HeldoutLogps, ref: Optional[HeldoutLogps]) -> Tuple[torch.Tensor, torch.Tensor]:
+def loss_rewards(
+    loss_fn, pol: HeldoutLogps, ref: Optional[HeldoutLogps]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The loss's own implicit rewards ``(r(y_w), r(y_l))`` (float64), from its ``forward``
     (:func:`torchtune_prefopt.losses.pair_rewards`) on the held-out log-probs in the loss's own
     form (mean if ``loss_fn.average_logps`` else sum)."""
@@ -211,7 +217,9 @@ def heldout_metrics(loss_fn, pol: HeldoutLogps, ref: Optional[HeldoutLogps]) -> 
     return out
 
 
-def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor, prompt_index: torch.Tensor) -> Dict[str, float]:
+def kl_estimate(
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, prompt_index: torch.Tensor
+) -> Dict[str, float]:
     """Monte-Carlo KL from samples ``y ~ π``: mean of ``log π(y) - log π_ref(y)``.
 
     The standard error is over prompts (the mean of each prompt's samples is one draw).

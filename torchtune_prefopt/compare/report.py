@@ -74,7 +74,14 @@ def plot_curves(curves: Dict[str, Dict[str, List[Tuple[int, float]]]], plot_dir)
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=run, color=_COLORS[k % len(_COLORS)], marker="o" if len(xs) < 12 else None, ms=3)
+            ax.plot(
+                xs,
+                ys,
+                label=run,
+                color=_COLORS[k % len(_COLORS)],
+                marker="o" if len(xs) < 12 else None,
+                ms=3,
+            )
         ax.set_title(metric)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -87,9 +94,17 @@ def plot_curves(curves: Dict[str, Dict[str, List[Tuple[int, float]]]], plot_dir)
     return written
 
 
-def svg_chart(metric: str, curves: Dict[str, Dict[str, List[Tuple[int, float]]]], width: int = 420, height: int = 240) -> str:
+def svg_chart(
+    metric: str,
+    curves: Dict[str, Dict[str, List[Tuple[int, float]]]],
+    width: int = 420,
+    height: int = 240,
+) -> str:
     """A small dependency-free SVG line chart of ``metric`` for every run."""
-    series = [(run, [(x, y) for x, y in s.get(metric, []) if math.isfinite(y)]) for run, s in curves.items()]
+    series = [
+        (run, [(x, y) for x, y in s.get(metric, []) if math.isfinite(y)])
+        for run, s in curves.items()
+    ]
     pts = [p for _, s in series for p in s]
     if not pts:
         return ""
@@ -125,8 +140,12 @@ def svg_chart(metric: str, curves: Dict[str, Dict[str, List[Tuple[int, float]]]]
         poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{poly}"/>')
         if len(s) == 1:
-            out.append(f'<circle cx="{sx(s[0][0]):.1f}" cy="{sy(s[0][1]):.1f}" r="2.5" fill="{color}"/>')
-        out.append(f'<text x="{left + 6}" y="{top + 12 + 11 * k}" fill="{color}">{html.escape(run)}</text>')
+            out.append(
+                f'<circle cx="{sx(s[0][0]):.1f}" cy="{sy(s[0][1]):.1f}" r="2.5" fill="{color}"/>'
+            )
+        out.append(
+            f'<text x="{left + 6}" y="{top + 12 + 11 * k}" fill="{color}">{html.escape(run)}</text>'
+        )
     out.append("</svg>")
     return "\n".join(out)
 
@@ -165,25 +184,48 @@ def _rows_for(report: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def _heldout_table(report) -> Tuple[List[str], List[List[str]]]:
     head = [
-        "model", "loss", "pref. acc. (own reward)", "reward margin (own units)", "margin improved vs ref",
-        "margin gain (nats)", "ranking acc. (sum logp)", "ranking acc. (per token)",
-        "Δ logp chosen", "Δ logp rejected", "chosen logp fell",
+        "model",
+        "loss",
+        "pref. acc. (own reward)",
+        "reward margin (own units)",
+        "margin improved vs ref",
+        "margin gain (nats)",
+        "ranking acc. (sum logp)",
+        "ranking acc. (per token)",
+        "Δ logp chosen",
+        "Δ logp rejected",
+        "chosen logp fell",
     ]
     rows = []
     for r in _rows_for(report):
         h = r["result"]["heldout"]
-        rows.append([
-            r["name"], r.get("loss_label", "—"), _fmt(h.get("pref_accuracy")), _fmt(h.get("reward_margin")),
-            _fmt(h.get("margin_improved")), _fmt(h.get("margin_gain")), _fmt(h.get("ranking_accuracy")),
-            _fmt(h.get("ranking_accuracy_per_token")), _fmt(h.get("chosen_logp_drift")),
-            _fmt(h.get("rejected_logp_drift")), _fmt(h.get("chosen_logp_fell")),
-        ])
+        rows.append(
+            [
+                r["name"],
+                r.get("loss_label", "—"),
+                _fmt(h.get("pref_accuracy")),
+                _fmt(h.get("reward_margin")),
+                _fmt(h.get("margin_improved")),
+                _fmt(h.get("margin_gain")),
+                _fmt(h.get("ranking_accuracy")),
+                _fmt(h.get("ranking_accuracy_per_token")),
+                _fmt(h.get("chosen_logp_drift")),
+                _fmt(h.get("rejected_logp_drift")),
+                _fmt(h.get("chosen_logp_fell")),
+            ]
+        )
     return head, rows
 
 
 def _generation_table(report) -> Tuple[List[str], List[List[str]]]:
-    head = ["model", "KL(π‖π_ref) ± s.e. (nats)", "response length (tokens)", "length ratio vs ref",
-            "cut at max_new_tokens", "judge win rate vs ref"]
+    head = [
+        "model",
+        "KL(π‖π_ref) ± s.e. (nats)",
+        "response length (tokens)",
+        "length ratio vs ref",
+        "cut at max_new_tokens",
+        "judge win rate vs ref",
+    ]
     scores = any("judge_mean_score" in r["result"]["generation"] for r in _rows_for(report))
     if scores:
         head.append("judge mean score")
@@ -193,8 +235,12 @@ def _generation_table(report) -> Tuple[List[str], List[List[str]]]:
         is_ref = r is report["reference"]
         kl = "0 (itself)" if is_ref else _pm(k.get("kl"), k.get("kl_stderr"))
         row = [
-            r["name"], kl, _fmt(g.get("response_length"), 2), _fmt(g.get("length_ratio")),
-            _fmt(g.get("hit_max_new_tokens")), "—" if is_ref else _fmt(g.get("win_rate")),
+            r["name"],
+            kl,
+            _fmt(g.get("response_length"), 2),
+            _fmt(g.get("length_ratio")),
+            _fmt(g.get("hit_max_new_tokens")),
+            "—" if is_ref else _fmt(g.get("win_rate")),
         ]
         if scores:
             row.append(_fmt(g.get("judge_mean_score")))
@@ -203,17 +249,33 @@ def _generation_table(report) -> Tuple[List[str], List[List[str]]]:
 
 
 def _training_table(report) -> Tuple[List[str], List[List[str]]]:
-    head = ["run", "optimizer steps", "final train loss", "final train reward acc.",
-            "first → last in-training eval acc.", "metrics log (DiskLogger)"]
+    head = [
+        "run",
+        "optimizer steps",
+        "final train loss",
+        "final train reward acc.",
+        "first → last in-training eval acc.",
+        "metrics log (DiskLogger)",
+    ]
     rows = []
     for r in report["runs"]:
         t = r.get("training", {})
         ev = t.get("eval_accuracy")
-        evs = f"{_fmt(ev[0][1])} (step {ev[0][0]}) → {_fmt(ev[-1][1])} (step {ev[-1][0]})" if ev else "—"
-        rows.append([
-            r["name"], _fmt(t.get("steps")), _fmt(t.get("final_loss")), _fmt(t.get("final_reward_accuracy")), evs,
-            ", ".join(f"`{f}`" for f in r.get("log_files", [])) or "—",
-        ])
+        evs = (
+            f"{_fmt(ev[0][1])} (step {ev[0][0]}) → {_fmt(ev[-1][1])} (step {ev[-1][0]})"
+            if ev
+            else "—"
+        )
+        rows.append(
+            [
+                r["name"],
+                _fmt(t.get("steps")),
+                _fmt(t.get("final_loss")),
+                _fmt(t.get("final_reward_accuracy")),
+                evs,
+                ", ".join(f"`{f}`" for f in r.get("log_files", [])) or "—",
+            ]
+        )
     return head, rows
 
 
@@ -226,7 +288,8 @@ def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c)).replace('`', '')}</td>" for c in row) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(str(c)).replace('`', '')}</td>" for c in row) + "</tr>"
+        for row in rows
     )
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
@@ -250,7 +313,8 @@ def _setup_lines(report) -> List[str]:
         f"- matched: same base weights (`{s.get('base_checkpoint')}`), seed {s.get('seed')}, "
         f"{_one(s.get('steps_per_run'))} optimizer steps per run, {_one(s.get('completions_per_step'))} completions "
         "(chosen + rejected, or KTO rows) per step, "
-        f"same optimizer and lr schedule" + ("" if report["matched"]["ok"] else " — **NOT matched, see below**"),
+        f"same optimizer and lr schedule"
+        + ("" if report["matched"]["ok"] else " — **NOT matched, see below**"),
         f"- reference model: `{s.get('reference_checkpoint')}` (the weights every run starts from; KL, drift and "
         "win rates are measured against it)",
         f"- held-out set: {s['heldout_rows']} pairs / {s['heldout_prompts']} prompts from `{s['heldout_dataset']}`",
@@ -300,6 +364,7 @@ def write_eval_files(out_dir: Path, name: str, result: Dict[str, Any], step: int
 
 def training_summary(curves: Dict[str, list], state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """Steps, final loss and reward accuracy, and the held-out accuracy curve of one run."""
+
     def last(name):
         s = curves.get(name)
         return s[-1][1] if s else None
@@ -315,9 +380,17 @@ def training_summary(curves: Dict[str, list], state: Optional[Dict[str, Any]]) -
     }
 
 
-def run_record(run, saved_cfg: Dict[str, Any], loss_fn, final: Path, state: Optional[Dict[str, Any]],
-               result: Dict[str, Any], curves: Dict[str, list], log_files: Sequence[Path],
-               eval_files: Dict[str, str]) -> Dict[str, Any]:
+def run_record(
+    run,
+    saved_cfg: Dict[str, Any],
+    loss_fn,
+    final: Path,
+    state: Optional[Dict[str, Any]],
+    result: Dict[str, Any],
+    curves: Dict[str, list],
+    log_files: Sequence[Path],
+    eval_files: Dict[str, str],
+) -> Dict[str, Any]:
     """One run's entry in the report: where it came from (command, config, checkpoint, logs),
     its training summary, its evaluation ``result``, and its matching keys."""
     train = training_summary(curves, state)
@@ -335,18 +408,32 @@ def run_record(run, saved_cfg: Dict[str, Any], loss_fn, final: Path, state: Opti
         "checkpoint": str(final),
         "log_files": [str(f) for f in log_files],
         "training": train,
-        "recipe_state": {k: state[k] for k in ("step", "world_size", "batch_size", "gradient_accumulation_steps", "seed") if state and k in state},
+        "recipe_state": {
+            k: state[k]
+            for k in ("step", "world_size", "batch_size", "gradient_accumulation_steps", "seed")
+            if state and k in state
+        },
         "completions_per_step": per_step,
         "result": result,
-        "files": {"training log": ", ".join(str(f) for f in log_files) or "(no DiskLogger log)", **eval_files,
-                  "config": str(run.run_dir / "torchtune_config.yaml"), "checkpoint": str(final)},
+        "files": {
+            "training log": ", ".join(str(f) for f in log_files) or "(no DiskLogger log)",
+            **eval_files,
+            "config": str(run.run_dir / "torchtune_config.yaml"),
+            "checkpoint": str(final),
+        },
         "config": saved_cfg,
         "curves": curves,
     }
 
 
-def assemble_report(*, title: str, output_dir: Path, settings: Dict[str, Any], reference: Dict[str, Any],
-                    runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def assemble_report(
+    *,
+    title: str,
+    output_dir: Path,
+    settings: Dict[str, Any],
+    reference: Dict[str, Any],
+    runs: Sequence[Dict[str, Any]],
+) -> Dict[str, Any]:
     """The report dict :func:`write_report` renders: ``settings`` (what the comparison did) plus
     what all runs share, the matching check, the reference's and every run's entries
     (:func:`run_record`), and the training curves."""
@@ -358,7 +445,9 @@ def assemble_report(*, title: str, output_dir: Path, settings: Dict[str, Any], r
     first = next(iter(configs.values()))
     from omegaconf import OmegaConf
 
-    base_checkpoint = OmegaConf.select(OmegaConf.create(first), "checkpointer.checkpoint_dir", default="?")
+    base_checkpoint = OmegaConf.select(
+        OmegaConf.create(first), "checkpointer.checkpoint_dir", default="?"
+    )
     return {
         "title": title,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -395,7 +484,10 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    curves = {k: {m: [tuple(p) for p in v] for m, v in c.items()} for k, c in report.get("curves", {}).items()}
+    curves = {
+        k: {m: [tuple(p) for p in v] for m, v in c.items()}
+        for k, c in report.get("curves", {}).items()
+    }
     pngs = plot_curves(curves, out / "plots")
     report["plots"] = [str(p.relative_to(out)) for p in pngs]
     if not pngs:
@@ -411,11 +503,27 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
 
     md = [f"# {title}", "", *_setup_lines(report), ""]
     if not report["matched"]["ok"]:
-        md += ["**Runs are not matched:**", *[f"- {d}" for d in report["matched"]["differences"]], ""]
-    md += ["## Held-out preference metrics (log-probs)", "", _md_table(ht, hr), "",
-           "## Generation, length and KL", "", _md_table(gt, gr), "",
-           "## Training (read from each run's DiskLogger log)", "", _md_table(tt, tr), "",
-           "## Training curves", ""]
+        md += [
+            "**Runs are not matched:**",
+            *[f"- {d}" for d in report["matched"]["differences"]],
+            "",
+        ]
+    md += [
+        "## Held-out preference metrics (log-probs)",
+        "",
+        _md_table(ht, hr),
+        "",
+        "## Generation, length and KL",
+        "",
+        _md_table(gt, gr),
+        "",
+        "## Training (read from each run's DiskLogger log)",
+        "",
+        _md_table(tt, tr),
+        "",
+        "## Training curves",
+        "",
+    ]
     if pngs:
         md += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in pngs] + [""]
     else:
@@ -440,14 +548,25 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
             charts.append(svg_chart(metric, curves))
     files_html = "".join(
         f"<li><b>{html.escape(r['name'])}</b>: "
-        + "; ".join(f"{html.escape(k)}: <code>{html.escape(str(v))}</code>" for k, v in r.get("files", {}).items())
+        + "; ".join(
+            f"{html.escape(k)}: <code>{html.escape(str(v))}</code>"
+            for k, v in r.get("files", {}).items()
+        )
         + (f"<br>trained by: <code>{html.escape(r['command'])}</code>" if r.get("command") else "")
         + "</li>"
         for r in _rows_for(report)
     )
-    setup_html = "".join(f"<li>{html.escape(line[2:]).replace('`', '')}</li>" for line in _setup_lines(report))
-    diffs = "" if report["matched"]["ok"] else (
-        "<p><b>Runs are not matched:</b></p><ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in report["matched"]["differences"]) + "</ul>"
+    setup_html = "".join(
+        f"<li>{html.escape(line[2:]).replace('`', '')}</li>" for line in _setup_lines(report)
+    )
+    diffs = (
+        ""
+        if report["matched"]["ok"]
+        else (
+            "<p><b>Runs are not matched:</b></p><ul>"
+            + "".join(f"<li>{html.escape(d)}</li>" for d in report["matched"]["differences"])
+            + "</ul>"
+        )
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
     html_text = f"""<!doctype html>
@@ -459,8 +578,8 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}} td:first-child,t
 <h2>Held-out preference metrics (log-probs)</h2>{_html_table(ht, hr)}
 <h2>Generation, length and KL</h2>{_html_table(gt, gr)}
 <h2>Training (read from each run's DiskLogger log)</h2>{_html_table(tt, tr)}
-<h2>Training curves</h2><div class="charts">{''.join(charts)}</div>
-<h2>Definitions</h2><ul>{''.join(f'<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>' for k, v in DEFINITIONS.items())}</ul>
+<h2>Training curves</h2><div class="charts">{"".join(charts)}</div>
+<h2>Definitions</h2><ul>{"".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in DEFINITIONS.items())}</ul>
 <h2>Where every number comes from</h2><ul>{files_html}</ul><ul>{notes}</ul>
 </body></html>
 """
@@ -468,7 +587,9 @@ td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}} td:first-child,t
     paths["md"].write_text(md_text, encoding="utf-8")
     paths["html"].write_text(html_text, encoding="utf-8")
     report["definitions"] = DEFINITIONS
-    paths["json"].write_text(json.dumps(_finite(report), indent=2, default=_json_default) + "\n", encoding="utf-8")
+    paths["json"].write_text(
+        json.dumps(_finite(report), indent=2, default=_json_default) + "\n", encoding="utf-8"
+    )
     for p in pngs:
         paths[f"png:{p.stem}"] = p
     return paths

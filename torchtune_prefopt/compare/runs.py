@@ -57,7 +57,6 @@ __all__ = [
 DEFAULT_LOSSES = ("dpo", "ipo", "kto", "simpo")
 
 
-
 def _value(v: Any) -> str:
     """A value as torchtune/OmegaConf command-line text."""
     if v is None:
@@ -70,7 +69,9 @@ def _value(v: Any) -> str:
         return "[" + ",".join(_value(x) for x in v) + "]"
     s = str(v)
     if "=" in s:
-        raise PrefOptUserError(f"cannot pass {s!r} on the command line (torchtune overrides cannot contain '=')")
+        raise PrefOptUserError(
+            f"cannot pass {s!r} on the command line (torchtune overrides cannot contain '=')"
+        )
     return s
 
 
@@ -105,7 +106,12 @@ def _unpaired_builders() -> tuple:
     """The public dataset builders that yield unpaired (KTO) rows and take no switch."""
     from torchtune_prefopt import data
 
-    return (data.unpaired_from_paired, data.synthetic_kto_dataset, data.kto_dataset, data.thumbs_dataset)
+    return (
+        data.unpaired_from_paired,
+        data.synthetic_kto_dataset,
+        data.kto_dataset,
+        data.thumbs_dataset,
+    )
 
 
 def kto_dataset_overrides(dataset_cfg: Any, explicit: Any = None) -> List[str]:
@@ -239,15 +245,32 @@ def plan_runs(
         if nproc_per_node and int(nproc_per_node) > 1:
             cmd += ["--nproc_per_node", str(int(nproc_per_node))]
         cmd += ["prefopt_distributed", "--config", str(base_config), *ov]
-        runs.append(RunSpec(name=name, loss=to_plain(spec, resolve=False), run_dir=run_dir, overrides=ov, command=cmd))
+        runs.append(
+            RunSpec(
+                name=name,
+                loss=to_plain(spec, resolve=False),
+                run_dir=run_dir,
+                overrides=ov,
+                command=cmd,
+            )
+        )
     return runs
 
 
 # --------------------------------------------------------------------------- launching
 
 #: torchrun/torchelastic variables a launcher must not pass on to its child jobs
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+_DIST_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def tune_executable() -> List[str]:
@@ -272,7 +295,9 @@ def runs_to_train(runs: Sequence[RunSpec], *, skip_existing: bool, resume: bool)
     for run in runs:
         finished = (run.run_dir / "final").exists()
         if (skip_existing or resume) and finished:
-            log.info(f"[compare] {run.name}: {run.run_dir} already has a final checkpoint; not retrained")
+            log.info(
+                f"[compare] {run.name}: {run.run_dir} already has a final checkpoint; not retrained"
+            )
             continue
         if run.run_dir.exists() and any(run.run_dir.iterdir()):
             if resume and ckpt.latest_checkpoint(run.run_dir) is not None:
@@ -302,11 +327,17 @@ def _gpu_slots(max_parallel: int, nproc: int, on_cuda: bool) -> List[Optional[st
             f"compare.max_parallel={max_parallel} runs x nproc_per_node={nproc} need "
             f"{max_parallel * nproc} GPUs, {len(gpus)} visible"
         )
-    return [",".join(gpus[k * nproc:(k + 1) * nproc]) for k in range(max_parallel)]
+    return [",".join(gpus[k * nproc : (k + 1) * nproc]) for k in range(max_parallel)]
 
 
-def train_runs(todo: Sequence[RunSpec], launch_dir: Path, *, max_parallel: int = 1, nproc: int = 1,
-               on_cuda: bool = False) -> None:
+def train_runs(
+    todo: Sequence[RunSpec],
+    launch_dir: Path,
+    *,
+    max_parallel: int = 1,
+    nproc: int = 1,
+    on_cuda: bool = False,
+) -> None:
     """Launch the runs as ``tune run`` subprocesses, ``max_parallel`` at a time; each one's
     output goes to ``launch_dir/<run>.log``.
 
@@ -333,9 +364,13 @@ def train_runs(todo: Sequence[RunSpec], launch_dir: Path, *, max_parallel: int =
                     env["CUDA_VISIBLE_DEVICES"] = gpu_slots[slot]
                 log_path = launch_dir / f"{run.name}.log"
                 gpus = f" on GPUs {gpu_slots[slot]}" if gpu_slots[slot] is not None else ""
-                log.info(f"[compare] training {run.name}{gpus}: {run.shell}\n          output: {log_path}")
+                log.info(
+                    f"[compare] training {run.name}{gpus}: {run.shell}\n          output: {log_path}"
+                )
                 fh = open(log_path, "w")
-                proc = subprocess.Popen(tune + run.command[1:], stdout=fh, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(
+                    tune + run.command[1:], stdout=fh, stderr=subprocess.STDOUT, env=env
+                )
                 running[slot] = (run, proc, fh, time.perf_counter(), log_path)
             time.sleep(0.5)
             for slot, (run, proc, fh, t0, log_path) in list(running.items()):
@@ -363,9 +398,19 @@ def train_runs(todo: Sequence[RunSpec], launch_dir: Path, *, max_parallel: int =
 
 # Settings that must agree between runs for the comparison to be matched.
 _MATCHED_KEYS = (
-    "seed", "epochs", "max_steps_per_epoch", "gradient_accumulation_steps", "optimizer", "lr_scheduler",
-    "clip_grad_norm", "model", "checkpointer.checkpoint_dir", "checkpointer.checkpoint_files",
-    "tokenizer", "dtype", "shuffle",
+    "seed",
+    "epochs",
+    "max_steps_per_epoch",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "lr_scheduler",
+    "clip_grad_norm",
+    "model",
+    "checkpointer.checkpoint_dir",
+    "checkpointer.checkpoint_files",
+    "tokenizer",
+    "dtype",
+    "shuffle",
 )
 
 
@@ -378,7 +423,11 @@ def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def matched_differences(configs: Mapping[str, Mapping[str, Any]], steps: Mapping[str, Optional[int]], rows_per_step: Mapping[str, Optional[float]]) -> List[str]:
+def matched_differences(
+    configs: Mapping[str, Mapping[str, Any]],
+    steps: Mapping[str, Optional[int]],
+    rows_per_step: Mapping[str, Optional[float]],
+) -> List[str]:
     """Human-readable differences between the runs' saved configs (``torchtune_config.yaml``)
     in the settings that make a comparison matched, plus trained steps and completions per step."""
     diffs = []
@@ -392,5 +441,8 @@ def matched_differences(configs: Mapping[str, Mapping[str, Any]], steps: Mapping
     if len(set(steps.values())) > 1:
         diffs.append("optimizer steps differ: " + ", ".join(f"{n}={steps[n]}" for n in names))
     if len(set(rows_per_step.values())) > 1:
-        diffs.append("completions per optimizer step differ: " + ", ".join(f"{n}={rows_per_step[n]}" for n in names))
+        diffs.append(
+            "completions per optimizer step differ: "
+            + ", ".join(f"{n}={rows_per_step[n]}" for n in names)
+        )
     return diffs

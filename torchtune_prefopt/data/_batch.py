@@ -60,7 +60,9 @@ def is_paired_row(item: Mapping[str, Any]) -> bool:
         return True
     if "prompt_ids" in item and "completion_ids" in item:
         return False
-    raise ValueError(f"unknown dataset row layout (keys {sorted(item)}): expected paired or KTO rows")
+    raise ValueError(
+        f"unknown dataset row layout (keys {sorted(item)}): expected paired or KTO rows"
+    )
 
 
 def kl_partner(k: int, n: int) -> int:
@@ -192,7 +194,10 @@ class PairedBatch(_Batch):
 
     @classmethod
     def collate(
-        cls, items: List[Mapping[str, Any]], pad_id: int = 0, ignore_index: int = CROSS_ENTROPY_IGNORE_IDX
+        cls,
+        items: List[Mapping[str, Any]],
+        pad_id: int = 0,
+        ignore_index: int = CROSS_ENTROPY_IGNORE_IDX,
     ) -> "PairedBatch":
         return cls(**paired_collate(items, padding_idx=pad_id, ignore_idx=ignore_index))
 
@@ -260,7 +265,9 @@ class UnpairedBatch(_Batch):
         max_seq_len: Optional[int] = None,
     ) -> "UnpairedBatch":
         n = len(items)
-        out = kto_collate(items, padding_idx=pad_id, ignore_idx=ignore_index, max_seq_len=max_seq_len)
+        out = kto_collate(
+            items, padding_idx=pad_id, ignore_idx=ignore_index, max_seq_len=max_seq_len
+        )
         partners = [int(items[kl_partner(k, n)]["index"]) for k in range(n)]
         return cls(**out, kl_completion_index=torch.tensor(partners, dtype=torch.long))
 

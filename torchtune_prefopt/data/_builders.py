@@ -126,10 +126,18 @@ def _normalise(
         origin.append(raw.origin[i])
     counters = {f"dropped_{k}": v for k, v in sorted(skipped.items())}
     if skipped:
-        detail = "; ".join(f"{v} {k.replace('_', ' ')} (first: {first[k]})" for k, v in sorted(skipped.items()))
-        warnings.warn(f"{what} {raw.name}: dropped {sum(skipped.values())} row(s): {detail}", UserWarning, stacklevel=3)
+        detail = "; ".join(
+            f"{v} {k.replace('_', ' ')} (first: {first[k]})" for k, v in sorted(skipped.items())
+        )
+        warnings.warn(
+            f"{what} {raw.name}: dropped {sum(skipped.values())} row(s): {detail}",
+            UserWarning,
+            stacklevel=3,
+        )
     if not rows:
-        raise PrefOptUserError(f"{what} {raw.name}: no usable rows ({dict(skipped)} of {len(raw.rows)})")
+        raise PrefOptUserError(
+            f"{what} {raw.name}: no usable rows ({dict(skipped)} of {len(raw.rows)})"
+        )
     return RawRows(rows, origin, raw.name), counters
 
 
@@ -165,14 +173,22 @@ def _paired_result(
     cmap = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
     if unpaired:
         if train_on_input:
-            raise PrefOptUserError(f"{what}: train_on_input is not supported with unpaired=True (KTO)")
+            raise PrefOptUserError(
+                f"{what}: train_on_input is not supported with unpaired=True (KTO)"
+            )
         ds = _unpaired_from_raw(raw, tokenizer, cmap, new_system_prompt, max_len)
     else:
         records, base = prepare_pairs(
-            raw, tokenizer, column_map=cmap, train_on_input=train_on_input,
-            new_system_prompt=new_system_prompt, what=what,
+            raw,
+            tokenizer,
+            column_map=cmap,
+            train_on_input=train_on_input,
+            new_system_prompt=new_system_prompt,
+            what=what,
         )
-        ds = PreferenceDataset(records, base, name=raw.name, max_seq_len=max_len, train_on_input=train_on_input)
+        ds = PreferenceDataset(
+            records, base, name=raw.name, max_seq_len=max_len, train_on_input=train_on_input
+        )
     # our drop counters, on top of the machinery's; "rows" = rows in the source
     ds.stats = {**ds.stats, **counters, "rows": ds.stats["rows"] + sum(counters.values())}
     return ds
@@ -224,8 +240,16 @@ def preference_dataset(
     raw = load_rows(source, split=split, **load_dataset_kwargs)
     if unpaired:
         if train_on_input:
-            raise PrefOptUserError("preference_dataset: train_on_input is not supported with unpaired=True (KTO)")
-        return _unpaired_from_raw(raw, tokenizer, column_map, new_system_prompt, resolve_max_seq_len(tokenizer, max_seq_len))
+            raise PrefOptUserError(
+                "preference_dataset: train_on_input is not supported with unpaired=True (KTO)"
+            )
+        return _unpaired_from_raw(
+            raw,
+            tokenizer,
+            column_map,
+            new_system_prompt,
+            resolve_max_seq_len(tokenizer, max_seq_len),
+        )
     max_len = resolve_max_seq_len(tokenizer, max_seq_len)
     records, counters = prepare_pairs(
         raw,
@@ -307,8 +331,14 @@ def hh_rlhf_dataset(
 
     norm, counters = _normalise(raw, convert, "hh_rlhf_dataset")
     return _paired_result(
-        norm, counters, tokenizer, unpaired=unpaired, train_on_input=train_on_input,
-        new_system_prompt=new_system_prompt, max_seq_len=max_seq_len, what="hh_rlhf_dataset",
+        norm,
+        counters,
+        tokenizer,
+        unpaired=unpaired,
+        train_on_input=train_on_input,
+        new_system_prompt=new_system_prompt,
+        max_seq_len=max_seq_len,
+        what="hh_rlhf_dataset",
     )
 
 
@@ -354,7 +384,8 @@ def ultrafeedback_binarized_dataset(
     Returns a :class:`PreferenceDataset`, or with ``unpaired=True`` a :class:`KTODataset`.
     """
     cmap = resolve_column_map(
-        column_map, ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
+        column_map,
+        ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
         "ultrafeedback_binarized_dataset",
     )
     split = _split_for(source, split, "train_prefs", load_dataset_kwargs)
@@ -377,8 +408,13 @@ def ultrafeedback_binarized_dataset(
 
     norm, counters = _normalise(raw, convert, "ultrafeedback_binarized_dataset")
     return _paired_result(
-        norm, counters, tokenizer, unpaired=unpaired, train_on_input=train_on_input,
-        new_system_prompt=new_system_prompt, max_seq_len=max_seq_len,
+        norm,
+        counters,
+        tokenizer,
+        unpaired=unpaired,
+        train_on_input=train_on_input,
+        new_system_prompt=new_system_prompt,
+        max_seq_len=max_seq_len,
         what="ultrafeedback_binarized_dataset",
     )
 
@@ -410,7 +446,9 @@ def stack_exchange_paired_dataset(
     Returns a :class:`PreferenceDataset`, or with ``unpaired=True`` a :class:`KTODataset`.
     """
     defaults = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
-    resolve_column_map(column_map, tuple(defaults), "stack_exchange_paired_dataset")  # validates keys
+    resolve_column_map(
+        column_map, tuple(defaults), "stack_exchange_paired_dataset"
+    )  # validates keys
     cmap = {**defaults, **dict(column_map or {})}
     split = _split_for(source, split, "train", load_dataset_kwargs)
     raw = load_rows(source, split=split, **load_dataset_kwargs)
@@ -435,8 +473,13 @@ def stack_exchange_paired_dataset(
 
     norm, counters = _normalise(raw, convert, "stack_exchange_paired_dataset")
     return _paired_result(
-        norm, counters, tokenizer, unpaired=unpaired, train_on_input=train_on_input,
-        new_system_prompt=new_system_prompt, max_seq_len=max_seq_len,
+        norm,
+        counters,
+        tokenizer,
+        unpaired=unpaired,
+        train_on_input=train_on_input,
+        new_system_prompt=new_system_prompt,
+        max_seq_len=max_seq_len,
         what="stack_exchange_paired_dataset",
     )
 
@@ -444,7 +487,16 @@ def stack_exchange_paired_dataset(
 # --------------------------------------------------------------------------- thumbs (KTO)
 
 _UP = {"up", "thumbs_up", "thumbs up", "thumbsup", "+1", "\U0001f44d", "true", "desirable"}
-_DOWN = {"down", "thumbs_down", "thumbs down", "thumbsdown", "-1", "\U0001f44e", "false", "undesirable"}
+_DOWN = {
+    "down",
+    "thumbs_down",
+    "thumbs down",
+    "thumbsdown",
+    "-1",
+    "\U0001f44e",
+    "false",
+    "undesirable",
+}
 
 
 def thumbs_label(value: Any) -> bool:

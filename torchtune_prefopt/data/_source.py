@@ -82,11 +82,7 @@ def _rows_from_json_value(path: str, data: Any) -> RawRows:
 
 
 def _is_columnar(data: Any) -> bool:
-    return (
-        isinstance(data, dict)
-        and bool(data)
-        and all(isinstance(v, list) for v in data.values())
-    )
+    return isinstance(data, dict) and bool(data) and all(isinstance(v, list) for v in data.values())
 
 
 def _read_json_file(path: str, field: Optional[str]) -> RawRows:
@@ -129,8 +125,7 @@ def _read_json_file(path: str, field: Optional[str]) -> RawRows:
             ) from None
         if not isinstance(obj, dict):
             raise PrefOptUserError(
-                f"{path} line {lineno}: expected a JSON object per line, "
-                f"got {type(obj).__name__}"
+                f"{path} line {lineno}: expected a JSON object per line, got {type(obj).__name__}"
             )
         origin.append((path, len(rows), lineno))
         rows.append(obj)
@@ -164,9 +159,7 @@ def load_rows(source: str, *, split: str = "train", **load_dataset_kwargs: Any) 
         parts = []
         for f in files:
             ds = datasets.load_dataset(source, data_files=f, split="train", **rest)
-            parts.append(
-                RawRows(ds.to_list(), [(f, i, None) for i in range(len(ds))], f)
-            )
+            parts.append(RawRows(ds.to_list(), [(f, i, None) for i in range(len(ds))], f))
         return _concat(parts, files[0] if len(files) == 1 else f"{len(files)} files")
 
     ds = datasets.load_dataset(source, split=split, **load_dataset_kwargs)

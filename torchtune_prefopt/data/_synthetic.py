@@ -37,7 +37,11 @@ def synthetic_preference_dataset(
     """The bundled synthetic paired set (~800 train / ~200 held-out rows); ``unpaired=True``:
     as KTO rows (see :func:`~torchtune_prefopt.data.preference_dataset`)."""
     return preference_dataset(
-        tokenizer, source="json", data_files=str(synthetic_data_file(split)), unpaired=unpaired, **kwargs
+        tokenizer,
+        source="json",
+        data_files=str(synthetic_data_file(split)),
+        unpaired=unpaired,
+        **kwargs,
     )
 
 

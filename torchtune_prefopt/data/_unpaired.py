@@ -103,9 +103,7 @@ class KTODataset(Dataset):
         return dict(self._items[index])
 
 
-def _to_messages(
-    conv: List[Dict[str, Any]], new_system_prompt: Optional[str]
-) -> List[Message]:
+def _to_messages(conv: List[Dict[str, Any]], new_system_prompt: Optional[str]) -> List[Message]:
     if new_system_prompt is not None:
         conv = [m for m in conv if m["role"] != "system"]
         conv = [{"role": "system", "content": new_system_prompt}] + conv

@@ -63,7 +63,9 @@ def _messages(value: Any, where: str, field: str) -> List[Dict[str, Any]]:
             raise row_error(where, f"{field}[{j}].role", "is missing")
         if m["role"] not in ROLES:
             raise row_error(
-                where, f"{field}[{j}].role", f"must be one of {list(ROLES)}, got {_short(m['role'])}"
+                where,
+                f"{field}[{j}].role",
+                f"must be one of {list(ROLES)}, got {_short(m['role'])}",
             )
         if "content" not in m or m["content"] is None:
             raise row_error(where, f"{field}[{j}].content", "is missing")
@@ -120,7 +122,9 @@ def completion_tail(row: Mapping[str, Any], column: str, where: str) -> List[Dic
             raise row_error(where, f"{column}[{len(msgs) - 1}].content", "is empty")
         return msgs
     raise row_error(
-        where, column, f"must be a non-empty string or a list of messages, got {type(value).__name__}"
+        where,
+        column,
+        f"must be a non-empty string or a list of messages, got {type(value).__name__}",
     )
 
 

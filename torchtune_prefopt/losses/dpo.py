@@ -67,7 +67,10 @@ class DPOLoss(PreferenceLoss):
         reference_rejected_logps: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         chosen_logratio, rejected_logratio = self._logratios(
-            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+            policy_chosen_logps,
+            policy_rejected_logps,
+            reference_chosen_logps,
+            reference_rejected_logps,
         )
         h = chosen_logratio - rejected_logratio
         return (

@@ -61,7 +61,10 @@ class HingeLoss(PreferenceLoss):
         reference_rejected_logps: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         chosen_logratio, rejected_logratio = self._logratios(
-            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+            policy_chosen_logps,
+            policy_rejected_logps,
+            reference_chosen_logps,
+            reference_rejected_logps,
         )
         h = chosen_logratio - rejected_logratio
         losses = torch.relu(1.0 - self.beta * h)

@@ -118,7 +118,9 @@ class KTOLoss(PreferenceLoss):
         )
         if is_desirable.dtype != torch.bool:
             if is_desirable.dtype.is_floating_point or is_desirable.dtype.is_complex:
-                raise ValueError(f"{name}: is_desirable must be a bool tensor, got {is_desirable.dtype}")
+                raise ValueError(
+                    f"{name}: is_desirable must be a bool tensor, got {is_desirable.dtype}"
+                )
             is_desirable = is_desirable != 0
 
         z0 = self.reference_point(policy_kl_logps, reference_kl_logps)

@@ -105,7 +105,9 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> type:
     try:
         obj = ep.load()
     except Exception as exc:  # noqa: BLE001 - any failure in third-party code
-        raise LossEntryPointError(f"loss: {origin} failed to load: {type(exc).__name__}: {exc}") from exc
+        raise LossEntryPointError(
+            f"loss: {origin} failed to load: {type(exc).__name__}: {exc}"
+        ) from exc
     return _check_loss_class(obj, origin)
 
 
@@ -144,7 +146,9 @@ def _import_dotted(path: str) -> Any:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise PrefOptUserError(f"loss: cannot import {path!r}: {type(exc).__name__}: {exc}") from exc
+        raise PrefOptUserError(
+            f"loss: cannot import {path!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     for attr in attrs:
         try:
             obj = getattr(obj, attr)
@@ -164,7 +168,9 @@ def get_loss_class(name: str) -> type:
     :class:`~torchtune_prefopt.errors.PrefOptUserError`, whose message starts with ``loss``.
     """
     if not isinstance(name, str) or not name.strip():
-        raise PrefOptUserError(f"loss: expected a loss name, got {name!r}; valid: {', '.join(_valid_names())}")
+        raise PrefOptUserError(
+            f"loss: expected a loss name, got {name!r}; valid: {', '.join(_valid_names())}"
+        )
     name = name.strip()
     key = name.lower()
     if key in _BUILTIN:
@@ -228,7 +234,8 @@ def _instantiate(cls: type, kwargs: Dict[str, Any], target: str) -> PreferenceLo
             accepted = [
                 p.name
                 for p in params
-                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                if p.kind
+                in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
             ]
             unknown = sorted(set(kwargs) - set(accepted))
             if unknown:

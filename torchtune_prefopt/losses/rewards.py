@@ -41,10 +41,14 @@ def pair_rewards(
     """
     with torch.no_grad():
         if getattr(loss_fn, "paired", True):
-            _, chosen, rejected = loss_fn(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+            _, chosen, rejected = loss_fn(
+                policy_chosen, policy_rejected, reference_chosen, reference_rejected
+            )
         else:
             empty = policy_chosen.new_zeros(0)
-            desirable = torch.ones(policy_chosen.shape[0], dtype=torch.bool, device=policy_chosen.device)
+            desirable = torch.ones(
+                policy_chosen.shape[0], dtype=torch.bool, device=policy_chosen.device
+            )
             _, chosen, _ = loss_fn(policy_chosen, reference_chosen, desirable, empty, empty)
             _, rejected, _ = loss_fn(policy_rejected, reference_rejected, ~desirable, empty, empty)
     return chosen.detach(), rejected.detach()

@@ -319,6 +319,4 @@ def tiny_hf_checkpointer(
     ckpt = make_tiny_hf_checkpoint(checkpoint_dir, seed=seed)
     kwargs.setdefault("checkpoint_files", _weight_files(ckpt))
     kwargs.setdefault("model_type", "QWEN2")
-    return FullModelHFCheckpointer(
-        checkpoint_dir=str(ckpt), output_dir=str(output_dir), **kwargs
-    )
+    return FullModelHFCheckpointer(checkpoint_dir=str(ckpt), output_dir=str(output_dir), **kwargs)

@@ -69,7 +69,9 @@ class SequenceLogProbs:
 
     def __getitem__(self, rows) -> "SequenceLogProbs":
         """The same rows (an index, slice or index tensor) of every field."""
-        return SequenceLogProbs(sum=self.sum[rows], mean=self.mean[rows], num_tokens=self.num_tokens[rows])
+        return SequenceLogProbs(
+            sum=self.sum[rows], mean=self.mean[rows], num_tokens=self.num_tokens[rows]
+        )
 
 
 def check_label_rows(labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -320,9 +322,7 @@ def sequence_logprobs(
     h_sel = hidden[:, :-1][keep]  # [N, D]  only labelled positions are ever projected
     t_sel = targets[keep].long()  # [N]
     if bool((t_sel < 0).any()):
-        raise ValueError(
-            f"labels contain negative values other than ignore_index={ignore_index}"
-        )
+        raise ValueError(f"labels contain negative values other than ignore_index={ignore_index}")
 
     if linear is not None:
         weight, bias = linear

@@ -92,10 +92,14 @@ def _safetensors_header(path: Path) -> bytes:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise PrefOptUserError(f"reference weights file {path} is not a safetensors file (truncated)")
+            raise PrefOptUserError(
+                f"reference weights file {path} is not a safetensors file (truncated)"
+            )
         (n,) = struct.unpack("<Q", raw)
         if n > 100 * 2**20:
-            raise PrefOptUserError(f"reference weights file {path} has an implausible safetensors header ({n} bytes)")
+            raise PrefOptUserError(
+                f"reference weights file {path} has an implausible safetensors header ({n} bytes)"
+            )
         return raw + f.read(n)
 
 
@@ -277,7 +281,8 @@ def hash_tokenizer(tokenizer: Any) -> str:
     """
     h = _sha()
     if isinstance(tokenizer, (str, os.PathLike)) or (
-        isinstance(tokenizer, (list, tuple)) and all(isinstance(x, (str, os.PathLike)) for x in tokenizer)
+        isinstance(tokenizer, (list, tuple))
+        and all(isinstance(x, (str, os.PathLike)) for x in tokenizer)
     ):
         paths = [tokenizer] if isinstance(tokenizer, (str, os.PathLike)) else list(tokenizer)
         for p in sorted(Path(x) for x in paths):
@@ -327,7 +332,9 @@ class Fingerprint(str):
 
     def __new__(cls, parts: Mapping[str, str]) -> "Fingerprint":
         parts = dict(parts)
-        self = super().__new__(cls, hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest())
+        self = super().__new__(
+            cls, hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        )
         self.parts = parts
         return self
 

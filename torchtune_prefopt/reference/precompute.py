@@ -78,7 +78,9 @@ class CachedReferenceLogps:
     def kl(self, prompt_index: Tensor, completion_index: Tensor, device=None) -> SequenceLogProbs:
         """``[B]`` KL-row log-probs of (prompt row, completion row) pairs."""
         ks = []
-        for i, j in zip(torch.as_tensor(prompt_index).tolist(), torch.as_tensor(completion_index).tolist()):
+        for i, j in zip(
+            torch.as_tensor(prompt_index).tolist(), torch.as_tensor(completion_index).tolist()
+        ):
             k = self._kl.get((i, j))
             if k is None:
                 raise KeyError(
@@ -87,10 +89,14 @@ class CachedReferenceLogps:
                 )
             ks.append(k)
         k = torch.tensor(ks, dtype=torch.long)
-        return self._seq(self.t["kl_sum"][k], self.t["kl_mean"][k], self.t["kl_num_tokens"][k], device)
+        return self._seq(
+            self.t["kl_sum"][k], self.t["kl_mean"][k], self.t["kl_num_tokens"][k], device
+        )
 
 
-def kto_kl_pairs(sampler, epochs: Union[int, Iterable[int]], max_batches_per_epoch: Optional[int] = None) -> List[Tuple[int, int]]:
+def kto_kl_pairs(
+    sampler, epochs: Union[int, Iterable[int]], max_batches_per_epoch: Optional[int] = None
+) -> List[Tuple[int, int]]:
     """Every (prompt row, completion row) KL pair the recipe's KTO micro-batches will build.
 
     Replays ``sampler`` (a :class:`~torchtune_prefopt.training.data_order.GlobalBatchSampler`;
@@ -173,7 +179,14 @@ def precompute_reference_logps(
     # -- the sequences to score, as a list of jobs
     if paired:
         jobs: List[Any] = list(range(n))
-        fields = ["chosen_sum", "chosen_mean", "chosen_num_tokens", "rejected_sum", "rejected_mean", "rejected_num_tokens"]
+        fields = [
+            "chosen_sum",
+            "chosen_mean",
+            "chosen_num_tokens",
+            "rejected_sum",
+            "rejected_mean",
+            "rejected_num_tokens",
+        ]
     else:
         jobs = [(i, i) for i in range(n)] + [(int(i), int(j)) for i, j in (kl_pairs or [])]
         fields = ["sum", "mean", "num_tokens"]
@@ -198,7 +211,11 @@ def precompute_reference_logps(
         real = k < n_batches
         if not real and not collective:
             continue
-        lo, hi = (k * batch_size, min((k + 1) * batch_size, n_jobs)) if real else (0, min(batch_size, n_jobs))
+        lo, hi = (
+            (k * batch_size, min((k + 1) * batch_size, n_jobs))
+            if real
+            else (0, min(batch_size, n_jobs))
+        )
         chunk = jobs[lo:hi]
         if paired:
             items = [item(i) for i in chunk]
@@ -223,7 +240,9 @@ def precompute_reference_logps(
             filled[lo:hi] += 1
         if rank == 0 and log_every and (r + 1) % log_every == 0:
             dt = time.perf_counter() - t0
-            log.info(f"reference log-probs: {min((r + 1) * world_size, n_batches)}/{n_batches} batches, {dt:.0f}s")
+            log.info(
+                f"reference log-probs: {min((r + 1) * world_size, n_batches)}/{n_batches} batches, {dt:.0f}s"
+            )
 
     if world_size > 1:
         import torch.distributed as dist
@@ -244,7 +263,9 @@ def precompute_reference_logps(
         result[name] = col.to(torch.int64) if name.endswith("num_tokens") else col.to(torch.float32)
     if not paired:
         kl = out[n:]
-        result["kl_pairs"] = torch.tensor([list(j) for j in jobs[n:]], dtype=torch.int64).reshape(-1, 2)
+        result["kl_pairs"] = torch.tensor([list(j) for j in jobs[n:]], dtype=torch.int64).reshape(
+            -1, 2
+        )
         result["kl_sum"] = kl[:, 0].to(torch.float32)
         result["kl_mean"] = kl[:, 1].to(torch.float32)
         result["kl_num_tokens"] = kl[:, 2].to(torch.int64)

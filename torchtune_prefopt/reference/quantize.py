@@ -174,7 +174,9 @@ def check_quantization_supported(mode: Optional[str], device: DeviceLike = None)
         return
     if mode not in MODES:
         allowed = ", ".join(repr(m) for m in MODES)
-        raise PrefOptUserError(f"reference.quantization must be null or one of {allowed}, got {mode!r}")
+        raise PrefOptUserError(
+            f"reference.quantization must be null or one of {allowed}, got {mode!r}"
+        )
     try:
         import torchao  # noqa: F401
         import torchao.quantization as tq
@@ -236,7 +238,11 @@ class QuantizationReport:
 
     def summary(self) -> str:
         """One log line."""
-        kept = f", kept {len(self.kept)} in full precision ({', '.join(sorted(self.kept))})" if self.kept else ""
+        kept = (
+            f", kept {len(self.kept)} in full precision ({', '.join(sorted(self.kept))})"
+            if self.kept
+            else ""
+        )
         return (
             f"reference quantized to {self.mode}: {len(self.quantized)} linear layers{kept}; "
             f"weights {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
@@ -315,9 +321,13 @@ def quantize_reference(
                 "without fully_shard/shard_model and keep it replicated on every rank"
             )
         if p.device.type == "meta":
-            raise ValueError(f"quantize_reference: '{name}' is on the meta device; load the weights first")
+            raise ValueError(
+                f"quantize_reference: '{name}' is on the meta device; load the weights first"
+            )
         if _is_quantized(p):
-            raise ValueError(f"quantize_reference: '{name}' is already quantized ({type(p).__name__})")
+            raise ValueError(
+                f"quantize_reference: '{name}' is already quantized ({type(p).__name__})"
+            )
     for name, b in model.named_buffers():
         if b.device.type == "meta":
             raise ValueError(
@@ -349,7 +359,9 @@ def quantize_reference(
         return id(mod) in selected
 
     with torch.no_grad():
-        quantize_(model, config, filter_fn=_filter, device=_device(device) if device is not None else None)
+        quantize_(
+            model, config, filter_fn=_filter, device=_device(device) if device is not None else None
+        )
         if device is not None:
             model.to(_device(device))
     quantized = []

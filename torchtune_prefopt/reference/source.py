@@ -157,8 +157,15 @@ class CachedLogps(ReferenceSource):
         def compute():
             with live.using_model() as model:
                 return precompute_reference_logps(
-                    model, dataset, collate_fn, batch_size, world_size, rank, device,
-                    chunk_size=live.chunk_size, kl_pairs=kl_pairs,
+                    model,
+                    dataset,
+                    collate_fn,
+                    batch_size,
+                    world_size,
+                    rank,
+                    device,
+                    chunk_size=live.chunk_size,
+                    kl_pairs=kl_pairs,
                 )
 
         data = load_or_compute(store, compute, rank=rank, world_size=world_size, device=device)
@@ -167,7 +174,9 @@ class CachedLogps(ReferenceSource):
     @staticmethod
     def _checked(lp: SequenceLogProbs, counts: torch.Tensor) -> SequenceLogProbs:
         if not torch.equal(lp.num_tokens, counts.to(lp.num_tokens.device)):
-            raise RuntimeError("cached reference log-probs do not match this batch's rows (token counts differ)")
+            raise RuntimeError(
+                "cached reference log-probs do not match this batch's rows (token counts differ)"
+            )
         return lp
 
     def logps(self, batch: PreferenceBatch) -> SequenceLogProbs:

@@ -65,14 +65,21 @@ class ReferenceLogpsCache:
     the tensors' content; :meth:`load` checks all of them.
     """
 
-    def __init__(self, dir: PathLike, fingerprint: Optional[str] = None, parts: Optional[Mapping[str, str]] = None):
+    def __init__(
+        self,
+        dir: PathLike,
+        fingerprint: Optional[str] = None,
+        parts: Optional[Mapping[str, str]] = None,
+    ):
         if fingerprint is None and parts is None:
             raise ValueError("ReferenceLogpsCache needs a fingerprint or its parts")
         if parts is None and isinstance(fingerprint, Fingerprint):
             parts = fingerprint.parts
         self.dir = Path(dir)
         self.parts = dict(parts) if parts is not None else None
-        self.fingerprint = str(fingerprint) if fingerprint is not None else str(Fingerprint(self.parts))
+        self.fingerprint = (
+            str(fingerprint) if fingerprint is not None else str(Fingerprint(self.parts))
+        )
         if self.parts is not None and str(Fingerprint(self.parts)) != self.fingerprint:
             raise ValueError("fingerprint does not match its parts")
         self.path = self.dir / CACHE_FILE
@@ -122,7 +129,10 @@ class ReferenceLogpsCache:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # noqa: BLE001 - any parse error means a damaged file
-            self._fail(f"reference log-prob cache {self.path} is damaged ({type(err).__name__}: {err})", strict)
+            self._fail(
+                f"reference log-prob cache {self.path} is damaged ({type(err).__name__}: {err})",
+                strict,
+            )
             return None
         if meta.get("format") != str(FORMAT_VERSION):
             self._fail(
@@ -132,7 +142,9 @@ class ReferenceLogpsCache:
             )
             return None
         if meta.get("fingerprint") != self.fingerprint:
-            self._fail(f"reference log-prob cache {self.path} is stale ({self._why_stale(meta)})", strict)
+            self._fail(
+                f"reference log-prob cache {self.path} is stale ({self._why_stale(meta)})", strict
+            )
             return None
         if meta.get("content_sha256") != _content_digest(tensors):
             self._fail(
@@ -151,7 +163,10 @@ class ReferenceLogpsCache:
         except ValueError:
             old = None
         if old is None or self.parts is None:
-            return "written for other inputs: fingerprint " f"{str(meta.get('fingerprint'))[:12]}, expected {self.fingerprint[:12]}"
+            return (
+                "written for other inputs: fingerprint "
+                f"{str(meta.get('fingerprint'))[:12]}, expected {self.fingerprint[:12]}"
+            )
         changed = sorted(k for k in set(old) | set(self.parts) if old.get(k) != self.parts.get(k))
         return "changed since it was written: " + ", ".join(changed)
 
@@ -209,14 +224,29 @@ def load_or_compute(
     return data
 
 
-def _broadcast_tensors(data: Optional[Dict[str, Tensor]], rank: int, device: torch.device) -> Dict[str, Tensor]:
+def _broadcast_tensors(
+    data: Optional[Dict[str, Tensor]], rank: int, device: torch.device
+) -> Dict[str, Tensor]:
     import torch.distributed as dist
 
-    spec = [[(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in sorted(data.items())]] if rank == 0 else [None]
+    spec = (
+        [
+            [
+                (k, str(v.dtype).removeprefix("torch."), tuple(v.shape))
+                for k, v in sorted(data.items())
+            ]
+        ]
+        if rank == 0
+        else [None]
+    )
     dist.broadcast_object_list(spec, src=0)
     out = {}
     for name, dtype, shape in spec[0]:
-        t = data[name].to(device) if rank == 0 else torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        t = (
+            data[name].to(device)
+            if rank == 0
+            else torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        )
         dist.broadcast(t, src=0)
         out[name] = t.cpu()
     return out

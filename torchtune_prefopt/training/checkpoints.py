@@ -177,7 +177,9 @@ def save_recipe_state(tmp: Path, state: Dict[str, Any]) -> None:
     torch.save(state, tmp / RECIPE_STATE)
 
 
-def write_hf_weights(checkpointer: Any, state_dict: Dict[str, Any], dest: Path, adapter_only: bool = False) -> None:
+def write_hf_weights(
+    checkpointer: Any, state_dict: Dict[str, Any], dest: Path, adapter_only: bool = False
+) -> None:
     """Write a torchtune checkpoint dict (MODEL_KEY, optional ADAPTER_KEY/ADAPTER_CONFIG)
     as HF files into ``dest`` through ``checkpointer`` (a ``FullModelHFCheckpointer``).
 
@@ -204,7 +206,9 @@ def hf_weight_files(path: Path) -> List[str]:
     files = sorted(p.name for p in path.glob("*.safetensors") if not p.name.startswith("adapter"))
     if not files:
         files = sorted(
-            p.name for p in path.glob("*.bin") if not p.name.startswith("adapter") and p.name != "training_args.bin"
+            p.name
+            for p in path.glob("*.bin")
+            if not p.name.startswith("adapter") and p.name != "training_args.bin"
         )
     return files
 
@@ -231,7 +235,9 @@ def load_model_state_dict(checkpointer: Any, key: str) -> Dict[str, torch.Tensor
         raise PrefOptUserError(f"{key}: {' '.join(str(err).split())}{cause}") from err
 
 
-def check_state_dict(model: torch.nn.Module, sd: Dict[str, torch.Tensor], source: Any, strict_keys: bool) -> None:
+def check_state_dict(
+    model: torch.nn.Module, sd: Dict[str, torch.Tensor], source: Any, strict_keys: bool
+) -> None:
     """Compare a full state dict with ``model``'s parameter shapes (and, with ``strict_keys``,
     its names) before loading it: a mismatch is one line naming the weight and ``source``."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -243,4 +249,6 @@ def check_state_dict(model: torch.nn.Module, sd: Dict[str, torch.Tensor], source
     if strict_keys:
         missing = [k for k in expected if k not in sd]
         if missing:
-            raise PrefOptUserError(f"checkpoint {source}: missing weight '{missing[0]}' ({len(missing)} missing)")
+            raise PrefOptUserError(
+                f"checkpoint {source}: missing weight '{missing[0]}' ({len(missing)} missing)"
+            )

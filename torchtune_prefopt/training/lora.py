@@ -47,7 +47,9 @@ def lora_init_state(model: nn.Module, seed: int, dtype: torch.dtype) -> Dict[str
     return out
 
 
-def merged_lora_state_dict(full_sd: Dict[str, torch.Tensor], settings: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+def merged_lora_state_dict(
+    full_sd: Dict[str, torch.Tensor], settings: Mapping[str, Any]
+) -> Dict[str, torch.Tensor]:
     """The plain model's weights with ``B @ A * alpha / rank`` merged in.
 
     torchtune's ``get_merged_lora_ckpt`` adds into the base weights *in place*, and on one CPU

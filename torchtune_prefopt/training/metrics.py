@@ -57,13 +57,21 @@ class StepMetrics:
         names = sorted(self._sums, key=lambda k: (k != "loss", k))
         count_names = sorted(self._counts)
         sums = [self._sums[k] for k in names]
-        vec = torch.cat([
-            torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=self.device),
-            torch.tensor([self._counts[k] for k in count_names], dtype=torch.float64, device=self.device),
-        ])
+        vec = torch.cat(
+            [
+                torch.stack(sums)
+                if sums
+                else torch.zeros(0, dtype=torch.float64, device=self.device),
+                torch.tensor(
+                    [self._counts[k] for k in count_names], dtype=torch.float64, device=self.device
+                ),
+            ]
+        )
         all_reduce_sum(vec)
         values = vec.tolist()
-        counts = dict(zip(count_names, values[len(names):]))
-        means = {k: values[i] / max(counts.get(self._per[k], 0.0), 1.0) for i, k in enumerate(names)}
+        counts = dict(zip(count_names, values[len(names) :]))
+        means = {
+            k: values[i] / max(counts.get(self._per[k], 0.0), 1.0) for i, k in enumerate(names)
+        }
         self.reset()
         return means, counts
