@@ -776,7 +776,7 @@ class PrefOptRecipe:
         self._sigterm = True
 
     # ------------------------------------------------------------------ compute
-    def _pick(self, lp) -> Optional[torch.Tensor]:
+    def _loss_form(self, lp) -> Optional[torch.Tensor]:
         """The log-prob form the loss wants (per-token mean or sum); ``None`` stays None."""
         if lp is None:
             return None
@@ -787,7 +787,7 @@ class PrefOptRecipe:
         pol = batch.logps(self._model, self._chunk_size)
         ref = self._reference.logps(batch)
         losses, chosen_rewards, rejected_rewards = self._loss_fn(
-            *_pairs(self._pick(pol)), *_pairs(self._pick(ref))
+            *_pairs(self._loss_form(pol)), *_pairs(self._loss_form(ref))
         )
         pol_chosen, pol_rejected = _pairs(pol.sum.detach())
         stats = {
@@ -804,13 +804,13 @@ class PrefOptRecipe:
         """Loss of ``B`` unpaired rows (with their KL rows), and the metric sums."""
         pol = batch.logps(self._model, self._chunk_size)
         with torch.no_grad():
-            pol_kl = self._pick(batch.kl_logps(self._model, self._chunk_size))
+            pol_kl = self._loss_form(batch.kl_logps(self._model, self._chunk_size))
         ref, ref_kl = (
-            self._pick(self._reference.logps(batch)),
-            self._pick(self._reference.kl_logps(batch)),
+            self._loss_form(self._reference.logps(batch)),
+            self._loss_form(self._reference.kl_logps(batch)),
         )
         losses, rewards, kl = self._loss_fn(
-            self._pick(pol), ref, batch.is_desirable, pol_kl, ref_kl
+            self._loss_form(pol), ref, batch.is_desirable, pol_kl, ref_kl
         )
         d = batch.is_desirable.float()
         stats = {
@@ -847,7 +847,7 @@ class PrefOptRecipe:
             pol = batch.logps(self._model, self._chunk_size)
             ref = self._eval_reference.logps(batch)
             chosen_rewards, rejected_rewards = pair_rewards(
-                self._loss_module, *_pairs(self._pick(pol)), *_pairs(self._pick(ref))
+                self._loss_module, *_pairs(self._loss_form(pol)), *_pairs(self._loss_form(ref))
             )
             pol_chosen, pol_rejected = _pairs(pol.sum)
             m.add("eval/rewards/accuracies", pair_accuracy(chosen_rewards, rejected_rewards).sum())

@@ -7,7 +7,8 @@
 # 2. pip install torch==2.13.0 FIRST (so the `torch>=2.5` range never pulls another build),
 # 3. pip install ".[test]": a regular, non-editable install of the wheel hatchling builds
 #    (recipes/ and configs/ followed through the package's symlinks, plus the .pth hook),
-# 4. runs pytest with the venv's `pytest` script from the repo root. The console script puts
+# 4. runs ruff (lint + format check, pyproject's settings), then pytest with the venv's
+#    `pytest` script from the repo root. The console script puts
 #    only its own bin/ directory on sys.path (unlike `python -m pytest`, which would put the
 #    repo root first), and pyproject's --import-mode=importlib adds nothing either, so
 #    `import torchtune_prefopt` in a test is the installed copy in site-packages, not ./
@@ -20,6 +21,7 @@
 #   PREFOPT_VENV        virtual environment to use/create (default: <repo>/.venv)
 #   PYTHON              interpreter that creates it (default: python3)
 #   PREFOPT_SETUP_ONLY  1: stop after the installs (scripts/demo.sh uses this)
+#   PREFOPT_NO_LINT     1: skip `ruff check` / `ruff format --check` (run before pytest)
 #
 # Note: this replaces an editable install in that venv with a regular one; developers who
 # want their edits live again run `pip install --no-deps --no-build-isolation -e .`.
@@ -66,7 +68,14 @@ if [ "${PREFOPT_SETUP_ONLY:-0}" = "1" ]; then
     exit 0
 fi
 
-echo "==> pytest $*"
 cd "$ROOT"
+if [ "${PREFOPT_NO_LINT:-0}" != "1" ]; then
+    # house style (pyproject's [tool.ruff]); the `test` extra installs ruff
+    echo "==> ruff check && ruff format --check"
+    "$VENV/bin/ruff" check -q .
+    "$VENV/bin/ruff" format --check -q .
+fi
+
+echo "==> pytest $*"
 export TORCHTUNE_PREFOPT_EXPECT_INSTALLED=1
 exec "$VENV/bin/pytest" "$@"
