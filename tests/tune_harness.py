@@ -32,23 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from torchtune_prefopt.training.distributed import LAUNCHER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 TUNE = Path(sys.executable).parent / "tune"
 RUN_TIMEOUT = 900  # seconds per run; generous because the CPUs are shared
 JOBS = max(1, int(os.environ.get("PREFOPT_TEST_JOBS", "2")))
 
 #: variables of torchrun / a parent recipe that must not leak into a child run
-DIST_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-)
+DIST_ENV = LAUNCHER_ENV  # the library's list
 #: metrics that depend on wall time or process memory, not on the maths
 VOLATILE = {"tokens_per_second", "peak_memory_gib"}
 

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.plain import to_plain
+from torchtune_prefopt.training.distributed import LAUNCHER_ENV
 
 
 def _logger():
@@ -259,19 +260,6 @@ def plan_runs(
 
 # --------------------------------------------------------------------------- launching
 
-#: torchrun/torchelastic variables a launcher must not pass on to its child jobs
-_DIST_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-)
-
 
 def tune_executable() -> List[str]:
     """How to call ``tune``: the one next to this interpreter, else the one on PATH, else
@@ -347,7 +335,7 @@ def train_runs(
     failed run's output file.
     """
     launch_dir.mkdir(parents=True, exist_ok=True)
-    base_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    base_env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     tune = tune_executable()
     todo = list(todo)
     max_parallel = max(1, int(max_parallel))

@@ -14,6 +14,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+#: Variables torchrun/torchelastic set for its workers: a process that launches its own jobs
+#: (prefopt_compare, the tests) must not pass them on.
+LAUNCHER_ENV = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+)  # fmt: skip
+
 
 def launched_by_torchrun() -> bool:
     """True when torchrun (or another launcher) set the standard env variables."""
