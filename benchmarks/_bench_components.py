@@ -12,8 +12,8 @@ the same step clock.
   (``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels``) plus
   ``index`` (ours); ``unpaired=True`` gives KTO rows (``prompt_ids``, ``completion_ids``,
   ``label``, ``index``): each pair becomes a desirable and an undesirable row.
-* :class:`StepClockLogger`: a metric logger that appends ``{"step", "t"}`` (monotonic clock)
-  per training-step ``log_dict`` to a JSONL file, and after ``hold_after_step`` writes
+* :class:`StepClockLogger`: a metric logger that appends ``{"step", "t"}`` (monotonic clock,
+  plus CPU time, RSS and, on a GPU, the CUDA peak) per training-step ``log_dict`` to a JSONL file, and after ``hold_after_step`` writes
   ``{"hold": true}`` and sleeps so the harness can read the process's memory high-water mark
   from outside and stop it before the end-of-training checkpoint (which neither step needs).
 """
@@ -124,6 +124,16 @@ def _vm(key: str) -> Optional[int]:
     return None
 
 
+def _cuda_peak() -> Optional[int]:
+    """Peak CUDA memory allocated by this process so far (bytes), if it uses CUDA."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated())
+
+
 class StepClockLogger:
     """Metric logger (torchtune ``MetricLoggerInterface`` duck type) that timestamps steps."""
 
@@ -168,6 +178,7 @@ class StepClockLogger:
             rec["loss"] = float(payload["loss"])
         except (TypeError, ValueError):
             pass
+        rec["cuda_peak"] = _cuda_peak()
         self._write(rec)
         if self._hold_after is not None and step >= self._hold_after:
             self._write({"hold": True, "t": time.monotonic()})

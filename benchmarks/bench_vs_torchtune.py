@@ -103,18 +103,32 @@ PATCHES: List[Tuple[str, str, str, int]] = [
 ]
 
 
-def prepare_torchtune_recipe(workdir: Path) -> Tuple[Path, str]:
-    """``tune cp full_dpo_distributed`` into workdir, apply PATCHES; return (path, diff)."""
+def torchtune_recipe_file(name: str) -> Path:
+    """The file of one of torchtune's own recipes, as installed by its wheel (a top-level
+    ``recipes`` package; found without importing it, and without the ``tune`` script, which a
+    ``pip install --target`` does not put on PATH)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("recipes")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(loc) / f"{name}.py"
+        if f.is_file():
+            return f
+    raise FileNotFoundError(f"torchtune's recipe {name}.py not found (is torchtune installed?)")
+
+
+def prepare_torchtune_recipe(workdir: Path, patch: bool = True) -> Tuple[Path, str]:
+    """Copy torchtune's ``full_dpo_distributed`` into workdir, apply PATCHES (CPU only: on a GPU
+    torchtune's recipe runs unpatched); return (path, diff)."""
     dst = workdir / "full_dpo_distributed.py"
     orig = workdir / "full_dpo_distributed.orig.py"
     for p in (dst, orig):
         if p.exists():
             p.unlink()
-    subprocess.run([str(BIN / "tune"), "cp", "full_dpo_distributed", str(orig)], check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    shutil.copyfile(torchtune_recipe_file("full_dpo_distributed"), orig)  # what `tune cp` copies
     text = orig.read_text()
     new = text
-    for what, old, rep, count in PATCHES:
+    for what, old, rep, count in PATCHES if patch else []:
         n = new.count(old)
         if n != count:
             raise RuntimeError(f"patch {what!r}: expected {count} occurrence(s), found {n}")
@@ -145,7 +159,7 @@ def make_checkpoint(a: argparse.Namespace, ckpt_dir: Path) -> List[str]:
     """Random-weight HF Llama checkpoint (config.json + safetensors); cached by its dims."""
     mk = model_kwargs(a)
     marker = ckpt_dir / "bench_marker.json"
-    want = json.dumps(mk, sort_keys=True)
+    want = json.dumps({**mk, "dtype": getattr(a, "ckpt_dtype", "fp32")}, sort_keys=True)
     if marker.is_file() and marker.read_text() == want:
         return sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -166,7 +180,8 @@ def make_checkpoint(a: argparse.Namespace, ckpt_dir: Path) -> List[str]:
     else:
         kw["rope_theta"] = float(mk["rope_base"])
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**kw)).to(torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[getattr(a, "ckpt_dtype", "fp32")]
+    model = LlamaForCausalLM(LlamaConfig(**kw)).to(dtype)
     model.save_pretrained(str(ckpt_dir))
     files = sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
     if not files:
@@ -231,8 +246,8 @@ def common_cfg(
         "clip_grad_norm": None,
         "compile": False,
         "enable_activation_checkpointing": False,
-        "device": "cpu",
-        "dtype": "fp32",
+        "device": a.device,
+        "dtype": a.dtype,
         "metric_logger": {
             "_component_": "_bench_components.StepClockLogger",
             "log_dir": str(out / "logs"),
@@ -422,6 +437,7 @@ def run_one(name: str, a: argparse.Namespace, workdir: Path, tt_recipe: Path, ck
         "name": name, "round": rnd, "status": status if not held else "ok", "wall_s": wall,
         "step_s": durations, "cpu_step_s": cpu_durations, "losses": [r.get("loss") for r in recs if "step" in r],
         "rss_at_step": [r.get("rss") for r in recs if "step" in r],
+        "cuda_peak": max((r.get("cuda_peak") or 0 for r in recs if "step" in r), default=0) or None,
         "worker_hwm": hwm.get(worker) if worker else None, "agent_hwm": hwm.get(agent),
         "load": (load0, load1), "log": str(log_path),
     }  # fmt: skip
@@ -456,6 +472,7 @@ def summarize(results: List[Dict], a: argparse.Namespace) -> Dict[str, Dict]:
             "step_s": med, "steps": steps, "tokens_per_s": tokens / med,
             "cpu_s": statistics.median(cpus) if cpus else None, "cpus": cpus,
             "hwm": max(r["worker_hwm"] for r in ok), "load": [r["load"] for r in ok],
+            "cuda_peak": max((r.get("cuda_peak") or 0 for r in ok), default=0) or None,
         }  # fmt: skip
     return summary
 
@@ -592,6 +609,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="repeat all configurations (ABBA order)")
     p.add_argument("--configs", default=",".join(RUN_ORDER), help="comma list, run in this order")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: both recipes on the GPU, torchtune's unpatched")  # fmt: skip
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the recipes' dtype")
+    p.add_argument("--ckpt-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the random-weight checkpoint (bf16: half the bytes to write/read)")  # fmt: skip
+    p.add_argument(
+        "--json", metavar="FILE", help="also write the per-configuration summary as JSON"
+    )
     p.add_argument("--write", metavar="MARKDOWN", help=f"update the '{SECTION}' section")
     p.add_argument("--render-only", action="store_true",
                    help="no runs: re-render the table from <workdir>/results.json")  # fmt: skip
@@ -604,7 +629,7 @@ def main() -> None:
     t0 = time.monotonic()
     ckpt_dir = workdir / "hf_llama_tiny"
     files = make_checkpoint(a, ckpt_dir)
-    tt_recipe, diff = prepare_torchtune_recipe(workdir)
+    tt_recipe, diff = prepare_torchtune_recipe(workdir, patch=a.device == "cpu")
     print("torchtune recipe patches (applied to the `tune cp` copy):\n" + diff, file=sys.stderr)
 
     names = [n.strip() for n in a.configs.split(",") if n.strip()]
@@ -632,6 +657,8 @@ def main() -> None:
     if not a.render_only:
         (workdir / "results.json").write_text(json.dumps(results, indent=1))
     summary = summarize(results, a)
+    if a.json:
+        Path(a.json).write_text(json.dumps(summary, indent=1))
     table, targets = render(summary, a)
     total_min = (time.monotonic() - t0) / 60
 
