@@ -20,9 +20,16 @@ unchanged, so absolute paths make ls/cp/run work from any directory. The finder 
 itself once it has fired. If torchtune's registry is already imported when :func:`install`
 runs, it is patched directly.
 
-This is the ONE place where torchtune's registry is touched. Everything is defensive: a
-missing attribute or any exception means we silently skip (torchtune works as without us),
-and entries are added at most once per process.
+The same finder also wraps ``torchtune._cli.run.Run._run_distributed`` (:func:`_wrap_launcher`)
+for our recipes: torchtune launches ``--nproc_per_node`` runs through torchrun's elastic agent,
+which turns a worker's clean exit 2 (a one-line user error, already printed by rank 0) into a
+``ChildFailedError`` traceback and exit status 1. The wrapper exits with the workers' own status
+(2: config/data error, 3: a numeric guard stopped the run) instead, and drops the agent's
+"failed (exitcode: 2)" log line, so the one ``error:`` line is what the user sees.
+
+This is the ONE place where torchtune is touched. Everything is defensive: a missing attribute
+or any exception means we silently skip (torchtune works as without us), and entries are added
+at most once per process.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from __future__ import annotations
 import sys
 
 _TARGET = "torchtune._recipe_registry"
+_LAUNCHER = "torchtune._cli.run"
+#: exit statuses our recipes use for a reported error (2: config/data, 3: numeric guard)
+_REPORTED_EXIT = (2, 3)
 _MARK = "_torchtune_prefopt_registered"
 _FINDER_MARK = "_torchtune_prefopt_finder"
 
@@ -122,8 +132,10 @@ class _PatchingLoader:
                 self._spec.loader = self._loader
             except Exception:
                 pass
-            _uninstall_finders()
-        _register(module)
+            _PENDING.discard(module.__name__)
+            if not _PENDING:
+                _uninstall_finders()
+        _PATCHES[module.__name__](module)
 
     def __getattr__(self, name):
         loader = self.__dict__.get("_loader")
@@ -133,12 +145,13 @@ class _PatchingLoader:
 
 
 class _RegistryFinder:
-    """``sys.meta_path`` finder that only ever answers for ``torchtune._recipe_registry``."""
+    """``sys.meta_path`` finder that only ever answers for the modules we patch
+    (``torchtune._recipe_registry`` and ``torchtune._cli.run``), once each."""
 
     _torchtune_prefopt_finder = True
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _TARGET:
+        if fullname not in _PENDING:
             return None
         try:
             spec = None
@@ -166,17 +179,86 @@ def _uninstall_finders() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, _FINDER_MARK, False)]
 
 
+def _ours(recipe: object) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(str(recipe)).resolve().parent == (_package_dir() / "recipes").resolve()
+    except Exception:
+        return False
+
+
+class _DropReportedFailures:
+    """Logging filter for torchrun's agent: drops its "failed (exitcode: 2)" line."""
+
+    def filter(self, record) -> bool:
+        try:
+            return not (
+                str(record.msg).startswith("failed (exitcode") and record.args[0] in _REPORTED_EXIT
+            )
+        except Exception:
+            return True
+
+
+def _reported_exit_code(err: BaseException):
+    """The exit status of the first failed worker, if it is one our recipes report with."""
+    try:
+        _, failure = err.get_first_failure()
+        return failure.exitcode if failure.exitcode in _REPORTED_EXIT else None
+    except Exception:
+        return None
+
+
+def _wrap_launcher(module) -> None:
+    """Wrap ``Run._run_distributed`` (see the module docstring)."""
+    try:
+        run_cls = module.Run
+        original = run_cls._run_distributed
+        if getattr(original, _MARK, False):
+            return
+
+        def _run_distributed(self, args, is_builtin):
+            if not _ours(getattr(args, "recipe", None)):
+                return original(self, args, is_builtin)
+            import logging
+
+            agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+            quiet = _DropReportedFailures()
+            agent_log.addFilter(quiet)
+            try:
+                return original(self, args, is_builtin)
+            except Exception as err:  # torchrun's ChildFailedError
+                code = _reported_exit_code(err)
+                if code is None:
+                    raise
+                sys.exit(code)
+            finally:
+                agent_log.removeFilter(quiet)
+
+        setattr(_run_distributed, _MARK, True)
+        run_cls._run_distributed = _run_distributed
+    except Exception:
+        pass
+
+
+_PATCHES = {_TARGET: _register, _LAUNCHER: _wrap_launcher}
+_PENDING = set()
+
+
 def install() -> None:
-    """Arrange for our recipes/configs to appear in torchtune's recipe registry.
+    """Arrange for our recipes/configs to appear in torchtune's recipe registry, and for
+    ``tune run --nproc_per_node`` to keep our recipes' exit status.
 
     Cheap and idempotent; never raises.
     """
     try:
-        module = sys.modules.get(_TARGET)
-        if module is not None:
-            _register(module)
-            return
-        if any(getattr(f, _FINDER_MARK, False) for f in sys.meta_path):
+        for name, patch in _PATCHES.items():
+            module = sys.modules.get(name)
+            if module is not None:
+                patch(module)
+            else:
+                _PENDING.add(name)
+        if not _PENDING or any(getattr(f, _FINDER_MARK, False) for f in sys.meta_path):
             return
         sys.meta_path.insert(0, _RegistryFinder())
     except Exception:
