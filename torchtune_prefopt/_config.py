@@ -258,14 +258,94 @@ def load_config(
 
     path = resolve_config(namespace.config)  # before the heavy imports: errors come fast
 
-    from omegaconf import OmegaConf
     from torchtune.config._utils import _merge_yaml_and_cli_args
 
-    yaml_cfg = OmegaConf.load(path)
-    if "config" in yaml_cfg:
+    yaml_dict = _load_yaml_mapping(path)
+    if "config" in yaml_dict:
         raise ValueError(f"Cannot use 'config' within a config file ({path})")
-    yaml_args = Namespace(**OmegaConf.to_container(yaml_cfg, resolve=False))
-    return _merge_yaml_and_cli_args(yaml_args, cli_args)
+    _start_swapped_components_fresh(yaml_dict, cli_args)
+    return _merge_yaml_and_cli_args(Namespace(**yaml_dict), cli_args)
+
+
+def _load_yaml_mapping(path: Path) -> Dict[str, Any]:
+    """The YAML file as a plain dict (interpolations unresolved); a file that does not parse,
+    or whose top level is not a mapping of keys, is a one-line error naming file and line."""
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        cfg = OmegaConf.load(path)
+    except UnicodeDecodeError as err:
+        raise _UserError(
+            f"config {path}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    except Exception as err:  # yaml.YAMLError and OmegaConf's own errors
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        if context is not None and getattr(err, "context", None):
+            problem += f" ({err.context} at line {context.line + 1})"
+        raise _UserError(f"config {path}:{where} is not valid YAML: {problem}") from None
+    if not isinstance(cfg, DictConfig):
+        raise _UserError(
+            f"config {path}: the top level must be a mapping of config keys (key: value), got a "
+            f"{type(OmegaConf.to_container(cfg)).__name__}"
+        )
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _start_swapped_components_fresh(yaml_dict: Dict[str, Any], cli_args: Sequence[str]) -> None:
+    """``KEY=VALUE`` on the command line where the YAML's ``KEY`` is a component
+    (``_component_`` + arguments) and ``VALUE`` names another component: the new component
+    starts from its own defaults (plus what the command line sets, e.g. ``loss=ipo
+    loss.tau=0.05``); the old component's arguments are dropped, not passed on (torchtune's own
+    merge keeps them: ``loss=simpo`` on a DPO config would silently keep DPO's ``beta``).
+    ``KEY=null`` (disable an optional component) and ``KEY._component_=...`` keep torchtune's
+    behaviour. Edits ``yaml_dict`` in place."""
+    for arg in cli_args:
+        if arg.startswith("~") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        node: Any = yaml_dict
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        old = node.get(parts[-1])
+        if not (isinstance(old, dict) and "_component_" in old) or value in (
+            "null",
+            "None",
+            "~",
+            "",
+        ):
+            continue
+        if not _same_component(old.get("_component_"), value):
+            node[parts[-1]] = {"_component_": old.get("_component_")}
+
+
+def _same_component(a: Any, b: str) -> bool:
+    """Whether two ``_component_`` strings name the same object (``dpo`` and
+    ``torchtune_prefopt.losses.DPOLoss`` do); unresolvable names compare as text."""
+    if a == b:
+        return True
+
+    def resolve(name: Any) -> Any:
+        if not isinstance(name, str):
+            return name
+        try:
+            from torchtune_prefopt.losses.registry import get_loss_class
+
+            return get_loss_class(name)
+        except Exception:  # noqa: BLE001 - not a loss name
+            pass
+        try:
+            from torchtune.config._utils import _get_component_from_path
+
+            return _get_component_from_path(name)
+        except Exception:  # noqa: BLE001 - unresolvable: compare the text
+            return name
+
+    return resolve(a) is resolve(b)
 
 
 def parse(recipe_main: Callable[[Any], Any]) -> Callable[..., Any]:
