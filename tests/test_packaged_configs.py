@@ -179,7 +179,7 @@ def test_loads_and_validates(name):
     OmegaConf.to_container(cfg, resolve=True)  # every ${...} interpolation resolves
     assert str(cfg.device) in ("cpu", "cuda")
     cfg.device = "cpu"  # the only hardware-dependent check in validate_config
-    RECIPE.validate_config(cfg)
+    RECIPE.validate_config(cfg, local=False)  # no weights here: structure, not files
     assert cfg.checkpointer.output_dir == cfg.output_dir
     assert cfg.metric_logger.log_dir.startswith(str(cfg.output_dir))
 

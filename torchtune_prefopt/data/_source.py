@@ -87,7 +87,16 @@ def _is_columnar(data: Any) -> bool:
 
 def _read_json_file(path: str, field: Optional[str]) -> RawRows:
     """JSON Lines (one object per line), a JSON list of objects, or columnar JSON."""
-    text = Path(path).read_text(encoding="utf-8")
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise PrefOptUserError(
+            f"{path} line {line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
     stripped = text.lstrip()
     if field is not None or stripped.startswith("["):
         try:
@@ -158,7 +167,13 @@ def load_rows(source: str, *, split: str = "train", **load_dataset_kwargs: Any) 
         rest = {k: v for k, v in load_dataset_kwargs.items() if k != "data_files"}
         parts = []
         for f in files:
-            ds = datasets.load_dataset(source, data_files=f, split="train", **rest)
+            try:
+                ds = datasets.load_dataset(source, data_files=f, split="train", **rest)
+            except Exception as err:  # noqa: BLE001 - a local file the builder cannot read
+                cause = err.__cause__ or err
+                raise PrefOptUserError(
+                    f"dataset source '{source}' failed on {f}: {type(cause).__name__}: {_one_line(cause)}"
+                ) from None
             parts.append(RawRows(ds.to_list(), [(f, i, None) for i in range(len(ds))], f))
         return _concat(parts, files[0] if len(files) == 1 else f"{len(files)} files")
 

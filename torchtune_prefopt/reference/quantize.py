@@ -162,13 +162,16 @@ def _fp8_dynamic_hardware_ok(device: torch.device) -> Tuple[bool, str]:
     return False, f"{name} has compute capability {cap[0]}.{cap[1]}"
 
 
-def check_quantization_supported(mode: Optional[str], device: DeviceLike = None) -> None:
+def check_quantization_supported(
+    mode: Optional[str], device: DeviceLike = None, hardware: bool = True
+) -> None:
     """Raise a one-line :class:`PrefOptUserError` if ``mode`` cannot run on ``device``.
 
     Cheap (no weights needed); call it before loading any checkpoint. ``mode=None`` (no
     quantization) always passes. Checks: the mode name, that torchao imports and has the
     mode's config class, and for ``fp8_dynamic`` a CUDA device with compute capability
-    >= 8.9 (H100/L4/RTX 4090 class) or an MI300 (the same condition torchao asserts).
+    >= 8.9 (H100/L4/RTX 4090 class) or an MI300 (the same condition torchao asserts);
+    ``hardware=False`` skips that last check (a config checked here to run elsewhere).
     """
     if mode is None:
         return
@@ -197,7 +200,7 @@ def check_quantization_supported(mode: Optional[str], device: DeviceLike = None)
             f"reference.quantization={mode} needs torch.float8_e4m3fn (torch >= 2.1), "
             f"this is torch {torch.__version__}"
         )
-    if mode == "fp8_dynamic":
+    if mode == "fp8_dynamic" and hardware:
         ok, why = _fp8_dynamic_hardware_ok(_device(device))
         if not ok:
             raise PrefOptUserError(
