@@ -6,13 +6,22 @@ Layout under ``<output_dir>/checkpoints``::
         model-00001-of-00001.safetensors, model.safetensors.index.json, config.json, ...
         adapter_model.safetensors, adapter_config.json     (LoRA)
         recipe_state.pt           # optimizer, scheduler, data position, RNG (weights_only)
-        CHECKPOINT.json           # manifest: step, files and their sizes
+        CHECKPOINT.json           # manifest: step, run identity, files: size + xxh3-128
     .tmp-step_000080/             # being written; never read, removed on the next save
 
-A checkpoint is written into a ``.tmp-`` directory, its files are fsynced, the manifest is
-written last, and the directory is renamed into place: a reader sees a complete checkpoint or
-none. :func:`latest_checkpoint` returns the newest complete one; :func:`verify_checkpoint`
-checks every file against the manifest so a truncated or damaged file is named in the error.
+A checkpoint is written into a ``.tmp-`` directory, its files are fsynced and checksummed
+(xxh3-128, read back while they are still in the page cache), the manifest is written last,
+and the directory is renamed into place: a reader sees a complete checkpoint or none.
+:func:`latest_checkpoint` returns the newest complete one; :func:`verify_checkpoint` checks
+every file's size and checksum against the manifest (a share of the files per rank, files in
+parallel threads), so a truncated file or one flipped byte is named in the error.
+
+**Run identity.** Every manifest records the run that wrote it (:class:`RunIdentity`: a
+random run id and a digest of each config setting that changes what training computes). A
+fresh run refuses an ``output_dir`` that holds another run's checkpoints
+(:func:`check_fresh_output_dir`), a resumed run only continues a checkpoint whose settings are
+its own (:func:`check_resumable`) and takes over its run id, and the final save never counts
+another run's checkpoint as its own.
 
 Weights are converted to HF format by torchtune's ``FullModelHFCheckpointer`` (see
 :func:`write_hf_weights`; that is the one place we reach into its private ``_output_dir``,
@@ -33,6 +42,7 @@ import torch
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.files import fsync_dir, fsync_file
 
+_BLOCK = 16 * 2**20
 CHECKPOINTS_DIRNAME = "checkpoints"
 MANIFEST = "CHECKPOINT.json"
 RECIPE_STATE = "recipe_state.pt"
@@ -76,13 +86,39 @@ def begin_checkpoint(output_dir: str | Path, step: int) -> Path:
     return tmp
 
 
+def file_checksum(path: Path) -> str:
+    """xxh3-128 (hex) of a file's bytes, streamed in 16 MiB blocks (tens of GB/s: negligible
+    next to writing the file; BENCHMARKS.md "Checkpoint checksums")."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _parallel(fn, items: List[Any], threads: int = 8) -> List[Any]:
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def commit_checkpoint(tmp: Path, step: int, extra: Optional[Dict[str, Any]] = None) -> Path:
-    """fsync, write the manifest, and rename ``tmp`` to ``step_<n>``; returns the final path."""
-    files = {}
-    for f in sorted(tmp.rglob("*")):
-        if f.is_file():
-            fsync_file(f)
-            files[str(f.relative_to(tmp))] = f.stat().st_size
+    """fsync and checksum every file, write the manifest, and rename ``tmp`` to ``step_<n>``;
+    returns the final path."""
+    paths = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+
+    def record(f: Path) -> Dict[str, Any]:
+        fsync_file(f)
+        return {"size": f.stat().st_size, "xxh3_128": file_checksum(f)}
+
+    files = {str(f.relative_to(tmp)): r for f, r in zip(paths, _parallel(record, paths))}
     manifest = {"step": step, "files": files, **(extra or {})}
     with open(tmp / MANIFEST, "w") as fh:
         json.dump(manifest, fh, indent=2)
@@ -125,34 +161,189 @@ def prune_checkpoints(output_dir: str | Path, keep_last_n: Optional[int]) -> Lis
     return doomed
 
 
-def verify_checkpoint(path: Path) -> Dict[str, Any]:
-    """Check every file listed in the manifest exists with its recorded size.
-
-    Safetensors headers are parsed too. Raises :class:`PrefOptUserError` naming the file.
-    """
+def read_manifest(path: Path) -> Dict[str, Any]:
+    """A checkpoint's ``CHECKPOINT.json``."""
     manifest_path = path / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
+        return json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise PrefOptUserError(f"checkpoint {manifest_path}: unreadable manifest ({err})") from err
-    for rel, size in manifest.get("files", {}).items():
-        f = path / rel
-        if not f.is_file():
-            raise PrefOptUserError(f"checkpoint file {f} is missing (listed in {manifest_path})")
-        actual = f.stat().st_size
-        if actual != size:
-            raise PrefOptUserError(
-                f"checkpoint file {f} is truncated or damaged: {actual} bytes, manifest says {size}"
-            )
-        if f.suffix == ".safetensors":
-            from safetensors import safe_open
 
-            try:
-                with safe_open(str(f), framework="pt") as sf:
-                    sf.keys()
-            except Exception as err:  # noqa: BLE001 - any parse failure means damage
-                raise PrefOptUserError(f"checkpoint file {f} is damaged: {err}") from err
+
+def _file_problem(path: Path, rel: str, entry: Any) -> Optional[str]:
+    """What is wrong with one listed file (``None``: nothing). ``entry``: the manifest's
+    ``{"size", "xxh3_128"}`` (older manifests: the size alone)."""
+    f = path / rel
+    size, digest = (
+        (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("xxh3_128"))
+    )
+    if not f.is_file():
+        return f"checkpoint file {f} is missing (listed in {path / MANIFEST})"
+    actual = f.stat().st_size
+    if actual != size:
+        return f"checkpoint file {f} is truncated or damaged: {actual} bytes, manifest says {size}"
+    if digest is not None and file_checksum(f) != digest:
+        return f"checkpoint file {f} is damaged: its content does not match the xxh3-128 checksum recorded when it was written"
+    if f.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                sf.keys()
+        except Exception as err:  # noqa: BLE001 - any parse failure means damage
+            return f"checkpoint file {f} is damaged: {' '.join(str(err).split())}"
+    return None
+
+
+def verify_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> Dict[str, Any]:
+    """Check the files listed in the manifest: present, with the recorded size and checksum,
+    safetensors headers parseable. With ``world_size > 1`` this rank checks its share (every
+    ``world_size``-th file; :func:`verify_checkpoint_collective` gathers the verdicts). Files
+    are read in parallel threads. Returns the manifest; raises :class:`PrefOptUserError`
+    naming the first bad file."""
+    manifest = read_manifest(path)
+    listed = sorted(manifest.get("files", {}).items())[rank::world_size]
+    problems = _parallel(lambda item: _file_problem(path, *item), listed)
+    bad = [p for p in problems if p is not None]
+    if bad:
+        raise PrefOptUserError(bad[0])
     return manifest
+
+
+def verify_checkpoint_collective(path: Path, rank: int, world_size: int) -> Dict[str, Any]:
+    """:func:`verify_checkpoint` split over the ranks; every rank raises the same error."""
+    error = None
+    try:
+        manifest = verify_checkpoint(path, rank, world_size)
+    except PrefOptUserError as err:
+        error, manifest = str(err), None
+    if world_size > 1:
+        import torch.distributed as dist
+
+        errors: List[Optional[str]] = [None] * world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise PrefOptUserError(error)
+    return manifest if manifest is not None else read_manifest(path)
+
+
+# --------------------------------------------------------------------------- run identity
+
+#: config keys that change what a run computes: a checkpoint only resumes under the same ones
+#: (batch size and accumulation are checked separately, as the global micro-batch)
+IDENTITY_KEYS = (
+    "model", "tokenizer", "checkpointer.checkpoint_dir", "checkpointer.checkpoint_files", "ref_checkpointer",
+    "loss", "dataset", "seed", "shuffle", "epochs", "max_steps_per_epoch", "optimizer", "lr_scheduler",
+    "clip_grad_norm", "dtype", "reference.quantization",
+)  # fmt: skip
+
+
+class RunIdentity:
+    """A run's id (random, kept across resumes) and one digest per :data:`IDENTITY_KEYS`."""
+
+    def __init__(self, run_id: str, settings: Dict[str, str]):
+        self.run_id, self.settings = run_id, dict(settings)
+
+    @classmethod
+    def new(cls, cfg: Any) -> "RunIdentity":
+        import uuid
+
+        return cls(uuid.uuid4().hex[:12], config_digests(cfg))
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"id": self.run_id, "settings": self.settings}
+
+    @staticmethod
+    def of(manifest: Dict[str, Any]) -> Optional["RunIdentity"]:
+        run = manifest.get("run")
+        return (
+            RunIdentity(run["id"], run.get("settings", {}))
+            if isinstance(run, dict) and "id" in run
+            else None
+        )
+
+    def differences(self, other: "RunIdentity") -> List[str]:
+        keys = sorted(set(self.settings) | set(other.settings))
+        return [k for k in keys if self.settings.get(k) != other.settings.get(k)]
+
+
+def config_digests(cfg: Any) -> Dict[str, str]:
+    """``{key: short sha256 of the resolved value}`` for every key of :data:`IDENTITY_KEYS`."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from torchtune_prefopt.plain import to_plain
+
+    out = {}
+    for key in IDENTITY_KEYS:
+        value = to_plain(OmegaConf.select(cfg, key, default=None))
+        out[key] = hashlib.sha256(
+            json.dumps(value, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+    return out
+
+
+def previous_run(output_dir: str | Path) -> Optional[str]:
+    """A description of the run whose checkpoints ``output_dir`` holds, or ``None``."""
+    ckpts = list_checkpoints(output_dir)
+    final = Path(output_dir) / "final"
+    if not ckpts and not final.is_symlink() and not final.exists():
+        return None
+    if not ckpts:
+        return f"a final checkpoint link ({final})"
+    run = RunIdentity.of(read_manifest(ckpts[-1])) if (ckpts[-1] / MANIFEST).is_file() else None
+    who = f"run {run.run_id}" if run else "another run"
+    return f"{who} (newest checkpoint {ckpts[-1].name}, {len(ckpts)} checkpoint(s))"
+
+
+def check_fresh_output_dir(output_dir: str | Path, overwrite: bool) -> List[Path]:
+    """A fresh run (no ``resume_from_checkpoint``) never adopts or overwrites another run's
+    checkpoints: one line if ``output_dir`` holds some, unless ``overwrite`` (then they, the
+    ``final`` link and the old metric logs are deleted; returns what was removed)."""
+    found = previous_run(output_dir)
+    if found is None:
+        return []
+    if not overwrite:
+        raise PrefOptUserError(
+            f"output_dir {output_dir} already holds {found}: continue it with "
+            "resume_from_checkpoint=True, start a new run with output_dir=<another directory>, or "
+            "replace it with overwrite_output_dir=true (deletes its checkpoints and logs)"
+        )
+    out = Path(output_dir)
+    doomed = [
+        p
+        for p in (checkpoints_root(out), out / "final", out / "logs")
+        if p.is_symlink() or p.exists()
+    ]
+    return doomed
+
+
+def remove_previous_run(paths: List[Path]) -> None:
+    """Delete what :func:`check_fresh_output_dir` listed (``overwrite_output_dir=true``)."""
+    for p in paths:
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_resumable(checkpoint: Path, manifest: Dict[str, Any], cfg: Any) -> Optional[RunIdentity]:
+    """The identity a resumed run continues: the checkpoint's, if its settings are this
+    config's (else one line naming the settings that differ). ``None`` for a checkpoint
+    written before run identities existed."""
+    theirs = RunIdentity.of(manifest)
+    if theirs is None:
+        return None
+    differs = theirs.differences(RunIdentity("", config_digests(cfg)))
+    if differs:
+        raise PrefOptUserError(
+            f"resume: {checkpoint} belongs to run {theirs.run_id}, trained with other settings "
+            f"({', '.join(differs)} differ from this config); resume with that run's settings, or "
+            "start a new run (output_dir=<another directory> or overwrite_output_dir=true)"
+        )
+    return theirs
 
 
 def load_recipe_state(path: Path) -> Dict[str, Any]:
