@@ -25,7 +25,7 @@ rank's part as a batch object.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -309,6 +309,7 @@ class PreferenceCollator:
         max_seq_len: truncation length of KTO's KL rows (the dataset's own ``max_seq_len``).
         rank, rows_per_rank: this rank's slice ``[rank * rows_per_rank, (rank + 1) *
             rows_per_rank)`` of the global micro-batch; ``rows_per_rank=None``: all of it.
+        world_size: the number of ranks (:meth:`share` splits a batch evenly over them).
     """
 
     paired: bool
@@ -316,6 +317,7 @@ class PreferenceCollator:
     max_seq_len: Optional[int] = None
     rank: int = 0
     rows_per_rank: Optional[int] = None
+    world_size: int = 1
 
     def _span(self, n: int) -> tuple:
         if self.rows_per_rank is None:
@@ -328,3 +330,16 @@ class PreferenceCollator:
             return PairedBatch.collate(list(items[lo:hi]), pad_id=self.pad_id)
         full = UnpairedBatch.collate(list(items), pad_id=self.pad_id, max_seq_len=self.max_seq_len)
         return full if (lo, hi) == (0, len(items)) else full.rows(lo, hi)
+
+    def share(self, items: List[Mapping[str, Any]]) -> Tuple[PreferenceBatch, int]:
+        """Paired evaluation over a global batch that may be the last, partial one: rank ``k``
+        of ``world_size`` takes rows ``[k*n//W, (k+1)*n//W)`` (for a full batch, the same
+        ``rows_per_rank`` slice as training), so every row is counted exactly once. Returns
+        ``(batch, real_rows)``; a rank left without a row gets one copy of the first row
+        (``real_rows == 0``), because every rank must run the same number of forwards."""
+        if not self.paired:
+            raise ValueError("share() is for paired (evaluation) batches")
+        n, w = len(items), self.world_size
+        mine = list(items[self.rank * n // w : (self.rank + 1) * n // w])
+        real = len(mine)
+        return PairedBatch.collate(mine or list(items[:1]), pad_id=self.pad_id), real

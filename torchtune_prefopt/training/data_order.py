@@ -24,18 +24,26 @@ class GlobalBatchSampler:
         global_batch_size (int): ``batch_size * world_size`` rows per micro-step.
         seed (int): base seed; epoch ``e`` uses ``seed + e``.
         shuffle (bool): permute rows each epoch.
-
-    The last incomplete global batch is dropped, so every rank always gets exactly
-    ``batch_size`` rows.
+        drop_last (bool): drop the last incomplete global batch (training: every rank always
+            gets exactly ``batch_size`` rows); ``False`` (evaluation): it is yielded too, so
+            every row comes exactly once.
     """
 
-    def __init__(self, dataset_len: int, global_batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self,
+        dataset_len: int,
+        global_batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         if global_batch_size < 1:
             raise ValueError("global batch size must be >= 1")
         self.dataset_len = dataset_len
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.drop_last = drop_last
         self.epoch = 0
         self.start_batch = 0
 
@@ -45,7 +53,9 @@ class GlobalBatchSampler:
         self.start_batch = start_batch
 
     def __len__(self) -> int:
-        return self.dataset_len // self.global_batch_size
+        if self.drop_last:
+            return self.dataset_len // self.global_batch_size
+        return -(-self.dataset_len // self.global_batch_size)
 
     def epoch_order(self) -> List[int]:
         if self.shuffle:
