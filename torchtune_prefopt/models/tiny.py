@@ -34,7 +34,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 # Written last into a generated checkpoint directory: its presence (with matching content)
 # means the checkpoint is complete.
 _MARKER = "tiny_checkpoint.json"
-_MARKER_VERSION = 1
+_MARKER_VERSION = 2  # 2: + tokenizer_config.json (HF tools read the EOS from it)
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,31 @@ def tiny_hf_config():
     return Qwen2Config(**kwargs)
 
 
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+#: ChatML, as torchtune's Qwen2.5 tokenizer formats messages (no default system prompt)
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def hf_tokenizer_config() -> dict:
+    """``tokenizer_config.json`` for Hugging Face tools loading a tiny checkpoint: the EOS that
+    ends an answer is ``<|im_end|>`` (the fast tokenizer's default would be
+    ``<|endoftext|>``, the padding token), no BOS, and the ChatML chat template."""
+    return {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "unk_token": None,
+        "add_bos_token": False,
+        "model_max_length": TINY_QWEN2.max_seq_len,
+        "chat_template": _CHATML,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
 def _marker_content(seed: int) -> dict:
     import hashlib
 
@@ -212,7 +237,7 @@ def _is_complete(checkpoint_dir: Path, seed: int) -> bool:
         return False
     if content != json.loads(json.dumps(_marker_content(seed))):
         return False
-    needed = ["config.json", *TOKENIZER_FILES]
+    needed = ["config.json", HF_TOKENIZER_CONFIG, *TOKENIZER_FILES]
     return all((checkpoint_dir / f).is_file() for f in needed) and bool(
         _weight_files(checkpoint_dir)
     )
@@ -254,6 +279,7 @@ def _write_checkpoint(target: Path, seed: int) -> None:
         raise RuntimeError(f"save_pretrained wrote no .safetensors file in {target}")
     for name in TOKENIZER_FILES:
         shutil.copyfile(ASSETS_DIR / name, target / name)
+    (target / HF_TOKENIZER_CONFIG).write_text(json.dumps(hf_tokenizer_config(), indent=2) + "\n")
     (target / _MARKER).write_text(json.dumps(_marker_content(seed), indent=2) + "\n")
 
 

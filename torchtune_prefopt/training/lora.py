@@ -31,10 +31,17 @@ def lora_settings(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     }
 
 
-def lora_init_state(model: nn.Module, seed: int, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def lora_init_state(
+    model: nn.Module,
+    seed: int,
+    dtype: torch.dtype,
+    base_sd: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Dict[str, torch.Tensor]:
     """Adapter weights as full tensors, the same on any number of ranks: A ~ U(-1/sqrt(in),
     1/sqrt(in)) (``kaiming_uniform_(a=sqrt(5))``'s bound, torchtune's init) from a generator
-    seeded with ``seed``, B = 0 (so the adapted model starts equal to the base)."""
+    seeded with ``seed``, B = 0 (so the adapted model starts equal to the base). DoRA layers
+    also get their magnitude, ``||W + BA||`` per output row = ``||W||`` at B = 0 (torchtune's
+    ``initialize_dora_magnitude``), from the base weights ``base_sd``."""
     out = {}
     g = torch.Generator().manual_seed(seed)
     for name, mod in model.named_modules():
@@ -44,24 +51,40 @@ def lora_init_state(model: nn.Module, seed: int, dtype: torch.dtype) -> Dict[str
             a.uniform_(-bound, bound, generator=g)
             out[f"{name}.lora_a.weight"] = a.to(dtype)
             out[f"{name}.lora_b.weight"] = torch.zeros(tuple(mod.lora_b.weight.shape), dtype=dtype)
+        if isinstance(mod, DoRALinear):
+            if base_sd is None or f"{name}.weight" not in base_sd:
+                raise ValueError(
+                    f"DoRA layer {name}: its base weight is needed to initialise the magnitude"
+                )
+            out[f"{name}.magnitude"] = torch.linalg.norm(base_sd[f"{name}.weight"].to(dtype), dim=1)
     return out
 
 
 def merged_lora_state_dict(
     full_sd: Dict[str, torch.Tensor], settings: Mapping[str, Any]
 ) -> Dict[str, torch.Tensor]:
-    """The plain model's weights with ``B @ A * alpha / rank`` merged in.
+    """The plain model's weights with the adapters merged in: ``W + (alpha/rank) B A`` (LoRA),
+    ``m / ||W + (alpha/rank) B A|| * (W + (alpha/rank) B A)`` per output row (DoRA).
 
-    torchtune's ``get_merged_lora_ckpt`` adds into the base weights *in place*, and on one CPU
-    rank a gathered state dict aliases the live parameters: the merge goes into copies of the
-    adapted base weights, so the live model is never changed.
+    Two fixes on top of torchtune's ``get_merged_lora_ckpt``: it adds into the base weights
+    *in place*, and on one CPU rank a gathered state dict aliases the live parameters, so the
+    merge goes into copies; and for DoRA it leaves a layer's bias as is, while torchtune's
+    ``DoRALinear.forward`` scales the bias by the same ``m / ||...||`` (Qwen2's q/k/v have
+    biases), so the bias is scaled here, making the merged model compute what the trained one
+    does.
     """
     bases = {k[: -len("lora_a.weight")] + "weight" for k in full_sd if k.endswith(".lora_a.weight")}
-    return get_merged_lora_ckpt(
-        {k: (v.clone() if k in bases else v) for k, v in full_sd.items()},
-        rank=settings["rank"],
-        alpha=settings["alpha"],
-    )
+    sd = {k: (v.clone() if k in bases else v) for k, v in full_sd.items()}
+    scaling = settings["alpha"] / settings["rank"]
+    for key in [k for k in sd if k.endswith(".magnitude")]:
+        module = key[: -len(".magnitude")]
+        if f"{module}.bias" not in sd:
+            continue
+        a, b = sd[f"{module}.lora_a.weight"], sd[f"{module}.lora_b.weight"]
+        weight = sd[f"{module}.weight"].to(a.dtype) + scaling * (b @ a)
+        scale = sd[key] / torch.linalg.norm(weight, dim=1).to(weight.dtype)
+        sd[f"{module}.bias"] = sd[f"{module}.bias"] * scale.to(sd[f"{module}.bias"].dtype)
+    return get_merged_lora_ckpt(sd, rank=settings["rank"], alpha=settings["alpha"])
 
 
 def adapter_config(settings: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
