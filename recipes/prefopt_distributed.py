@@ -81,6 +81,7 @@ from torchtune_prefopt.reference import (
     reference_fingerprint,
 )
 from torchtune_prefopt.training import checkpoints as ckpt
+from torchtune_prefopt.training import config_checks as checks
 from torchtune_prefopt.training.data_order import GlobalBatchSampler
 from torchtune_prefopt.training.distributed import any_rank, init_distributed
 from torchtune_prefopt.training.lora import (
@@ -128,6 +129,7 @@ KNOWN_KEYS = {
     "keep_last_n_checkpoints",
     "nonfinite",
     "recipe_name",
+    "overwrite_output_dir",
 }
 REFERENCE_KEYS = {"quantization", "precompute"}
 
@@ -136,8 +138,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Check every scalar setting before anything is built; one-line errors name the key."""
+def validate_config(cfg: DictConfig, local: bool = True) -> None:
+    """Check the config before anything is built or written; one-line errors name the key.
+
+    ``local=False`` skips what depends on this machine (device, files, output_dir), e.g. for
+    commands written here to run on a cluster.
+    """
+    checks.check_interpolations(cfg)  # first: reading any key resolves its interpolations
     unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
     if unknown:
         key = unknown[0]
@@ -164,25 +171,79 @@ def validate_config(cfg: DictConfig) -> None:
     positive_int("keep_last_n_checkpoints", optional=True)
     positive_int("eval_every_n_steps", optional=True)
     positive_int("logprobs_chunk_size", optional=True)
+    seed = cfg.get("seed", 0)
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise PrefOptUserError(f"seed must be an integer >= 0 (or null: random), got {seed!r}")
+    for flag in ("resume_from_checkpoint", "overwrite_output_dir", "shuffle", "compile"):
+        if not isinstance(cfg.get(flag, False), bool):
+            raise PrefOptUserError(f"{flag} must be true or false, got {cfg.get(flag)!r}")
     if cfg.get("nonfinite", "stop") not in ("stop", "skip"):
         raise PrefOptUserError(f"nonfinite must be 'stop' or 'skip', got {cfg.get('nonfinite')!r}")
     if cfg.get("dtype", "fp32") not in ("fp32", "bf16"):
         raise PrefOptUserError(f"dtype must be 'fp32' or 'bf16', got {cfg.get('dtype')!r}")
     clip = cfg.get("clip_grad_norm")
-    if clip is not None and not (isinstance(clip, (int, float)) and float(clip) > 0):
+    if clip is not None and not (
+        isinstance(clip, (int, float))
+        and not isinstance(clip, bool)
+        and math.isfinite(clip)
+        and clip > 0
+    ):
         raise PrefOptUserError(f"clip_grad_norm must be > 0 or null, got {clip!r}")
-    ref = cfg.get("reference") or {}
+    ref = cfg.get("reference")
+    if ref is not None and not isinstance(ref, DictConfig):
+        raise PrefOptUserError(
+            f"reference must be a mapping (reference.quantization, reference.precompute), got {ref!r}"
+        )
+    ref = ref or {}
     bad = sorted(set(ref.keys()) - REFERENCE_KEYS)
     if bad:
         raise PrefOptUserError(
             f"unknown config key 'reference.{bad[0]}' (valid: {sorted(REFERENCE_KEYS)})"
         )
+    if not isinstance(ref.get("precompute", False), bool):
+        raise PrefOptUserError(
+            f"reference.precompute must be true or false, got {ref.get('precompute')!r}"
+        )
     device = str(cfg.get("device", "cpu"))
     if not (device == "cpu" or device.startswith("cuda")):
         raise PrefOptUserError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if local and device.startswith("cuda") and not torch.cuda.is_available():
         raise PrefOptUserError("device is 'cuda' but no CUDA device is available (set device=cpu)")
-    check_quantization_supported(ref.get("quantization"), device)
+    check_quantization_supported(ref.get("quantization"), device, hardware=local)
+
+    # every component: importable, and its config keys are arguments it takes
+    checks.check_component(cfg.model, "model")
+    checks.check_lora_settings(cfg.model, "model")
+    checks.check_component(cfg.tokenizer, "tokenizer")
+    checks.check_component(cfg.checkpointer, "checkpointer")
+    if _configured(cfg.get("ref_checkpointer")):
+        checks.check_component(cfg.ref_checkpointer, "ref_checkpointer")
+    for key in ("dataset", "eval_dataset"):
+        node = cfg.get(key)
+        if not _configured(node):
+            continue
+        for i, part in enumerate(node) if isinstance(node, ListConfig) else [(None, node)]:
+            checks.check_component(
+                part, key if i is None else f"{key}[{i}]", injected={"tokenizer"}
+            )
+    checks.check_component(cfg.optimizer, "optimizer", positional=1)
+    checks.check_optimizer_values(cfg.optimizer)
+    if _configured(cfg.get("lr_scheduler")):
+        checks.check_component(
+            cfg.lr_scheduler,
+            "lr_scheduler",
+            positional=1,
+            injected={"num_training_steps", "last_epoch"},
+        )
+    if _configured(cfg.get("metric_logger")):
+        checks.check_component(cfg.metric_logger, "metric_logger")
+        checks.check_metric_logger_installed(cfg.metric_logger)
+    if local:
+        checks.check_output_dir(cfg.output_dir)
+        checks.check_paths_exist(cfg.tokenizer, "tokenizer")
+        for key in ("checkpointer", "ref_checkpointer"):
+            if _configured(cfg.get(key)):
+                checks.check_paths_exist(cfg.get(key), key)
 
 
 def _configured(node: Any) -> bool:
@@ -220,6 +281,7 @@ class PrefOptRecipe:
         self.world_size, self.rank = init_distributed(self._device)
         self._is_rank_zero = self.rank == 0
         self._output_dir = Path(cfg.output_dir)
+        self._output_dir_existed = self._output_dir.exists()
         self.seed = training.set_seed(seed=cfg.get("seed", 0))
         self.batch_size = cfg.batch_size
         self.accum = cfg.gradient_accumulation_steps
@@ -256,21 +318,39 @@ class PrefOptRecipe:
         self._reference_free = bool(getattr(self._loss_fn, "reference_free", False))
         self._paired = bool(getattr(self._loss_fn, "paired", True))
         self._average = bool(getattr(self._loss_fn, "average_logps", False))
-        if self._reference_free and (
-            _configured(cfg.get("ref_checkpointer"))
-            or (cfg.get("reference") or {}).get("quantization")
-        ):
+        ref_opts = cfg.get("reference") or {}
+        model_facts = self._instantiate_meta_model()  # cheap (meta tensors): LoRA? context?
+        self._is_lora_model = bool(get_adapter_params(model_facts))
+        model_max_seq_len = getattr(model_facts, "max_seq_len", None)
+        del model_facts
+        ignored = [
+            key
+            for key, on in (
+                ("ref_checkpointer", _configured(cfg.get("ref_checkpointer"))),
+                ("reference.quantization", ref_opts.get("quantization") is not None),
+                ("reference.precompute", bool(ref_opts.get("precompute", False))),
+            )
+            if on
+        ]
+        if self._reference_free and ignored:
             utils.log_rank_zero(
                 log,
-                f"WARNING: {type(self._loss_fn).__name__} is reference-free: ref_checkpointer/reference.* "
-                "are ignored and no reference model is loaded.",
+                f"WARNING: {type(self._loss_fn).__name__} is reference-free: {', '.join(ignored)} "
+                "ignored and no reference model is loaded.",
             )
-        if not self._paired and self.batch_size < 2:
+        elif self._is_lora_model and _configured(cfg.get("ref_checkpointer")):
+            utils.log_rank_zero(
+                log,
+                "WARNING: ref_checkpointer is ignored with a LoRA model: the reference is the policy's "
+                "own base weights with the adapters disabled (use a full model for another reference)",
+            )
+        global_batch = self.batch_size * self.world_size
+        if not self._paired and global_batch < 2:
             raise PrefOptUserError(
                 f"batch_size: {type(self._loss_fn).__name__} builds its KL reference point from "
-                f"mismatched pairs inside the batch and needs batch_size >= 2 per rank, got {self.batch_size}"
+                "mismatched pairs of the global micro-batch and needs batch_size x processes >= 2, "
+                f"got {self.batch_size} x {self.world_size}"
             )
-        ref_opts = cfg.get("reference") or {}
         self._ref_quant = None if self._reference_free else ref_opts.get("quantization")
         self._ref_precompute = bool(ref_opts.get("precompute", False)) and not self._reference_free
         self._tokenizer = config.instantiate(cfg.tokenizer)
@@ -283,7 +363,9 @@ class PrefOptRecipe:
                 self._build_dataset(cfg.eval_dataset, "eval_dataset")
             )
             self._check_dataset_kind(self._eval_dataset, "eval_dataset", paired=True)
-        global_batch = self.batch_size * self.world_size
+        for key, ds in (("dataset", self._dataset), ("eval_dataset", self._eval_dataset)):
+            if ds is not None:
+                self._check_fits_context(ds, key, model_max_seq_len)
         if len(self._dataset) < global_batch:
             raise PrefOptUserError(
                 f"dataset: {len(self._dataset)} usable rows, fewer than one global batch "
@@ -303,16 +385,16 @@ class PrefOptRecipe:
         if stats:
             utils.log_rank_zero(log, f"dataset stats: {dict(stats)}")
 
-        # 2. Checkpoints: the base weights, and the newest complete step checkpoint on resume.
-        self._checkpointer = config.instantiate(cfg.checkpointer)
-        if not isinstance(self._checkpointer, training.FullModelHFCheckpointer):
-            raise PrefOptUserError(
-                "checkpointer: this recipe reads and writes Hugging Face checkpoints; use "
-                "torchtune.training.FullModelHFCheckpointer (or a function returning one)"
-            )
-        base_sd = ckpt.load_model_state_dict(self._checkpointer, "checkpointer")
+        # 2. The run's identity: a fresh run never adopts another run's checkpoints; a resumed
+        # run continues the newest complete checkpoint of a run with these settings.
+        self._identity = ckpt.RunIdentity.new(cfg)
+        self._replace_previous: List[Path] = []
         resume_dir, recipe_state = None, None
-        if self._resume:
+        if not self._resume:
+            self._replace_previous = ckpt.check_fresh_output_dir(
+                self._output_dir, bool(cfg.get("overwrite_output_dir", False))
+            )
+        else:
             resume_dir = ckpt.latest_checkpoint(self._output_dir)
             if resume_dir is None:
                 utils.log_rank_zero(
@@ -320,17 +402,33 @@ class PrefOptRecipe:
                     f"resume_from_checkpoint=True but no complete checkpoint in {self._output_dir}; starting fresh",
                 )
             else:
-                ckpt.verify_checkpoint(resume_dir)
+                manifest = ckpt.verify_checkpoint_collective(resume_dir, self.rank, self.world_size)
+                self._identity = ckpt.check_resumable(resume_dir, manifest, cfg) or self._identity
                 recipe_state = ckpt.load_recipe_state(resume_dir)
-                utils.log_rank_zero(log, f"Resuming from {resume_dir}")
+                self._check_same_global_batch(recipe_state)
+                utils.log_rank_zero(
+                    log, f"Resuming from {resume_dir} (run {self._identity.run_id})"
+                )
+        ids = [self._identity.run_id]
+        dist.broadcast_object_list(ids, src=0)  # one run id on every rank (a new one is random)
+        self._identity.run_id = ids[0]
 
-        # 3. Models: the policy, and where the reference log-probs come from.
+        # 3. The base weights.
+        self._checkpointer = config.instantiate(cfg.checkpointer)
+        if not isinstance(self._checkpointer, training.FullModelHFCheckpointer):
+            raise PrefOptUserError(
+                "checkpointer: this recipe reads and writes Hugging Face checkpoints; use "
+                "torchtune.training.FullModelHFCheckpointer (or a function returning one)"
+            )
+        base_sd = ckpt.load_model_state_dict(self._checkpointer, "checkpointer")
+
+        # 4. Models: the policy, and where the reference log-probs come from.
         self._model = self._setup_policy(base_sd, resume_dir)
         self._reference = self._setup_reference(base_sd)
         utils.log_rank_zero(log, f"reference model: {self._reference.describe()}")
         del base_sd
 
-        # 4. Optimizer, data order, schedule.
+        # 5. Optimizer, data order, schedule.
         self._optimizer = config.instantiate(
             cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
         )
@@ -340,7 +438,8 @@ class PrefOptRecipe:
         self._collate = PreferenceCollator(
             paired=self._paired,
             pad_id=self._tokenizer.pad_id,
-            max_seq_len=self._tokenizer.max_seq_len,
+            # KTO's KL rows are truncated like the dataset truncated its rows
+            max_seq_len=getattr(self._dataset, "max_seq_len", self._tokenizer.max_seq_len),
             rank=self.rank,
             rows_per_rank=self.batch_size,
         )
@@ -356,10 +455,20 @@ class PrefOptRecipe:
             )
         self._eval_dataloader = None
         if self._eval_dataset is not None:
+            # every held-out row exactly once, whatever the world size: the last global batch
+            # may be partial and is split evenly over the ranks (PreferenceCollator.share)
             eval_order = GlobalBatchSampler(
-                len(self._eval_dataset), global_batch, seed=self.seed, shuffle=False
+                len(self._eval_dataset),
+                global_batch,
+                seed=self.seed,
+                shuffle=False,
+                drop_last=False,
             )
-            self._eval_dataloader = self._loader(self._eval_dataset, eval_order, paired=True)
+            eval_collate = PreferenceCollator(
+                paired=True, pad_id=self._collate.pad_id, rank=self.rank,
+                rows_per_rank=self.batch_size, world_size=self.world_size,
+            )  # fmt: skip
+            self._eval_dataloader = self._loader(self._eval_dataset, eval_order, eval_collate.share)
         if recipe_state is not None:
             self._load_recipe_state(recipe_state)
         self._eval_reference = self._reference
@@ -389,6 +498,13 @@ class PrefOptRecipe:
 
         self._metrics = StepMetrics(self._device)
         self._metric_logger = None
+        if self._is_rank_zero and self._replace_previous:
+            # overwrite_output_dir=true: only now, when everything before has passed
+            ckpt.remove_previous_run(self._replace_previous)
+            log.info(
+                f"overwrite_output_dir: removed {', '.join(str(p) for p in self._replace_previous)}"
+            )
+        dist.barrier()
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
@@ -425,30 +541,48 @@ class PrefOptRecipe:
                 "torchtune_prefopt.data.unpaired_from_paired (chosen -> desirable, rejected -> undesirable)"
             )
 
-    def _loader(
-        self, dataset, order: GlobalBatchSampler, paired: Optional[bool] = None
-    ) -> DataLoader:
-        """Global micro-batches in ``order``, each collated into this rank's batch object.
+    @staticmethod
+    def _check_fits_context(ds, key: str, context: Optional[int]) -> None:
+        """Every sequence the model will see fits its context (``model.max_seq_len``): each row,
+        and for KTO the KL rows (a prompt with another row's completion)."""
+        if not context:
+            return
+        lengths, prompts, completions = [], [], []
+        for i in range(len(ds)):
+            item = ds[i]
+            if is_paired_row(item):
+                lengths.append(max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"])))
+            else:
+                prompts.append(len(item["prompt_ids"]))
+                completions.append(len(item["completion_ids"]))
+                lengths.append(prompts[-1] + completions[-1])
+        fix = f"set tokenizer.max_seq_len (or the dataset's max_seq_len) to at most {context}"
+        for i, n in enumerate(lengths):
+            if n > context:
+                raise PrefOptUserError(
+                    f"{key}: row {i} has {n} tokens, more than the model's context of {context} tokens "
+                    f"(the model's max_seq_len); {fix}"
+                )
+        kl_longest = max(prompts) + max(completions) if prompts else 0
+        limit = getattr(ds, "max_seq_len", None)
+        if kl_longest > context and (limit is None or limit > context):
+            raise PrefOptUserError(
+                f"{key}: KTO's KL rows (a prompt with another row's completion) can reach {kl_longest} "
+                f"tokens, more than the model's context of {context}; {fix}"
+            )
+
+    def _loader(self, dataset, order: GlobalBatchSampler, collate=None) -> DataLoader:
+        """Global micro-batches in ``order``, each collated into this rank's batch object
+        (``collate``: the training collator by default).
 
         Own generator: iter(DataLoader) draws a base seed from its generator, which would
         otherwise be the global RNG (one extra draw per epoch or evaluation; a resumed run's
         RNG state would then differ from the uninterrupted run's).
         """
-        collate = (
-            self._collate
-            if paired is None
-            else PreferenceCollator(
-                paired=paired,
-                pad_id=self._collate.pad_id,
-                max_seq_len=self._collate.max_seq_len,
-                rank=self.rank,
-                rows_per_rank=self.batch_size,
-            )
-        )
         return DataLoader(
             dataset,
             batch_sampler=order,
-            collate_fn=collate,
+            collate_fn=collate or self._collate,
             num_workers=0,
             generator=torch.Generator().manual_seed(self.seed),
         )
@@ -508,7 +642,7 @@ class PrefOptRecipe:
             if resume_dir is not None:
                 policy_sd.update(ckpt.load_adapter_weights(resume_dir))
             else:
-                policy_sd.update(lora_init_state(model, self.seed, self._dtype))
+                policy_sd.update(lora_init_state(model, self.seed, self._dtype, policy_sd))
         ckpt.check_state_dict(model, policy_sd, source, strict_keys=True)
 
         if cfg.get("compile", False):
@@ -672,7 +806,7 @@ class PrefOptRecipe:
             state["lr_scheduler"] = self._lr_scheduler.state_dict()
         return state
 
-    def _load_recipe_state(self, state: Dict[str, Any]) -> None:
+    def _check_same_global_batch(self, state: Dict[str, Any]) -> None:
         gb_then = state["batch_size"] * state["world_size"]
         gb_now = self.batch_size * self.world_size
         if gb_then != gb_now or state["gradient_accumulation_steps"] != self.accum:
@@ -681,6 +815,8 @@ class PrefOptRecipe:
                 f"gradient_accumulation_steps {state['gradient_accumulation_steps']}; this run has "
                 f"{gb_now} and {self.accum}: keep batch_size x world_size and accumulation the same to resume exactly"
             )
+
+    def _load_recipe_state(self, state: Dict[str, Any]) -> None:
         if state["seed"] != self.seed:
             utils.log_rank_zero(
                 log,
@@ -763,7 +899,13 @@ class PrefOptRecipe:
             state["optimizer"] = opt_sd
             ckpt.save_recipe_state(tmp, state)
             final_path = ckpt.commit_checkpoint(
-                tmp, self.global_step, extra={"reason": reason, "model_weights": not adapter_only}
+                tmp,
+                self.global_step,
+                extra={
+                    "reason": reason,
+                    "model_weights": not adapter_only,
+                    "run": self._identity.to_json(),
+                },
             )
             ckpt.prune_checkpoints(self._output_dir, self._keep_last)
             log.info(
@@ -842,7 +984,7 @@ class PrefOptRecipe:
         """Held-out preference accuracy of the loss's own implicit reward (paired eval rows),
         through the same DataLoader path, reference source and loss as training."""
         m = StepMetrics(self._device)
-        for batch in self._eval_dataloader:
+        for batch, real in self._eval_dataloader:  # real: this rank's rows (0: a padding copy)
             batch = batch.to(self._device)
             pol = batch.logps(self._model, self._chunk_size)
             ref = self._eval_reference.logps(batch)
@@ -850,15 +992,19 @@ class PrefOptRecipe:
                 self._loss_module, *_pairs(self._loss_form(pol)), *_pairs(self._loss_form(ref))
             )
             pol_chosen, pol_rejected = _pairs(pol.sum)
-            m.add("eval/rewards/accuracies", pair_accuracy(chosen_rewards, rejected_rewards).sum())
-            m.add("eval/rewards/margins", (chosen_rewards - rejected_rewards).double().sum())
-            m.add("eval/logps/chosen", pol_chosen.double().sum())
-            m.add("eval/logps/rejected", pol_rejected.double().sum())
+            rows = slice(0, real)
+            m.add(
+                "eval/rewards/accuracies",
+                pair_accuracy(chosen_rewards, rejected_rewards)[rows].sum(),
+            )
+            m.add("eval/rewards/margins", (chosen_rewards - rejected_rewards)[rows].double().sum())
+            m.add("eval/logps/chosen", pol_chosen[rows].double().sum())
+            m.add("eval/logps/rejected", pol_rejected[rows].double().sum())
             if ref is not None:
-                m.add("eval/reference/accuracies", pair_accuracy(*_pairs(ref.sum)).sum())
-            m.count(rows=len(batch))
+                m.add("eval/reference/accuracies", pair_accuracy(*_pairs(ref.sum))[rows].sum())
+            m.count(rows=real)
         means, counts = m.reduce()
-        means["eval/rows"] = max(counts.get("rows", 0.0), 1.0)
+        means["eval/rows"] = counts.get("rows", 0.0)
         return means
 
     def _log(self, metrics: Dict[str, float]) -> None:
@@ -971,6 +1117,7 @@ class PrefOptRecipe:
                 if not step_bad:
                     self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
+                step_lr = get_lr(self._optimizer)  # the rate this step used (logged below)
                 self.global_step += 1
                 if self._lr_scheduler is not None:
                     self._lr_scheduler.step()
@@ -979,7 +1126,7 @@ class PrefOptRecipe:
                 # ---- metrics (means over micro-batches and ranks)
                 if self.global_step % self._log_every == 0:
                     metrics, counts = self._metrics.reduce()
-                    metrics["lr"] = get_lr(self._optimizer)
+                    metrics["lr"] = step_lr
                     if grad_norm is not None:
                         metrics["grad_norm"] = grad_norm.item()
                     metrics["tokens_per_second"] = counts.get("tokens", 0.0) / max(
@@ -1019,24 +1166,43 @@ class PrefOptRecipe:
             self._eval_every and self.global_step % self._eval_every == 0
         ):
             self._log(self.evaluate())
+        # the final weights: this run's checkpoint at this step if it already has full weights
+        # (a periodic save at the last step), else a final save
         last = ckpt.latest_checkpoint(self._output_dir)
+        manifest = ckpt.read_manifest(last) if last is not None else {}
+        run = ckpt.RunIdentity.of(manifest)
         has_final = (
             last is not None
             and last.name == ckpt.step_dirname(self.global_step)
-            and ckpt.verify_checkpoint(last).get("model_weights", True)
+            and manifest.get("model_weights", True)
+            and run is not None
+            and run.run_id == self._identity.run_id
         )
-        if not has_final:
-            self.save_checkpoint(self.total_epochs, 0, reason="final")
+        final = last if has_final else self.save_checkpoint(self.total_epochs, 0, reason="final")
         if self._is_rank_zero:
-            final = ckpt.latest_checkpoint(self._output_dir)
             link = ckpt.link_final(self._output_dir, final)
             log.info(f"Final checkpoint: {link} -> {final}")
             self._final_path = final
 
-    def cleanup(self) -> None:
+    def discard_empty_output_dir(self) -> None:
+        """Remove ``output_dir`` if this run created it and nothing was written into it."""
+        out = self._output_dir
+        if self._output_dir_existed or not out.is_dir():
+            return
+        if any(p.is_file() or p.is_symlink() for p in out.rglob("*")):
+            return
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+
+    def cleanup(self, finished: bool = False) -> None:
         if self._metric_logger is not None:
             self._metric_logger.close()
         if dist.is_initialized():
+            if finished:
+                # leave together: a rank tearing its process group down while another still
+                # talks to it can abort in gloo's threads ("terminate called ...")
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -1044,11 +1210,12 @@ class _Preempted(Exception):
     """Raised after the pre-emption checkpoint is written, to exit cleanly."""
 
 
-@report_user_errors
-@parse
-def recipe_main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
+    """Set up, train and summarise one run. A config/data error raises
+    :class:`PrefOptUserError` (before anything is computed or written); a numeric guard exits 3."""
     recipe = PrefOptRecipe(cfg)
     start = time.perf_counter()
+    finished = False
     try:
         recipe.setup()
         recipe.train()
@@ -1057,15 +1224,28 @@ def recipe_main(cfg: DictConfig) -> None:
                 recipe.summary(getattr(recipe, "_final_path", None), time.perf_counter() - start),
                 flush=True,
             )
+        finished = True
     except _Preempted:
-        pass
+        finished = True
     except FloatingPointError as err:
         # A numeric guard stopped the run (every rank decided together): one line, exit 3.
         if recipe._is_rank_zero:
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except PrefOptUserError:
+        # a config/data error: no output_dir left behind that this run created and left empty
+        recipe.discard_empty_output_dir()
+        raise
     finally:
-        recipe.cleanup()
+        recipe.cleanup(finished=finished)
+
+
+@report_user_errors
+@parse
+def recipe_main(cfg: DictConfig) -> None:
+    """``tune run prefopt_distributed --config ...``: :func:`run`; a user error is one
+    ``error:`` line and exit status 2."""
+    run(cfg)
 
 
 if __name__ == "__main__":

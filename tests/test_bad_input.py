@@ -1,25 +1,28 @@
-"""Bad input is caught before training, through the real ``tune`` CLI.
+"""Every user mistake is one line before any compute, and nothing is written.
 
-Every case runs ``tune run prefopt_distributed --config <cfg.yaml> [overrides]`` in a
-subprocess whose working directory, output dir and base checkpoint dir are inside the
-case's own folder, and checks:
+The table below is docs/troubleshooting.md's table, by class: the config file (YAML,
+interpolations), components (import, keyword arguments), values, paths (tokenizer,
+checkpoints, output_dir), LoRA settings, data rows (fields, encoding, length against the
+model's context), checkpoints and resume. Every case runs the recipe's ``run(cfg)`` in this
+process (what ``tune run`` runs after parsing its command line: `tune_harness.run_in_process`)
+and checks:
 
-* errors: exit status 2, exactly one ``error: ...`` line on stderr naming the key / file /
-  row, no Python traceback anywhere in the output, and nothing written (no ``logs``, no
-  new checkpoint, no ``torchtune_config.yaml``);
-* warnings (identical chosen/rejected rows, SimPO with a ``ref_checkpointer``): the run
-  trains its one step and exits 0, and the warning is printed.
+* errors: a :class:`PrefOptUserError` whose message is one line and names the key / file /
+  row; nothing was written (no ``output_dir`` if there was none before, no logs, no config
+  dump, no new checkpoint);
+* warnings (identical chosen/rejected rows, SimPO with a ``ref_checkpointer``, ...): the run
+  trains its one step, and the warning is printed.
 
-The table is docs/troubleshooting.md's table. Each case costs one interpreter start (about
-9 s of CPU for the torch/torchtune imports), so the selected cases are launched by one
-module fixture, ``PREFOPT_TEST_JOBS`` (default 2) at a time, and each test then checks its
-own result.
+``CLI_CASES`` also run through the real CLI (one process, and torchrun with 2 processes) to
+prove what a user sees: exit status 2, exactly one ``error:`` line, no traceback from the
+recipe or from torchrun's agent.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,10 +31,9 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from tune_harness import JOBS, synthetic_rows, tiny_config, tune, write_jsonl
-
-pytestmark = pytest.mark.slow
-
+from torchtune_prefopt._config import load_config
+from torchtune_prefopt.errors import PrefOptUserError
+from tune_harness import JOBS, run_in_process, synthetic_rows, tiny_config, tune, write_jsonl
 
 # ----------------------------------------------------------------------------- helpers
 _jsonl = write_jsonl
@@ -133,6 +135,7 @@ class Case:
     expect: List[str] = field(default_factory=list)  # substrings of the one error line
     warn: Optional[List[str]] = None  # a warning case: exit 0, these substrings in the output
     preexisting_checkpoint: bool = False
+    raw_config: Optional[str] = None  # the config file's text instead of the tiny YAML
 
 
 def _data(
@@ -222,196 +225,199 @@ def _resume_corrupt_header(case_dir: Path, base: Path) -> Dict[str, object]:
     return {"resume_from_checkpoint": True}
 
 
-KTO_DS = "torchtune_prefopt.data.kto_dataset"
+def _tokenizer_paths(case_dir: Path, base: Path) -> Dict[str, object]:
+    missing = case_dir / "Llama-3.2-1B-Instruct" / "original" / "tokenizer.model"
+    return {
+        "tokenizer": {
+            "_component_": "torchtune.models.llama3.llama3_tokenizer",
+            "path": str(missing),
+        }
+    }
 
+
+def _hf_checkpointer(
+    case_dir: Path, files: List[str], key: str = "checkpointer", where: str = "weights"
+) -> Dict[str, object]:
+    return {
+        key: {
+            "_component_": "torchtune.training.FullModelHFCheckpointer",
+            "checkpoint_dir": str(case_dir / where),
+            "checkpoint_files": files,
+            "model_type": "QWEN2",
+            "output_dir": "${output_dir}",
+        }
+    }
+
+
+def _missing_checkpoint_dir(case_dir: Path, base: Path) -> Dict[str, object]:
+    return _hf_checkpointer(case_dir, ["model.safetensors"])
+
+
+def _missing_checkpoint_file(case_dir: Path, base: Path) -> Dict[str, object]:
+    (case_dir / "weights").mkdir()
+    return _hf_checkpointer(case_dir, ["model-00001-of-00002.safetensors"])
+
+
+def _missing_ref_checkpoint(case_dir: Path, base: Path) -> Dict[str, object]:
+    return _hf_checkpointer(
+        case_dir, ["model.safetensors"], key="ref_checkpointer", where="ref_weights"
+    )
+
+
+def _output_dir_is_file(case_dir: Path, base: Path) -> Dict[str, object]:
+    (case_dir / "out").write_text("not a directory")
+    return {}
+
+
+def _output_dir_under_file(case_dir: Path, base: Path) -> Dict[str, object]:
+    (case_dir / "plain_file").write_text("x")
+    return {"output_dir": str(case_dir / "plain_file" / "out")}
+
+
+def _invalid_utf8(case_dir: Path, base: Path) -> Dict[str, object]:
+    lines = [json.dumps(r).encode() for r in _good_rows(8)]
+    lines[2] = lines[2][:20] + b"\xff" + lines[2][20:]  # a Latin-1 byte inside row 2's prompt
+    f = case_dir / "latin1.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    return {
+        "dataset": {
+            "_component_": "torchtune_prefopt.data.preference_dataset",
+            "source": "json",
+            "data_files": str(f),
+        }
+    }
+
+
+def _long_row(case_dir: Path, base: Path) -> Dict[str, object]:
+    rows = _good_rows(8)
+    rows[3]["prompt"] = " ".join(["The quick brown fox jumps over the lazy dog."] * 80)
+    f = _jsonl(case_dir / "long.jsonl", rows)
+    return {
+        "dataset": {
+            "_component_": "torchtune_prefopt.data.preference_dataset",
+            "source": "json",
+            "data_files": str(f),
+        },
+        "tokenizer.max_seq_len": None,
+    }
+
+
+def _lora(**extra) -> Dict[str, object]:
+    return {
+        "model": {
+            "_component_": "torchtune_prefopt.models.tiny.lora_tiny_qwen2",
+            "lora_attn_modules": ["q_proj", "v_proj"],
+            "lora_rank": 4,
+            "lora_alpha": 8,
+            **extra,
+        }
+    }
+
+
+KTO_DS = "torchtune_prefopt.data.kto_dataset"
+YAML_SYNTAX = "output_dir: /tmp/x\nmodel:\n  _component_: [unclosed\n"
+YAML_LIST = "- output_dir: /tmp/x\n- model: m\n"
+WANDB = "torchtune.training.metric_logging.WandBLogger"
+
+# fmt: off
 CASES = [
+    # -- the config file itself
+    Case("yaml_syntax", raw_config=YAML_SYNTAX, expect=["is not valid YAML", "line 3"]),
+    Case("yaml_not_a_mapping", raw_config=YAML_LIST, expect=["the top level must be a mapping", "got a list"]),
+    Case("bad_interpolation", overrides=["output_dir=${nonexistent}/x"], expect=["config key 'output_dir'", "nonexistent"]),
+    Case("bad_override_form", overrides=["batch_size"], expect=["key=value", "batch_size"]),
+    # -- components: import and keyword arguments
+    Case("model_component_import", overrides=["model._component_=torchtune_prefopt.models.tiny.tiny_qwen3"], expect=["model._component_: cannot import 'torchtune_prefopt.models.tiny.tiny_qwen3'"]),
+    Case("model_unknown_kwarg", overrides=["model.lora_rank=4"], expect=["model.lora_rank:", "does not accept 'lora_rank'"]),
+    Case("optimizer_component_import", overrides=["optimizer._component_=torch.optim.AdamWW"], expect=["optimizer._component_: cannot import 'torch.optim.AdamWW'"]),
+    Case("optimizer_unknown_kwarg", overrides=["optimizer.lrr=0.1"], expect=["optimizer.lrr:", "did you mean 'lr'"]),
+    Case("lr_scheduler_unknown_kwarg", overrides=["lr_scheduler.warmup_steps=3"], expect=["lr_scheduler.warmup_steps:", "did you mean 'num_warmup_steps'"]),
+    Case("lr_scheduler_missing_arg", edits={"lr_scheduler": {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"}}, expect=["lr_scheduler:", "needs 'num_warmup_steps'"]),
+    Case("metric_logger_component_import", overrides=["metric_logger._component_=torchtune.training.metric_logging.DiskLoger"], expect=["metric_logger._component_: cannot import"]),
+    Case("metric_logger_not_installed", edits={"metric_logger": {"_component_": WANDB, "project": "p"}}, expect=["metric_logger:", "needs the 'wandb' package", "pip install wandb"]),
+    Case("dataset_component_import", overrides=["dataset._component_=torchtune_prefopt.data.preference_datasett"], expect=["dataset._component_: cannot import"]),
+    Case("dataset_unknown_kwarg", overrides=["dataset.sourc=json"], expect=["train.jsonl", "unexpected keyword argument 'sourc'"]),
+    Case("optimizer_unknown_kwarg_component", overrides=["optimizer._component_=torch.optim.SGD", "optimizer.betas=[0.9,0.99]"], expect=["optimizer.betas:", "torch.optim.SGD does not accept 'betas'"]),
+    # -- values
+    Case("optimizer_lr_zero", overrides=["optimizer.lr=0"], expect=["optimizer.lr must be a finite number > 0, got 0"]),
+    Case("optimizer_lr_negative", overrides=["optimizer.lr=-0.001"], expect=["optimizer.lr must be a finite number > 0"]),
+    Case("optimizer_lr_nan", overrides=["optimizer.lr=.nan"], expect=["optimizer.lr must be a finite number > 0, got nan"]),
+    Case("optimizer_lr_inf", overrides=["optimizer.lr=.inf"], expect=["optimizer.lr must be a finite number > 0, got inf"]),
+    Case("optimizer_lr_string", overrides=["optimizer.lr=fast"], expect=["optimizer.lr must be a finite number > 0, got 'fast'"]),
+    Case("negative_weight_decay", overrides=["optimizer.weight_decay=-0.1"], expect=["optimizer.weight_decay must be a finite number >= 0"]),
+    Case("negative_seed", overrides=["seed=-1"], expect=["seed must be an integer >= 0", "got -1"]),
+    Case("reference_not_a_mapping", overrides=["reference=int8"], expect=["reference must be a mapping", "got 'int8'"]),
+    Case("resume_flag_not_bool", overrides=["resume_from_checkpoint=yes please"], expect=["resume_from_checkpoint must be true or false"]),
+    # -- files and directories
+    Case("tokenizer_file_missing", setup=_tokenizer_paths, expect=["tokenizer.path:", "tokenizer.model does not exist", "tune download"]),
+    Case("checkpoint_dir_missing", setup=_missing_checkpoint_dir, expect=["checkpointer.checkpoint_dir:", "is not a directory", "tune download"]),
+    Case("checkpoint_file_missing", setup=_missing_checkpoint_file, expect=["checkpointer.checkpoint_files:", "model-00001-of-00002.safetensors does not exist"]),
+    Case("ref_checkpoint_dir_missing", setup=_missing_ref_checkpoint, expect=["ref_checkpointer.checkpoint_dir:", "ref_weights is not a directory"]),
+    Case("output_dir_is_a_file", setup=_output_dir_is_file, preexisting_checkpoint=True, expect=["output_dir:", "exists and is not a directory"]),
+    Case("output_dir_under_a_file", setup=_output_dir_under_file, expect=["output_dir:", "cannot be created", "plain_file is not a directory"]),
+    Case("output_dir_not_writable", overrides=["output_dir=/proc/prefopt_cannot_write_here"], expect=["output_dir: /proc/prefopt_cannot_write_here cannot be created"]),
+    # -- LoRA
+    Case("lora_unknown_module", setup=lambda d, b: _lora(lora_attn_modules=["q_proj", "qv_proj"]), expect=["model.lora_attn_modules: unknown module 'qv_proj'"]),
+    Case("lora_rank_zero", setup=lambda d, b: _lora(lora_rank=0), expect=["model.lora_rank must be an integer >= 1, got 0"]),
+    Case("lora_alpha_negative", setup=lambda d, b: _lora(lora_alpha=-8), expect=["model.lora_alpha must be a number > 0, got -8"]),
+    Case("lora_with_ref_checkpointer", setup=lambda d, b: {**_lora(), **_mismatched_ref(d, b)}, warn=["ref_checkpointer is ignored with a LoRA model"]),
+    # -- data against the model
+    Case("row_longer_than_context", setup=_long_row, expect=["dataset: row 3 has", "more than the model's context of 512 tokens", "max_seq_len"]),
+    Case("invalid_utf8", setup=_invalid_utf8, expect=["latin1.jsonl line 3: not valid UTF-8", "byte 0xff"]),
     # -- config keys and hyper-parameters
-    Case(
-        "unknown_loss",
-        overrides=["loss._component_=dpoo"],
-        expect=["loss: unknown loss 'dpoo'", "valid:", "dpo", "kto", "simpo"],
-    ),
+    Case("unknown_loss", overrides=["loss._component_=dpoo"], expect=["loss: unknown loss 'dpoo'", "valid:", "dpo", "kto", "simpo"]),
     Case("beta_zero", overrides=["loss.beta=0"], expect=["loss.beta must be > 0, got 0"]),
-    Case(
-        "label_smoothing_0.5",
-        overrides=["loss.label_smoothing=0.5"],
-        expect=["loss.label_smoothing must be in [0, 0.5), got 0.5"],
-    ),
-    Case(
-        "simpo_gamma_negative",
-        loss="simpo",
-        overrides=["loss.gamma=-1"],
-        expect=["loss.gamma must be >= 0"],
-    ),
+    Case("label_smoothing_0.5", overrides=["loss.label_smoothing=0.5"], expect=["loss.label_smoothing must be in [0, 0.5), got 0.5"]),
+    Case("simpo_gamma_negative", loss="simpo", overrides=["loss.gamma=-1"], expect=["loss.gamma must be >= 0"]),
     Case("ipo_tau_zero", loss="ipo", overrides=["loss.tau=0"], expect=["loss.tau must be > 0"]),
-    Case(
-        "unknown_key_typo",
-        overrides=["batch_sise=4"],
-        expect=["unknown config key 'batch_sise'", "did you mean 'batch_size'"],
-    ),
-    Case(
-        "batch_size_zero",
-        overrides=["batch_size=0"],
-        expect=["batch_size must be an integer >= 1, got 0"],
-    ),
-    Case(
-        "bad_dtype", overrides=["dtype=fp16"], expect=["dtype must be 'fp32' or 'bf16', got 'fp16'"]
-    ),
-    Case(
-        "bad_nonfinite",
-        overrides=["nonfinite=ignore"],
-        expect=["nonfinite must be 'stop' or 'skip', got 'ignore'"],
-    ),
-    Case(
-        "bogus_quantization",
-        overrides=["reference.quantization=int4"],
-        expect=["reference.quantization must be", "got 'int4'"],
-    ),
-    Case(
-        "fp8_dynamic_on_cpu",
-        overrides=["reference.quantization=fp8_dynamic"],
-        expect=["fp8_dynamic needs a CUDA GPU"],
-    ),
-    Case(
-        "cuda_without_cuda",
-        overrides=["device=cuda"],
-        expect=["device is 'cuda' but no CUDA device is available"],
-    ),
+    Case("unknown_key_typo", overrides=["batch_sise=4"], expect=["unknown config key 'batch_sise'", "did you mean 'batch_size'"]),
+    Case("batch_size_zero", overrides=["batch_size=0"], expect=["batch_size must be an integer >= 1, got 0"]),
+    Case("bad_dtype", overrides=["dtype=fp16"], expect=["dtype must be 'fp32' or 'bf16', got 'fp16'"]),
+    Case("bad_nonfinite", overrides=["nonfinite=ignore"], expect=["nonfinite must be 'stop' or 'skip', got 'ignore'"]),
+    Case("bogus_quantization", overrides=["reference.quantization=int4"], expect=["reference.quantization must be", "got 'int4'"]),
+    Case("fp8_dynamic_on_cpu", overrides=["reference.quantization=fp8_dynamic"], expect=["fp8_dynamic needs a CUDA GPU"]),
+    Case("cuda_without_cuda", overrides=["device=cuda"], expect=["device is 'cuda' but no CUDA device is available"]),
     # -- checkpoints
-    Case(
-        "ref_checkpoint_other_shape",
-        setup=_mismatched_ref,
-        expect=["ref32", "has shape (704, 32), the model expects (704, 64)"],
-    ),
+    Case("ref_checkpoint_other_shape", setup=_mismatched_ref, expect=["ref32", "has shape (704, 32), the model expects (704, 64)"]),
     Case("truncated_base_safetensors", setup=_truncated_base, expect=["model.safetensors"]),
     # -- data rows
-    Case(
-        "missing_field",
-        setup=_data(_rows_with(2, rejected=_DROP)),
-        expect=["dataset.jsonl row 2 (line 3): field 'rejected' is missing"],
-    ),
-    Case(
-        "empty_completion",
-        setup=_data(_rows_with(1, chosen="  ")),
-        expect=["dataset.jsonl row 1 (line 2): field 'chosen' is empty"],
-    ),
-    Case(
-        "non_string_completion",
-        setup=_data(_rows_with(3, rejected=5)),
-        expect=[
-            "dataset.jsonl row 3 (line 4): field 'rejected' must be a non-empty string or a list of messages, got int"
-        ],
-    ),
-    Case(
-        "all_rows_too_long",
-        overrides=["tokenizer.max_seq_len=8"],
-        expect=["train.jsonl: all 8 rows are longer than max_seq_len=8 tokens"],
-    ),
-    Case(
-        "kto_one_class",
-        loss="kto",
-        setup=_data(lambda: _kto_rows(8, [True] * 8), KTO_DS),
-        expect=[
-            "dataset.jsonl: KTO needs both desirable and undesirable rows, got 8 desirable and 0 undesirable"
-        ],
-    ),
-    Case(
-        "kto_batch_size_1",
-        loss="kto",
-        overrides=["batch_size=1"],
-        expect=["batch_size: KTOLoss", "needs batch_size >= 2 per rank, got 1"],
-    ),
-    Case(
-        "kto_paired_data",
-        loss="kto",
-        edits={"dataset._component_": "torchtune_prefopt.data.preference_dataset"},
-        expect=["dataset: KTO trains on unpaired rows", "unpaired_from_paired"],
-    ),
-    Case(
-        "eval_dataset_unpaired",
-        setup=_data(lambda: _kto_rows(8), KTO_DS, key="eval_dataset"),
-        expect=["eval_dataset: this loss (or evaluation) needs paired chosen/rejected rows"],
-    ),
+    Case("missing_field", setup=_data(_rows_with(2, rejected=_DROP)), expect=["dataset.jsonl row 2 (line 3): field 'rejected' is missing"]),
+    Case("empty_completion", setup=_data(_rows_with(1, chosen="  ")), expect=["dataset.jsonl row 1 (line 2): field 'chosen' is empty"]),
+    Case("non_string_completion", setup=_data(_rows_with(3, rejected=5)), expect=["dataset.jsonl row 3 (line 4): field 'rejected' must be a non-empty string or a list of messages, got int"]),
+    Case("all_rows_too_long", overrides=["tokenizer.max_seq_len=8"], expect=["train.jsonl: all 8 rows are longer than max_seq_len=8 tokens"]),
+    Case("kto_one_class", loss="kto", setup=_data(lambda: _kto_rows(8, [True] * 8), KTO_DS), expect=["dataset.jsonl: KTO needs both desirable and undesirable rows, got 8 desirable and 0 undesirable"]),
+    Case("kto_batch_size_1", loss="kto", overrides=["batch_size=1"], expect=["batch_size: KTOLoss", "needs batch_size x processes >= 2, got 1 x 1"]),
+    Case("kto_paired_data", loss="kto", edits={"dataset._component_": "torchtune_prefopt.data.preference_dataset"}, expect=["dataset: KTO trains on unpaired rows", "unpaired_from_paired"]),
+    Case("eval_dataset_unpaired", setup=_data(lambda: _kto_rows(8), KTO_DS, key="eval_dataset"), expect=["eval_dataset: this loss (or evaluation) needs paired chosen/rejected rows"]),
     # -- resume
-    Case(
-        "resume_other_global_batch",
-        setup=_resume_other_batch,
-        preexisting_checkpoint=True,
-        expect=[
-            "resume: the checkpoint was trained with a global micro-batch of 8",
-            "this run has 4",
-        ],
-    ),
-    Case(
-        "resume_truncated_checkpoint",
-        setup=_resume_truncated,
-        preexisting_checkpoint=True,
-        expect=["step_000002/model.safetensors is truncated or damaged", "manifest says"],
-    ),
-    Case(
-        "resume_corrupt_header",
-        setup=_resume_corrupt_header,
-        preexisting_checkpoint=True,
-        expect=["step_000002/model.safetensors is damaged"],
-    ),
-    Case(
-        "resume_pickled_object",
-        setup=_resume_pickle,
-        preexisting_checkpoint=True,
-        expect=[
-            "step_000002/recipe_state.pt cannot be loaded",
-            "refuses to unpickle (GLOBAL posix.mkdir)",
-            "do not load it with weights_only=False",
-        ],
-    ),
+    Case("resume_other_global_batch", setup=_resume_other_batch, preexisting_checkpoint=True, expect=["resume: the checkpoint was trained with a global micro-batch of 8", "this run has 4"]),
+    Case("resume_truncated_checkpoint", setup=_resume_truncated, preexisting_checkpoint=True, expect=["step_000002/model.safetensors is truncated or damaged", "manifest says"]),
+    Case("resume_corrupt_header", setup=_resume_corrupt_header, preexisting_checkpoint=True, expect=["step_000002/model.safetensors is damaged"]),
+    Case("resume_pickled_object", setup=_resume_pickle, preexisting_checkpoint=True, expect=["step_000002/recipe_state.pt cannot be loaded", "refuses to unpickle (GLOBAL posix.mkdir)", "do not load it with weights_only=False"]),
     # -- warnings, not errors: the run trains
-    Case(
-        "chosen_equals_rejected",
-        setup=_data(_rows_with(5, rejected=_good_rows(8)[5]["chosen"])),
-        warn=[
-            "dropped 1 row(s) whose chosen and rejected completions are identical",
-            "'dropped_identical': 1",
-        ],
-    ),
-    Case(
-        "simpo_with_ref_checkpointer",
-        loss="simpo",
-        setup=_simpo_with_ref,
-        warn=[
-            "SimPOLoss is reference-free: ref_checkpointer/reference.* are ignored and no reference model is loaded"
-        ],
-    ),
+    Case("chosen_equals_rejected", setup=_data(_rows_with(5, rejected=_good_rows(8)[5]["chosen"])), warn=["dropped 1 row(s) whose chosen and rejected completions are identical", "'dropped_identical': 1"]),
+    Case("simpo_with_ref_checkpointer", loss="simpo", setup=_simpo_with_ref, warn=["SimPOLoss is reference-free: ref_checkpointer ignored and no reference model is loaded"]),
+    Case("simpo_with_precompute", loss="simpo", overrides=["reference.precompute=true"], warn=["SimPOLoss is reference-free: reference.precompute ignored"]),
 ]
+# fmt: on
 
 
 # ----------------------------------------------------------------------------- running
-@dataclass
-class Result:
-    case_dir: Path
-    returncode: int
-    stdout: str
-    stderr: str
-    before: List[str]  # files under out/ before the run
-
-
 def _snapshot(out: Path) -> List[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.is_dir() else []
 
 
-def _prepare(case: Case, case_dir: Path, base: Path) -> List[str]:
+def _prepare(case: Case, case_dir: Path, base: Path) -> Path:
     case_dir.mkdir(parents=True)
     shutil.copytree(base, case_dir / "base")
+    if case.raw_config is not None:
+        path = case_dir / "config.yaml"
+        path.write_text(case.raw_config)
+        return path
     edits = dict(case.edits)
     if case.setup is not None:
         edits.update(case.setup(case_dir, base))
-    cfg = _write_config(case_dir, case.loss, edits)
-    return ["run", "prefopt_distributed", "--config", str(cfg), *case.overrides]
-
-
-def _launch(cmd: List[str], case_dir: Path) -> Result:
-    before = _snapshot(case_dir / "out")
-    proc = tune(cmd, case_dir)
-    return Result(case_dir, proc.returncode, proc.stdout, proc.stderr, before)
+    return _write_config(case_dir, case.loss, edits)
 
 
 @pytest.fixture(scope="module")
@@ -421,70 +427,82 @@ def base_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_base") / "base")
 
 
-@pytest.fixture(scope="module")
-def results(request, tmp_path_factory, base_checkpoint) -> Dict[str, Result]:
-    """Run every *selected* case of test_bad_input (JOBS at a time); id -> Result."""
-    selected = {
-        item.callspec.params["case"].id
-        for item in request.session.items
-        if getattr(item, "originalname", None) == "test_bad_input" and hasattr(item, "callspec")
-    }
-    root = tmp_path_factory.mktemp("bad_input")
-    jobs = {}
-    for case in CASES:
-        if case.id in selected:
-            case_dir = root / case.id
-            jobs[case.id] = (_prepare(case, case_dir, base_checkpoint), case_dir)
-    with ThreadPoolExecutor(max_workers=JOBS) as pool:
-        futures = {cid: pool.submit(_launch, cmd, d) for cid, (cmd, d) in jobs.items()}
-        done = {cid: f.result() for cid, f in futures.items()}
-    dump = os.environ.get("PREFOPT_TEST_DUMP_ERRORS")  # regenerate docs/troubleshooting.md's table
-    if dump:
-        lines = {
-            cid: [
-                x
-                for x in (r.stdout + r.stderr).splitlines()
-                if x.startswith("error: ") or "WARNING" in x or "Warning:" in x
-            ]
-            for cid, r in done.items()
-        }
-        Path(dump).write_text(json.dumps(lines, indent=1))
-    return done
-
-
-def _describe(r: Result) -> str:
-    return f"exit {r.returncode}\n--- stderr (tail) ---\n{r.stderr[-4000:]}\n--- stdout (tail) ---\n{r.stdout[-1500:]}"
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, results: Dict[str, Result]):
-    r = results[case.id]
-    out = r.case_dir / "out"
-    output = r.stdout + r.stderr
-    assert "Traceback" not in output, _describe(r)
+def test_user_mistake(case: Case, tmp_path: Path, base_checkpoint: Path, capfd, caplog, recwarn):
+    case_dir = tmp_path / case.id
+    config = _prepare(case, case_dir, base_checkpoint)
+    out = case_dir / "out"
+    before, existed = _snapshot(out), out.exists()
+    try:
+        run_in_process(load_config(["--config", str(config), *case.overrides]))
+        error = None
+    except (PrefOptUserError, ValueError) as err:  # ValueError: torchtune's override parsing
+        error = str(err)
+    # what a user would see: printed text, log records, Python warnings
+    output = "".join(capfd.readouterr()) + caplog.text + "".join(str(w.message) for w in recwarn)
     if case.warn is not None:
-        assert r.returncode == 0, _describe(r)
+        assert error is None, error
         for text in case.warn:
-            assert text in output, f"{text!r} not in the output\n{_describe(r)}"
+            assert text in output, f"{text!r} not in the output:\n{output[-3000:]}"
         return
-
-    assert r.returncode == 2, _describe(r)
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, _describe(r)
+    assert error is not None, f"no error raised\n{output[-3000:]}"
+    assert "\n" not in error, error
     for text in case.expect:
-        assert text in errors[0], f"{text!r} not in {errors[0]!r}"
-    # Nothing written: no logs, no config dump, no new checkpoint (or .tmp- leftover).
-    assert not (out / "logs").exists(), _snapshot(out)
-    assert not (out / "torchtune_config.yaml").exists(), _snapshot(out)
+        assert text in error, f"{text!r} not in {error!r}"
+    # nothing written, not even an empty output_dir
     if case.preexisting_checkpoint:
-        assert _snapshot(out) == r.before, (r.before, _snapshot(out))
+        assert _snapshot(out) == before and out.exists() == existed
     else:
-        assert not (out / "checkpoints").exists(), _snapshot(out)
+        assert not out.exists(), _snapshot(out)
+    if case.id == "resume_pickled_object":  # weights_only=True: __reduce__ (os.mkdir) never ran
+        assert not (case_dir / "PWNED").exists()
 
 
-def test_pickled_recipe_state_is_not_executed(results: Dict[str, Result]):
-    """weights_only=True: the object's __reduce__ (os.mkdir) never ran."""
-    if "resume_pickled_object" not in results:
-        pytest.skip("test_bad_input[resume_pickled_object] not selected")
-    r = results["resume_pickled_object"]
-    assert not (r.case_dir / "PWNED").exists()
+# ----------------------------------------------------------------------------- the real CLI
+#: (case, nproc): the one-line error, exit 2 and no traceback through `tune run`, also under
+#: torchrun, whose agent would otherwise print its own traceback and exit 1
+CLI_CASES = [
+    ("unknown_loss", 1), ("missing_field", 1), ("yaml_syntax", 1), ("resume_truncated_checkpoint", 1),
+    ("simpo_with_ref_checkpointer", 1), ("unknown_key_typo", 2), ("missing_field", 2),
+]  # fmt: skip
+_BY_ID = {c.id: c for c in CASES}
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory, base_checkpoint):
+    root = tmp_path_factory.mktemp("cli")
+
+    def launch(case_id: str, nproc: int):
+        case = _BY_ID[case_id]
+        case_dir = root / f"{case_id}-{nproc}p"
+        config = _prepare(case, case_dir, base_checkpoint)
+        launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+        before = _snapshot(case_dir / "out")
+        cmd = ["run", *launcher, "prefopt_distributed", "--config", config, *case.overrides]
+        return tune(cmd, case_dir), case_dir, before
+
+    with ThreadPoolExecutor(max_workers=JOBS) as pool:
+        futures = {key: pool.submit(launch, *key) for key in CLI_CASES}
+        return {key: f.result() for key, f in futures.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", CLI_CASES, ids=[f"{c}-{n}p" for c, n in CLI_CASES])
+def test_cli_exit_code_and_one_line(key, cli_results):
+    proc, case_dir, before = cli_results[key]
+    case = _BY_ID[key[0]]
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text[-4000:]
+    if case.warn is not None:
+        assert proc.returncode == 0, text[-4000:]
+        assert all(w in text for w in case.warn)
+        return
+    assert proc.returncode == 2, text[-4000:]
+    errors = [ln for ln in proc.stderr.splitlines() if re.match(r"^(\S+: )?error: ", ln)]
+    assert len(errors) == 1, proc.stderr  # rank 0 only, nothing from torchrun's agent
+    assert all(t in errors[0] for t in case.expect), (errors[0], case.expect)
+    assert "ChildFailedError" not in text and "exitcode" not in text
+    if not case.preexisting_checkpoint:
+        assert not (case_dir / "out").exists()
+    else:
+        assert _snapshot(case_dir / "out") == before

@@ -566,3 +566,30 @@ def test_other_torchtune_tokenizer_class(tmp_path):
     prompt = chatml_prompt(tok2, ("user", "What is an owl?"))
     assert item["chosen_input_ids"] == prompt + completion(tok2, "An owl is a bird.")
     assert item["chosen_labels"] == [IGNORE] * len(prompt) + completion(tok2, "An owl is a bird.")
+
+
+def test_kto_kl_rows_are_truncated_like_the_dataset(tmp_path):
+    """The recipe truncates KTO's KL rows with the dataset's own max_seq_len (here 32), not the
+    tokenizer's (64): a KL row is never longer than the rows the dataset itself kept, although
+    a prompt with another row's completion would be."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from torchtune_prefopt.models.tiny import make_tiny_hf_checkpoint
+    from tune_harness import recipe_in_process, tiny_config
+
+    make_tiny_hf_checkpoint(tmp_path / "base")
+    cfg = OmegaConf.load(
+        tiny_config(tmp_path, "kto", rows=8, batch_size=16, **{"dataset.max_seq_len": 32})
+    )
+    with recipe_in_process(cfg) as recipe:
+        assert recipe._tokenizer.max_seq_len == 64 and recipe._dataset.max_seq_len == 32
+        ds = recipe._dataset
+        prompts = [len(ds[i]["prompt_ids"]) for i in range(len(ds))]
+        completions = [len(ds[i]["completion_ids"]) for i in range(len(ds))]
+        assert max(prompts) + max(completions) > 32  # an untruncated KL row could be longer
+        recipe._sampler.set_epoch(0)
+        batch = next(iter(recipe._dataloader))
+        assert batch.input_ids.shape[1] <= 32 and batch.kl_input_ids.shape[1] <= 32
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)

@@ -108,6 +108,14 @@ def test_full_checkpoint_loads_in_transformers_and_metric_names(shared):
     final = (out / "final").resolve()
     assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
     _hf_check(final, probe, logits)
+    # HF tools get the tokenizer the model was trained with: ChatML's end of turn is the EOS
+    from transformers import AutoTokenizer
+
+    from torchtune_prefopt.models.tiny import tiny_special_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(final))
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", tiny_special_tokens()["<|im_end|>"])
+    assert tok.pad_token == "<|endoftext|>" and tok.bos_token is None
     # the DiskLogger file holds exactly the names the recipe logged
     logged = parse_disk_log(log_file)
     assert set(logged) == names
@@ -122,7 +130,9 @@ def test_full_checkpoint_loads_in_transformers_and_metric_names(shared):
     ] == [0, 2]
 
 
-def test_lora_merged_checkpoint_loads_in_transformers(shared):
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_lora_merged_checkpoint_loads_in_transformers(shared, variant):
+    """LoRA and DoRA (``use_dora``: the magnitudes start at the base weights' row norms)."""
     lora = [
         "model._component_=torchtune_prefopt.models.tiny.lora_tiny_qwen2",
         "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]",
@@ -130,8 +140,11 @@ def test_lora_merged_checkpoint_loads_in_transformers(shared):
         "model.lora_rank=8",
         "model.lora_alpha=16",
         "optimizer.lr=0.01",
+        *(["model.use_dora=true"] if variant == "dora" else []),
     ]
-    out, names, log_file, probe, logits = train_in_process(shared, "lora_dpo", "tiny/dpo", lora)
+    out, names, log_file, probe, logits = train_in_process(
+        shared, f"{variant}_dpo", "tiny/dpo", lora
+    )
     final = (out / "final").resolve()
     # merged weights in the model files; the adapter alone next to them
     assert (final / "adapter_model.safetensors").is_file() or (final / "adapter_model.pt").is_file()

@@ -203,6 +203,8 @@ def test_skip_mode_skips_the_step_and_continues(workdir: Path):
     metrics = _metrics(out)
     assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
     assert [s for s, m in metrics.items() if m.get("skipped_step") == 1.0] == [2, 4]
+    # a step whose only micro-batch was skipped logs no loss (not a made-up 0.0)
+    assert "loss" not in metrics[2] and "loss" in metrics[4]
     w = {s: _weights(out, s) for s in range(1, 7)}
     assert _same(w[2], w[1]) and _same(w[4], w[3]), "a skipped step changed the weights"
     assert not _same(w[3], w[2]) and not _same(w[5], w[4]), (

@@ -416,8 +416,10 @@ def assert_checkpoints(result: RunResult, lora: bool) -> None:
         d = root / name
         manifest = json.loads((d / "CHECKPOINT.json").read_text())
         assert manifest["step"] == int(name.split("_")[1])
-        for rel, size in manifest["files"].items():
-            assert (d / rel).stat().st_size == size, f"{d / rel}: size differs from the manifest"
+        for rel, entry in manifest["files"].items():
+            assert (d / rel).stat().st_size == entry["size"], (
+                f"{d / rel}: size differs from the manifest"
+            )
         files = set(manifest["files"])
         assert "recipe_state.pt" in files, files
         has_model = any(f.endswith(".safetensors") and not f.startswith("adapter") for f in files)

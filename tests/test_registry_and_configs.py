@@ -151,6 +151,10 @@ def test_registry_entries_in_process():
     assert Path(configs["tiny/dpo"]).samefile(PACKAGED_DPO)
     # the loader wrapper does not show
     assert type(registry.__loader__).__name__ != "_PatchingLoader"
+    # the finder leaves once both of its modules fired (the launcher: `tune run`'s Run class)
+    import torchtune._cli.run as launcher
+
+    assert getattr(launcher.Run._run_distributed, "_torchtune_prefopt_registered", False)
     assert not any(getattr(f, "_torchtune_prefopt_finder", False) for f in sys.meta_path)
 
 
@@ -402,3 +406,31 @@ def test_load_config_rejects_what_torchtune_rejects():
         load_config(["--config", "tiny/dpo", "batch_size"])
     with pytest.raises(ConfigNotFoundError):
         load_config(["--config", "no/such_config"])
+
+
+def test_swapping_a_component_starts_from_its_own_defaults():
+    """`KEY=NAME` for a component: the new component gets its own defaults plus what the
+    command line sets; the old component's arguments are not carried over."""
+    from torchtune_prefopt.losses import build_loss
+
+    cfg = load_config(["--config", "tiny/dpo", "loss=simpo"])
+    assert dict(cfg.loss) == {"_component_": "simpo"}
+    simpo = build_loss(cfg.loss)
+    assert (simpo.beta, simpo.gamma) == (2.0, 1.0)  # SimPO's defaults, not DPO's beta=0.1
+    cfg = load_config(["--config", "tiny/dpo", "loss=ipo", "loss.tau=0.05"])
+    assert dict(cfg.loss) == {"_component_": "ipo", "tau": 0.05}
+    # the same component under another name keeps its arguments
+    for same in ("dpo", "torchtune_prefopt.losses.DPOLoss"):
+        cfg = load_config(["--config", "tiny/dpo", f"loss={same}", "loss.label_smoothing=0.1"])
+        assert (cfg.loss.beta, cfg.loss.label_smoothing) == (0.1, 0.1)
+    # `KEY._component_=...` keeps torchtune's semantics (arguments stay), as documented there
+    cfg = load_config(
+        ["--config", "tiny/dpo", "loss._component_=torchtune_prefopt.losses.RobustDPOLoss"]
+    )
+    assert cfg.loss.beta == 0.1
+    # any component, e.g. the optimizer: AdamW's arguments do not leak into SGD
+    cfg = load_config(["--config", "tiny/dpo", "optimizer=torch.optim.SGD", "optimizer.lr=0.01"])
+    assert dict(cfg.optimizer) == {"_component_": "torch.optim.SGD", "lr": 0.01}
+    # null still disables an optional component
+    cfg = load_config(["--config", "tiny/dpo", "eval_dataset=null"])
+    assert cfg.eval_dataset.get("_component_") is None

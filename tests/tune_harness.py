@@ -400,33 +400,23 @@ def load_recipe_module(name: str = "prefopt_distributed"):
 
 
 @contextlib.contextmanager
-def recipe_in_process(cfg, setup: bool = True) -> Iterator[object]:
-    """A ``PrefOptRecipe`` built (and set up) in this process; cleaned up afterwards.
-
-    A one-process recipe initialises a process group, sets RANK/LOCAL_RANK/WORLD_SIZE and
-    installs a SIGTERM handler: all put back when the block ends.
-    """
+def _recipe_process_state() -> Iterator[None]:
+    """What a one-process recipe changes in this process, put back afterwards: RANK /
+    LOCAL_RANK / WORLD_SIZE (set by its process group) and the SIGTERM handler."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         import pytest
 
         pytest.skip("a process group is already initialised in this pytest process")
-    module = load_recipe_module()
     old_handler = signal.getsignal(signal.SIGTERM)
     old_env = {k: os.environ.get(k) for k in DIST_ENV}
     for k in DIST_ENV:  # a leftover RANK would take the torchrun path
         os.environ.pop(k, None)
-    recipe = None
     try:
-        recipe = module.PrefOptRecipe(cfg)
-        if setup:
-            recipe.setup()
-        yield recipe
+        yield
     finally:
-        if recipe is not None:
-            recipe.cleanup()
-        elif dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
         signal.signal(signal.SIGTERM, old_handler)
         for k, v in old_env.items():
@@ -434,3 +424,30 @@ def recipe_in_process(cfg, setup: bool = True) -> Iterator[object]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def run_in_process(cfg) -> None:
+    """The recipe's ``run(cfg)`` (what ``tune run`` runs after parsing) in this process: a
+    user error raises :class:`~torchtune_prefopt.errors.PrefOptUserError` with the message
+    ``tune run`` would print after ``error:``."""
+    module = load_recipe_module()
+    with _recipe_process_state():
+        module.run(cfg)
+
+
+@contextlib.contextmanager
+def recipe_in_process(cfg, setup: bool = True) -> Iterator[object]:
+    """A ``PrefOptRecipe`` built (and set up) in this process; cleaned up afterwards.
+
+    A one-process recipe initialises a process group, sets RANK/LOCAL_RANK/WORLD_SIZE and
+    installs a SIGTERM handler: all put back when the block ends.
+    """
+    module = load_recipe_module()
+    with _recipe_process_state():
+        recipe = module.PrefOptRecipe(cfg)
+        try:
+            if setup:
+                recipe.setup()
+            yield recipe
+        finally:
+            recipe.cleanup()
