@@ -262,33 +262,34 @@ def part_recipe(a, dtype: str) -> Dict[str, Any]:
 
 
 def part_nccl_2proc(a) -> Dict[str, Any]:
+    """2 processes (torchrun, NCCL on GPUs) against ``recipe_fp32``'s 1-process run: the same
+    config, global batch and data order, so the same losses per step."""
     import torch
 
     if not a.dry_run and torch.cuda.device_count() < 2:
         return {"skipped": f"needs 2 GPUs, this machine has {torch.cuda.device_count()}"}
+    one = _read_json(a.work / "recipe_fp32.json")
+    if not one or one.get("status") != "ok":
+        return {"skipped": "needs recipe_fp32's losses to compare with"}
     import torchtune_prefopt
+    from torchtune_prefopt.compare.metrics import parse_disk_log
 
-    # torchrun on the installed recipe file: what `tune run --nproc_per_node N` launches (a
+    # torchrun on the installed recipe file: what `tune run --nproc_per_node 2` launches (a
     # wheel installed with --target has no .pth, so `tune` would not know the recipe's name)
     recipe = Path(torchtune_prefopt.__file__).parent / "recipes" / "prefopt_distributed.py"
-    steps = 3
-    losses = {}
-    for nproc, bs in ((1, 8), (2, 4)):
-        name = f"nccl_{nproc}p"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-               str(recipe), "--config", "tiny/dpo",
-               *_tiny_overrides(a.work, name, a.dry_run, steps, [f"batch_size={bs}"])]  # fmt: skip
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run(cmd, cwd=a.work, env=env, capture_output=True, text=True, timeout=170)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} exited {proc.returncode}: {proc.stderr[-2000:]}")
-        from torchtune_prefopt.compare.metrics import parse_disk_log
-
-        (log,) = sorted((a.work / name / "logs").glob("*.txt"))
-        losses[nproc] = [v for _, v in parse_disk_log(log)["loss"]]
-    worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(losses[1], losses[2]))
-    return {"backend": "gloo (dry run)" if a.dry_run else "nccl", "losses_1p": losses[1], "losses_2p": losses[2],
-            "max_rel_diff": worst, "ok": worst < 1e-4}  # fmt: skip
+    losses_1p = [m["loss"] for m in one["result"]["metrics"]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(recipe), "--config", "tiny/dpo",
+           *_tiny_overrides(a.work, "nccl_2p", a.dry_run, len(losses_1p), ["dtype=fp32", "batch_size=4"])]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=a.work, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=170)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"2 processes exited {proc.returncode}: {proc.stderr[-2000:]}")
+    (log,) = sorted((a.work / "nccl_2p" / "logs").glob("*.txt"))
+    losses_2p = [v for _, v in parse_disk_log(log)["loss"]]
+    worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(losses_1p, losses_2p))
+    return {"backend": "gloo (dry run)" if a.dry_run else "nccl", "losses_1p": losses_1p, "losses_2p": losses_2p,
+            "max_rel_diff": worst, "ok": worst < 1e-4 and len(losses_2p) == len(losses_1p)}  # fmt: skip
 
 
 def part_quant_ref(a) -> Dict[str, Any]:

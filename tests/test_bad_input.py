@@ -355,7 +355,7 @@ CASES = [
     Case("ref_checkpoint_dir_missing", setup=_missing_ref_checkpoint, expect=["ref_checkpointer.checkpoint_dir:", "ref_weights is not a directory"]),
     Case("output_dir_is_a_file", setup=_output_dir_is_file, preexisting_checkpoint=True, expect=["output_dir:", "exists and is not a directory"]),
     Case("output_dir_under_a_file", setup=_output_dir_under_file, expect=["output_dir:", "cannot be created", "plain_file is not a directory"]),
-    Case("output_dir_not_writable", overrides=["output_dir=/proc/prefopt_cannot_write_here"], expect=["output_dir: /proc/prefopt_cannot_write_here cannot be created"]),
+    Case("output_dir_not_writable", overrides=["output_dir=/proc/prefopt_cannot_write_here"], expect=["output_dir: /proc/prefopt_cannot_write_here cannot be created in /proc ("]),
     # -- LoRA
     Case("lora_unknown_module", setup=lambda d, b: _lora(lora_attn_modules=["q_proj", "qv_proj"]), expect=["model.lora_attn_modules: unknown module 'qv_proj'"]),
     Case("lora_rank_zero", setup=lambda d, b: _lora(lora_rank=0), expect=["model.lora_rank must be an integer >= 1, got 0"]),
@@ -440,6 +440,20 @@ def test_user_mistake(case: Case, tmp_path: Path, base_checkpoint: Path, capfd, 
         error = str(err)
     # what a user would see: printed text, log records, Python warnings
     output = "".join(capfd.readouterr()) + caplog.text + "".join(str(w.message) for w in recwarn)
+    dump = os.environ.get("PREFOPT_TEST_DUMP_ERRORS")  # regenerate the README's table
+    if dump:
+        with open(dump, "a") as fh:
+            fh.write(
+                json.dumps(
+                    {
+                        "id": case.id,
+                        "error": error,
+                        "warn": case.warn
+                        and [ln for ln in output.splitlines() if any(w in ln for w in case.warn)],
+                    }
+                )
+                + "\n"
+            )
     if case.warn is not None:
         assert error is None, error
         for text in case.warn:

@@ -121,8 +121,8 @@ def check_interpolations(cfg: Any) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        msg = getattr(err, "msg", None) or str(err)
-        raise PrefOptUserError(f"config key '{key}': {' '.join(str(msg).split())}") from None
+        msg = str(err).strip().splitlines()[0]  # OmegaConf appends "full_key: ..." lines
+        raise PrefOptUserError(f"config key '{key}': {msg}") from None
 
 
 def _number(value: Any) -> Optional[float]:
@@ -257,7 +257,5 @@ def check_output_dir(path: Any) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        what = (
-            "is not writable" if p.exists() else f"cannot be created ({ancestor} is not writable)"
-        )
-        raise PrefOptUserError(f"output_dir: {p} {what}: {err.strerror}") from None
+        what = "is not writable" if p.exists() else f"cannot be created in {ancestor}"
+        raise PrefOptUserError(f"output_dir: {p} {what} ({err.strerror})") from None
