@@ -16,8 +16,12 @@ Features:
     - Full fine-tuning (frozen, sharded reference loaded from ``ref_checkpointer``, default
       the policy's own checkpoint) or LoRA (``lora_*`` model builders: the reference is the
       same weights with the adapters disabled, no second copy).
-    - Chosen and rejected go through the policy in one concatenated forward (the layout is
-      :class:`~torchtune_prefopt.data.PairedBatch`'s); completion log-probs come from
+    - Chosen and rejected go through the policy in one forward: padded rows
+      (:class:`~torchtune_prefopt.data.PairedBatch`), or with ``packed: true`` the micro-batch's
+      sequences side by side without padding, and with ``share_prompt: true`` each prompt
+      computed once for both completions (:class:`~torchtune_prefopt.data.PackedBatch`; KTO:
+      a row and its KL row share the prompt). Same examples per step, same numbers up to fp32
+      rounding. Completion log-probs come from
       :func:`~torchtune_prefopt.modules.decoder_sequence_logprobs`, which never builds the
       ``[batch, seq, vocab]`` logits and always uses an fp32 log-softmax.
     - The reference log-probs come from one :class:`~torchtune_prefopt.reference.ReferenceSource`
@@ -58,6 +62,7 @@ from tqdm import tqdm
 
 from torchtune_prefopt._config import parse
 from torchtune_prefopt.data import (
+    PackingLayout,
     PairedBatch,
     PositionIndexed,
     PreferenceCollator,
@@ -117,6 +122,8 @@ KNOWN_KEYS = {
     "device",
     "dtype",
     "compile",
+    "packed",
+    "share_prompt",
     "enable_activation_checkpointing",
     "fsdp_cpu_offload",
     "fsdp_reshard_after_forward",
@@ -174,9 +181,21 @@ def validate_config(cfg: DictConfig, local: bool = True) -> None:
     seed = cfg.get("seed", 0)
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise PrefOptUserError(f"seed must be an integer >= 0 (or null: random), got {seed!r}")
-    for flag in ("resume_from_checkpoint", "overwrite_output_dir", "shuffle", "compile"):
+    for flag in (
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "shuffle",
+        "compile",
+        "packed",
+        "share_prompt",
+    ):
         if not isinstance(cfg.get(flag, False), bool):
             raise PrefOptUserError(f"{flag} must be true or false, got {cfg.get(flag)!r}")
+    if cfg.get("share_prompt", False) and not cfg.get("packed", False):
+        raise PrefOptUserError(
+            "share_prompt: true needs packed: true (a shared prompt is a packed layout); "
+            "set packed=true or share_prompt=false"
+        )
     if cfg.get("nonfinite", "stop") not in ("stop", "skip"):
         raise PrefOptUserError(f"nonfinite must be 'stop' or 'skip', got {cfg.get('nonfinite')!r}")
     if cfg.get("dtype", "fp32") not in ("fp32", "bf16"):
@@ -266,8 +285,9 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 
 def _pairs(x) -> Tuple[Any, Any]:
-    """``(chosen, rejected)`` halves of a :class:`PairedBatch`-layout value (``None`` stays None)."""
-    return (None, None) if x is None else (PairedBatch.chosen(x), PairedBatch.rejected(x))
+    """The two halves of a ``[2B]`` batch-layout value: ``(chosen, rejected)``, or KTO's
+    ``(rows, KL rows)`` (``None`` stays None)."""
+    return (None, None) if x is None else (PairedBatch.first(x), PairedBatch.second(x))
 
 
 class PrefOptRecipe:
@@ -442,6 +462,7 @@ class PrefOptRecipe:
             max_seq_len=getattr(self._dataset, "max_seq_len", self._tokenizer.max_seq_len),
             rank=self.rank,
             rows_per_rank=self.batch_size,
+            packing=self._packing(),
         )
         self._dataloader = self._loader(self._dataset, self._sampler)
         micro_per_epoch = len(self._sampler)
@@ -467,6 +488,7 @@ class PrefOptRecipe:
             eval_collate = PreferenceCollator(
                 paired=True, pad_id=self._collate.pad_id, rank=self.rank,
                 rows_per_rank=self.batch_size, world_size=self.world_size,
+                packing=self._collate.packing,
             )  # fmt: skip
             self._eval_dataloader = self._loader(self._eval_dataset, eval_order, eval_collate.share)
         if recipe_state is not None:
@@ -510,6 +532,17 @@ class PrefOptRecipe:
             self._metric_logger.log_config(cfg)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         dist.barrier()
+
+    def _packing(self) -> Optional[PackingLayout]:
+        """``packed``/``share_prompt``: rows as long as the model's context; lengths rounded to
+        a multiple of 128 under ``compile`` (a bounded number of shapes), else of 8."""
+        if not self.cfg.get("packed", False):
+            return None
+        return PackingLayout(
+            share_prompt=bool(self.cfg.get("share_prompt", False)),
+            capacity=int(self._model.max_seq_len),
+            multiple_of=128 if self.cfg.get("compile", False) else 8,
+        )
 
     def _build_dataset(self, cfg_ds: Any, key: str):
         try:
@@ -944,16 +977,17 @@ class PrefOptRecipe:
 
     def _kto_step(self, batch: UnpairedBatch):
         """Loss of ``B`` unpaired rows (with their KL rows), and the metric sums."""
-        pol = batch.logps(self._model, self._chunk_size)
-        with torch.no_grad():
-            pol_kl = self._loss_form(batch.kl_logps(self._model, self._chunk_size))
-        ref, ref_kl = (
-            self._loss_form(self._reference.logps(batch)),
-            self._loss_form(self._reference.kl_logps(batch)),
-        )
+        # [2B]: the rows, then their KL rows (KTO's reference point is not trained through)
+        pol_rows, pol_kl = _pairs(batch.logps(self._model, self._chunk_size))
+        ref_rows, ref_kl = _pairs(self._loss_form(self._reference.logps(batch)))
         losses, rewards, kl = self._loss_fn(
-            self._loss_form(pol), ref, batch.is_desirable, pol_kl, ref_kl
+            self._loss_form(pol_rows),
+            ref_rows,
+            batch.is_desirable,
+            self._loss_form(pol_kl).detach(),
+            ref_kl,
         )
+        pol = pol_rows
         d = batch.is_desirable.float()
         stats = {
             "kl": (

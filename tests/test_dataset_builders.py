@@ -10,7 +10,6 @@ ChatML) and a real torchtune Llama-3 tokenizer over a 256-token byte-level tikto
 
 from __future__ import annotations
 
-import base64
 import json
 import warnings
 
@@ -42,11 +41,9 @@ def qwen():
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory):
     """torchtune's Llama-3 tokenizer (real template and special tokens) over byte-level BPE."""
-    from torchtune.models.llama3 import llama3_tokenizer  # needs tiktoken, a torchtune dependency
+    from tune_harness import byte_llama3_tokenizer
 
-    path = tmp_path_factory.mktemp("llama3") / "bytes.tiktoken"
-    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-    return llama3_tokenizer(str(path))
+    return byte_llama3_tokenizer(tmp_path_factory.mktemp("llama3"))
 
 
 def write_jsonl(path, rows):

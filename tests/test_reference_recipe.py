@@ -35,11 +35,11 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List
 
 import pytest
 
-from tune_harness import VOLATILE, RunPool, RunSpec, uses_runs, wanted_runs
+from tune_harness import VOLATILE, RunPool, RunSpec, assert_steps_match, uses_runs, wanted_runs
 
 pytestmark = pytest.mark.slow
 
@@ -217,32 +217,6 @@ def runs(request, tmp_path_factory):
 
 # --------------------------------------------------------------------------------------
 # helpers
-
-
-def assert_steps_match(
-    a: Dict[int, Dict[str, float]],
-    b: Dict[int, Dict[str, float]],
-    what: str,
-    rel: float,
-    abs_: float,
-    steps: Optional[Sequence[int]] = None,
-    skip: Sequence[str] = (),
-) -> float:
-    """Every non-volatile metric of ``b`` equals ``a``'s at each step; returns the largest
-    absolute difference seen."""
-    steps = sorted(b) if steps is None else list(steps)
-    worst = 0.0
-    for step in steps:
-        assert step in a and step in b, f"{what}: step {step} missing ({sorted(a)} / {sorted(b)})"
-        keys = set(a[step]) - VOLATILE - set(skip)
-        assert keys <= set(b[step]), f"{what}: step {step}: {sorted(keys - set(b[step]))} missing"
-        for key in sorted(keys):
-            x, y = a[step][key], b[step][key]
-            worst = max(worst, abs(x - y))
-            assert y == pytest.approx(x, rel=rel, abs=abs_), (
-                f"{what}: step {step} {key}: {y} vs {x}"
-            )
-    return worst
 
 
 _QUANT = re.compile(

@@ -107,6 +107,18 @@ def synthetic_rows(n: int, split: str = "train") -> List[dict]:
     return [json.loads(x) for x in lines]
 
 
+def byte_llama3_tokenizer(workdir: Path, max_seq_len: Optional[int] = None):
+    """torchtune's real Llama-3 tokenizer (chat template, BOS, header and eot/eos special
+    tokens) over a 256-token byte-level tiktoken file written to ``workdir``: no download."""
+    import base64
+
+    from torchtune.models.llama3 import llama3_tokenizer  # tiktoken: a torchtune dependency
+
+    path = Path(workdir) / "bytes.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+    return llama3_tokenizer(str(path), max_seq_len=max_seq_len)
+
+
 def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -187,6 +199,34 @@ def step_metrics(out_dir: Path) -> Tuple[Dict[int, Dict[str, float]], Dict[int, 
         assert step not in target, f"step {step} logged twice in {logs[0]}"
         target[step] = metrics
     return train, evals
+
+
+def assert_steps_match(
+    a: Dict[int, Dict[str, float]],
+    b: Dict[int, Dict[str, float]],
+    what: str,
+    rel: float,
+    abs_: float,
+    steps: Optional[Sequence[int]] = None,
+    skip: Sequence[str] = (),
+) -> float:
+    """Every non-volatile metric of ``b`` equals ``a``'s at each step; returns the largest
+    absolute difference seen."""
+    import pytest
+
+    steps = sorted(b) if steps is None else list(steps)
+    worst = 0.0
+    for step in steps:
+        assert step in a and step in b, f"{what}: step {step} missing ({sorted(a)} / {sorted(b)})"
+        keys = set(a[step]) - VOLATILE - set(skip)
+        assert keys <= set(b[step]), f"{what}: step {step}: {sorted(keys - set(b[step]))} missing"
+        for key in sorted(keys):
+            x, y = a[step][key], b[step][key]
+            worst = max(worst, abs(x - y))
+            assert y == pytest.approx(x, rel=rel, abs=abs_), (
+                f"{what}: step {step} {key}: {y} vs {x}"
+            )
+    return worst
 
 
 # ----------------------------------------------------------------------------- run pool

@@ -10,9 +10,12 @@ from torchtune_prefopt.data._batch import (
     PreferenceCollator,
     UnpairedBatch,
     is_paired_row,
+    join_logps,
     kl_partner,
     kto_collate,
+    kto_sequences,
     paired_collate,
+    paired_sequences,
 )
 from torchtune_prefopt.data._builders import (
     hh_rlhf_dataset,
@@ -24,6 +27,7 @@ from torchtune_prefopt.data._builders import (
     ultrafeedback_binarized_dataset,
 )
 from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
+from torchtune_prefopt.data._packed import PackedBatch, PackingLayout, pack_sequences
 from torchtune_prefopt.data._paired import PreferenceDataset
 from torchtune_prefopt.data._position import PositionIndexed
 from torchtune_prefopt.data._synthetic import (
@@ -46,6 +50,8 @@ __all__ = [
     "DataRowError",
     "KTODataset",
     "KTO_RATIO_RANGE",
+    "PackedBatch",
+    "PackingLayout",
     "PairedBatch",
     "PositionIndexed",
     "PreferenceBatch",
@@ -57,9 +63,13 @@ __all__ = [
     "is_paired_row",
     "kl_partner",
     "kto_balance_warning",
+    "join_logps",
     "kto_collate",
+    "kto_sequences",
+    "pack_sequences",
     "kto_dataset",
     "paired_collate",
+    "paired_sequences",
     "parse_hh_transcript",
     "preference_dataset",
     "stack_exchange_paired_dataset",

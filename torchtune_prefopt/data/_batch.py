@@ -25,12 +25,27 @@ rank's part as a batch object.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 import torch
 from torch import Tensor
 
 from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX, truncate_keep_completion
+
+if TYPE_CHECKING:  # the packed layout builds on this module
+    from torchtune_prefopt.data._packed import PackedBatch
 
 __all__ = [
     "PairedBatch",
@@ -83,6 +98,59 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> Tensor:
     return out
 
 
+#: one sequence: ``(token ids, unshifted labels)``, labels ``-100`` on the prompt
+TokenSequence = Tuple[List[int], List[int]]
+
+
+def paired_sequences(
+    batch: Sequence[Mapping[str, Any]],
+) -> Tuple[List[TokenSequence], List[TokenSequence]]:
+    """The chosen and the rejected sequences of paired rows, in batch order."""
+    chosen = [(list(b["chosen_input_ids"]), list(b["chosen_labels"])) for b in batch]
+    rejected = [(list(b["rejected_input_ids"]), list(b["rejected_labels"])) for b in batch]
+    return chosen, rejected
+
+
+def kto_sequences(
+    batch: Sequence[Mapping[str, Any]],
+    max_seq_len: Optional[int] = None,
+    ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
+) -> Tuple[List[TokenSequence], List[TokenSequence]]:
+    """KTO's rows and mismatched KL rows of a *global* micro-batch of ``n`` unpaired rows.
+
+    Row ``i`` is ``prompt_i + completion_i`` (labels -100 on the prompt); KL row ``i`` is
+    ``prompt_i + completion_{kl_partner(i, n)}``, truncated to ``max_seq_len`` like the dataset
+    does (prompt tokens dropped from the left first, then the completion end).
+
+    Raises:
+        ValueError: if ``n < 2`` (the KL estimate pairs each prompt with another row's
+            completion).
+    """
+    if len(batch) < 2:
+        raise ValueError(
+            f"KTO needs per-rank batch_size >= 2 (the KL term pairs each prompt with another "
+            f"row's completion), got a batch of {len(batch)}; raise batch_size or use "
+            "drop_last=True"
+        )
+    n = len(batch)
+    rows, kl_rows = [], []
+    for i, item in enumerate(batch):
+        prompt = list(item["prompt_ids"])
+        for completion, out in (
+            (item["completion_ids"], rows),
+            (batch[kl_partner(i, n)]["completion_ids"], kl_rows),
+        ):
+            p, (c,), _, _ = truncate_keep_completion(prompt, [list(completion)], max_seq_len)
+            out.append((p + c, [ignore_idx] * len(p) + c))
+    return rows, kl_rows
+
+
+def _padded(
+    seqs: Sequence[TokenSequence], padding_idx: int, ignore_idx: int
+) -> Tuple[Tensor, Tensor]:
+    return _pad([t for t, _ in seqs], padding_idx), _pad([lab for _, lab in seqs], ignore_idx)
+
+
 def paired_collate(
     batch: List[Mapping[str, Any]],
     padding_idx: int = 0,
@@ -95,11 +163,11 @@ def paired_collate(
     """
     if not batch:
         raise ValueError("paired_collate got an empty batch")
-    inputs = [b["chosen_input_ids"] for b in batch] + [b["rejected_input_ids"] for b in batch]
-    labels = [b["chosen_labels"] for b in batch] + [b["rejected_labels"] for b in batch]
+    chosen, rejected = paired_sequences(batch)
+    input_ids, labels = _padded(chosen + rejected, padding_idx, ignore_idx)
     return {
-        "input_ids": _pad(inputs, padding_idx),
-        "labels": _pad(labels, ignore_idx),
+        "input_ids": input_ids,
+        "labels": labels,
         "index": torch.tensor([int(b["index"]) for b in batch], dtype=torch.long),
     }
 
@@ -110,42 +178,21 @@ def kto_collate(
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
     max_seq_len: Optional[int] = None,
 ) -> Dict[str, Tensor]:
-    """Right-pad a batch of unpaired KTO items and build the mismatched KL rows.
-
-    Row ``i`` is ``prompt_i + completion_i`` (labels -100 on the prompt). KL row ``i`` is
-    ``prompt_i + completion_{kl_partner(i, B)}``, truncated to ``max_seq_len`` like the dataset
-    does (prompt tokens dropped from the left first, then the completion end).
+    """Right-pad a batch of unpaired KTO items and their mismatched KL rows
+    (:func:`kto_sequences`).
 
     Returns ``{"input_ids", "labels": [B, S], "is_desirable": [B] bool, "kl_input_ids",
     "kl_labels": [B, S'], "index": [B]}``.
-
-    Raises:
-        ValueError: if ``B < 2`` (the KL estimate pairs each prompt with another row's
-            completion).
     """
-    if len(batch) < 2:
-        raise ValueError(
-            f"KTO needs per-rank batch_size >= 2 (the KL term pairs each prompt with another "
-            f"row's completion), got a batch of {len(batch)}; raise batch_size or use "
-            "drop_last=True"
-        )
-    n = len(batch)
-    inputs, labels, kl_inputs, kl_labels = [], [], [], []
-    for i, item in enumerate(batch):
-        prompt = list(item["prompt_ids"])
-        for completion, ids_out, labels_out in (
-            (item["completion_ids"], inputs, labels),
-            (batch[kl_partner(i, n)]["completion_ids"], kl_inputs, kl_labels),
-        ):
-            p, (c,), _, _ = truncate_keep_completion(prompt, [list(completion)], max_seq_len)
-            ids_out.append(p + c)
-            labels_out.append([ignore_idx] * len(p) + c)
+    rows, kl_rows = kto_sequences(batch, max_seq_len, ignore_idx)
+    input_ids, labels = _padded(rows, padding_idx, ignore_idx)
+    kl_input_ids, kl_labels = _padded(kl_rows, padding_idx, ignore_idx)
     return {
-        "input_ids": _pad(inputs, padding_idx),
-        "labels": _pad(labels, ignore_idx),
+        "input_ids": input_ids,
+        "labels": labels,
         "is_desirable": torch.tensor([bool(b["label"]) for b in batch], dtype=torch.bool),
-        "kl_input_ids": _pad(kl_inputs, padding_idx),
-        "kl_labels": _pad(kl_labels, ignore_idx),
+        "kl_input_ids": kl_input_ids,
+        "kl_labels": kl_labels,
         "index": torch.tensor([int(b["index"]) for b in batch], dtype=torch.long),
     }
 
@@ -159,13 +206,30 @@ def _logps(model, input_ids: Tensor, labels: Tensor, chunk_size: int):
     return decoder_sequence_logprobs(model, input_ids, labels, chunk_size=chunk_size)
 
 
+def join_logps(first, second):
+    """``[B] + [B] -> [2B]`` for a tensor or a :class:`SequenceLogProbs` (the inverse of
+    :meth:`PairedBatch.chosen` / :meth:`PairedBatch.rejected`)."""
+    if isinstance(first, Tensor):
+        return torch.cat([first, second])
+    return type(first)(
+        sum=torch.cat([first.sum, second.sum]),
+        mean=torch.cat([first.mean, second.mean]),
+        num_tokens=torch.cat([first.num_tokens, second.num_tokens]),
+    )
+
+
 def _label_counts(labels: Tensor) -> Tensor:
     """Scored tokens per row of *unshifted* labels (token ``t+1`` is predicted at ``t``)."""
     return (labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum(dim=1)
 
 
 class _Batch:
-    """Tensor-field helpers shared by both layouts."""
+    """Tensor-field helpers and the ``[2B]`` split shared by every layout.
+
+    Every batch scores ``2B`` sequences and :meth:`logps` returns them in one ``[2B]`` layout:
+    the *first* sequences (paired: chosen; KTO: the rows) then the *second* ones (paired:
+    rejected; KTO: the KL rows), in batch order.
+    """
 
     def to(self: T, device: Union[str, torch.device]) -> T:
         return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -174,6 +238,23 @@ class _Batch:
         """Rows ``lo..hi-1`` of every field (used to take one rank's part of an unpaired
         global micro-batch; paired batches are sliced before collating)."""
         return type(self)(**{f.name: getattr(self, f.name)[lo:hi] for f in fields(self)})
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    @staticmethod
+    def first(x: T) -> T:
+        """The first half of anything in the ``[2B]`` layout (chosen / KTO rows)."""
+        return x[: len(x) // 2]
+
+    @staticmethod
+    def second(x: T) -> T:
+        """The second half of anything in the ``[2B]`` layout (rejected / KTO's KL rows)."""
+        return x[len(x) // 2 :]
+
+    chosen = first
+    rejected = second
+    join = staticmethod(join_logps)
 
 
 @dataclass
@@ -200,24 +281,6 @@ class PairedBatch(_Batch):
         ignore_index: int = CROSS_ENTROPY_IGNORE_IDX,
     ) -> "PairedBatch":
         return cls(**paired_collate(items, padding_idx=pad_id, ignore_idx=ignore_index))
-
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
-
-    @staticmethod
-    def chosen(x: T) -> T:
-        """The chosen half of anything in this layout (``[2B]`` -> ``[B]``)."""
-        return x[: len(x) // 2]
-
-    @staticmethod
-    def rejected(x: T) -> T:
-        """The rejected half of anything in this layout (``[2B]`` -> ``[B]``)."""
-        return x[len(x) // 2 :]
-
-    @staticmethod
-    def join(chosen: Tensor, rejected: Tensor) -> Tensor:
-        """The inverse of :meth:`chosen` / :meth:`rejected`: ``[B] + [B] -> [2B]``."""
-        return torch.cat([chosen, rejected])
 
     def logps(self, model, chunk_size: int = 1024):
         """Per-sequence log-probs of the ``2B`` completions (:class:`SequenceLogProbs`, this
@@ -264,44 +327,46 @@ class UnpairedBatch(_Batch):
         ignore_index: int = CROSS_ENTROPY_IGNORE_IDX,
         max_seq_len: Optional[int] = None,
     ) -> "UnpairedBatch":
-        n = len(items)
         out = kto_collate(
             items, padding_idx=pad_id, ignore_idx=ignore_index, max_seq_len=max_seq_len
         )
-        partners = [int(items[kl_partner(k, n)]["index"]) for k in range(n)]
-        return cls(**out, kl_completion_index=torch.tensor(partners, dtype=torch.long))
+        return cls(**out, kl_completion_index=kl_completion_index(items))
 
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
-
-    def logps(self, model, chunk_size: int = 1024):
-        """``[B]`` per-sequence log-probs of the rows' completions."""
-        return _logps(model, self.input_ids, self.labels, chunk_size)
-
-    def kl_logps(self, model, chunk_size: int = 1024):
-        """``[B]`` per-sequence log-probs of the KL rows' (borrowed) completions."""
-        return _logps(model, self.kl_input_ids, self.kl_labels, chunk_size)
+    def logps(self, model, chunk_size: int = 1024, with_kl: bool = True):
+        """``[2B]`` per-sequence log-probs: the rows' completions, then the KL rows' borrowed
+        completions (scored under ``torch.no_grad``: KTO's reference point is not trained
+        through). ``with_kl=False``: the ``[B]`` rows only."""
+        rows = _logps(model, self.input_ids, self.labels, chunk_size)
+        if not with_kl:
+            return rows
+        with torch.no_grad():
+            kl = _logps(model, self.kl_input_ids, self.kl_labels, chunk_size)
+        return join_logps(rows, kl)
 
     def label_counts(self) -> Tensor:
-        return _label_counts(self.labels)
-
-    def kl_label_counts(self) -> Tensor:
-        return _label_counts(self.kl_labels)
+        """``[2B]`` scored tokens per sequence (rows, then KL rows)."""
+        return torch.cat([_label_counts(self.labels), _label_counts(self.kl_labels)])
 
     def computed_tokens(self) -> int:
         return int(self.input_ids.numel() + self.kl_input_ids.numel())
 
 
-PreferenceBatch = Union[PairedBatch, UnpairedBatch]
+def kl_completion_index(items: Sequence[Mapping[str, Any]]) -> Tensor:
+    """``[n]`` dataset position of the completion each KL row of a global micro-batch borrows."""
+    n = len(items)
+    return torch.tensor([int(items[kl_partner(k, n)]["index"]) for k in range(n)], dtype=torch.long)
+
+
+PreferenceBatch = Union[PairedBatch, UnpairedBatch, "PackedBatch"]
 
 
 @dataclass
 class PreferenceCollator:
     """``collate_fn`` over a *global* micro-batch: returns this rank's part as a batch.
 
-    Paired: the rank's ``rows_per_rank`` pairs are cut out first, then collated. Unpaired
-    (KTO): the whole global micro-batch is collated (KL partners are taken over the global
-    micro-batch, so 1 and N processes build the same KL rows), then the rank's rows are kept.
+    Paired: the rank's ``rows_per_rank`` pairs are cut out first, then laid out. Unpaired
+    (KTO): the KL partners are taken over the whole global micro-batch (so 1 and N processes
+    build the same KL rows), then the rank's rows are kept.
 
     Args:
         paired: the row kind (see :func:`is_paired_row`).
@@ -310,6 +375,9 @@ class PreferenceCollator:
         rank, rows_per_rank: this rank's slice ``[rank * rows_per_rank, (rank + 1) *
             rows_per_rank)`` of the global micro-batch; ``rows_per_rank=None``: all of it.
         world_size: the number of ranks (:meth:`share` splits a batch evenly over them).
+        packing: ``None``: the padded layout (:class:`PairedBatch`, :class:`UnpairedBatch`);
+            a :class:`~torchtune_prefopt.data.PackingLayout`: packed rows
+            (:class:`~torchtune_prefopt.data.PackedBatch`).
     """
 
     paired: bool
@@ -318,18 +386,34 @@ class PreferenceCollator:
     rank: int = 0
     rows_per_rank: Optional[int] = None
     world_size: int = 1
+    packing: Optional[Any] = None
 
     def _span(self, n: int) -> tuple:
         if self.rows_per_rank is None:
             return 0, n
         return self.rank * self.rows_per_rank, (self.rank + 1) * self.rows_per_rank
 
+    def _paired(self, items: List[Mapping[str, Any]]) -> PreferenceBatch:
+        if self.packing is None:
+            return PairedBatch.collate(items, pad_id=self.pad_id)
+        from torchtune_prefopt.data._packed import PackedBatch
+
+        return PackedBatch.pack_pairs(items, self.packing, pad_id=self.pad_id)
+
     def __call__(self, items: List[Mapping[str, Any]]) -> PreferenceBatch:
         lo, hi = self._span(len(items))
         if self.paired:
-            return PairedBatch.collate(list(items[lo:hi]), pad_id=self.pad_id)
-        full = UnpairedBatch.collate(list(items), pad_id=self.pad_id, max_seq_len=self.max_seq_len)
-        return full if (lo, hi) == (0, len(items)) else full.rows(lo, hi)
+            return self._paired(list(items[lo:hi]))
+        if self.packing is None:
+            full = UnpairedBatch.collate(
+                list(items), pad_id=self.pad_id, max_seq_len=self.max_seq_len
+            )
+            return full if (lo, hi) == (0, len(items)) else full.rows(lo, hi)
+        from torchtune_prefopt.data._packed import PackedBatch
+
+        return PackedBatch.pack_unpaired(
+            list(items), lo, hi, self.packing, pad_id=self.pad_id, max_seq_len=self.max_seq_len
+        )
 
     def share(self, items: List[Mapping[str, Any]]) -> Tuple[PreferenceBatch, int]:
         """Paired evaluation over a global batch that may be the last, partial one: rank ``k``
@@ -342,4 +426,4 @@ class PreferenceCollator:
         n, w = len(items), self.world_size
         mine = list(items[self.rank * n // w : (self.rank + 1) * n // w])
         real = len(mine)
-        return PairedBatch.collate(mine or list(items[:1]), pad_id=self.pad_id), real
+        return self._paired(mine or list(items[:1])), real

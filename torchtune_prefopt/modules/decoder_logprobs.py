@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from torchtune_prefopt.modules.sequence_logprobs import (
     SequenceLogProbs,
-    check_label_rows,
-    sequence_logprobs,
+    TokenSelection,
+    selected_logprobs,
 )
 
 __all__ = ["decoder_sequence_logprobs", "enable_sequence_logprobs"]
@@ -35,12 +35,11 @@ _PREVIOUS = "_prefopt_seq_logprobs_previous_unembed"
 
 
 class _Request:
-    __slots__ = ("labels", "chunk_size", "ignore_index", "served")
+    __slots__ = ("selection", "chunk_size", "served")
 
-    def __init__(self, labels: Tensor, chunk_size: int, ignore_index: int) -> None:
-        self.labels = labels
+    def __init__(self, selection: TokenSelection, chunk_size: int) -> None:
+        self.selection = selection
         self.chunk_size = chunk_size
-        self.ignore_index = ignore_index
         self.served = False
 
 
@@ -66,13 +65,7 @@ def _unembed(self: nn.Module, h: Tensor) -> Tensor:
         return previous(h) if previous is not None else type(self).unembed(self, h)
     request.served = True
     h = self.norm(h)
-    out = sequence_logprobs(
-        h,
-        self.output,
-        request.labels,
-        chunk_size=request.chunk_size,
-        ignore_index=request.ignore_index,
-    )
+    out = selected_logprobs(h, self.output, request.selection, chunk_size=request.chunk_size)
     return out.sum
 
 
@@ -101,8 +94,9 @@ def enable_sequence_logprobs(model: nn.Module) -> nn.Module:
 def decoder_sequence_logprobs(
     model: nn.Module,
     tokens: Tensor,
-    labels: Tensor,
+    labels: Optional[Tensor] = None,
     *,
+    selection: Optional[TokenSelection] = None,
     chunk_size: int = 1024,
     mask: Optional[Any] = None,
     input_pos: Optional[Tensor] = None,
@@ -117,23 +111,28 @@ def decoder_sequence_logprobs(
         model: torchtune ``TransformerDecoder`` (plain, LoRA, tied/untied output, FSDP2-sharded,
             activation-checkpointed, per-layer compiled). :func:`enable_sequence_logprobs` is
             applied to it on first use.
-        tokens: ``[B, S]`` input ids.
-        labels: ``[B, S]`` *unshifted* labels, ``-100`` on prompt and padding.
+        tokens: ``[B, S]`` input ids (padded rows, or packed rows).
+        labels: ``[B, S]`` *unshifted* labels, ``-100`` on prompt and padding (padded rows).
+        selection: instead of ``labels``: which positions score which tokens for which
+            sequence (:class:`~torchtune_prefopt.modules.TokenSelection`; packed rows).
         chunk_size: label tokens projected at once.
         mask, input_pos: forwarded to the model (packed sequences, custom masks).
 
     Raises:
         ValueError: bad shapes, or a row without label tokens (raised before the forward).
     """
-    ignore_index = -100
-    if tokens.dim() != 2 or labels.shape != tokens.shape:
+    if (labels is None) == (selection is None):
+        raise ValueError("decoder_sequence_logprobs takes exactly one of labels and selection")
+    if tokens.dim() != 2 or (labels is not None and labels.shape != tokens.shape):
+        shape = None if labels is None else tuple(labels.shape)
         raise ValueError(
-            f"tokens {tuple(tokens.shape)} and labels {tuple(labels.shape)} must both be [batch, seq]"
+            f"tokens {tuple(tokens.shape)} and labels {shape} must both be [batch, seq]"
         )
-    num_tokens = check_label_rows(labels, ignore_index)  # fail before running the model
+    if selection is None:
+        selection = TokenSelection.from_labels(labels)  # fails before running the model
     enable_sequence_logprobs(model)
 
-    request = _Request(labels, chunk_size, ignore_index)
+    request = _Request(selection, chunk_size)
     if model.__dict__.get(_REQUEST) is not None:
         raise RuntimeError("decoder_sequence_logprobs is already running on this model")
     model.__dict__[_REQUEST] = request
@@ -149,5 +148,6 @@ def decoder_sequence_logprobs(
     if isinstance(out, (list, tuple)):  # output_hidden_states: [*hidden, output]
         out = out[-1]
     total = out
+    num_tokens = selection.num_tokens
     mean = total / num_tokens.to(total.dtype)
     return SequenceLogProbs(sum=total, mean=mean, num_tokens=num_tokens)

@@ -45,7 +45,13 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SequenceLogProbs", "sequence_logprobs", "check_label_rows"]
+__all__ = [
+    "SequenceLogProbs",
+    "TokenSelection",
+    "check_label_rows",
+    "selected_logprobs",
+    "sequence_logprobs",
+]
 
 OutputProj = Union[Callable[[Tensor], Tensor], Tensor]
 
@@ -269,6 +275,61 @@ def _chunk_logprobs(proj: Callable[[Tensor], Tensor], h: Tensor, target: Tensor)
     return _TargetLogProb.apply(logits, target)
 
 
+@dataclass
+class TokenSelection:
+    """Which hidden states score which tokens, for which sequence: the one description of
+    "what to score" shared by the padded and the packed layouts.
+
+    Attributes:
+        positions: ``[N]`` int64 flat positions into ``hidden.reshape(-1, D)`` (row-major over
+            ``[R, L]``): the hidden state that predicts each scored token.
+        targets: ``[N]`` int64 token ids scored there.
+        slots: ``[N]`` int64 sequence (slot) each scored token belongs to, ``0..num_slots-1``.
+        num_tokens: ``[num_slots]`` int64 scored tokens per slot (all >= 1).
+
+    A position may appear more than once (a shared prompt position predicts the first
+    token of both completions). Tokens of one slot are listed in sequence order, slots in
+    increasing order, so per-slot sums add in the same order in every layout.
+    """
+
+    positions: Tensor
+    targets: Tensor
+    slots: Tensor
+    num_tokens: Tensor
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.num_tokens.shape[0])
+
+    def to(self, device) -> "TokenSelection":
+        return TokenSelection(
+            self.positions.to(device),
+            self.targets.to(device),
+            self.slots.to(device),
+            self.num_tokens.to(device),
+        )
+
+    @classmethod
+    def from_labels(cls, labels: Tensor, ignore_index: int = -100) -> "TokenSelection":
+        """The selection of right-padded *unshifted* ``labels`` ``[B, S]``: position ``t`` of row
+        ``b`` scores ``labels[b, t + 1]`` for every label that is not ``ignore_index``.
+
+        Raises:
+            ValueError: as :func:`check_label_rows`, or on negative labels.
+        """
+        num_tokens = check_label_rows(labels, ignore_index)
+        seq = labels.shape[1]
+        targets = labels[:, 1:]
+        keep = targets != ignore_index  # [B, S-1]
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: slot by slot, in sequence order
+        t_sel = targets[keep].long()
+        if bool((t_sel < 0).any()):
+            raise ValueError(
+                f"labels contain negative values other than ignore_index={ignore_index}"
+            )
+        return cls(positions=rows * seq + cols, targets=t_sel, slots=rows, num_tokens=num_tokens)
+
+
 def sequence_logprobs(
     hidden: Tensor,
     output_proj: OutputProj,
@@ -307,22 +368,29 @@ def sequence_logprobs(
         raise ValueError(
             f"labels {tuple(labels.shape)} must match hidden's [batch, seq] {tuple(hidden.shape[:2])}"
         )
+    selection = TokenSelection.from_labels(labels, ignore_index)
+    return selected_logprobs(hidden, output_proj, selection, chunk_size=chunk_size)
+
+
+def selected_logprobs(
+    hidden: Tensor,
+    output_proj: OutputProj,
+    selection: TokenSelection,
+    *,
+    chunk_size: int = 1024,
+) -> SequenceLogProbs:
+    """Per-slot log-probs of the tokens ``selection`` names (see :class:`TokenSelection`).
+
+    ``hidden`` is ``[R, L, D]`` (padded rows or packed rows); only the ``N`` selected positions
+    are projected onto the vocabulary. Returns ``[num_slots]`` sums/means (fp32, fp64 for fp64
+    inputs) and token counts.
+    """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     linear = _plain_linear(output_proj)
     proj = None if linear is not None else _as_callable(output_proj)
-
-    num_tokens = check_label_rows(labels, ignore_index)
-    batch = hidden.shape[0]
-
-    # shift: hidden[:, t] predicts labels[:, t + 1]
-    targets = labels[:, 1:]
-    keep = targets != ignore_index  # [B, S-1]
-    rows = keep.nonzero()[:, 0]  # [N] row of each selected token (row-major order)
-    h_sel = hidden[:, :-1][keep]  # [N, D]  only labelled positions are ever projected
-    t_sel = targets[keep].long()  # [N]
-    if bool((t_sel < 0).any()):
-        raise ValueError(f"labels contain negative values other than ignore_index={ignore_index}")
+    h_sel = hidden.reshape(-1, hidden.shape[-1])[selection.positions]  # [N, D]
+    t_sel = selection.targets
 
     if linear is not None:
         weight, bias = linear
@@ -334,7 +402,8 @@ def sequence_logprobs(
     else:
         per_token = _generic_per_token(proj, h_sel, t_sel, chunk_size)
 
-    total = per_token.new_zeros(batch).index_add(0, rows, per_token)
+    num_tokens = selection.num_tokens
+    total = per_token.new_zeros(selection.num_slots).index_add(0, selection.slots, per_token)
     mean = total / num_tokens.to(total.dtype)
     return SequenceLogProbs(sum=total, mean=mean, num_tokens=num_tokens)
 

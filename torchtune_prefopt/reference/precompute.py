@@ -232,7 +232,7 @@ def precompute_reference_logps(
                 items.append(it)
             pad_one = len(items) == 1  # kto_collate needs >= 2 rows; the duplicate is dropped
             batch = collate_fn(items + items if pad_one else items).to(device)
-            lp = batch.logps(model, chunk_size)[: len(items)]
+            lp = batch.logps(model, chunk_size, with_kl=False)[: len(items)]
             cols = [lp.sum, lp.mean, lp.num_tokens]
             vals = torch.stack([c.detach().to("cpu", torch.float64) for c in cols], dim=1)
         if real:

@@ -2,11 +2,10 @@
 
 The recipe picks a :class:`ReferenceSource` at set-up and then only calls
 
-* :meth:`ReferenceSource.logps` ``(batch)``: the reference log-probs of a batch's sequences,
-  in the batch's own layout (``[2B]`` chosen-then-rejected for a
-  :class:`~torchtune_prefopt.data.PairedBatch`, ``[B]`` rows for an
-  :class:`~torchtune_prefopt.data.UnpairedBatch`), or ``None`` for a reference-free loss;
-* :meth:`ReferenceSource.kl_logps` ``(batch)``: KTO's mismatched KL rows of an unpaired batch.
+* :meth:`ReferenceSource.logps` ``(batch)``: the reference log-probs of a batch's ``2B``
+  sequences in the batch layout every batch shares (padded or packed): chosen then rejected
+  for pairs, KTO's rows then their mismatched KL rows for unpaired data; or ``None`` for a
+  reference-free loss.
 
 Strategies:
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from torchtune.modules.peft import disable_adapter
 
-from torchtune_prefopt.data import PreferenceBatch, UnpairedBatch
+from torchtune_prefopt.data import PreferenceBatch, join_logps
 from torchtune_prefopt.modules import SequenceLogProbs
 from torchtune_prefopt.reference.precompute import CachedReferenceLogps, precompute_reference_logps
 from torchtune_prefopt.reference.store import ReferenceLogpsCache, load_or_compute
@@ -50,9 +49,6 @@ class ReferenceSource:
     def logps(self, batch: PreferenceBatch) -> Optional[SequenceLogProbs]:
         raise NotImplementedError
 
-    def kl_logps(self, batch: UnpairedBatch) -> SequenceLogProbs:
-        raise NotImplementedError
-
     def describe(self) -> str:
         """One line for the log: what the reference is."""
         raise NotImplementedError
@@ -66,9 +62,6 @@ class NoReference(ReferenceSource):
 
     def logps(self, batch: PreferenceBatch) -> None:
         return None
-
-    def kl_logps(self, batch: UnpairedBatch) -> SequenceLogProbs:
-        raise TypeError(f"{self.loss_name} is reference-free: it has no KL rows to score")
 
     def describe(self) -> str:
         return f"none ({self.loss_name} is reference-free)"
@@ -87,10 +80,6 @@ class _ModelReference(ReferenceSource):
     def logps(self, batch: PreferenceBatch) -> SequenceLogProbs:
         with torch.no_grad(), self.using_model() as model:
             return batch.logps(model, self.chunk_size)
-
-    def kl_logps(self, batch: UnpairedBatch) -> SequenceLogProbs:
-        with torch.no_grad(), self.using_model() as model:
-            return batch.kl_logps(model, self.chunk_size)
 
 
 class FrozenModel(_ModelReference):
@@ -181,11 +170,13 @@ class CachedLogps(ReferenceSource):
 
     def logps(self, batch: PreferenceBatch) -> SequenceLogProbs:
         counts = batch.label_counts()
-        return self._checked(self.cache.logps(batch.index, device=counts.device), counts)
-
-    def kl_logps(self, batch: UnpairedBatch) -> SequenceLogProbs:
-        counts = batch.kl_label_counts()
-        lp = self.cache.kl(batch.index, batch.kl_completion_index, device=counts.device)
+        if self.cache.paired:
+            lp = self.cache.pairs(batch.index, device=counts.device)
+        else:
+            lp = join_logps(
+                self.cache.rows(batch.index, device=counts.device),
+                self.cache.kl(batch.index, batch.kl_completion_index, device=counts.device),
+            )
         return self._checked(lp, counts)
 
     def describe(self) -> str:
