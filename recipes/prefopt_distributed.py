@@ -1124,7 +1124,7 @@ class PrefOptRecipe:
                     for name, (total, per) in stats.items():
                         self._metrics.add(name, total, per)
                     self._metrics.count(**counts)
-                self._metrics.count(tokens=batch.computed_tokens())
+                self._metrics.count(tokens=batch.real_tokens())
                 micro += 1
                 if micro % self.accum != 0:
                     continue

@@ -177,6 +177,11 @@ def test_packed_rows_are_the_padded_rows(tokenizer, share, request, tmp_path):
     assert torch.equal(packed.index, padded.index)
     if share:
         assert packed.computed_tokens() < padded.computed_tokens()
+    assert (
+        packed.real_tokens()
+        == padded.real_tokens()
+        == sum(len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in items)
+    )
 
     rows = _kto_rows(tok, tmp_path)
     for lo, hi in ((0, len(rows)), (2, 6)):  # whole global micro-batch, and one rank's part
@@ -190,6 +195,7 @@ def test_packed_rows_are_the_padded_rows(tokenizer, share, request, tmp_path):
         assert torch.equal(packed.is_desirable, ref.is_desirable)
         assert torch.equal(packed.kl_completion_index, ref.kl_completion_index)
         assert torch.equal(packed.label_counts(), ref.label_counts())
+        assert packed.real_tokens() == ref.real_tokens()
 
 
 def _pad_to(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:

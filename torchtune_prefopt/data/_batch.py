@@ -218,6 +218,13 @@ def join_logps(first, second):
     )
 
 
+def _sequence_lengths(labels: Tensor) -> Tensor:
+    """Tokens per row of right-padded *unshifted* labels: every sequence ends with a scored
+    completion token, so its length is one past its last label."""
+    idx = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    return (idx * (labels != CROSS_ENTROPY_IGNORE_IDX)).amax(dim=1) + 1
+
+
 def _label_counts(labels: Tensor) -> Tensor:
     """Scored tokens per row of *unshifted* labels (token ``t+1`` is predicted at ``t``)."""
     return (labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum(dim=1)
@@ -295,6 +302,10 @@ class PairedBatch(_Batch):
         """Positions the model runs over (padding included)."""
         return int(self.input_ids.numel())
 
+    def real_tokens(self) -> int:
+        """Tokens of the ``2B`` sequences (no padding; the same in every layout)."""
+        return int(_sequence_lengths(self.labels).sum())
+
 
 @dataclass
 class UnpairedBatch(_Batch):
@@ -349,6 +360,10 @@ class UnpairedBatch(_Batch):
 
     def computed_tokens(self) -> int:
         return int(self.input_ids.numel() + self.kl_input_ids.numel())
+
+    def real_tokens(self) -> int:
+        """Tokens of the ``B`` rows and ``B`` KL rows (no padding)."""
+        return int(_sequence_lengths(self.labels).sum() + _sequence_lengths(self.kl_labels).sum())
 
 
 def kl_completion_index(items: Sequence[Mapping[str, Any]]) -> Tensor:

@@ -227,6 +227,9 @@ def pack_sequences(
             [torch.full((len(s),), k, dtype=torch.long) for k, s in enumerate(per_slot)]
         ),
         "num_tokens": torch.tensor([len(s) for s in per_slot], dtype=torch.long),
+        "sequence_tokens": torch.tensor(
+            [len(seq[0]) for seq in (*first, *second)], dtype=torch.long
+        ),
     }
 
 
@@ -241,6 +244,7 @@ class PackedBatch(_Batch):
         positions, targets, slots: ``[N]`` the scored tokens
             (:class:`~torchtune_prefopt.modules.TokenSelection`).
         num_tokens: ``[2B]`` scored tokens per sequence (first sequences, then second).
+        sequence_tokens: ``[2B]`` tokens per sequence (what the padded layout holds unpadded).
         index: ``[B]`` dataset positions of the pairs / rows.
         is_desirable: ``[B]`` bool (KTO; empty for pairs).
         kl_completion_index: ``[B]`` (KTO; empty for pairs) dataset position whose completion
@@ -256,6 +260,7 @@ class PackedBatch(_Batch):
     targets: Tensor
     slots: Tensor
     num_tokens: Tensor
+    sequence_tokens: Tensor
     index: Tensor
     is_desirable: Tensor
     kl_completion_index: Tensor
@@ -332,3 +337,8 @@ class PackedBatch(_Batch):
     def computed_tokens(self) -> int:
         """Positions the model runs over (row padding included)."""
         return int(self.input_ids.numel())
+
+    def real_tokens(self) -> int:
+        """Tokens of the ``2B`` sequences (a shared prompt counted for both: the same number
+        in every layout)."""
+        return int(self.sequence_tokens.sum())
