@@ -21,6 +21,7 @@ the same step clock.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -189,3 +190,88 @@ class StepClockLogger:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+#: Length distributions of the packing benchmark (tokens): ``(prompt, completion)`` samplers.
+#: ``fixed``: today's benchmark rows; ``ultrafeedback``: UltraFeedback-binarized-shaped
+#: (lognormal, prompt median 150, each completion median 250); ``hh``: hh-rlhf-shaped
+#: multi-turn (long prompts 200-400, short completions 60-100).
+WORKLOADS = {
+    "fixed": {"pairs": 2, "prompt": ("const", 256), "completion": ("const", 256)},
+    "ultrafeedback": {
+        "pairs": 8,
+        "prompt": ("lognormal", 150, 0.7, 16, 1024),
+        "completion": ("lognormal", 250, 0.7, 8, 1024),
+    },
+    "hh": {"pairs": 8, "prompt": ("uniform", 200, 400), "completion": ("uniform", 60, 100)},
+}
+
+
+def _draw_length(rng: random.Random, spec) -> int:
+    kind = spec[0]
+    if kind == "const":
+        return int(spec[1])
+    if kind == "uniform":
+        return rng.randint(int(spec[1]), int(spec[2]))
+    if kind == "lognormal":
+        median, sigma, lo, hi = spec[1:]
+        return int(min(hi, max(lo, round(median * math.exp(rng.gauss(0.0, sigma))))))
+    raise ValueError(f"unknown length distribution {spec!r}")
+
+
+def scaled_workload(workload: str, scale: float = 1.0) -> Dict[str, Any]:
+    """``WORKLOADS[workload]`` with every length multiplied by ``scale`` (GPU-sized rows)."""
+    spec = dict(WORKLOADS[workload])
+    if scale == 1:
+        return spec
+    for key in ("prompt", "completion"):
+        kind, *vals = spec[key]
+        if kind == "lognormal":
+            vals = [vals[0] * scale, vals[1], max(1, int(vals[2] * scale)), int(vals[3] * scale)]
+        else:
+            vals = [max(1, int(v * scale)) for v in vals]
+        spec[key] = (kind, *vals)
+    return spec
+
+
+def workload_pairs(
+    tokenizer: Any,
+    workload: str = "ultrafeedback",
+    num_pairs: int = 64,
+    vocab_size: int = 128256,
+    seed: int = 0,
+    scale: float = 1.0,
+) -> Dataset:
+    """Random token-id preference pairs whose prompt / chosen / rejected lengths follow
+    :data:`WORKLOADS` ``[workload]`` (chosen and rejected lengths drawn independently; every
+    length times ``scale``); keys as :func:`synthetic_token_pairs`. ``stats["real_tokens"]``:
+    tokens of every chosen + rejected sequence."""
+    spec = scaled_workload(workload, scale)
+    pad = int(getattr(tokenizer, "pad_id", 0))
+    rng = random.Random(seed)
+
+    def draw(n: int) -> List[int]:
+        out = []
+        while len(out) < n:
+            t = rng.randrange(1, vocab_size)
+            if t != pad:
+                out.append(t)
+        return out
+
+    items: List[Dict[str, Any]] = []
+    for _ in range(num_pairs):
+        prompt = draw(_draw_length(rng, spec["prompt"]))
+        chosen = draw(_draw_length(rng, spec["completion"]))
+        rejected = draw(_draw_length(rng, spec["completion"]))
+        ignore = [-100] * len(prompt)
+        items.append(
+            {
+                "chosen_input_ids": prompt + chosen,
+                "chosen_labels": ignore + chosen,
+                "rejected_input_ids": prompt + rejected,
+                "rejected_labels": ignore + rejected,
+                "index": len(items),
+            }
+        )
+    real = sum(len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in items)
+    return _Rows(items, {"rows": len(items), "workload": workload, "real_tokens": real})

@@ -1,0 +1,418 @@
+"""Padding-free, prompt-shared preference batches on realistic lengths: ours padded / packed /
+packed + shared prompt vs TRL's ``DPOTrainer`` and torchtune's ``full_dpo_distributed``.
+
+Not a test. One invocation runs, per workload, every configuration one after the other on the
+same machine, model, rows (in the same order: no shuffling, so step ``k`` trains on the same
+pairs everywhere), optimizer and number of steps:
+
+  padded      ours, today's layout (chosen and rejected rows right-padded to the longest)
+  packed      ours, ``packed=true``: the micro-batch's sequences side by side, no padding
+  shared      ours, ``packed=true share_prompt=true``: each prompt computed once for both
+  trl         TRL 1.16 ``DPOTrainer`` (``benchmarks/_trl_dpo.py``: its defaults, gradient
+              checkpointing off, no truncation), installed into its own directory
+  torchtune   torchtune 0.6.1 ``full_dpo_distributed`` (``tune cp`` copy; on CPU the three
+              patches of ``bench_vs_torchtune.py``, on a GPU unpatched)
+
+Workloads (``_bench_components.WORKLOADS``): ``fixed`` (2 pairs, prompt 256 + 256 per
+completion: the earlier benchmark's rows), ``ultrafeedback`` (8 pairs, lognormal prompt median
+150 and completions median 250) and ``hh`` (8 pairs, prompts 200-400, completions 60-100).
+Model: the earlier benchmark's random-weight Llama-3-vocabulary model (``--vocab 128256``,
+2 layers, dim 256, MLP 1024, loaded from one HF checkpoint by every recipe), DPO beta 0.1,
+AdamW lr 1e-6, fp32, 1 process.
+
+Real tokens/s: tokens of the step's chosen + rejected sequences (no padding; a shared prompt
+counted twice, as every layout must compute the same log-probs) / the step's wall time,
+median over the measured steps; CPU s/step from the training process's CPU time; peak RSS:
+``VmHWM`` of the training process, read from outside while it holds after its last measured
+step (as ``bench_vs_torchtune.py``).
+
+Usage:
+  python benchmarks/bench_packing.py                                # all, print the tables
+  python benchmarks/bench_packing.py --write BENCHMARKS.md          # + update its section
+  python benchmarks/bench_packing.py --workloads hh --configs padded,shared --steps 1
+  python benchmarks/bench_packing.py --profile ultrafeedback     # where a step's time goes
+  python benchmarks/bench_packing.py --device cuda --dtype bf16 --layers 16 --embed-dim 2048 \\
+      --heads 32 --kv-heads 8 --intermediate 8192 --scale-lengths 4   # GPU: Llama-3.2-1B shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import bench_vs_torchtune as bvt  # noqa: E402
+from _bench_components import WORKLOADS, workload_pairs  # noqa: E402
+
+SECTION = "## Packed and prompt-shared batches on realistic lengths"
+CONFIGS = ["padded", "packed", "shared", "trl", "torchtune"]
+LABELS = {
+    "padded": "ours, padded (today)",
+    "packed": "ours, packed",
+    "shared": "ours, packed + shared prompt",
+    "trl": "TRL 1.16 DPOTrainer",
+    "torchtune": "torchtune 0.6.1 full_dpo_distributed",
+}
+TRL_PACKAGES = ["trl==1.16.0", "accelerate"]
+
+
+def rows_for(a, workload: str):
+    """``(label, pairs per step, rows)`` of a workload at ``--scale-lengths``."""
+    label = workload if a.scale_lengths == 1 else f"{workload} (lengths x{a.scale_lengths:g})"
+    pairs = WORKLOADS[workload]["pairs"]
+    total = a.warmup + a.steps
+    rows = workload_pairs(None, workload, total * pairs, a.vocab, seed=0, scale=a.scale_lengths)
+    return label, pairs, rows
+
+
+def our_config(name: str, a, workload: str, pairs: int, ckpt: Path, files, out: Path) -> Dict:
+    a.seq_len = a.max_seq_len  # model max_seq_len / tokenizer limit in bench_vs_torchtune
+    a.batch = pairs
+    c = bvt.common_cfg(a, ckpt, files, out)
+    total = a.warmup + a.steps
+    c["dataset"] = {
+        "_component_": "_bench_components.workload_pairs",
+        "workload": workload,
+        "num_pairs": total * pairs,
+        "vocab_size": a.vocab,
+        "scale": a.scale_lengths,
+    }
+    c.update(shuffle=False, batch_size=pairs, max_steps_per_epoch=total)
+    c["metric_logger"]["hold_after_step"] = total
+    if name == "torchtune":
+        c["loss"] = {
+            "_component_": "torchtune.rlhf.loss.DPOLoss",
+            "beta": 0.1,
+            "label_smoothing": 0.0,
+        }
+        c["log_peak_memory_stats"] = False
+        return c
+    c.update(
+        eval_dataset=None, logprobs_chunk_size=a.chunk_size, nonfinite="stop",
+        save_every_n_steps=None, keep_last_n_checkpoints=None,
+        reference={"quantization": None, "precompute": False},
+        loss={"_component_": "torchtune_prefopt.losses.DPOLoss", "beta": 0.1},
+        packed=name in ("packed", "shared"), share_prompt=name == "shared",
+    )  # fmt: skip
+    return c
+
+
+def ensure_trl(a) -> Optional[str]:
+    """Install TRL into ``workdir/trl_site`` (its own directory, not this environment); return
+    the directory, or None (with the reason printed) if it cannot be installed."""
+    probe = subprocess.run([sys.executable, "-c", "import trl, accelerate"], capture_output=True)
+    if probe.returncode == 0:
+        return ""  # importable already (e.g. from scripts/gpu_wheels.sh's wheels)
+    site = Path(a.workdir) / "trl_site"
+    marker = site / ".installed"
+    if not marker.exists():
+        shutil.rmtree(site, ignore_errors=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+             *TRL_PACKAGES],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            print(f"TRL not available: {proc.stderr.strip()[-300:]}")
+            return None
+        marker.write_text(" ".join(TRL_PACKAGES))
+    return str(site)
+
+
+def run(name: str, a, workload: str, pairs: int, ckpt: Path, files, tt_recipe: Path) -> Dict:
+    out = Path(a.workdir) / "runs" / f"{workload}.{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    clock = out / "step_clock.jsonl"
+    total = a.warmup + a.steps
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
+    if name == "trl":
+        site = ensure_trl(a)
+        if site is None:
+            return {"name": name, "status": "TRL could not be installed"}
+        if site:
+            env["PYTHONPATH"] = os.pathsep.join([site, env["PYTHONPATH"]])
+        cfg = {
+            "workload": workload, "num_pairs": total * pairs, "vocab": a.vocab, "seed": 0,
+            "scale": a.scale_lengths,
+            "checkpoint_dir": str(ckpt), "output_dir": str(out / "trl"), "batch": pairs,
+            "steps": total, "clock_file": str(clock), "hold_after_step": total,
+            "device": a.device, "dtype": a.dtype,
+        }  # fmt: skip
+        (out / "trl.json").write_text(json.dumps(cfg))
+        cmd = [sys.executable, str(HERE / "_trl_dpo.py"), str(out / "trl.json")]
+    else:
+        cfg = our_config(name, a, workload, pairs, ckpt, files, out)
+        (out / "config.yaml").write_text(bvt._yaml(cfg))
+        recipe = tt_recipe if name == "torchtune" else bvt.OUR_RECIPE
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+               "--standalone", str(recipe), "--config", str(out / "config.yaml")]  # fmt: skip
+    env.setdefault("TORCHTUNE_PREFOPT_QUIET", "1")
+    t0 = time.monotonic()
+    with open(out / "stdout.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=str(out), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    hwm: Dict[int, int] = {}
+    seen: Dict[int, object] = {}
+    status = "ok"
+    try:
+        while True:
+            for pid in [proc.pid] + bvt._descendants(proc.pid, seen):
+                s = bvt._status(pid)
+                if "VmHWM" in s:
+                    hwm[pid] = max(hwm.get(pid, 0), s["VmHWM"])
+            if clock.exists() and '"hold"' in clock.read_text():
+                time.sleep(0.2)
+                for pid in [proc.pid] + bvt._descendants(proc.pid, seen):
+                    s = bvt._status(pid)
+                    if "VmHWM" in s:
+                        hwm[pid] = max(hwm.get(pid, 0), s["VmHWM"])
+                break
+            if proc.poll() is not None:
+                status = f"exited rc={proc.returncode} before the last step"
+                break
+            if time.monotonic() - t0 > a.timeout:
+                status = f"timeout after {a.timeout}s"
+                break
+            time.sleep(0.05)
+    finally:
+        bvt._kill_all(proc, seen)
+        proc.wait()
+    recs = [json.loads(x) for x in clock.read_text().splitlines()] if clock.exists() else []
+    steps = {r["step"]: r for r in recs if "step" in r}
+    res = {"name": name, "status": status, "wall_s": time.monotonic() - t0}
+    if status != "ok":
+        res["tail"] = (out / "stdout.log").read_text()[-2000:]
+        return res
+    # TRL's first callback is step 1; the clock of step 0 is its train start: use consecutive
+    res["step_s"] = {s: steps[s]["t"] - steps[s - 1]["t"] for s in steps if s - 1 in steps}
+    res["cpu_s"] = {s: steps[s]["cpu"] - steps[s - 1]["cpu"] for s in steps if s - 1 in steps}
+    res["hwm"] = max(hwm.values()) if hwm else None
+    res["cuda_peak"] = max((r.get("cuda_peak") or 0 for r in steps.values()), default=0) or None
+    return res
+
+
+def summarize(res: Dict, rows, pairs: int, a) -> Dict:
+    if res.get("status") != "ok":
+        return {"error": res.get("status")}
+
+    # step s (1-based) trains rows [(s-1)*pairs, s*pairs)
+    def real(s):
+        its = [rows[i] for i in range((s - 1) * pairs, s * pairs)]
+        return sum(len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in its)
+
+    measured = [s for s in res["step_s"] if s > a.warmup]
+    if not measured:
+        return {"error": "no measured step"}
+    return {
+        "tokens_per_s": statistics.median(real(s) / res["step_s"][s] for s in measured),
+        "cpu_s": statistics.median(res["cpu_s"][s] for s in measured),
+        "step_s": statistics.median(res["step_s"][s] for s in measured),
+        "hwm": res["hwm"],
+        "cuda_peak": res["cuda_peak"],
+        # the memory compared: CUDA peak on a GPU, the process's peak RSS on CPU
+        "mem": res["cuda_peak"] if a.device == "cuda" else res["hwm"],
+        "real_tokens": statistics.mean(real(s) for s in measured),
+    }
+
+
+def layout_stats(rows, pairs: int, a) -> Dict[str, float]:
+    """Positions each of our layouts computes per step (mean over the measured steps)."""
+    import torch  # noqa: F401
+
+    from torchtune_prefopt.data import PackingLayout, PreferenceCollator
+
+    out = {}
+    for name, packing in (
+        ("padded", None),
+        ("packed", PackingLayout(False, a.max_seq_len, 8)),
+        ("shared", PackingLayout(True, a.max_seq_len, 8)),
+    ):
+        col = PreferenceCollator(paired=True, pad_id=0, packing=packing)
+        n = []
+        for s in range(a.warmup + 1, a.warmup + a.steps + 1):
+            its = [rows[i] for i in range((s - 1) * pairs, s * pairs)]
+            n.append(col(its).computed_tokens())
+        out[name] = statistics.mean(n)
+    return out
+
+
+def render(all_results: Dict[str, Dict], a) -> str:
+    lines = []
+    for workload, (summ, positions) in all_results.items():
+        pad, trl = summ.get("padded", {}), summ.get("trl", {})
+        lines += [
+            f"**{workload}** ({summ.get('_pairs')} pairs per step; real tokens per step "
+            f"{positions['real']:.0f}; positions computed per step: padded {positions['padded']:.0f}, "
+            f"packed {positions['packed']:.0f}, packed + shared {positions['shared']:.0f})",
+            "",
+            "| configuration | real tokens/s | vs ours padded | vs TRL | CPU s/step | CPU vs ours "
+            f"padded | CPU vs TRL | {'CUDA peak' if a.device == 'cuda' else 'peak RSS'} GiB | "
+            "memory vs ours padded | memory vs TRL |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in CONFIGS:
+            s = summ.get(name)
+            if s is None:
+                continue
+            if "error" in s:
+                lines.append(f"| {LABELS[name]} | not measured: {s['error']} | | | | | | | | |")
+                continue
+
+            def ratio(key, ref, s=s, inverse=False):
+                if not ref or "error" in ref or ref.get(key) in (None, 0) or s.get(key) is None:
+                    return "—"
+                return f"{(ref[key] / s[key]) if inverse else (s[key] / ref[key]):.2f}x"
+
+            mem = s["mem"]
+            lines.append(
+                f"| {LABELS[name]} | {s['tokens_per_s']:.0f} | {ratio('tokens_per_s', pad)} | "
+                f"{ratio('tokens_per_s', trl)} | {s['cpu_s']:.2f} | {ratio('cpu_s', pad)} | "
+                f"{ratio('cpu_s', trl)} | {bvt._gib(mem)} | {ratio('mem', pad)} | {ratio('mem', trl)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def profile_step(a, workload: str) -> str:
+    """Where one step's time goes, per layout: policy forward + backward and the reference
+    forward of one micro-batch, in this process under ``torch.profiler``; the share of the
+    vocabulary projection (the lean log-prob path's fused ``[N, D] x [D, V]`` kernels, which
+    every layout runs on the same ``N`` scored tokens) vs everything else."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torchtune.models.llama3._component_builders import llama3
+
+    from torchtune_prefopt.data import PackingLayout, PreferenceCollator
+
+    name, pairs, rows = rows_for(a, workload)
+    torch.manual_seed(0)
+    model = llama3(**bvt.model_kwargs(a))
+    items = [rows[i] for i in range(pairs)]
+    lines = [
+        f"**profile, {name}** (one micro-batch of {pairs} pairs: policy forward + backward and "
+        "a no-grad reference forward, the same weights; self CPU time, `torch.profiler`)",
+        "",
+        "| layout | positions | total CPU s | vocabulary projection CPU s | share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, packing in (
+        ("padded", None),
+        ("packed", PackingLayout(False, a.max_seq_len, 8)),
+        ("packed + shared", PackingLayout(True, a.max_seq_len, 8)),
+    ):
+        batch = PreferenceCollator(paired=True, pad_id=0, packing=packing)(items)
+
+        def step(batch=batch):
+            lp = batch.logps(model)
+            lp.sum.sum().backward()
+            with torch.no_grad():
+                batch.logps(model)
+
+        step()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        head = sum(
+            e.cpu_time_total for e in events if e.key in (
+                "_FusedLinearTargetLogProb", "_FusedLinearTargetLogProbBackward")
+        ) / 1e6  # fmt: skip
+        lines.append(
+            f"| {label} | {batch.computed_tokens()} | {total:.2f} | {head:.2f} | {head / total:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--workdir", default="/tmp/prefopt_bench_packing")
+    p.add_argument("--workloads", default="fixed,ultrafeedback,hh")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--max-seq-len", type=int, default=4096, help="model context (packing capacity)")
+    p.add_argument(
+        "--scale-lengths", type=float, default=1.0, help="multiply every workload length"
+    )
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=1200)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--ckpt-dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--json", help="write the raw results here")
+    p.add_argument("--profile", metavar="WORKLOAD", help="only profile one step per layout")
+    p.add_argument("--write", metavar="MARKDOWN", help=f"update the '{SECTION}' section")
+    a = p.parse_args()
+    a.seq_len = a.max_seq_len
+    if a.profile:
+        print(profile_step(a, a.profile))
+        return
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "ckpt"
+    files = bvt.make_checkpoint(a, ckpt)
+    tt_recipe, _ = bvt.prepare_torchtune_recipe(work, patch=a.device == "cpu")
+    started = time.time()
+    all_results: Dict[str, tuple] = {}
+    raw: Dict[str, List[Dict]] = {}
+    for workload in a.workloads.split(","):
+        name, pairs, rows = rows_for(a, workload)
+        positions = layout_stats(rows, pairs, a)
+        positions["real"] = statistics.mean(
+            sum(len(rows[i]["chosen_input_ids"]) + len(rows[i]["rejected_input_ids"])
+                for i in range((s - 1) * pairs, s * pairs))
+            for s in range(a.warmup + 1, a.warmup + a.steps + 1)
+        )  # fmt: skip
+        summ: Dict = {"_pairs": pairs}
+        for cfg in a.configs.split(","):
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {cfg} ...", flush=True)
+            res = run(cfg, a, workload, pairs, ckpt, files, tt_recipe)
+            raw.setdefault(name, []).append(res)
+            summ[cfg] = summarize(res, rows, pairs, a)
+            print(f"    {summ[cfg]}", flush=True)
+            if "tail" in res:
+                print(res["tail"][-1200:])
+        all_results[name] = (summ, positions)
+    body = render(all_results, a)
+    minutes = (time.time() - started) / 60
+    header = (
+        f"Machine: {bvt.machine()}. Command: `python benchmarks/{Path(__file__).name} "
+        f"{' '.join(sys.argv[1:])}` ({minutes:.1f} min). Model: llama3 builder, vocab {a.vocab}, "
+        f"{a.layers} layers, dim {a.embed_dim}, {a.heads} heads / {a.kv_heads} KV heads, MLP "
+        f"{a.intermediate}, {a.dtype} on {a.device}; DPO beta 0.1, AdamW lr 1e-6, 1 process; "
+        f"{a.warmup} warm-up + {a.steps} measured steps per configuration, rows in the same "
+        "order everywhere."
+    )
+    print(header + "\n\n" + body)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"results": {k: v[0] for k, v in all_results.items()},
+                                            "positions": {k: v[1] for k, v in all_results.items()},
+                                            "raw": raw}, default=str, indent=1))  # fmt: skip
+    if a.write:
+        bvt.SECTION, bvt.NOTES_MARKER = SECTION, "<!-- bench_packing: notes below are kept -->"
+        bvt.write_section(a.write, header + "\n\n" + body)
+
+
+if __name__ == "__main__":
+    main()
