@@ -19,16 +19,21 @@ Parts:
                    step, steady step time, CUDA peak memory
 ``recipe_bf16``    the same in bf16: log-probs and loss are fp32 tensors; step-1 log-probs
                    within ``BF16_LOGP_RTOL`` of fp32's
+``packed``         ``packed=true share_prompt=true`` (flex_attention with a BlockMask on CUDA)
+                   against ``recipe_fp32``'s padded run, step by step (fp32), then the same in
+                   bf16 compiled with inductor (flex fused): steps, recompiles
 ``nccl_2proc``     ``tune run --nproc_per_node 2`` (needs 2 GPUs) equals 1 process per step
 ``quant_ref``      ``reference.quantization`` int8 / fp8 / fp8_dynamic (capability >= 8.9): the
                    reference log-prob error against the bf16 reference, weight bytes, and a
                    recipe run with ``fp8_dynamic``
 ``compile``        ``compile: true`` with inductor (bf16): time to first step, steady step time
                    against eager (``recipe_bf16``), recompiles (``TORCH_LOGS=recompiles``)
-``realistic``      one realistic step, Llama-3.2-1B shapes (random weights, bf16, 8 pairs x
-                   1,024 tokens): ours vs torchtune 0.6.1's own ``full_dpo_distributed``
-                   (unpatched on GPU), via ``bench_vs_torchtune.py``: tokens/s, CUDA peak
-                   memory, model-FLOPs utilisation against the card's bf16 peak
+``realistic``      realistic steps, Llama-3.2-1B shapes (random weights, bf16), the
+                   UltraFeedback- and hh-shaped workloads with lengths x3 (rows up to ~3k
+                   tokens): ours padded / packed + shared vs torchtune 0.6.1's own
+                   ``full_dpo_distributed`` (unpatched on GPU) and TRL's ``DPOTrainer``, via
+                   ``bench_packing.py``: real tokens/s, CUDA peak memory, model-FLOPs
+                   utilisation against the card's bf16 peak
 =================  ==========================================================================
 
 Usage::
@@ -66,7 +71,8 @@ PARTS = [
     ("recipe_fp32", 150, 150),
     ("recipe_bf16", 150, 150),
     ("quant_ref", 120, 120),
-    ("realistic", 300, 300),
+    ("packed", 150, 200),
+    ("realistic", 330, 330),
     ("compile", 240, 240),
     ("nccl_2proc", 150, 180),
 ]
@@ -96,6 +102,7 @@ def _tiny_overrides(work: Path, name: str, dry: bool, steps: int, extra=()) -> L
     device = "cpu" if dry else "cuda"
     return [
         f"output_dir={work / name}",
+        "overwrite_output_dir=true",  # the check's runs are scratch: a rerun replaces them
         f"checkpointer.checkpoint_dir={work / 'tiny_base'}",
         f"max_steps_per_epoch={steps}",
         "epochs=1",
@@ -122,7 +129,13 @@ def _run_recipe_in_process(overrides: List[str]) -> Dict[str, Any]:
     spec = importlib.util.spec_from_file_location("_gpu_check_recipe", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    from torchtune_prefopt.training.distributed import LAUNCHER_ENV
+
     cfg = load_config(["--config", "tiny/dpo", *overrides])
+    # a one-process run sets RANK/WORLD_SIZE...: a second run in this process must not take
+    # them for a torchrun launch
+    for key in LAUNCHER_ENV:
+        os.environ.pop(key, None)
     t0 = time.perf_counter()
     recipe = module.PrefOptRecipe(cfg)
     out: Dict[str, Any] = {}
@@ -261,6 +274,41 @@ def part_recipe(a, dtype: str) -> Dict[str, Any]:
     return res
 
 
+def part_packed(a) -> Dict[str, Any]:
+    """The packed, prompt-shared layout on the device: fp32 against ``recipe_fp32``'s padded
+    run step by step, then bf16 + inductor (flex_attention compiled into the layers)."""
+    padded = _read_json(a.work / "recipe_fp32.json")
+    if not padded or padded.get("status") != "ok":
+        return {"skipped": "needs recipe_fp32's padded run to compare with"}
+    steps = len(padded["result"]["metrics"])
+    shared = ["packed=true", "share_prompt=true"]
+    fp32 = _run_recipe_in_process(
+        _tiny_overrides(a.work, "packed_fp32", a.dry_run, steps, ["dtype=fp32", *shared])
+    )
+    worst = {}
+    for m0, m1 in zip(padded["result"]["metrics"], fp32["metrics"]):
+        for k in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+            rel = abs(m1[k] - m0[k]) / max(abs(m0[k]), 1e-12)
+            worst[k] = max(worst.get(k, 0.0), rel)
+    out: Dict[str, Any] = {
+        "attention": "per-document SDPA (CPU)" if a.dry_run else "flex_attention + BlockMask",
+        "fp32_vs_padded_max_rel": worst,
+        # TF32 is off by default for matmuls in torch; flex vs SDPA kernels differ in rounding
+        "ok": max(worst.values()) < 1e-4,
+        "fp32_steady_step_s": fp32["steady_step_s"],
+        "padded_fp32_steady_step_s": padded["result"]["steady_step_s"],
+    }
+    comp = _run_recipe_in_process(
+        _tiny_overrides(a.work, "packed_bf16_compile", a.dry_run, 3 if a.dry_run else 8,
+                        ["dtype=bf16", "compile=true", *shared])
+    )  # fmt: skip
+    out["bf16_compiled"] = {
+        k: comp[k] for k in ("time_to_first_step_s", "steady_step_s", "cuda_peak_gib", "steps")
+    }
+    out["bf16_compiled"]["losses"] = [m["loss"] for m in comp["metrics"]]
+    return out
+
+
 def part_nccl_2proc(a) -> Dict[str, Any]:
     """2 processes (torchrun, NCCL on GPUs) against ``recipe_fp32``'s 1-process run: the same
     config, global batch and data order, so the same losses per step."""
@@ -390,43 +438,50 @@ def model_flops_per_step(shape: Dict[str, int], seq_len: int, rows: int) -> floa
 
 def part_realistic(a) -> Dict[str, Any]:
     shape = TINY_BENCH if a.dry_run else LLAMA_1B
-    seq, pairs, steps, warmup = (64, 2, 2, 1) if a.dry_run else (1024, 8, 3, 2)
+    scale, steps, warmup = (0.25, 1, 1) if a.dry_run else (3, 2, 1)
+    # a dry run checks the plumbing on one workload, without installing TRL
+    configs = "padded,shared,torchtune" if a.dry_run else "padded,shared,torchtune,trl"
+    workloads = "hh" if a.dry_run else "ultrafeedback,hh"
     out_json = a.work / "realistic_bench.json"
-    cmd = [sys.executable, str(HERE / "bench_vs_torchtune.py"), "--workdir", str(a.work / "bench"),
-           "--configs", "tt_dpo,dpo", "--seq-len", str(seq), "--batch", str(pairs), "--steps", str(steps),
-           "--warmup", str(warmup), "--vocab", str(shape["vocab"]), "--layers", str(shape["layers"]),
-           "--embed-dim", str(shape["embed_dim"]), "--heads", str(shape["heads"]), "--kv-heads", str(shape["kv_heads"]),
-           "--intermediate", str(shape["intermediate"]), "--json", str(out_json), "--timeout", "240"]  # fmt: skip
-    cmd += ["--device", "cpu" if a.dry_run else "cuda", "--dtype", "bf16", "--ckpt-dtype", "bf16"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=290)
+    cmd = [sys.executable, str(HERE / "bench_packing.py"), "--workdir", str(a.work / "bench"),
+           "--workloads", workloads, "--configs", configs, "--scale-lengths", str(scale),
+           "--steps", str(steps), "--warmup", str(warmup), "--vocab", str(shape["vocab"]),
+           "--layers", str(shape["layers"]), "--embed-dim", str(shape["embed_dim"]),
+           "--heads", str(shape["heads"]), "--kv-heads", str(shape["kv_heads"]),
+           "--intermediate", str(shape["intermediate"]), "--json", str(out_json), "--timeout", "150",
+           "--device", "cpu" if a.dry_run else "cuda", "--dtype", "bf16", "--ckpt-dtype", "bf16"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=320)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench_vs_torchtune exited {proc.returncode}: {proc.stderr[-3000:]}")
-    summary = json.loads(out_json.read_text())
-    flops = model_flops_per_step(shape, seq, 2 * pairs)
+        raise RuntimeError(f"bench_packing exited {proc.returncode}: {proc.stderr[-3000:]}")
+    bench = json.loads(out_json.read_text())
     env = _read_json(a.work / "env.json") or {}
     peak = ((env.get("result") or {}).get("spec_bf16_tflops") or 0) * 1e12
     measured = ((env.get("result") or {}).get("measured_bf16_tflops") or 0) * 1e12
-    rows = {}
-    for name, s in summary.items():
-        if "error" in s:
-            rows[name] = {"error": s["error"]}
-            continue
-        achieved = flops / s["step_s"]
-        rows[name] = {
-            "step_s": s["step_s"], "tokens_per_s": s["tokens_per_s"],
-            "cuda_peak_gib": (s.get("cuda_peak") or 0) / 2**30 if s.get("cuda_peak") else None,
-            "peak_rss_gib": (s.get("hwm") or 0) / 2**30,
-            "model_tflops": achieved / 1e12,
-            "mfu_vs_spec": achieved / peak if peak else None,
-            "mfu_vs_measured_matmul": achieved / measured if measured else None,
-        }  # fmt: skip
-    return {
-        "shape": shape,
-        "seq_len": seq,
-        "pairs": pairs,
-        "model_flops_per_step": flops,
-        "runs": rows,
-    }
+    workloads = {}
+    for workload, summ in bench["results"].items():
+        pos = bench["positions"][workload]
+        pairs = summ["_pairs"]
+        mean_len = pos["real"] / (2 * pairs)
+        # model FLOPs of the real tokens (the same number for every implementation)
+        flops = model_flops_per_step(shape, int(mean_len), 2 * pairs)
+        rows = {}
+        for name, s in summ.items():
+            if name.startswith("_"):
+                continue
+            if "error" in s:
+                rows[name] = {"error": s["error"]}
+                continue
+            achieved = flops / s["step_s"]
+            rows[name] = {
+                "step_s": s["step_s"], "tokens_per_s": s["tokens_per_s"],
+                "cuda_peak_gib": (s.get("cuda_peak") or 0) / 2**30 if s.get("cuda_peak") else None,
+                "peak_rss_gib": (s.get("hwm") or 0) / 2**30,
+                "model_tflops": achieved / 1e12,
+                "mfu_vs_spec": achieved / peak if peak else None,
+                "mfu_vs_measured_matmul": achieved / measured if measured else None,
+            }  # fmt: skip
+        workloads[workload] = {"positions": pos, "pairs": pairs, "runs": rows}
+    return {"shape": shape, "scale_lengths": scale, "workloads": workloads}
 
 
 PART_FUNCS = {
@@ -436,6 +491,7 @@ PART_FUNCS = {
     "nccl_2proc": part_nccl_2proc,
     "quant_ref": part_quant_ref,
     "compile": part_compile,
+    "packed": part_packed,
     "realistic": part_realistic,
 }
 
@@ -478,6 +534,13 @@ def summary_line(name: str, rec: Dict[str, Any]) -> str:
             s += (f"; step-1 log-probs vs fp32: rel. diff {_fmt(max(v['logps_rel_diff'].values()))} "
                   f"(tolerance {v['tolerance']}) {'ok' if v['ok'] else 'OUT OF TOLERANCE'}")  # fmt: skip
         return s
+    if name == "packed":
+        c = r["bf16_compiled"]
+        return (f"{r['attention']}: fp32 packed + shared vs padded, max rel. diff per step "
+                f"{_fmt(max(r['fp32_vs_padded_max_rel'].values()))} ({'ok' if r['ok'] else 'MISMATCH'}); steady step "
+                f"{_fmt(r['fp32_steady_step_s'])} s (padded {_fmt(r['padded_fp32_steady_step_s'])} s); bf16 + compile: "
+                f"{c['steps']} steps, first {_fmt(c['time_to_first_step_s'])} s, steady {_fmt(c['steady_step_s'])} s, "
+                f"recompiles {rec.get('recompiles')}, losses {_fmt(c['losses'][0])} -> {_fmt(c['losses'][-1])}")  # fmt: skip
     if name == "nccl_2proc":
         return f"{r['backend']}: 2 vs 1 process, max rel. loss diff {_fmt(r['max_rel_diff'])} ({'ok' if r['ok'] else 'MISMATCH'})"
     if name == "quant_ref":
@@ -501,26 +564,29 @@ def summary_line(name: str, rec: Dict[str, Any]) -> str:
                 f"{_fmt(r.get('steady_speedup_vs_eager'))}x), recompiles {rec.get('recompiles')}, "
                 f"max rel. loss diff vs eager {_fmt(r.get('max_rel_loss_diff_vs_eager'))}, CUDA peak {_fmt(r.get('cuda_peak_gib'))} GiB")  # fmt: skip
     if name == "realistic":
-        bits = []
-        for k, v in r["runs"].items():
-            if "error" in v:
-                bits.append(f"{k}: {v['error']}")
-                continue
-            bits.append(f"{k}: {_fmt(v['tokens_per_s'], 4)} tokens/s, step {_fmt(v['step_s'])} s, CUDA peak "
-                        f"{_fmt(v['cuda_peak_gib'])} GiB, MFU {_fmt(v['mfu_vs_spec'])} of spec "
-                        f"({_fmt(v['mfu_vs_measured_matmul'])} of measured matmul)")  # fmt: skip
-        tt, ours = r["runs"].get("tt_dpo", {}), r["runs"].get("dpo", {})
-        if tt.get("tokens_per_s") and ours.get("tokens_per_s"):
-            bits.append(
-                f"ours / torchtune: {_fmt(ours['tokens_per_s'] / tt['tokens_per_s'])}x tokens/s"
+        parts = []
+        for workload, w in r["workloads"].items():
+            bits = []
+            for k, v in w["runs"].items():
+                if "error" in v:
+                    bits.append(f"{k}: {v['error']}")
+                    continue
+                bits.append(f"{k} {_fmt(v['tokens_per_s'], 4)} tok/s, CUDA peak {_fmt(v['cuda_peak_gib'])} GiB, "
+                            f"MFU {_fmt(v['mfu_vs_spec'])}")  # fmt: skip
+            base = w["runs"].get("padded", {})
+            for k in ("shared", "torchtune", "trl"):
+                v = w["runs"].get(k, {})
+                if base.get("tokens_per_s") and v.get("tokens_per_s"):
+                    bits.append(f"{k}/padded {_fmt(v['tokens_per_s'] / base['tokens_per_s'])}x")
+            parts.append(
+                f"{workload} ({w['pairs']} pairs, {_fmt(w['positions']['real'])} real tokens/step): "
+                + ", ".join(bits)
             )
-            if tt.get("cuda_peak_gib") and ours.get("cuda_peak_gib"):
-                bits.append(
-                    f"{_fmt(ours['cuda_peak_gib'] / tt['cuda_peak_gib'])}x CUDA peak memory"
-                )
         shape = r["shape"]
-        return (f"{shape['layers']} layers x {shape['embed_dim']}, vocab {shape['vocab']}, {r['pairs']} pairs x "
-                f"{r['seq_len']} tokens: " + "; ".join(bits))  # fmt: skip
+        return (
+            f"{shape['layers']} layers x {shape['embed_dim']}, vocab {shape['vocab']}: "
+            + "; ".join(parts)
+        )
     return json.dumps(r)[:300]
 
 
@@ -584,7 +650,7 @@ def driver(a) -> int:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if name == "compile":
+        if name in ("compile", "packed"):
             env["TORCH_LOGS"] = "recompiles"
             if a.dry_run:
                 env.setdefault(
@@ -609,7 +675,7 @@ def driver(a) -> int:
             why = f"timed out after {min(timeout, left):.0f} s" if rc is None else f"exit {rc}"
             rec = {"status": "failed", "error": f"{why}: {tail}"}
         rec["seconds"] = time.perf_counter() - t
-        if name == "compile":
+        if name in ("compile", "packed"):
             rec["recompiles"] = len(
                 re.findall(r"Recompiling function", log_path.read_text(errors="replace"))
             )

@@ -30,6 +30,8 @@ WHEELS=(
     "multiprocess==0.70.19"
     "kagglehub==1.0.3"
     "kagglesdk==0.1.38"
+    "trl==1.16.0"        # the packing benchmark's TRL column (benchmarks/bench_packing.py)
+    "accelerate==1.15.0" # TRL's trainer backend
 )
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)

@@ -16,7 +16,16 @@ from tune_harness import REPO, run_process
 
 pytestmark = pytest.mark.slow
 
-PARTS = ("env", "recipe_fp32", "recipe_bf16", "quant_ref", "realistic", "compile", "nccl_2proc")
+PARTS = (
+    "env",
+    "recipe_fp32",
+    "recipe_bf16",
+    "quant_ref",
+    "packed",
+    "realistic",
+    "compile",
+    "nccl_2proc",
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +74,25 @@ def test_dry_run_numbers(dry_run):
         assert 0 < q["seq_logp_abs_err_mean"] <= q["seq_logp_abs_err_max"] < 1.0
         assert q["weight_mib"] < q["weight_mib_bf16"]
     assert r["compile"]["max_rel_loss_diff_vs_eager"] < 1e-5
-    assert set(r["realistic"]["runs"]) == {"tt_dpo", "dpo"}
-    assert all(v["tokens_per_s"] > 0 for v in r["realistic"]["runs"].values())
+    # the packed, prompt-shared layout against the padded run, step by step (fp32)
+    assert r["packed"]["ok"] and max(r["packed"]["fp32_vs_padded_max_rel"].values()) < 1e-5
+    assert len(r["packed"]["bf16_compiled"]["losses"]) == 3
+    (workload,) = r["realistic"]["workloads"]
+    runs = r["realistic"]["workloads"][workload]["runs"]
+    assert set(runs) == {"padded", "shared", "torchtune"}
+    assert all(v["tokens_per_s"] > 0 for v in runs.values()), runs
+
+
+def test_rerun_into_the_same_directory(dry_run):
+    """The check can be run again (e.g. after a timeout) into the same --out directory: its
+    scratch runs replace their previous output instead of refusing to start."""
+    _, out = dry_run
+    proc = run_process(
+        ["bash", REPO / "scripts" / "gpu_check.sh", "--dry-run", "--out", out, "--parts", "recipe_fp32"],
+        REPO, env={"PYTHON": sys.executable}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert json.loads((out / "gpu_check.json").read_text())["recipe_fp32"]["status"] == "ok"
 
 
 def test_wheels_list():
@@ -74,3 +100,4 @@ def test_wheels_list():
     assert proc.returncode == 0, proc.stderr
     names = proc.stdout.split()
     assert "torchtune==0.6.1" in names and "torchao==0.15.0" in names
+    assert "trl==1.16.0" in names  # the realistic part's TRL column
