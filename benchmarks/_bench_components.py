@@ -55,6 +55,18 @@ class _Rows(Dataset):
         return self._items[i]
 
 
+def paired_row(prompt: List[int], chosen: List[int], rejected: List[int], index: int) -> Dict:
+    """A paired row in the keys both recipes read (labels -100 on the prompt)."""
+    ignore = [-100] * len(prompt)
+    return {
+        "chosen_input_ids": prompt + chosen,
+        "chosen_labels": ignore + chosen,
+        "rejected_input_ids": prompt + rejected,
+        "rejected_labels": ignore + rejected,
+        "index": index,
+    }
+
+
 def synthetic_token_pairs(
     tokenizer: Any,
     num_pairs: int = 64,
@@ -98,16 +110,7 @@ def synthetic_token_pairs(
                     }
                 )
         else:
-            ignore = [-100] * prompt_len
-            items.append(
-                {
-                    "chosen_input_ids": prompt + chosen,
-                    "chosen_labels": ignore + chosen,
-                    "rejected_input_ids": prompt + rejected,
-                    "rejected_labels": ignore + rejected,
-                    "index": len(items),
-                }
-            )
+            items.append(paired_row(prompt, chosen, rejected, len(items)))
     stats = {"rows": len(items), "seq_len": seq_len, "prompt_len": prompt_len}
     if unpaired:
         stats.update(n_desirable=num_pairs, n_undesirable=num_pairs)
@@ -263,15 +266,6 @@ def workload_pairs(
         prompt = draw(_draw_length(rng, spec["prompt"]))
         chosen = draw(_draw_length(rng, spec["completion"]))
         rejected = draw(_draw_length(rng, spec["completion"]))
-        ignore = [-100] * len(prompt)
-        items.append(
-            {
-                "chosen_input_ids": prompt + chosen,
-                "chosen_labels": ignore + chosen,
-                "rejected_input_ids": prompt + rejected,
-                "rejected_labels": ignore + rejected,
-                "index": len(items),
-            }
-        )
+        items.append(paired_row(prompt, chosen, rejected, len(items)))
     real = sum(len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in items)
     return _Rows(items, {"rows": len(items), "workload": workload, "real_tokens": real})

@@ -164,32 +164,7 @@ def run(name: str, a, workload: str, pairs: int, ckpt: Path, files, tt_recipe: P
     with open(out / "stdout.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=str(out), env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    hwm: Dict[int, int] = {}
-    seen: Dict[int, object] = {}
-    status = "ok"
-    try:
-        while True:
-            for pid in [proc.pid] + bvt._descendants(proc.pid, seen):
-                s = bvt._status(pid)
-                if "VmHWM" in s:
-                    hwm[pid] = max(hwm.get(pid, 0), s["VmHWM"])
-            if clock.exists() and '"hold"' in clock.read_text():
-                time.sleep(0.2)
-                for pid in [proc.pid] + bvt._descendants(proc.pid, seen):
-                    s = bvt._status(pid)
-                    if "VmHWM" in s:
-                        hwm[pid] = max(hwm.get(pid, 0), s["VmHWM"])
-                break
-            if proc.poll() is not None:
-                status = f"exited rc={proc.returncode} before the last step"
-                break
-            if time.monotonic() - t0 > a.timeout:
-                status = f"timeout after {a.timeout}s"
-                break
-            time.sleep(0.05)
-    finally:
-        bvt._kill_all(proc, seen)
-        proc.wait()
+    _, status, hwm = bvt.watch_until_hold(proc, clock, t0, a.timeout)
     recs = [json.loads(x) for x in clock.read_text().splitlines()] if clock.exists() else []
     steps = {r["step"]: r for r in recs if "step" in r}
     res = {"name": name, "status": status, "wall_s": time.monotonic() - t0}

@@ -369,6 +369,43 @@ def _kill_all(proc: subprocess.Popen, seen: Dict[int, object]) -> None:
             pass
 
 
+def watch_until_hold(
+    proc: subprocess.Popen, clock: Path, t_start: float, timeout: float
+) -> Tuple[bool, str, Dict[int, int]]:
+    """Follow a training process (and torchrun's worker) until its step clock says it holds
+    after its last measured step, it exits, or ``timeout`` passes; then kill it. Returns
+    ``(held, status, {pid: VmHWM bytes})`` (peak RSS read from outside, final while it holds)."""
+    hwm: Dict[int, int] = {}
+    seen: Dict[int, object] = {}
+
+    def sample() -> None:
+        for pid in [proc.pid] + _descendants(proc.pid, seen):
+            s = _status(pid)
+            if "VmHWM" in s:
+                hwm[pid] = max(hwm.get(pid, 0), s["VmHWM"])
+
+    held, status = False, "ok"
+    try:
+        while True:
+            sample()
+            if clock.exists() and '"hold"' in clock.read_text():
+                time.sleep(0.2)  # the worker is sleeping inside log_dict: its HWM is final
+                sample()
+                held = True
+                break
+            if proc.poll() is not None:
+                status = f"exited rc={proc.returncode} before the last step"
+                break
+            if time.monotonic() - t_start > timeout:
+                status = f"timeout after {timeout}s"
+                break
+            time.sleep(0.05)
+    finally:
+        _kill_all(proc, seen)
+        proc.wait()
+    return held, status, hwm
+
+
 def run_one(name: str, a: argparse.Namespace, workdir: Path, tt_recipe: Path, ckpt_dir: Path,
             files: List[str], rnd: int) -> Dict:  # fmt: skip
     out = workdir / "runs" / f"{name}.r{rnd}"
@@ -392,34 +429,8 @@ def run_one(name: str, a: argparse.Namespace, workdir: Path, tt_recipe: Path, ck
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=str(workdir), env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
-    hwm: Dict[int, int] = {}
-    seen: Dict[int, object] = {}
-    held, status, worker = False, "ok", None
-    try:
-        while True:
-            pids = [proc.pid] + _descendants(proc.pid, seen)
-            for pid in pids:
-                s = _status(pid)
-                if "VmHWM" in s:
-                    hwm[pid] = max(hwm.get(pid, 0), s["VmHWM"])
-            if clock.exists() and '"hold"' in clock.read_text():
-                time.sleep(0.2)  # the worker is sleeping inside log_dict: its HWM is final
-                for pid in [proc.pid] + _descendants(proc.pid, seen):
-                    s = _status(pid)
-                    if "VmHWM" in s:
-                        hwm[pid] = max(hwm.get(pid, 0), s["VmHWM"])
-                held = True
-                break
-            if proc.poll() is not None:
-                status = f"exited rc={proc.returncode} before the last step"
-                break
-            if time.monotonic() - t_start > a.timeout:
-                status = f"timeout after {a.timeout}s"
-                break
-            time.sleep(0.05)
-    finally:
-        _kill_all(proc, seen)
-        proc.wait()
+    held, status, hwm = watch_until_hold(proc, clock, t_start, a.timeout)
+    worker = None
     wall = time.monotonic() - t_start
     load1 = os.getloadavg()[0]
     recs = [json.loads(ln) for ln in clock.read_text().splitlines()] if clock.exists() else []
