@@ -44,6 +44,7 @@ from torchtune import config, training, utils
 from torchtune_prefopt import _config
 from torchtune_prefopt._config import parse
 from torchtune_prefopt.compare import evaluation as ev
+from torchtune_prefopt.compare.gold import build_gold_reward
 from torchtune_prefopt.compare.judges import build_judge
 from torchtune_prefopt.compare.metrics import read_run_logs
 from torchtune_prefopt.compare.report import (
@@ -56,7 +57,9 @@ from torchtune_prefopt.compare.report import (
 from torchtune_prefopt.compare.runs import (
     DEFAULT_LOSSES,
     dotlist,
+    expand_sweep,
     plan_runs,
+    replace_component,
     runs_to_train,
     train_runs,
 )
@@ -88,6 +91,9 @@ COMPARE_KEYS = {
     "judge",
     "judge_kind",
     "title",
+    "task",
+    "sweep",
+    "gold_reward",
 }
 SECTION_KEYS = {
     "heldout": {"dataset", "max_rows", "batch_size", "logprobs_chunk_size"},
@@ -183,33 +189,75 @@ class CompareRecipe:
         # package installed); a file path is made absolute.
         self.base_ref = str(self.base_path) if Path(raw).expanduser().is_file() else raw
         self.train_overrides = dotlist_all(self.c.get("train_overrides"))
+        self.task = None
+        if self.c.get("task") is not None:
+            try:
+                self.task = config.instantiate(self.c.task)
+            except (ValueError, TypeError) as e:
+                raise PrefOptUserError(f"compare.task: {e}") from e
+        try:
+            self.gold_reward = build_gold_reward(self.c.get("gold_reward"))
+        except ValueError as e:
+            raise PrefOptUserError(str(e)) from e
+        if self.gold_reward is None and self.task is not None:
+            self.gold_reward = self.task.gold_reward
+        # the sweep is checked here, before the task's SFT or any training
+        self.losses = list(self.c.get("losses") or DEFAULT_LOSSES)
+        self.sweep = expand_sweep(
+            self.losses, self.c.get("loss_configs") or {}, self.c.get("sweep")
+        )
+        self._load_base()
+
+    def _load_base(self) -> None:
         self.base_cfg = _config.load_config(
             ["--config", str(self.base_path), *self.train_overrides, f"output_dir={self.out}"]
         )
 
+    # ------------------------------------------------------------------ task
+    def prepare_task(self) -> None:
+        """``compare.task``: build the controlled task's SFT base and labelled pairs (once, in
+        ``<output_dir>/task``) and point every run at them."""
+        if self.task is None:
+            return
+        t0 = time.perf_counter()
+        prepared = self.task.prepare(self.out / "task")
+        self.task_manifest = prepared["manifest"]
+        task_overrides = []
+        for key, node in prepared["overrides"].items():
+            task_overrides += replace_component(key, self.base_cfg.get(key), node)
+        # the user's train_overrides still win
+        self.train_overrides = task_overrides + self.train_overrides
+        self._load_base()
+        log.info(f"[compare] task ready in {time.perf_counter() - t0:.0f}s: {self.out / 'task'}")
+
     # ------------------------------------------------------------------ plan
     def plan(self):
         c = self.c
-        losses = list(c.get("losses") or DEFAULT_LOSSES)
+        losses = self.losses
         loss_overrides = {k: dotlist_all(v) for k, v in (c.get("loss_overrides") or {}).items()}
         unknown = sorted(set(loss_overrides) - set(losses))
         if unknown:
             raise PrefOptUserError(
                 f"compare.loss_overrides.{unknown[0]}: not in compare.losses {losses}"
             )
+        names, loss_configs, sweep_points = self.sweep
+        family = {n: sweep_points[n][0] if n in sweep_points else n for n in names}
         runs = plan_runs(
             base_config=self.base_ref,
             base_cfg=self.base_cfg,
             output_dir=self.out,
-            losses=losses,
-            loss_configs=c.get("loss_configs") or {},
+            losses=names,
+            loss_configs=loss_configs,
             overrides=self.train_overrides,
-            loss_overrides=loss_overrides,
+            loss_overrides={n: loss_overrides.get(family[n], []) for n in names},
             kto_dataset=c.get("kto_dataset"),
             kto_rows_per_pair=c.get("kto_rows_per_pair", 2),
             nproc_per_node=c.get("nproc_per_node", 1),
             build_loss=build_loss,
         )
+        for run in runs:
+            run.family = family[run.name]
+            run.strength = sweep_points.get(run.name, (None, None))[1]
         # Every run's config must be valid before anything is launched.
         recipe = _distributed_recipe()
         for run in runs:
@@ -322,7 +370,15 @@ class CompareRecipe:
 
         t0 = time.perf_counter()
         evaluator = ev.HeldoutEvaluator(
-            tokenizer, items, reference, settings, device, dtype, judge, judge_kind
+            tokenizer,
+            items,
+            reference,
+            settings,
+            device,
+            dtype,
+            judge,
+            judge_kind,
+            gold_reward=self.gold_reward,
         )
         ref_result = evaluator.evaluate(None)
         ref_files = write_eval_files(self.out, "reference", ref_result, 0)
@@ -385,12 +441,23 @@ class CompareRecipe:
                 "kl": f"{settings.kl_samples_per_prompt} samples per prompt (temperature 1, seed {settings.kl_seed}), "
                 f"max_new_tokens {settings.kl_max_new_tokens}",
                 "judge": judge_label,
+                "gold_reward": _describe(c.get("gold_reward"))
+                or ("the task's (compare.task)" if self.task is not None else None),
+                "task": getattr(self, "task_manifest", None),
                 "device": str(device),
                 "dtype": str(dtype),
             },
             reference={"result": ref_result, "checkpoint": ref_dir, "files": ref_files},
             runs=records,
         )
+
+
+def _describe(node: Any) -> Optional[str]:
+    if node is None:
+        return None
+    if isinstance(node, str):
+        return node
+    return json.dumps(OmegaConf.to_container(node, resolve=True))
 
 
 def dotlist_all(node: Any) -> List[str]:
@@ -412,6 +479,7 @@ def dotlist_all(node: Any) -> List[str]:
 @parse
 def recipe_main(cfg: DictConfig) -> None:
     recipe = CompareRecipe(cfg)
+    recipe.prepare_task()
     runs = recipe.plan()
     commands = recipe.write_commands(runs)
     log.info(f"[compare] {len(runs)} runs; commands: {commands}")

@@ -52,9 +52,11 @@ _RECIPES = (
 
 
 def is_compare_config(name: str) -> bool:
-    """Configs named ``<family>/*compare*`` drive prefopt_compare; all others prefopt_distributed
-    (so ``tune ls`` lists each config once, under the recipe that runs it)."""
-    return "compare" in name.rsplit("/", 1)[-1]
+    """Configs named ``<family>/*compare*`` or ``<family>/*frontier*`` drive prefopt_compare;
+    all others prefopt_distributed (so ``tune ls`` lists each config once, under the recipe
+    that runs it)."""
+    stem = name.rsplit("/", 1)[-1]
+    return "compare" in stem or "frontier" in stem
 
 
 def _package_dir():

@@ -24,11 +24,18 @@ from torch import nn
 from torchtune_prefopt.compare.generation import (
     completion_lengths,
     completion_logps,
+    decode_completion,
     generate_completions,
     prompt_ids,
 )
+from torchtune_prefopt.compare.gold import score_responses
 from torchtune_prefopt.compare.judges import judge_win_rate
-from torchtune_prefopt.compare.metrics import HeldoutLogps, heldout_metrics, kl_estimate
+from torchtune_prefopt.compare.metrics import (
+    HeldoutLogps,
+    heldout_metrics,
+    kl_estimate,
+    prompt_mean,
+)
 from torchtune_prefopt.data import PairedBatch
 
 __all__ = [
@@ -121,6 +128,7 @@ class HeldoutEvaluator:
         dtype: torch.dtype,
         judge: Optional[Callable] = None,
         judge_kind: Optional[str] = None,
+        gold_reward: Optional[Callable] = None,
     ):
         if settings.max_rows is not None:
             items = list(items)[: settings.max_rows]
@@ -133,6 +141,7 @@ class HeldoutEvaluator:
         self.dtype = dtype
         self.judge = judge
         self.judge_kind = judge_kind
+        self.gold_reward = gold_reward
         self.pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
         self.stop_tokens = list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
         self.reference = reference
@@ -149,27 +158,8 @@ class HeldoutEvaluator:
         self.reference_completions = self.generate(reference)
 
     # ------------------------------------------------------------------ pieces
-    def _decode(self, ids: List[int]) -> str:
-        try:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
-        except TypeError:
-            return self.tokenizer.decode(ids)
-
     def _text(self, ids: Sequence[int]) -> str:
-        """Decoded text without stop/special tokens. Ids the tokenizer cannot decode (a model
-        vocabulary padded beyond the tokenizer's, sampled from an untrained model) become
-        ``<id>``."""
-        ids = [int(t) for t in ids if t not in self.stop_tokens]
-        try:
-            return self._decode(ids)
-        except Exception:  # noqa: BLE001 - fall back to token by token
-            parts = []
-            for t in ids:
-                try:
-                    parts.append(self._decode([t]))
-                except Exception:  # noqa: BLE001
-                    parts.append(f"<{t}>")
-            return "".join(parts)
+        return decode_completion(self.tokenizer, ids, self.stop_tokens)
 
     @torch.no_grad()
     def heldout_logps(self, model: nn.Module) -> HeldoutLogps:
@@ -206,6 +196,10 @@ class HeldoutEvaluator:
         )
 
     def kl(self, policy: nn.Module) -> Dict[str, Any]:
+        """Samples ``y ~ policy`` (temperature 1, ``kl_samples_per_prompt`` per prompt, the
+        same seed for every model) and what they measure: the Monte-Carlo KL to the
+        reference, their length and, with a gold reward, its mean (the frontier's point).
+        ``policy`` may be the reference itself (KL exactly 0)."""
         s = self.settings
         if s.kl_samples_per_prompt < 1:
             return {}
@@ -221,20 +215,40 @@ class HeldoutEvaluator:
             chunk_size=s.chunk_size,
         )
         lp_pol = completion_logps(policy, prompts, samples, **kw)
-        lp_ref = completion_logps(self.reference, prompts, samples, **kw)
+        lp_ref = (
+            lp_pol
+            if policy is self.reference
+            else completion_logps(self.reference, prompts, samples, **kw)
+        )
         out = kl_estimate(lp_pol, lp_ref, index)
         out["kl_max_new_tokens"] = float(s.kl_max_new_tokens)
         lengths, _ = completion_lengths(samples, self.stop_tokens)
-        out["kl_sample_mean_length"] = sum(lengths) / max(len(lengths), 1)
+        out["sample_length"], out["sample_length_stderr"], _ = prompt_mean(
+            torch.tensor(lengths, dtype=torch.float64), index
+        )
+        texts = [self._text(c) for c in samples]
+        gold = None
+        if self.gold_reward is not None:
+            gold = score_responses(
+                self.gold_reward, [self.prompt_texts[i] for i in index.tolist()], texts
+            )
+            out["gold_reward"], out["gold_reward_stderr"], _ = prompt_mean(
+                torch.tensor(gold, dtype=torch.float64), index
+            )
         out["rows"] = [
             {
                 "prompt": int(i),
-                "sample": self._text(c),
+                "sample": t,
+                "ids": [int(x) for x in c],
                 "tokens": len(c),
+                "length": n,
                 "logp": float(a),
                 "logp_ref": float(b),
+                **({} if gold is None else {"gold": gold[k]}),
             }
-            for i, c, a, b in zip(index.tolist(), samples, lp_pol.tolist(), lp_ref.tolist())
+            for k, (i, c, t, n, a, b) in enumerate(
+                zip(index.tolist(), samples, texts, lengths, lp_pol.tolist(), lp_ref.tolist())
+            )
         ]
         return out
 
@@ -276,7 +290,8 @@ class HeldoutEvaluator:
                 self.judge(x, r) for x, r in zip(self.prompt_texts, ref_responses)
             ) / len(ref_responses)
         result["generation"] = gen
-        kl = {} if is_ref else self.kl(model)
+        # the reference is sampled too when a gold reward is set: the frontier's KL-0 point
+        kl = self.kl(model) if not is_ref or self.gold_reward is not None else {}
         kl_rows = kl.pop("rows", [])
         result["kl"] = kl
         result["rows"] = {

@@ -21,6 +21,7 @@ from torchtune_prefopt.modules import decoder_sequence_logprobs
 
 __all__ = [
     "completion_lengths",
+    "decode_completion",
     "completion_logps",
     "generate_completions",
     "prompt_ids",
@@ -39,6 +40,31 @@ def prompt_ids(item) -> List[int]:
                 )
             return list(item["chosen_input_ids"][:i])
     raise ValueError("held-out item has no completion tokens")
+
+
+def _decode(tokenizer, ids: List[int]) -> str:
+    try:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    except TypeError:
+        return tokenizer.decode(ids)
+
+
+def decode_completion(tokenizer, ids: Sequence[int], stop_tokens: Sequence[int] = ()) -> str:
+    """Text of generated ``ids`` without stop/special tokens. Ids the tokenizer cannot decode
+    (a model vocabulary padded beyond the tokenizer's, sampled from an untrained model)
+    become ``<id>``."""
+    stop = set(int(t) for t in stop_tokens)
+    ids = [int(t) for t in ids if int(t) not in stop]
+    try:
+        return _decode(tokenizer, ids)
+    except Exception:  # noqa: BLE001 - fall back to token by token
+        parts = []
+        for t in ids:
+            try:
+                parts.append(_decode(tokenizer, [t]))
+            except Exception:  # noqa: BLE001
+                parts.append(f"<{t}>")
+        return "".join(parts)
 
 
 def _cut_at_stop(tokens: Sequence[int], stop: set) -> List[int]:

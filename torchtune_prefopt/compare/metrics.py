@@ -27,6 +27,7 @@ __all__ = [
     "heldout_metrics",
     "iter_disk_log",
     "kl_estimate",
+    "prompt_mean",
     "loss_rewards",
     "pair_accuracy",
     "parse_disk_log",
@@ -75,6 +76,9 @@ DEFINITIONS: Dict[str, str] = {
     "log pi(y|x) - log pi_ref(y|x) summed over the sampled tokens, y ~ pi (temperature 1, no top-k, "
     "fixed seed) truncated at max_new_tokens (an unbiased estimate of the KL between the distributions "
     "of the first max_new_tokens tokens); +- one standard error over prompts",
+    "gold_reward": "mean gold reward r*(x, y) of the same samples y ~ pi as the KL (temperature 1, held-out "
+    "prompts): an unbiased estimate of E_pi[r*]; +- one standard error over prompts",
+    "sample_length": "mean length (tokens, stop token excluded) of those samples; +- one standard error over prompts",
     "response_length": "mean number of generated tokens on held-out prompts (stop token excluded; generation "
     "settings as listed), the length-bias measure",
     "length_ratio": "response_length / the reference's response_length on the same prompts",
@@ -217,20 +221,27 @@ def heldout_metrics(loss_fn, pol: HeldoutLogps, ref: Optional[HeldoutLogps]) -> 
     return out
 
 
+def prompt_mean(values: torch.Tensor, prompt_index: torch.Tensor) -> Tuple[float, float, int]:
+    """``(mean, standard error, prompts)`` of per-sample ``values``: the mean over all samples,
+    and the standard error over prompts (each prompt's sample mean is one draw; samples of
+    one prompt are not independent draws of the prompt distribution)."""
+    values = values.double()
+    prompts = torch.unique(prompt_index)
+    per_prompt = torch.stack([values[prompt_index == p].mean() for p in prompts])
+    n = per_prompt.numel()
+    se = float(per_prompt.std(unbiased=True).item() / math.sqrt(n)) if n > 1 else float("nan")
+    return float(values.mean().item()), se, n
+
+
 def kl_estimate(
     policy_logps: torch.Tensor, reference_logps: torch.Tensor, prompt_index: torch.Tensor
 ) -> Dict[str, float]:
-    """Monte-Carlo KL from samples ``y ~ π``: mean of ``log π(y) - log π_ref(y)``.
-
-    The standard error is over prompts (the mean of each prompt's samples is one draw).
-    """
+    """Monte-Carlo KL from samples ``y ~ π``: mean of ``log π(y) - log π_ref(y)``, with the
+    standard error over prompts (:func:`prompt_mean`)."""
     diff = (policy_logps - reference_logps).double()
-    prompts = torch.unique(prompt_index)
-    per_prompt = torch.stack([diff[prompt_index == p].mean() for p in prompts])
-    n = per_prompt.numel()
-    se = float(per_prompt.std(unbiased=True).item() / math.sqrt(n)) if n > 1 else float("nan")
+    kl, se, n = prompt_mean(diff, prompt_index)
     return {
-        "kl": float(diff.mean().item()),
+        "kl": kl,
         "kl_stderr": se,
         "kl_prompts": float(n),
         "kl_samples": float(diff.numel()),

@@ -20,6 +20,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from torchtune_prefopt.compare.frontier import (
+    frontier_points,
+    frontier_reading,
+    frontier_table,
+    plot_frontier,
+)
 from torchtune_prefopt.compare.metrics import DEFINITIONS, TRAIN_CURVE_METRICS
 from torchtune_prefopt.compare.runs import loss_label, matched_differences
 
@@ -401,6 +407,8 @@ def run_record(
     loss_cfg = saved_cfg.get("loss")
     return {
         "name": run.name,
+        "family": getattr(run, "family", None) or run.name,
+        "strength": getattr(run, "strength", None),
         "loss_label": loss_label(loss_cfg),
         "loss_config": loss_cfg,
         "run_dir": str(run.run_dir),
@@ -448,7 +456,7 @@ def assemble_report(
     base_checkpoint = OmegaConf.select(
         OmegaConf.create(first), "checkpointer.checkpoint_dir", default="?"
     )
-    return {
+    report = {
         "title": title,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "output_dir": str(output_dir),
@@ -469,6 +477,10 @@ def assemble_report(
         "curves": curves,
         "notes": [],
     }
+    points = frontier_points(report)
+    if len(points) > 1:
+        report["frontier"] = {"points": points, "reading": frontier_reading(points)}
+    return report
 
 
 # --------------------------------------------------------------------------- writing
@@ -496,6 +508,32 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
             "curves as SVG and report.json holds the raw series."
         )
 
+    frontier = report.get("frontier")
+    frontier_md: List[str] = []
+    frontier_html = ""
+    if frontier:
+        png = plot_frontier(frontier["points"], out / "plots" / "frontier.png")
+        fh, fr = frontier_table(frontier["points"])
+        reading = frontier["reading"]["lines"]
+        img = f"![gold-reward frontier]({png.relative_to(out).as_posix()})" if png else ""
+        frontier_md = [
+            "## Gold-reward frontier (reward vs KL)",
+            "",
+            *([img, ""] if img else []),
+            *[f"- {line}" for line in reading],
+            "",
+            _md_table(fh, fr),
+            "",
+        ]
+        frontier_html = (
+            "<h2>Gold-reward frontier (reward vs KL)</h2>"
+            + (f'<img src="plots/{png.name}" alt="frontier">' if png else "")
+            + "<ul>"
+            + "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in reading)
+            + "</ul>"
+            + _html_table(fh, fr)
+        )
+
     ht, hr = _heldout_table(report)
     gt, gr = _generation_table(report)
     tt, tr = _training_table(report)
@@ -508,6 +546,7 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
             *[f"- {d}" for d in report["matched"]["differences"]],
             "",
         ]
+    md += frontier_md
     md += [
         "## Held-out preference metrics (log-probs)",
         "",
@@ -574,7 +613,7 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;}} table{{border-collapse:collapse;margin:1em 0;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
 .charts svg,.charts img{{margin:4px;border:1px solid #eee}} code{{font-size:12px}}</style></head><body>
-<h1>{html.escape(title)}</h1><ul>{setup_html}</ul>{diffs}
+<h1>{html.escape(title)}</h1><ul>{setup_html}</ul>{diffs}{frontier_html}
 <h2>Held-out preference metrics (log-probs)</h2>{_html_table(ht, hr)}
 <h2>Generation, length and KL</h2>{_html_table(gt, gr)}
 <h2>Training (read from each run's DiskLogger log)</h2>{_html_table(tt, tr)}

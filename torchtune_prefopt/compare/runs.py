@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.plain import to_plain
@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_LOSSES",
     "RunSpec",
     "dotlist",
+    "expand_sweep",
     "kto_dataset_overrides",
     "loss_label",
     "matched_differences",
@@ -161,6 +162,8 @@ class RunSpec:
     run_dir: Path
     overrides: List[str]
     command: List[str] = field(default_factory=list)
+    family: Optional[str] = None  # the compare.losses entry (a sweep has several runs per entry)
+    strength: Optional[Tuple[str, float]] = None  # (loss argument, value) of a sweep point
 
     @property
     def shell(self) -> str:
@@ -190,6 +193,77 @@ def _loss_overrides(spec: Any, base_loss: Any) -> List[str]:
     if "name" in spec and "_component_" not in spec:
         spec["_component_"] = spec.pop("name")
     return replace_component("loss", base_loss, spec)
+
+
+def _strength_text(value: float) -> str:
+    return f"{float(value):g}"
+
+
+def expand_sweep(
+    losses: Sequence[str], loss_configs: Mapping[str, Any], sweep: Optional[Mapping[str, Any]]
+) -> Tuple[List[str], Dict[str, Any], Dict[str, Tuple[str, Tuple[str, float]]]]:
+    """``compare.sweep`` (``{loss: {argument: [values]}}``, one argument per loss) -> the run
+    names, their loss configs and ``{run: (loss, (argument, value))}``.
+
+    Run ``<loss>-<argument><value>`` (e.g. ``dpo-beta0.1``) trains ``compare.loss_configs.<loss>``
+    with ``argument`` set to ``value``; losses not in the sweep keep one run named after
+    the loss; sweeps of losses that ``losses`` leaves out are ignored. Values must be
+    positive numbers, at least one per swept loss.
+    """
+    sweep = to_plain(sweep or {}, resolve=True)
+    if not isinstance(sweep, Mapping):
+        raise PrefOptUserError(
+            f"compare.sweep must be a mapping loss -> {{argument: [values]}}, got {sweep!r}"
+        )
+    # a sweep of a configured loss that compare.losses leaves out is ignored (as its
+    # loss_configs entry is); a name that is neither is a typo
+    unknown = sorted(set(sweep) - set(losses) - set(loss_configs))
+    if unknown:
+        raise PrefOptUserError(
+            f"compare.sweep.{unknown[0]}: not a loss of compare.losses {list(losses)} or "
+            f"compare.loss_configs {sorted(loss_configs)}"
+        )
+    names: List[str] = []
+    configs: Dict[str, Any] = {}
+    points: Dict[str, Tuple[str, Tuple[str, float]]] = {}
+    for loss in losses:
+        base = to_plain(loss_configs.get(loss), resolve=False) if loss in loss_configs else None
+        if loss not in sweep:
+            names.append(loss)
+            if base is not None:
+                configs[loss] = base
+            continue
+        spec = sweep[loss]
+        if not isinstance(spec, Mapping) or len(spec) != 1:
+            raise PrefOptUserError(
+                f"compare.sweep.{loss} must name exactly one loss argument with a list of values, "
+                f"e.g. {{beta: [0.05, 0.1, 0.3]}}, got {spec!r}"
+            )
+        ((arg, values),) = spec.items()
+        if not isinstance(values, (list, tuple)) or not values:
+            raise PrefOptUserError(
+                f"compare.sweep.{loss}.{arg} must be a non-empty list of numbers"
+            )
+        if base is None:
+            raise PrefOptUserError(
+                f"compare.losses: no compare.loss_configs.{loss} (have {sorted(loss_configs)})"
+            )
+        if isinstance(base, str):
+            base = {"_component_": base}
+        seen = set()
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise PrefOptUserError(
+                    f"compare.sweep.{loss}.{arg}: {v!r} is not a positive number"
+                )
+            name = f"{loss}-{arg}{_strength_text(v)}"
+            if name in seen:
+                raise PrefOptUserError(f"compare.sweep.{loss}.{arg}: {v!r} is listed twice")
+            seen.add(name)
+            names.append(name)
+            configs[name] = {**dict(base), arg: float(v)}
+            points[name] = (loss, (str(arg), float(v)))
+    return names, configs, points
 
 
 def plan_runs(
@@ -318,6 +392,17 @@ def _gpu_slots(max_parallel: int, nproc: int, on_cuda: bool) -> List[Optional[st
     return [",".join(gpus[k * nproc : (k + 1) * nproc]) for k in range(max_parallel)]
 
 
+def _cpu_threads(max_parallel: int, nproc: int, on_cuda: bool) -> Optional[str]:
+    """``OMP_NUM_THREADS`` for concurrent CPU runs: the cores split between the processes
+    (torch's default, one thread per core in every process, oversubscribes the cores, and
+    spinning OpenMP threads then slow each run several-fold); ``None``: leave it (one run at
+    a time, GPU runs, or a user-set ``OMP_NUM_THREADS``)."""
+    if on_cuda or max_parallel * nproc <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return str(max(1, int(cores or 1) // (max_parallel * nproc)))
+
+
 def train_runs(
     todo: Sequence[RunSpec],
     launch_dir: Path,
@@ -330,7 +415,7 @@ def train_runs(
     output goes to ``launch_dir/<run>.log``.
 
     With several at a time on GPUs, run k gets its own ``nproc`` GPUs through
-    ``CUDA_VISIBLE_DEVICES``. If a run fails, the ones still running get SIGTERM (the
+    ``CUDA_VISIBLE_DEVICES``; on CPU the cores are split (``OMP_NUM_THREADS``). If a run fails, the ones still running get SIGTERM (the
     training recipe then saves a resumable checkpoint and exits) and the error names the
     failed run's output file.
     """
@@ -340,6 +425,7 @@ def train_runs(
     todo = list(todo)
     max_parallel = max(1, int(max_parallel))
     gpu_slots = _gpu_slots(max_parallel, int(nproc), on_cuda)
+    cpu_threads = _cpu_threads(max_parallel, int(nproc), on_cuda)
     running: Dict[int, tuple] = {}  # slot -> (run, proc, file, t0, log_path)
     failed = None
     try:
@@ -350,6 +436,8 @@ def train_runs(
                 env = dict(base_env)
                 if gpu_slots[slot] is not None:
                     env["CUDA_VISIBLE_DEVICES"] = gpu_slots[slot]
+                if cpu_threads is not None:
+                    env["OMP_NUM_THREADS"] = cpu_threads
                 log_path = launch_dir / f"{run.name}.log"
                 gpus = f" on GPUs {gpu_slots[slot]}" if gpu_slots[slot] is not None else ""
                 log.info(

@@ -30,6 +30,7 @@ from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
 from torchtune_prefopt.data._packed import PackedBatch, PackingLayout, pack_sequences
 from torchtune_prefopt.data._paired import PreferenceDataset
 from torchtune_prefopt.data._position import PositionIndexed
+from torchtune_prefopt.data._sft import SFTDataset, sft_dataset
 from torchtune_prefopt.data._synthetic import (
     SYNTHETIC_DIR,
     synthetic_data_file,
@@ -57,6 +58,7 @@ __all__ = [
     "PreferenceBatch",
     "PreferenceCollator",
     "PreferenceDataset",
+    "SFTDataset",
     "UnpairedBatch",
     "SYNTHETIC_DIR",
     "hh_rlhf_dataset",
@@ -75,6 +77,7 @@ __all__ = [
     "stack_exchange_paired_dataset",
     "synthetic_data_file",
     "synthetic_kto_dataset",
+    "sft_dataset",
     "synthetic_preference_dataset",
     "thumbs_dataset",
     "thumbs_label",

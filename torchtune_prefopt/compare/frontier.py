@@ -1,0 +1,259 @@
+"""The gold-reward frontier: expected gold reward against KL(pi || pi_ref), a point per
+(loss, strength) (the DPO paper's controlled experiment, Rafailov et al. 2023, Fig. 2).
+
+Pure functions over the comparison report (no model code): :func:`frontier_points` reads
+each model's sampled evaluation (``result["kl"]``: KL, gold reward and sample length, each
+with a standard error over prompts), :func:`frontier_reading` turns the points into the
+statements a user needs, :func:`plot_frontier` draws them (matplotlib, optional).
+
+Reading rules (all numbers are from the points; "beyond error bars" means the difference
+exceeds ``2 * sqrt(se_a^2 + se_b^2)``, about a 95% two-sided z-test):
+
+* **budgets**: for KL budgets ``k`` (the 25th, 50th and 100th percentile of the trained
+  points' KLs), the point with the most gold reward among those with ``KL <= k``, and
+  whether it beats the best point of every other loss under that budget beyond error bars;
+* **monotone**: along each loss's sweep, ordered by KL, whether the gold reward rises at
+  every step (a loss whose reward falls at high KL over-optimises: a finding, not a failure);
+* **length**: which loss's samples drift longest relative to the reference (SFT) model;
+* **separated**: the pairs of losses whose best points differ beyond error bars.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["frontier_points", "frontier_reading", "frontier_table", "plot_frontier"]
+
+REFERENCE = "reference"
+
+
+def _point(name: str, family: str, strength, result: Dict[str, Any], files) -> Optional[Dict]:
+    kl = result.get("kl") or {}
+    if "gold_reward" not in kl:
+        return None
+    arg, value = strength if strength else (None, None)
+    return {
+        "name": name,
+        "loss": family,
+        "argument": arg,
+        "strength": value,
+        "kl": kl["kl"],
+        "kl_stderr": kl["kl_stderr"],
+        "gold": kl["gold_reward"],
+        "gold_stderr": kl["gold_reward_stderr"],
+        "length": kl.get("sample_length"),
+        "length_stderr": kl.get("sample_length_stderr"),
+        "samples": kl.get("kl_samples"),
+        "files": dict(files or {}),
+    }
+
+
+def frontier_points(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The reference (KL 0) and every run that has a gold-reward evaluation."""
+    points = []
+    ref = report["reference"]
+    p = _point(REFERENCE, REFERENCE, None, ref["result"], ref.get("files"))
+    if p is not None:
+        points.append(p)
+    for run in report["runs"]:
+        p = _point(
+            run["name"],
+            run.get("family") or run["name"],
+            run.get("strength"),
+            run["result"],
+            run.get("files"),
+        )
+        if p is not None:
+            points.append(p)
+    return points
+
+
+def _apart(a: Dict, b: Dict, key: str = "gold") -> bool:
+    se = math.sqrt(a[f"{key}_stderr"] ** 2 + b[f"{key}_stderr"] ** 2)
+    return abs(a[key] - b[key]) > 2.0 * se
+
+
+def _label(p: Dict) -> str:
+    if p["argument"] is None:
+        return p["name"]
+    return f"{p['loss']} {p['argument']}={p['strength']:g}"
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]
+
+
+def frontier_reading(points: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Budgets, monotonicity, length drift and separation (module docstring) as data plus
+    ``lines``: the sentences the report prints."""
+    trained = [p for p in points if p["loss"] != REFERENCE]
+    ref = next((p for p in points if p["loss"] == REFERENCE), None)
+    losses = list(dict.fromkeys(p["loss"] for p in trained))
+    out: Dict[str, Any] = {"budgets": [], "monotone": {}, "separated": [], "lines": []}
+    if not trained:
+        return out
+    lines = out["lines"]
+    kls = [p["kl"] for p in trained]
+    for q in (0.25, 0.5, 1.0):
+        k = _pct(kls, q)
+        if any(b["kl_budget"] == k for b in out["budgets"]):
+            continue
+        best_per_loss = {}
+        for loss in losses:
+            under = [p for p in trained if p["loss"] == loss and p["kl"] <= k]
+            if under:
+                best_per_loss[loss] = max(under, key=lambda p: p["gold"])
+        if not best_per_loss:
+            continue
+        best = max(best_per_loss.values(), key=lambda p: p["gold"])
+        beaten = [
+            loss for loss, p in best_per_loss.items() if loss != best["loss"] and _apart(best, p)
+        ]
+        others = [loss for loss in best_per_loss if loss != best["loss"]]
+        out["budgets"].append(
+            {
+                "kl_budget": k,
+                "best": best["name"],
+                "best_loss": best["loss"],
+                "gold": best["gold"],
+                "gold_stderr": best["gold_stderr"],
+                "beyond_error_bars_over": beaten,
+                "within_error_bars_of": [x for x in others if x not in beaten],
+                "losses_without_a_point": [x for x in losses if x not in best_per_loss],
+            }
+        )
+        tail = f"; ahead beyond error bars of {', '.join(beaten)}" if beaten else ""
+        ties = [x for x in others if x not in beaten]
+        if ties:
+            tail += f"; within error bars of {', '.join(ties)}"
+        none = [x for x in losses if x not in best_per_loss]
+        if none:
+            tail += f" ({', '.join(none)}: no point at this KL)"
+        lines.append(
+            f"At KL <= {k:.3g} nats, **{best['loss']}** reaches the most gold reward: "
+            f"{best['gold']:.3f} +- {best['gold_stderr']:.3f} ({_label(best)}){tail}."
+        )
+    for loss in losses:
+        line = sorted((p for p in trained if p["loss"] == loss), key=lambda p: p["kl"])
+        if len(line) < 2:
+            continue
+        steps = [b["gold"] - a["gold"] for a, b in zip(line, line[1:])]
+        rises = all(s > 0 for s in steps)
+        out["monotone"][loss] = rises
+        order = " -> ".join(f"{_label(p)} (KL {p['kl']:.3g}, r* {p['gold']:.3f})" for p in line)
+        if rises:
+            lines.append(f"{loss}: gold reward rises with KL over its sweep: {order}.")
+        else:
+            lines.append(
+                f"{loss}: gold reward does NOT rise with KL at every step of its sweep (a finding: "
+                f"more KL bought less reward): {order}."
+            )
+    with_len = [p for p in trained if p.get("length") is not None]
+    if with_len and ref is not None and ref.get("length") is not None:
+        longest = max(with_len, key=lambda p: p["length"])
+        shortest = min(with_len, key=lambda p: p["length"])
+        out["length"] = {
+            "reference": ref["length"],
+            "longest": longest["name"],
+            "longest_length": longest["length"],
+            "shortest": shortest["name"],
+            "shortest_length": shortest["length"],
+        }
+        lines.append(
+            f"Length: **{longest['loss']}** drifts longest ({_label(longest)}: "
+            f"{longest['length']:.2f} +- {longest['length_stderr']:.2f} tokens vs the reference's "
+            f"{ref['length']:.2f}); shortest: {_label(shortest)} ({shortest['length']:.2f})."
+        )
+    best_of = {
+        loss: max((p for p in trained if p["loss"] == loss), key=lambda p: p["gold"])
+        for loss in losses
+    }
+    for i, a in enumerate(losses):
+        for b in losses[i + 1 :]:
+            if _apart(best_of[a], best_of[b]):
+                out["separated"].append([a, b])
+    n_pairs = len(losses) * (len(losses) - 1) // 2
+    if n_pairs:
+        sep = ", ".join(f"{a}/{b}" for a, b in out["separated"]) or "none"
+        lines.append(
+            f"Best points separated beyond error bars: {len(out['separated'])} of {n_pairs} loss pairs ({sep})."
+        )
+    return out
+
+
+def frontier_table(points: Sequence[Dict[str, Any]]):
+    """``(header, rows)`` of the frontier table (strings)."""
+    head = ["point", "loss", "strength", "KL (nats)", "gold reward r*", "sample length", "samples"]
+    rows = []
+    for p in points:
+        strength = "—" if p["argument"] is None else f"{p['argument']}={p['strength']:g}"
+        rows.append(
+            [
+                p["name"],
+                p["loss"],
+                strength,
+                f"{p['kl']:.4f} ± {p['kl_stderr']:.4f}",
+                f"{p['gold']:.3f} ± {p['gold_stderr']:.3f}",
+                "—" if p["length"] is None else f"{p['length']:.2f} ± {p['length_stderr']:.2f}",
+                f"{p['samples']:.0f}" if p.get("samples") is not None else "—",
+            ]
+        )
+    return head, rows
+
+
+def plot_frontier(points: Sequence[Dict[str, Any]], path) -> Optional[Path]:
+    """Gold reward vs KL with error bars, a line per loss (ordered by KL) from the reference
+    point; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ref = next((p for p in points if p["loss"] == REFERENCE), None)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for loss in dict.fromkeys(p["loss"] for p in points if p["loss"] != REFERENCE):
+        line = sorted((p for p in points if p["loss"] == loss), key=lambda p: p["kl"])
+        ax.errorbar(
+            [p["kl"] for p in line],
+            [p["gold"] for p in line],
+            xerr=[p["kl_stderr"] for p in line],
+            yerr=[p["gold_stderr"] for p in line],
+            marker="o",
+            capsize=3,
+            label=loss,
+        )
+        for p in line:
+            if p["strength"] is not None:
+                ax.annotate(
+                    f"{p['strength']:g}",
+                    (p["kl"], p["gold"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    if ref is not None:
+        ax.errorbar(
+            [ref["kl"]],
+            [ref["gold"]],
+            yerr=[ref["gold_stderr"]],
+            marker="s",
+            color="black",
+            capsize=3,
+            label="reference (SFT)",
+        )
+    ax.set_xlabel("KL(π || π_ref), nats per sequence (Monte-Carlo, ± s.e.)")
+    ax.set_ylabel("gold reward E[r*] (± s.e.)")
+    ax.set_title("Gold-reward frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
