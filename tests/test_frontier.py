@@ -569,3 +569,29 @@ def test_frontier_config_errors_before_any_compute(tmp_path, override, message):
     with pytest.raises(PrefOptUserError, match=message.replace("[", r"\[").replace("(", r"\(")):
         recipe.CompareRecipe(cfg)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_bundled_frontier_is_not_degenerate(tmp_path):
+    """The README's `tune run prefopt_compare --config tiny/frontier` (only output_dir moved):
+    every loss's best point beats the SFT reference beyond error bars, and some losses'
+    best points differ from each other beyond error bars."""
+    out = tmp_path / "out"
+    proc = tune(
+        ["run", "prefopt_compare", "--config", "tiny/frontier", f"output_dir={out}"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads((out / "report.json").read_text())
+    points = report["frontier"]["points"]
+    ref = points[0]
+    assert ref["name"] == "reference" and ref["kl"] == 0.0
+    losses = {"dpo", "ipo", "kto", "simpo"}
+    assert {p["loss"] for p in points[1:]} == losses and len(points) == 1 + 4 * 4
+    for loss in losses:
+        best = max((p for p in points if p["loss"] == loss), key=lambda p: p["gold"])
+        se = math.sqrt(best["gold_stderr"] ** 2 + ref["gold_stderr"] ** 2)
+        assert best["gold"] - ref["gold"] > 2 * se, (loss, best, ref)
+        assert best["kl"] > 0.1
+    reading = report["frontier"]["reading"]
+    assert reading["separated"], reading["lines"]
+    assert set(reading["monotone"]) == losses
