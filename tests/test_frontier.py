@@ -595,3 +595,17 @@ def test_bundled_frontier_is_not_degenerate(tmp_path):
     reading = report["frontier"]["reading"]
     assert reading["separated"], reading["lines"]
     assert set(reading["monotone"]) == losses
+
+
+def test_gold_reward_that_misbehaves_is_one_line():
+    from torchtune_prefopt.compare.gold import score_responses
+
+    with pytest.raises(PrefOptUserError, match="returned nan for prompt 'p', response 'b'"):
+        score_responses(lambda p, r: float("nan") if r == "b" else 1.0, ["p", "p"], ["a", "b"])
+
+    class Short:
+        def score(self, prompts, responses):
+            return [1.0]
+
+    with pytest.raises(PrefOptUserError, match="returned 1 values for 2 responses"):
+        score_responses(Short(), ["p", "p"], ["a", "b"])

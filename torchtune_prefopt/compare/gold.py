@@ -37,6 +37,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from torchtune_prefopt.errors import PrefOptUserError
+
 __all__ = [
     "LIST_CATEGORIES",
     "ListTask",
@@ -200,8 +202,14 @@ class RewardModel:
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.path, local_files_only=True, trust_remote_code=False
         )
+        # transformers >= 4.56 names it dtype, older versions torch_dtype
+        import transformers
+        from packaging.version import Version
+
+        new = Version(transformers.__version__).release >= (4, 56)
+        dtype_kw = "dtype" if new else "torch_dtype"
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.path, local_files_only=True, trust_remote_code=False, dtype=dtypes[dtype]
+            self.path, local_files_only=True, trust_remote_code=False, **{dtype_kw: dtypes[dtype]}
         ).to(device)
         self.model.eval()
         if self.tokenizer.pad_token is None:
@@ -254,10 +262,15 @@ def score_responses(
         values = [float(v) for v in gold.score(list(prompts), list(responses))]
     else:
         values = [float(gold(p, r)) for p, r in zip(prompts, responses)]
+    if len(values) != len(responses):
+        raise PrefOptUserError(
+            f"compare.gold_reward: score() returned {len(values)} values for {len(responses)} responses"
+        )
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
-        raise ValueError(
-            f"the gold reward returned {values[bad[0]]} for response {bad[0]}: {responses[bad[0]]!r}"
+        raise PrefOptUserError(
+            f"compare.gold_reward returned {values[bad[0]]} for prompt {prompts[bad[0]]!r}, "
+            f"response {responses[bad[0]]!r}"
         )
     return values
 
