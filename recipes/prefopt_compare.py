@@ -93,6 +93,7 @@ COMPARE_KEYS = {
     "title",
     "task",
     "sweep",
+    "seeds",
     "gold_reward",
 }
 SECTION_KEYS = {
@@ -204,7 +205,10 @@ class CompareRecipe:
         # the sweep is checked here, before the task's SFT or any training
         self.losses = list(self.c.get("losses") or DEFAULT_LOSSES)
         self.sweep = expand_sweep(
-            self.losses, self.c.get("loss_configs") or {}, self.c.get("sweep")
+            self.losses,
+            self.c.get("loss_configs") or {},
+            self.c.get("sweep"),
+            self.c.get("seeds"),
         )
         self._load_base()
 
@@ -240,8 +244,7 @@ class CompareRecipe:
             raise PrefOptUserError(
                 f"compare.loss_overrides.{unknown[0]}: not in compare.losses {losses}"
             )
-        names, loss_configs, sweep_points = self.sweep
-        family = {n: sweep_points[n][0] if n in sweep_points else n for n in names}
+        names, loss_configs, points = self.sweep
         runs = plan_runs(
             base_config=self.base_ref,
             base_cfg=self.base_cfg,
@@ -249,15 +252,19 @@ class CompareRecipe:
             losses=names,
             loss_configs=loss_configs,
             overrides=self.train_overrides,
-            loss_overrides={n: loss_overrides.get(family[n], []) for n in names},
+            loss_overrides={
+                n: loss_overrides.get(points[n].family, [])
+                + ([] if points[n].seed is None else [f"seed={points[n].seed}"])
+                for n in names
+            },
             kto_dataset=c.get("kto_dataset"),
             kto_rows_per_pair=c.get("kto_rows_per_pair", 2),
             nproc_per_node=c.get("nproc_per_node", 1),
             build_loss=build_loss,
         )
         for run in runs:
-            run.family = family[run.name]
-            run.strength = sweep_points.get(run.name, (None, None))[1]
+            p = points[run.name]
+            run.family, run.strength, run.seed = p.family, p.strength, p.seed
         # Every run's config must be valid before anything is launched.
         recipe = _distributed_recipe()
         for run in runs:

@@ -27,7 +27,7 @@ from torchtune_prefopt.compare.gold import (
     list_task_reward,
 )
 from torchtune_prefopt.compare.metrics import kl_estimate
-from torchtune_prefopt.compare.runs import _cpu_threads, expand_sweep
+from torchtune_prefopt.compare.runs import SweepPoint, _cpu_threads, expand_sweep
 from torchtune_prefopt.data import CROSS_ENTROPY_IGNORE_IDX, preference_dataset, sft_dataset
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.models.tiny import make_tiny_hf_checkpoint, tiny_tokenizer
@@ -282,8 +282,8 @@ def test_expand_sweep_names_and_configs():
     assert names == ["dpo-beta0.03", "dpo-beta0.3", "simpo-beta1", "simpo-beta4", "kto"]
     assert cfgs["dpo-beta0.3"] == {"_component_": "torchtune_prefopt.losses.DPOLoss", "beta": 0.3}
     assert cfgs["simpo-beta4"]["gamma"] == 0.5 and cfgs["simpo-beta4"]["beta"] == 4.0
-    assert cfgs["kto"] == "kto" and "kto" not in points
-    assert points["dpo-beta0.03"] == ("dpo", ("beta", 0.03))
+    assert cfgs["kto"] == "kto" and points["kto"] == SweepPoint("kto")
+    assert points["dpo-beta0.03"] == SweepPoint("dpo", ("beta", 0.03), None)
     # no sweep: one run per loss, as before; the sweep of a configured loss left out of
     # compare.losses is ignored
     assert expand_sweep(["dpo"], configs, None)[0] == ["dpo"]
@@ -404,6 +404,10 @@ def test_sft_dataset_matches_preference_tokenization_and_labels_eos(tmp_path):
 # ----------------------------------------------------------------------------- controlled task
 
 
+def yaml_seed(path: Path):
+    return OmegaConf.load(path).seed
+
+
 def _fake_sft(task_dir: Path, seed: int) -> None:
     """Skip the SFT subprocess: a seeded tiny checkpoint stands in for its output."""
     make_tiny_hf_checkpoint(task_dir / "sft" / "epoch_0", seed=seed)
@@ -498,8 +502,9 @@ def test_frontier_reading_hand_built():
 
 @pytest.mark.slow
 def test_e2e_small_frontier(tmp_path):
-    """`tune run prefopt_compare --config tiny/frontier`, shrunk: 2 losses x 2 strengths. The
-    report's points equal a recomputation from the saved samples."""
+    """`tune run prefopt_compare --config tiny/frontier`, shrunk: 2 losses x 2 strengths x 2
+    seeds. Each run's point equals a recomputation from its saved samples, and each frontier
+    point is the mean of its seeds' points."""
     out = tmp_path / "out"
     args = [
         f"output_dir={out}",
@@ -510,6 +515,7 @@ def test_e2e_small_frontier(tmp_path):
         "compare.losses=[dpo,simpo]",
         "compare.sweep.dpo.beta=[0.1,0.5]",
         "compare.sweep.simpo.beta=[2.0,4.0]",
+        "compare.seeds=[0,1]",
         "compare.train_overrides.max_steps_per_epoch=6",
         "compare.kl.samples_per_prompt=4",
         "compare.heldout.max_rows=16",
@@ -518,11 +524,19 @@ def test_e2e_small_frontier(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "Gold-reward frontier" in proc.stdout
     report = json.loads((out / "report.json").read_text())
-    points = {p["name"]: p for p in report["frontier"]["points"]}
+    assert report["matched"]["ok"], report["matched"]  # seeds differ on purpose only
+    frontier = report["frontier"]
+    points = {p["name"]: p for p in frontier["points"]}
     assert set(points) == {"reference", "dpo-beta0.1", "dpo-beta0.5", "simpo-beta2", "simpo-beta4"}
     assert points["reference"]["kl"] == 0.0
+    runs = {p["name"]: p for p in frontier["runs"]}
+    assert len(runs) == 1 + 8 and runs["dpo-beta0.5-seed1"]["seed"] == 1
+    saved = yaml_seed(out / "dpo-beta0.5-seed1" / "torchtune_config.yaml")
+    assert saved == 1
     task = ListTask()
-    for name, p in points.items():
+    heldout = (out / "task" / "pairs_heldout.jsonl").read_text().splitlines()
+    prompts = list(dict.fromkeys(json.loads(x)["prompt"] for x in heldout))
+    for name, p in runs.items():
         rows = [
             json.loads(x)
             for x in (out / "eval" / name / "kl_samples.jsonl").read_text().splitlines()
@@ -535,11 +549,14 @@ def test_e2e_small_frontier(tmp_path):
             index,
         )
         assert est["kl"] == pytest.approx(p["kl"], abs=1e-9)
-        heldout = (out / "task" / "pairs_heldout.jsonl").read_text().splitlines()
-        prompts = list(dict.fromkeys(json.loads(x)["prompt"] for x in heldout))
         gold = [task.reward(prompts[r["prompt"]], r["sample"]) for r in rows]
         assert gold == [r["gold"] for r in rows]
         assert sum(gold) / len(gold) == pytest.approx(p["gold"], abs=1e-9)
+    for name in ("dpo-beta0.1", "simpo-beta4"):
+        members = [runs[f"{name}-seed{s}"] for s in (0, 1)]
+        assert points[name]["seeds"] == [0, 1]
+        assert points[name]["gold"] == pytest.approx(sum(m["gold"] for m in members) / 2)
+        assert points[name]["kl"] == pytest.approx(sum(m["kl"] for m in members) / 2)
     reading = report["frontier"]["reading"]
     assert reading["lines"] and set(reading["monotone"]) == {"dpo", "simpo"}
     assert (out / "plots" / "frontier.png").is_file()
@@ -615,3 +632,43 @@ def test_gold_reward_that_misbehaves_is_one_line():
 
     with pytest.raises(PrefOptUserError, match="returned 1 values for 2 responses"):
         score_responses(Short(), ["p", "p"], ["a", "b"])
+
+
+def test_seeds_axis_and_aggregation():
+    configs = {"dpo": {"_component_": "torchtune_prefopt.losses.DPOLoss", "beta": 0.1}}
+    names, cfgs, points = expand_sweep(["dpo"], configs, {"dpo": {"beta": [0.1, 0.3]}}, [0, 7])
+    assert names == [
+        "dpo-beta0.1-seed0",
+        "dpo-beta0.1-seed7",
+        "dpo-beta0.3-seed0",
+        "dpo-beta0.3-seed7",
+    ]
+    assert points["dpo-beta0.3-seed7"].seed == 7 and points["dpo-beta0.3-seed7"].family == "dpo"
+    assert cfgs["dpo-beta0.3-seed7"]["beta"] == 0.3
+    for bad in ([], [1, 1], [-1], ["a"]):
+        with pytest.raises(PrefOptUserError, match="compare.seeds"):
+            expand_sweep(["dpo"], configs, None, bad)
+
+    from torchtune_prefopt.compare.frontier import aggregate_seeds
+
+    def run(seed, kl, gold, se):
+        p = _pt("dpo", 0.1, kl, gold, se=se)
+        return {
+            **p,
+            "name": f"dpo-beta0.1-seed{seed}",
+            "seed": seed,
+            "files": {"kl_samples": f"f{seed}"},
+        }
+
+    ref = {**_pt("reference", None, 0.0, 0.0), "name": "reference", "argument": None, "seed": None}
+    agg = aggregate_seeds([ref, run(0, 1.0, 2.0, 0.01), run(1, 3.0, 4.0, 0.01)])
+    assert agg[0] is ref and len(agg) == 2
+    a = agg[1]
+    assert a["name"] == "dpo-beta0.1" and a["seeds"] == [0, 1] and a["samples"] == 20
+    assert a["kl"] == 2.0 and a["gold"] == 3.0
+    # seed spread: sd = sqrt(2), se = sd / sqrt(2) = 1; pooled sampling error is smaller
+    assert a["gold_stderr"] == pytest.approx(1.0) and a["kl_stderr"] == pytest.approx(1.0)
+    # identical seeds: the pooled sampling error sqrt(0.01^2 + 0.01^2) / 2 is the floor
+    same = aggregate_seeds([run(0, 1.0, 2.0, 0.01), run(1, 1.0, 2.0, 0.01)])[0]
+    assert same["gold_stderr"] == pytest.approx(math.sqrt(2) * 0.01 / 2)
+    assert a["files"] == {"dpo-beta0.1-seed0": "f0", "dpo-beta0.1-seed1": "f1"}

@@ -3,7 +3,8 @@
 
 Pure functions over the comparison report (no model code): :func:`frontier_points` reads
 each model's sampled evaluation (``result["kl"]``: KL, gold reward and sample length, each
-with a standard error over prompts), :func:`frontier_reading` turns the points into the
+with a standard error over prompts), :func:`aggregate_seeds` pools the runs of one (loss,
+strength) trained with several seeds (``compare.seeds``), :func:`frontier_reading` turns the points into the
 statements a user needs, :func:`plot_frontier` draws them (matplotlib, optional).
 
 Reading rules (all numbers are from the points; "beyond error bars" means the difference
@@ -24,18 +25,27 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["frontier_points", "frontier_reading", "frontier_table", "plot_frontier"]
+__all__ = [
+    "aggregate_seeds",
+    "frontier_points",
+    "frontier_reading",
+    "frontier_table",
+    "plot_frontier",
+]
 
 REFERENCE = "reference"
 
 
-def _point(name: str, family: str, strength, result: Dict[str, Any], files) -> Optional[Dict]:
+def _point(
+    name: str, family: str, strength, result: Dict[str, Any], files, seed=None
+) -> Optional[Dict]:
     kl = result.get("kl") or {}
     if "gold_reward" not in kl:
         return None
     arg, value = strength if strength else (None, None)
     return {
         "name": name,
+        "seed": seed,
         "loss": family,
         "argument": arg,
         "strength": value,
@@ -64,10 +74,68 @@ def frontier_points(report: Dict[str, Any]) -> List[Dict[str, Any]]:
             run.get("strength"),
             run["result"],
             run.get("files"),
+            run.get("seed"),
         )
         if p is not None:
             points.append(p)
     return points
+
+
+def _seed_mean(values: Sequence[float], stderrs: Sequence[float]) -> tuple:
+    """Mean over seeds and its standard error: the spread of the per-seed estimates
+    (``sd / sqrt(S)``, which holds the training-seed variance and each estimate's own
+    sampling noise), never below the pooled sampling error ``sqrt(sum se_s^2) / S``."""
+    n = len(values)
+    mean = sum(values) / n
+    pooled = math.sqrt(sum(se * se for se in stderrs)) / n
+    if n < 2:
+        return mean, pooled
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, max(math.sqrt(var / n), pooled)
+
+
+def aggregate_seeds(points: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One point per (loss, strength) from runs trained with several seeds (``compare.seeds``):
+    KL, gold reward and length averaged over the seeds, with :func:`_seed_mean`'s standard
+    error; ``seeds`` and ``runs`` list what was pooled. Points without a seed pass through."""
+    out: List[Dict[str, Any]] = []
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for p in points:
+        if p.get("seed") is None:
+            out.append(p)
+            continue
+        key = (p["loss"], p["argument"], p["strength"])
+        if key not in groups:
+            groups[key] = []
+            out.append({"_group": key})
+        groups[key].append(p)
+    result = []
+    for p in out:
+        if "_group" not in p:
+            result.append(p)
+            continue
+        members = groups[p["_group"]]
+        first = members[0]
+        agg = {
+            "name": first["name"].rsplit("-seed", 1)[0],
+            "seed": None,
+            "loss": first["loss"],
+            "argument": first["argument"],
+            "strength": first["strength"],
+            "seeds": [m["seed"] for m in members],
+            "runs": [m["name"] for m in members],
+            "samples": sum(m["samples"] or 0 for m in members),
+            "files": {m["name"]: m["files"].get("kl_samples") for m in members},
+        }
+        for key in ("kl", "gold", "length"):
+            if any(m[key] is None for m in members):
+                agg[key] = agg[f"{key}_stderr"] = None
+                continue
+            agg[key], agg[f"{key}_stderr"] = _seed_mean(
+                [m[key] for m in members], [m[f"{key}_stderr"] or 0.0 for m in members]
+            )
+        result.append(agg)
+    return result
 
 
 def _apart(a: Dict, b: Dict, key: str = "gold") -> bool:
@@ -186,7 +254,16 @@ def frontier_reading(points: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 def frontier_table(points: Sequence[Dict[str, Any]]):
     """``(header, rows)`` of the frontier table (strings)."""
-    head = ["point", "loss", "strength", "KL (nats)", "gold reward r*", "sample length", "samples"]
+    head = [
+        "point",
+        "loss",
+        "strength",
+        "KL (nats)",
+        "gold reward r*",
+        "sample length",
+        "samples",
+        "seeds",
+    ]
     rows = []
     for p in points:
         strength = "—" if p["argument"] is None else f"{p['argument']}={p['strength']:g}"
@@ -199,6 +276,7 @@ def frontier_table(points: Sequence[Dict[str, Any]]):
                 f"{p['gold']:.3f} ± {p['gold_stderr']:.3f}",
                 "—" if p["length"] is None else f"{p['length']:.2f} ± {p['length_stderr']:.2f}",
                 f"{p['samples']:.0f}" if p.get("samples") is not None else "—",
+                ", ".join(str(x) for x in p["seeds"]) if p.get("seeds") else "—",
             ]
         )
     return head, rows

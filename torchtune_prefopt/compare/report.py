@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torchtune_prefopt.compare.frontier import (
+    aggregate_seeds,
     frontier_points,
     frontier_reading,
     frontier_table,
@@ -409,6 +410,7 @@ def run_record(
         "name": run.name,
         "family": getattr(run, "family", None) or run.name,
         "strength": getattr(run, "strength", None),
+        "seed": getattr(run, "seed", None),
         "loss_label": loss_label(loss_cfg),
         "loss_config": loss_cfg,
         "run_dir": str(run.run_dir),
@@ -449,7 +451,8 @@ def assemble_report(
     curves = {r["name"]: r.pop("curves") for r in runs}
     steps = {r["name"]: r["training"]["steps"] for r in runs}
     per_step = {r["name"]: r.pop("completions_per_step") for r in runs}
-    diffs = matched_differences(configs, steps, per_step)
+    seeded = any(r.get("seed") is not None for r in runs)
+    diffs = matched_differences(configs, steps, per_step, ignore=("seed",) if seeded else ())
     first = next(iter(configs.values()))
     from omegaconf import OmegaConf
 
@@ -466,7 +469,9 @@ def assemble_report(
             "overrides": settings.pop("overrides"),
             "base_checkpoint": str(base_checkpoint),
             "reference_checkpoint": reference["checkpoint"],
-            "seed": first.get("seed"),
+            "seed": sorted({c.get("seed") for c in configs.values()})
+            if seeded
+            else first.get("seed"),
             "steps_per_run": sorted({s for s in steps.values() if s is not None}),
             "completions_per_step": sorted({s for s in per_step.values() if s is not None}),
             **settings,
@@ -477,9 +482,12 @@ def assemble_report(
         "curves": curves,
         "notes": [],
     }
-    points = frontier_points(report)
-    if len(points) > 1:
+    per_run = frontier_points(report)
+    if len(per_run) > 1:
+        points = aggregate_seeds(per_run)
         report["frontier"] = {"points": points, "reading": frontier_reading(points)}
+        if seeded:
+            report["frontier"]["runs"] = per_run
     return report
 
 
@@ -514,7 +522,14 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
     if frontier:
         png = plot_frontier(frontier["points"], out / "plots" / "frontier.png")
         fh, fr = frontier_table(frontier["points"])
-        reading = frontier["reading"]["lines"]
+        reading = list(frontier["reading"]["lines"])
+        seeds = sorted({x for p in frontier["points"] for x in p.get("seeds") or []})
+        if seeds:
+            reading.insert(
+                0,
+                f"Each point averages training seeds {seeds}; its +- is the seed-to-seed standard "
+                "error (never below the pooled sampling error); per-seed runs are in report.json.",
+            )
         img = f"![gold-reward frontier]({png.relative_to(out).as_posix()})" if png else ""
         frontier_md = [
             "## Gold-reward frontier (reward vs KL)",

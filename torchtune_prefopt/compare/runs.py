@@ -44,6 +44,7 @@ log = _logger()
 __all__ = [
     "DEFAULT_LOSSES",
     "RunSpec",
+    "SweepPoint",
     "dotlist",
     "expand_sweep",
     "kto_dataset_overrides",
@@ -164,6 +165,7 @@ class RunSpec:
     command: List[str] = field(default_factory=list)
     family: Optional[str] = None  # the compare.losses entry (a sweep has several runs per entry)
     strength: Optional[Tuple[str, float]] = None  # (loss argument, value) of a sweep point
+    seed: Optional[int] = None  # the training seed of a compare.seeds run
 
     @property
     def shell(self) -> str:
@@ -199,16 +201,31 @@ def _strength_text(value: float) -> str:
     return f"{float(value):g}"
 
 
+@dataclass(frozen=True)
+class SweepPoint:
+    """Where a run sits in a comparison: its loss (the ``compare.losses`` entry), the swept
+    ``(argument, value)`` (``None`` without a sweep) and its training seed (``None``: the
+    base config's)."""
+
+    family: str
+    strength: Optional[Tuple[str, float]] = None
+    seed: Optional[int] = None
+
+
 def expand_sweep(
-    losses: Sequence[str], loss_configs: Mapping[str, Any], sweep: Optional[Mapping[str, Any]]
-) -> Tuple[List[str], Dict[str, Any], Dict[str, Tuple[str, Tuple[str, float]]]]:
-    """``compare.sweep`` (``{loss: {argument: [values]}}``, one argument per loss) -> the run
-    names, their loss configs and ``{run: (loss, (argument, value))}``.
+    losses: Sequence[str],
+    loss_configs: Mapping[str, Any],
+    sweep: Optional[Mapping[str, Any]],
+    seeds: Optional[Sequence[int]] = None,
+) -> Tuple[List[str], Dict[str, Any], Dict[str, SweepPoint]]:
+    """``compare.sweep`` (``{loss: {argument: [values]}}``, one argument per loss) and
+    ``compare.seeds`` -> the run names, their loss configs and each run's :class:`SweepPoint`.
 
     Run ``<loss>-<argument><value>`` (e.g. ``dpo-beta0.1``) trains ``compare.loss_configs.<loss>``
     with ``argument`` set to ``value``; losses not in the sweep keep one run named after
     the loss; sweeps of losses that ``losses`` leaves out are ignored. Values must be
-    positive numbers, at least one per swept loss.
+    positive numbers, at least one per swept loss. With ``seeds``, every run is trained once
+    per seed (``dpo-beta0.1-seed1``, the base config's ``seed`` set to it).
     """
     sweep = to_plain(sweep or {}, resolve=True)
     if not isinstance(sweep, Mapping):
@@ -223,15 +240,34 @@ def expand_sweep(
             f"compare.sweep.{unknown[0]}: not a loss of compare.losses {list(losses)} or "
             f"compare.loss_configs {sorted(loss_configs)}"
         )
+    seeds = to_plain(seeds, resolve=True)
+    if seeds is not None:
+        if (
+            not isinstance(seeds, (list, tuple))
+            or not seeds
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds)
+        ):
+            raise PrefOptUserError(
+                f"compare.seeds must be a non-empty list of integers >= 0, got {seeds!r}"
+            )
+        if len(set(seeds)) != len(seeds):
+            raise PrefOptUserError(f"compare.seeds has duplicates: {list(seeds)}")
     names: List[str] = []
     configs: Dict[str, Any] = {}
-    points: Dict[str, Tuple[str, Tuple[str, float]]] = {}
+    points: Dict[str, SweepPoint] = {}
+
+    def add(name: str, config: Any, point: SweepPoint) -> None:
+        for seed in seeds if seeds is not None else [None]:
+            run = name if seed is None else f"{name}-seed{seed}"
+            names.append(run)
+            if config is not None:
+                configs[run] = config
+            points[run] = SweepPoint(point.family, point.strength, seed)
+
     for loss in losses:
         base = to_plain(loss_configs.get(loss), resolve=False) if loss in loss_configs else None
         if loss not in sweep:
-            names.append(loss)
-            if base is not None:
-                configs[loss] = base
+            add(loss, base, SweepPoint(loss))
             continue
         spec = sweep[loss]
         if not isinstance(spec, Mapping) or len(spec) != 1:
@@ -260,9 +296,7 @@ def expand_sweep(
             if name in seen:
                 raise PrefOptUserError(f"compare.sweep.{loss}.{arg}: {v!r} is listed twice")
             seen.add(name)
-            names.append(name)
-            configs[name] = {**dict(base), arg: float(v)}
-            points[name] = (loss, (str(arg), float(v)))
+            add(name, {**dict(base), arg: float(v)}, SweepPoint(loss, (str(arg), float(v))))
     return names, configs, points
 
 
@@ -503,14 +537,18 @@ def matched_differences(
     configs: Mapping[str, Mapping[str, Any]],
     steps: Mapping[str, Optional[int]],
     rows_per_step: Mapping[str, Optional[float]],
+    ignore: Sequence[str] = (),
 ) -> List[str]:
     """Human-readable differences between the runs' saved configs (``torchtune_config.yaml``)
-    in the settings that make a comparison matched, plus trained steps and completions per step."""
+    in the settings that make a comparison matched, plus trained steps and completions per step.
+    ``ignore``: keys that differ on purpose (``seed`` with ``compare.seeds``)."""
     diffs = []
     names = list(configs)
     if not names:
         return diffs
     for key in _MATCHED_KEYS:
+        if key in ignore:
+            continue
         values = {n: _get(configs[n], key) for n in names}
         if len({repr(v) for v in values.values()}) > 1:
             diffs.append(f"{key} differs: " + ", ".join(f"{n}={values[n]!r}" for n in names))
