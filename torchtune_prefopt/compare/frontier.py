@@ -16,7 +16,10 @@ exceeds ``2 * sqrt(se_a^2 + se_b^2)``, about a 95% two-sided z-test):
 * **monotone**: along each loss's sweep, ordered by KL, whether the gold reward rises at
   every step (a loss whose reward falls at high KL over-optimises: a finding, not a failure);
 * **length**: which loss's samples drift longest relative to the reference (SFT) model;
-* **separated**: the pairs of losses whose best points differ beyond error bars.
+* **separated**: the pairs of losses whose best points differ beyond error bars, and how
+  many pairs of points of different losses do;
+* **one seed**: without ``compare.seeds`` the error bars hold sampling noise only, and the
+  reading says so.
 """
 
 from __future__ import annotations
@@ -164,6 +167,12 @@ def frontier_reading(points: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     if not trained:
         return out
     lines = out["lines"]
+    if not any(p.get("seeds") for p in trained):
+        lines.append(
+            "One training seed per point: the error bars hold sampling noise only, not "
+            "seed-to-seed training variance; set compare.seeds (e.g. [0, 1, 2]) before "
+            "concluding that two points differ."
+        )
     kls = [p["kl"] for p in trained]
     for q in (0.25, 0.5, 1.0):
         k = _pct(kls, q)
@@ -243,6 +252,16 @@ def frontier_reading(points: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         for b in losses[i + 1 :]:
             if _apart(best_of[a], best_of[b]):
                 out["separated"].append([a, b])
+    cross = [
+        (a, b) for i, a in enumerate(trained) for b in trained[i + 1 :] if a["loss"] != b["loss"]
+    ]
+    apart = sum(_apart(a, b) for a, b in cross)
+    out["point_pairs"] = {"separated": apart, "total": len(cross)}
+    if cross:
+        lines.append(
+            f"Points of different losses that differ in gold reward beyond error bars: {apart} of "
+            f"{len(cross)} pairs."
+        )
     n_pairs = len(losses) * (len(losses) - 1) // 2
     if n_pairs:
         sep = ", ".join(f"{a}/{b}" for a, b in out["separated"]) or "none"
