@@ -235,7 +235,9 @@ class CompareRecipe:
         log.info(f"[compare] task ready in {time.perf_counter() - t0:.0f}s: {self.out / 'task'}")
 
     # ------------------------------------------------------------------ plan
-    def plan(self):
+    def plan(self, local: Optional[bool] = None):
+        """The runs, every run's config validated (``local``: also against this machine's
+        files and devices; default: unless ``compare.dry_run``)."""
         c = self.c
         losses = self.losses
         loss_overrides = {k: dotlist_all(v) for k, v in (c.get("loss_overrides") or {}).items()}
@@ -271,7 +273,9 @@ class CompareRecipe:
             try:
                 merged = _config.load_config(["--config", str(self.base_path), *run.overrides])
                 # a dry run writes commands for another machine: no checks of this one
-                recipe.validate_config(merged, local=not c.get("dry_run"))
+                recipe.validate_config(
+                    merged, local=not c.get("dry_run") if local is None else local
+                )
             except PrefOptUserError as e:
                 if "no CUDA device" in str(e) and (c.get("dry_run") or c.get("skip_training")):
                     continue
@@ -486,6 +490,8 @@ def dotlist_all(node: Any) -> List[str]:
 @parse
 def recipe_main(cfg: DictConfig) -> None:
     recipe = CompareRecipe(cfg)
+    if recipe.task is not None:
+        recipe.plan(local=False)  # every run's config, before the task's SFT and sampling
     recipe.prepare_task()
     runs = recipe.plan()
     commands = recipe.write_commands(runs)

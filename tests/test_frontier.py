@@ -673,3 +673,24 @@ def test_seeds_axis_and_aggregation():
     same = aggregate_seeds([run(0, 1.0, 2.0, 0.01), run(1, 1.0, 2.0, 0.01)])[0]
     assert same["gold_stderr"] == pytest.approx(math.sqrt(2) * 0.01 / 2)
     assert a["files"] == {"dpo-beta0.1-seed0": "f0", "dpo-beta0.1-seed1": "f1"}
+
+
+def test_bad_run_config_fails_before_the_task_is_prepared(tmp_path):
+    """A run config error (here an unknown training key for one loss) is one line, exit 2,
+    before the task's SFT: no task directory is written."""
+    out = tmp_path / "out"
+    proc = tune(
+        [
+            "run",
+            "prefopt_compare",
+            "--config",
+            "tiny/frontier",
+            f"output_dir={out}",
+            "compare.loss_overrides.kto.no_such_key=1",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "no_such_key" in err[0] and "Traceback" not in proc.stderr
+    assert not (out / "task").exists()
