@@ -494,7 +494,17 @@ def test_frontier_reading_hand_built():
     assert budgets[4.0]["best_loss"] == "ipo"
     assert r["length"]["longest"] == "dpo-0.03"
     assert r["separated"] == [["dpo", "ipo"]]  # best points 2.0 vs 2.5
-    assert any("does NOT rise" in line and line.startswith("dpo") for line in r["lines"])
+    dpo_line = next(line for line in r["lines"] if line.startswith("dpo:"))
+    assert "does NOT rise" in dpo_line and "reward peaks at dpo beta=0.1" in dpo_line
+    assert "end" not in dpo_line  # the peak is inside the sweep
+    assert r["peaks"] == {"dpo": "dpo-0.1"}
+    # a peak at the end of the sweep: the reading says which way to extend it
+    edge = frontier_reading([ref, _pt("kto", 1.0, 1.0, 2.0), _pt("kto", 0.3, 2.0, 1.0)])
+    assert "strongest end: try a larger beta" in " ".join(edge["lines"])
+    edge = frontier_reading([ref, _pt("kto", 1.0, 1.0, 1.0), _pt("kto", 0.3, 0.8, 2.0)])
+    text = " ".join(edge["lines"])
+    assert "KL is not monotone" in text and "reward rises at every step" in text
+    assert "weakest end: try a smaller beta" in text
 
 
 # ----------------------------------------------------------------------------- end to end

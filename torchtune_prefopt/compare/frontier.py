@@ -13,8 +13,9 @@ exceeds ``2 * sqrt(se_a^2 + se_b^2)``, about a 95% two-sided z-test):
 * **budgets**: for KL budgets ``k`` (the 25th, 50th and 100th percentile of the trained
   points' KLs), the point with the most gold reward among those with ``KL <= k``, and
   whether it beats the best point of every other loss under that budget beyond error bars;
-* **monotone**: along each loss's sweep, ordered by KL, whether the gold reward rises at
-  every step (a loss whose reward falls at high KL over-optimises: a finding, not a failure);
+* **monotone**: along each loss's sweep (strongest regularisation first), whether KL and
+  gold reward both rise at every step, and else where the reward peaks (a loss whose reward
+  falls at high KL over-optimises: a finding, not a failure);
 * **length**: which loss's samples drift longest relative to the reference (SFT) model;
 * **separated**: the pairs of losses whose best points differ beyond error bars, and how
   many pairs of points of different losses do;
@@ -34,6 +35,7 @@ __all__ = [
     "frontier_reading",
     "frontier_table",
     "plot_frontier",
+    "sweep_line",
 ]
 
 REFERENCE = "reference"
@@ -141,6 +143,15 @@ def aggregate_seeds(points: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return result
 
 
+def sweep_line(points: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One loss's points in sweep order: strongest regularisation first (largest beta / tau:
+    the least KL for DPO, IPO, KTO and SimPO), points without a strength by KL."""
+    return sorted(
+        points,
+        key=lambda p: (p["strength"] is None, -(p["strength"] or 0.0), p["kl"]),
+    )
+
+
 def _apart(a: Dict, b: Dict, key: str = "gold") -> bool:
     se = math.sqrt(a[f"{key}_stderr"] ** 2 + b[f"{key}_stderr"] ** 2)
     return abs(a[key] - b[key]) > 2.0 * se
@@ -214,20 +225,34 @@ def frontier_reading(points: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             f"{best['gold']:.3f} +- {best['gold_stderr']:.3f} ({_label(best)}){tail}."
         )
     for loss in losses:
-        line = sorted((p for p in trained if p["loss"] == loss), key=lambda p: p["kl"])
+        line = sweep_line([p for p in trained if p["loss"] == loss])
         if len(line) < 2:
             continue
-        steps = [b["gold"] - a["gold"] for a, b in zip(line, line[1:])]
-        rises = all(s > 0 for s in steps)
-        out["monotone"][loss] = rises
+        kl_up = all(b["kl"] > a["kl"] for a, b in zip(line, line[1:]))
+        gold_up = all(b["gold"] > a["gold"] for a, b in zip(line, line[1:]))
+        out["monotone"][loss] = kl_up and gold_up
         order = " -> ".join(f"{_label(p)} (KL {p['kl']:.3g}, r* {p['gold']:.3f})" for p in line)
-        if rises:
-            lines.append(f"{loss}: gold reward rises with KL over its sweep: {order}.")
+        if kl_up and gold_up:
+            lines.append(f"{loss}: gold reward rises with KL over its whole sweep: {order}.")
+            continue
+        peak = max(line, key=lambda p: p["gold"])
+        why = [] if kl_up else ["KL is not monotone along the sweep"]
+        if gold_up:
+            why.append("reward rises at every step")
         else:
-            lines.append(
-                f"{loss}: gold reward does NOT rise with KL at every step of its sweep (a finding: "
-                f"more KL bought less reward): {order}."
+            why.append(
+                f"reward peaks at {_label(peak)} (KL {peak['kl']:.3g}, r* {peak['gold']:.3f})"
             )
+        arg = peak["argument"]
+        if arg is not None and peak is line[0]:
+            why.append(f"the peak is the sweep's strongest end: try a larger {arg}")
+        elif arg is not None and peak is line[-1]:
+            why.append(f"the peak is the sweep's weakest end: try a smaller {arg}")
+        out.setdefault("peaks", {})[loss] = peak["name"]
+        lines.append(
+            f"{loss}: gold reward does NOT rise with KL over its whole sweep (a finding: "
+            f"{'; '.join(why)}): {order}."
+        )
     with_len = [p for p in trained if p.get("length") is not None]
     if with_len and ref is not None and ref.get("length") is not None:
         longest = max(with_len, key=lambda p: p["length"])
@@ -302,8 +327,8 @@ def frontier_table(points: Sequence[Dict[str, Any]]):
 
 
 def plot_frontier(points: Sequence[Dict[str, Any]], path) -> Optional[Path]:
-    """Gold reward vs KL with error bars, a line per loss (ordered by KL) from the reference
-    point; ``None`` without matplotlib."""
+    """Gold reward vs KL with error bars, a line per loss along its sweep
+    (:func:`sweep_line`), the reference point at KL 0; ``None`` without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -316,7 +341,7 @@ def plot_frontier(points: Sequence[Dict[str, Any]], path) -> Optional[Path]:
     ref = next((p for p in points if p["loss"] == REFERENCE), None)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for loss in dict.fromkeys(p["loss"] for p in points if p["loss"] != REFERENCE):
-        line = sorted((p for p in points if p["loss"] == loss), key=lambda p: p["kl"])
+        line = sweep_line([p for p in points if p["loss"] == loss])
         ax.errorbar(
             [p["kl"] for p in line],
             [p["gold"] for p in line],
