@@ -91,20 +91,13 @@ def our_config(name: str, a, workload: str, pairs: int, ckpt: Path, files, out: 
     c.update(shuffle=False, batch_size=pairs, max_steps_per_epoch=total)
     c["metric_logger"]["hold_after_step"] = total
     if name == "torchtune":
-        c["loss"] = {
-            "_component_": "torchtune.rlhf.loss.DPOLoss",
-            "beta": 0.1,
-            "label_smoothing": 0.0,
-        }
-        c["log_peak_memory_stats"] = False
-        return c
+        return bvt.as_torchtune_dpo(c)
+    bvt.as_ours(c, a)
     c.update(
-        eval_dataset=None, logprobs_chunk_size=a.chunk_size, nonfinite="stop",
-        save_every_n_steps=None, keep_last_n_checkpoints=None,
-        reference={"quantization": None, "precompute": False},
         loss={"_component_": "torchtune_prefopt.losses.DPOLoss", "beta": 0.1},
-        packed=name in ("packed", "shared"), share_prompt=name == "shared",
-    )  # fmt: skip
+        packed=name in ("packed", "shared"),
+        share_prompt=name == "shared",
+    )
     return c
 
 

@@ -273,23 +273,36 @@ LABELS = {
 }
 
 
-def config_for(
-    name: str, a: argparse.Namespace, ckpt_dir: Path, files: List[str], out: Path
-) -> Dict:
-    c = common_cfg(a, ckpt_dir, files, out, unpaired=(name == "kto"))
-    if name == "tt_dpo":
-        c["loss"] = {
-            "_component_": "torchtune.rlhf.loss.DPOLoss",
-            "beta": 0.1,
-            "label_smoothing": 0.0,
-        }
-        c["log_peak_memory_stats"] = False
-        return c
+def as_torchtune_dpo(c: Dict) -> Dict:
+    """``c`` for torchtune's ``full_dpo_distributed``: its own DPO loss, and no peak-memory
+    logging (CUDA only there)."""
+    c["loss"] = {
+        "_component_": "torchtune.rlhf.loss.DPOLoss",
+        "beta": 0.1,
+        "label_smoothing": 0.0,
+    }
+    c["log_peak_memory_stats"] = False
+    return c
+
+
+def as_ours(c: Dict, a: argparse.Namespace) -> Dict:
+    """``c`` for our recipe, as every benchmark row runs it: no held-out eval, no mid-run
+    checkpoints, a live unquantized reference, stop on a non-finite loss."""
     c.update(
         eval_dataset=None, logprobs_chunk_size=a.chunk_size, nonfinite="stop",
         save_every_n_steps=None, keep_last_n_checkpoints=None,
         reference={"quantization": None, "precompute": False},
     )  # fmt: skip
+    return c
+
+
+def config_for(
+    name: str, a: argparse.Namespace, ckpt_dir: Path, files: List[str], out: Path
+) -> Dict:
+    c = common_cfg(a, ckpt_dir, files, out, unpaired=(name == "kto"))
+    if name == "tt_dpo":
+        return as_torchtune_dpo(c)
+    as_ours(c, a)
     if name in ("dpo", "dpo_int8", "dpo_cached"):
         c["loss"] = {"_component_": "torchtune_prefopt.losses.DPOLoss", "beta": 0.1}
         if name == "dpo_int8":
