@@ -102,45 +102,39 @@ def _seed_mean(values: Sequence[float], stderrs: Sequence[float]) -> tuple:
 def aggregate_seeds(points: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One point per (loss, strength) from runs trained with several seeds (``compare.seeds``):
     KL, gold reward and length averaged over the seeds, with :func:`_seed_mean`'s standard
-    error; ``seeds`` and ``runs`` list what was pooled. Points without a seed pass through."""
-    out: List[Dict[str, Any]] = []
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    error; ``seeds`` and ``runs`` list what was pooled. Points without a seed pass through;
+    the order of first appearance is kept."""
+    groups: Dict[Any, List[Dict[str, Any]]] = {}
     for p in points:
-        if p.get("seed") is None:
-            out.append(p)
+        key = p["name"] if p.get("seed") is None else (p["loss"], p["argument"], p["strength"])
+        groups.setdefault(key, []).append(p)
+    return [
+        members[0] if members[0].get("seed") is None else _pool_seeds(members)
+        for members in groups.values()
+    ]
+
+
+def _pool_seeds(members: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    first = members[0]
+    agg = {
+        "name": first["name"].rsplit("-seed", 1)[0],
+        "seed": None,
+        "loss": first["loss"],
+        "argument": first["argument"],
+        "strength": first["strength"],
+        "seeds": [m["seed"] for m in members],
+        "runs": [m["name"] for m in members],
+        "samples": sum(m["samples"] or 0 for m in members),
+        "files": {m["name"]: m["files"].get("kl_samples") for m in members},
+    }
+    for key in ("kl", "gold", "length"):
+        if any(m[key] is None for m in members):
+            agg[key] = agg[f"{key}_stderr"] = None
             continue
-        key = (p["loss"], p["argument"], p["strength"])
-        if key not in groups:
-            groups[key] = []
-            out.append({"_group": key})
-        groups[key].append(p)
-    result = []
-    for p in out:
-        if "_group" not in p:
-            result.append(p)
-            continue
-        members = groups[p["_group"]]
-        first = members[0]
-        agg = {
-            "name": first["name"].rsplit("-seed", 1)[0],
-            "seed": None,
-            "loss": first["loss"],
-            "argument": first["argument"],
-            "strength": first["strength"],
-            "seeds": [m["seed"] for m in members],
-            "runs": [m["name"] for m in members],
-            "samples": sum(m["samples"] or 0 for m in members),
-            "files": {m["name"]: m["files"].get("kl_samples") for m in members},
-        }
-        for key in ("kl", "gold", "length"):
-            if any(m[key] is None for m in members):
-                agg[key] = agg[f"{key}_stderr"] = None
-                continue
-            agg[key], agg[f"{key}_stderr"] = _seed_mean(
-                [m[key] for m in members], [m[f"{key}_stderr"] or 0.0 for m in members]
-            )
-        result.append(agg)
-    return result
+        agg[key], agg[f"{key}_stderr"] = _seed_mean(
+            [m[key] for m in members], [m[f"{key}_stderr"] or 0.0 for m in members]
+        )
+    return agg
 
 
 def sweep_line(points: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
