@@ -11,27 +11,20 @@ Selected with ``loss._component_=_floor_loss.SFTFloorLoss`` (``benchmarks/`` on 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
-from torchtune_prefopt.losses import PreferenceLoss
+from torchtune_prefopt.losses import PairwiseLoss
 
 
-class SFTFloorLoss(PreferenceLoss):
+class SFTFloorLoss(PairwiseLoss):
     """``-(mean_logp(chosen) + mean_logp(rejected)) / 2`` per pair; rewards are the log-probs."""
 
     reference_free = True
     average_logps = True
     paired = True
 
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: Optional[torch.Tensor] = None,
-        reference_rejected_logps: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self._check_pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None)
-        losses = -(policy_chosen_logps + policy_rejected_logps) / 2
-        return losses, policy_chosen_logps.detach(), policy_rejected_logps.detach()
+    def reward_scale(self) -> float:
+        return 1.0
+
+    def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        return -(chosen + rejected) / 2

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _markdown import write_section  # benchmarks/ is the script's directory  # noqa: E402
+
 SECTION = "## Checkpoint checksums"
 
 
@@ -99,16 +101,7 @@ def main() -> None:
     body = "\n".join(lines) + "\n"
     print(body)
     if a.write:
-        text = Path(a.write).read_text()
-        if SECTION in text:
-            head, rest = text.split(SECTION, 1)
-            tail = rest[rest.find("\n## ") :] if "\n## " in rest else ""
-            notes = rest[: rest.find("\n## ")] if "\n## " in rest else rest
-            keep = notes.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in notes else "\n"
-            text = head + SECTION + "\n\n" + body + "\n<!-- notes -->" + keep + tail
-        else:
-            text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{body}\n<!-- notes -->\n"
-        Path(a.write).write_text(text)
+        write_section(a.write, SECTION, body, "<!-- notes -->")
 
 
 if __name__ == "__main__":

@@ -27,11 +27,12 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
 import time
+
+from _markdown import write_section  # benchmarks/ is the script's directory  # noqa: E402
 
 SECTION = "## Sequence log-probs"
 
@@ -226,20 +227,7 @@ def main() -> None:
     body = head + "\n".join(table) + "\n\n" + NOTES
     print(body)
     if a.write:
-        write_section(a.write, body)
-
-
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) this benchmark's section, leaving other sections untouched."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body}"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda m: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
+        write_section(a.write, SECTION, body)
 
 
 if __name__ == "__main__":

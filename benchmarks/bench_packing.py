@@ -54,6 +54,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_vs_torchtune as bvt  # noqa: E402
 from _bench_components import WORKLOADS, workload_pairs  # noqa: E402
+from _markdown import write_section  # noqa: E402
 
 SECTION = "## Packed and prompt-shared batches on realistic lengths"
 CONFIGS = ["padded", "packed", "shared", "trl", "torchtune"]
@@ -378,8 +379,9 @@ def main() -> None:
                                             "positions": {k: v[1] for k, v in all_results.items()},
                                             "raw": raw}, default=str, indent=1))  # fmt: skip
     if a.write:
-        bvt.SECTION, bvt.NOTES_MARKER = SECTION, "<!-- bench_packing: notes below are kept -->"
-        bvt.write_section(a.write, header + "\n\n" + body)
+        write_section(
+            a.write, SECTION, header + "\n\n" + body, "<!-- bench_packing: notes below are kept -->"
+        )
 
 
 if __name__ == "__main__":

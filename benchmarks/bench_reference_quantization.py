@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
-import re
 import sys
 import time
 import warnings
+
+from _markdown import write_section  # benchmarks/ is the script's directory  # noqa: E402
 
 SECTION = "## Quantized reference"
 
@@ -317,7 +317,7 @@ def main() -> None:
     body = head + "\n".join(table) + "\n" + "\n".join(shape_rows) + "\n" + NOTES
     print(body)
     if a.write:
-        write_section(a.write, body)
+        write_section(a.write, SECTION, body)
 
 
 NOTES = """
@@ -390,19 +390,6 @@ def _torchao_version() -> str:
         return torchao.__version__
     except Exception:  # noqa: BLE001
         return "n/a"
-
-
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) this benchmark's section, leaving other sections untouched."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body}"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda m: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ import difflib
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -57,6 +56,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+from _markdown import write_section  # benchmarks/ is the script's directory  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -594,26 +595,6 @@ def machine() -> str:
     )
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) this section; keep hand-written notes after NOTES_MARKER."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    m = pattern.search(text)
-    notes = ""
-    if m and NOTES_MARKER in m.group(0):
-        notes = m.group(0).split(NOTES_MARKER, 1)[1].strip("\n")
-    section = f"{SECTION}\n\n{body.rstrip()}\n\n{NOTES_MARKER}\n" + (
-        f"\n{notes}\n" if notes else ""
-    )
-    if m:
-        text = text[: m.start()] + section + "\n" + text[m.end() :]
-        text = text.rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -744,7 +725,7 @@ def main() -> None:
     )
     print(body)
     if a.write:
-        write_section(a.write, body)
+        write_section(a.write, SECTION, body, NOTES_MARKER)
 
 
 if __name__ == "__main__":

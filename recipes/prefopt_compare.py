@@ -28,8 +28,6 @@
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import json
 import os
 import shutil
@@ -65,7 +63,10 @@ from torchtune_prefopt.compare.runs import (
 )
 from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
 from torchtune_prefopt.losses import build_loss
+from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
 from torchtune_prefopt.training import checkpoints as ckpt
+from torchtune_prefopt.training.recipe_config import configured, unknown_key_error
+from torchtune_prefopt.training.recipe_config import validate_config as validate_recipe_config
 
 log = utils.get_logger("INFO")
 
@@ -106,9 +107,7 @@ SECTION_KEYS = {
 def _unknown(keys, known, where: str) -> None:
     bad = sorted(set(keys) - set(known))
     if bad:
-        close = difflib.get_close_matches(bad[0], sorted(known), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise PrefOptUserError(f"unknown config key '{where}{bad[0]}'{hint}")
+        raise unknown_key_error(bad[0], known, where)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -142,15 +141,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise PrefOptUserError(
             "prefopt_compare runs as one process; give the training runs several with compare.nproc_per_node"
         )
-
-
-def _distributed_recipe():
-    """The prefopt_distributed module (same folder), for its config validation."""
-    path = Path(__file__).with_name("prefopt_distributed.py")
-    spec = importlib.util.spec_from_file_location("_prefopt_distributed_for_compare", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _settings(c: DictConfig, base_cfg: DictConfig) -> ev.EvalSettings:
@@ -268,12 +258,11 @@ class CompareRecipe:
             p = points[run.name]
             run.family, run.strength, run.seed = p.family, p.strength, p.seed
         # Every run's config must be valid before anything is launched.
-        recipe = _distributed_recipe()
         for run in runs:
             try:
                 merged = _config.load_config(["--config", str(self.base_path), *run.overrides])
                 # a dry run writes commands for another machine: no checks of this one
-                recipe.validate_config(
+                validate_recipe_config(
                     merged, local=not c.get("dry_run") if local is None else local
                 )
             except PrefOptUserError as e:
@@ -357,18 +346,14 @@ class CompareRecipe:
             )
         ]
 
-        ref_ck_cfg = base.get("ref_checkpointer")
-        if ref_ck_cfg is None or (
-            isinstance(ref_ck_cfg, DictConfig) and ref_ck_cfg.get("_component_") is None
-        ):
-            ref_ck_cfg = base.checkpointer
-        ref_ck = config.instantiate(ref_ck_cfg)
-        model_type = ref_ck._model_type.name
-        ref_dir = str(getattr(ref_ck, "_checkpoint_dir", "?"))
-        log.info(f"[compare] reference: {ref_dir}")
-        reference = ev.build_eval_model(
-            base.model, ref_ck.load_checkpoint()[training.MODEL_KEY], device, dtype
+        own_ref = configured(base.get("ref_checkpointer"))
+        ref_ck = HFCheckpoint.from_config(
+            base.ref_checkpointer if own_ref else base.checkpointer,
+            "ref_checkpointer" if own_ref else "checkpointer",
         )
+        model_type = ref_ck.model_type
+        log.info(f"[compare] reference: {ref_ck.checkpoint_dir}")
+        reference = ev.build_eval_model(base.model, ref_ck.load(), device, dtype)
 
         judge, judge_kind, judge_label = None, None, None
         judge_cfg = c.get("judge")
@@ -458,7 +443,11 @@ class CompareRecipe:
                 "device": str(device),
                 "dtype": str(dtype),
             },
-            reference={"result": ref_result, "checkpoint": ref_dir, "files": ref_files},
+            reference={
+                "result": ref_result,
+                "checkpoint": str(ref_ck.checkpoint_dir),
+                "files": ref_files,
+            },
             runs=records,
         )
 

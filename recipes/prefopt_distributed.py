@@ -41,22 +41,19 @@ Effective batch size = ``batch_size * world_size * gradient_accumulation_steps``
 
 from __future__ import annotations
 
-import difflib
+import inspect
 import math
 import signal
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig
-from torch import nn
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
-from torchtune import config, modules, training, utils
-from torchtune.modules.peft import get_adapter_params, get_adapter_state_dict, set_trainable_params
+from torchtune import config, training, utils
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
@@ -67,212 +64,41 @@ from torchtune_prefopt.data import (
     PositionIndexed,
     PreferenceCollator,
     UnpairedBatch,
-    is_paired_row,
+    build_datasets,
+    check_dataset_kind,
+    check_fits_context,
+    check_tokenizer_fits,
     kto_balance_warning,
 )
 from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
 from torchtune_prefopt.losses import build_loss, pair_accuracy, pair_rewards
-from torchtune_prefopt.reference import (
-    DIGEST_MEMO,
-    AdaptersDisabled,
-    CachedLogps,
-    FrozenModel,
-    NoReference,
-    ReferenceLogpsCache,
-    ReferenceSource,
-    check_quantization_supported,
-    kto_kl_pairs,
-    quantize_reference,
-    reference_fingerprint,
+from torchtune_prefopt.models.build import (
+    ModelPlacement,
+    build_model,
+    context_length,
+    is_lora_model,
+    meta_model,
+    vocab_size,
 )
-from torchtune_prefopt.training import checkpoints as ckpt
-from torchtune_prefopt.training import config_checks as checks
+from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
+from torchtune_prefopt.modules import SequenceLogProbs
+from torchtune_prefopt.reference import (
+    PrecomputeJob,
+    ReferenceSource,
+    build_reference,
+    kto_kl_pairs,
+    plan_reference,
+    precompute_reference,
+)
 from torchtune_prefopt.training.data_order import GlobalBatchSampler
 from torchtune_prefopt.training.distributed import any_rank, init_distributed
-from torchtune_prefopt.training.lora import (
-    adapter_config,
-    lora_init_state,
-    lora_settings,
-    merged_lora_state_dict,
-)
+from torchtune_prefopt.training.lora import lora_init_state, lora_settings
 from torchtune_prefopt.training.metrics import StepMetrics
+from torchtune_prefopt.training.recipe_config import validate_config
+from torchtune_prefopt.training.run_lock import OutputDirLock
+from torchtune_prefopt.training.step_checkpointer import StepCheckpointer
 
 log = utils.get_logger("INFO")
-
-KNOWN_KEYS = {
-    "output_dir",
-    "model",
-    "tokenizer",
-    "checkpointer",
-    "ref_checkpointer",
-    "resume_from_checkpoint",
-    "loss",
-    "dataset",
-    "eval_dataset",
-    "eval_every_n_steps",
-    "seed",
-    "shuffle",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "epochs",
-    "max_steps_per_epoch",
-    "optimizer",
-    "lr_scheduler",
-    "clip_grad_norm",
-    "device",
-    "dtype",
-    "compile",
-    "packed",
-    "share_prompt",
-    "enable_activation_checkpointing",
-    "fsdp_cpu_offload",
-    "fsdp_reshard_after_forward",
-    "custom_sharded_layers",
-    "reference",
-    "logprobs_chunk_size",
-    "metric_logger",
-    "log_every_n_steps",
-    "save_every_n_steps",
-    "keep_last_n_checkpoints",
-    "nonfinite",
-    "recipe_name",
-    "overwrite_output_dir",
-}
-REFERENCE_KEYS = {"quantization", "precompute"}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def validate_config(cfg: DictConfig, local: bool = True) -> None:
-    """Check the config before anything is built or written; one-line errors name the key.
-
-    ``local=False`` skips what depends on this machine (device, files, output_dir), e.g. for
-    commands written here to run on a cluster.
-    """
-    checks.check_interpolations(cfg)  # first: reading any key resolves its interpolations
-    unknown = sorted(set(cfg.keys()) - KNOWN_KEYS)
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise PrefOptUserError(f"unknown config key '{key}'{hint}")
-    for key in ("output_dir", "model", "tokenizer", "checkpointer", "loss", "dataset", "optimizer"):
-        if cfg.get(key) is None:
-            raise PrefOptUserError(f"config key '{key}' is required")
-
-    def positive_int(key: str, optional: bool = False) -> None:
-        v = cfg.get(key)
-        if v is None and optional:
-            return
-        if not _is_int(v) or v < 1:
-            raise PrefOptUserError(f"{key} must be an integer >= 1, got {v!r}")
-
-    positive_int("batch_size")
-    positive_int("gradient_accumulation_steps")
-    positive_int("epochs")
-    positive_int("max_steps_per_epoch", optional=True)
-    positive_int("log_every_n_steps", optional=True)
-    positive_int("save_every_n_steps", optional=True)
-    positive_int("keep_last_n_checkpoints", optional=True)
-    positive_int("eval_every_n_steps", optional=True)
-    positive_int("logprobs_chunk_size", optional=True)
-    seed = cfg.get("seed", 0)
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise PrefOptUserError(f"seed must be an integer >= 0 (or null: random), got {seed!r}")
-    for flag in (
-        "resume_from_checkpoint",
-        "overwrite_output_dir",
-        "shuffle",
-        "compile",
-        "packed",
-        "share_prompt",
-    ):
-        if not isinstance(cfg.get(flag, False), bool):
-            raise PrefOptUserError(f"{flag} must be true or false, got {cfg.get(flag)!r}")
-    if cfg.get("share_prompt", False) and not cfg.get("packed", False):
-        raise PrefOptUserError(
-            "share_prompt: true needs packed: true (a shared prompt is a packed layout); "
-            "set packed=true or share_prompt=false"
-        )
-    if cfg.get("nonfinite", "stop") not in ("stop", "skip"):
-        raise PrefOptUserError(f"nonfinite must be 'stop' or 'skip', got {cfg.get('nonfinite')!r}")
-    if cfg.get("dtype", "fp32") not in ("fp32", "bf16"):
-        raise PrefOptUserError(f"dtype must be 'fp32' or 'bf16', got {cfg.get('dtype')!r}")
-    clip = cfg.get("clip_grad_norm")
-    if clip is not None and not (
-        isinstance(clip, (int, float))
-        and not isinstance(clip, bool)
-        and math.isfinite(clip)
-        and clip > 0
-    ):
-        raise PrefOptUserError(f"clip_grad_norm must be > 0 or null, got {clip!r}")
-    ref = cfg.get("reference")
-    if ref is not None and not isinstance(ref, DictConfig):
-        raise PrefOptUserError(
-            f"reference must be a mapping (reference.quantization, reference.precompute), got {ref!r}"
-        )
-    ref = ref or {}
-    bad = sorted(set(ref.keys()) - REFERENCE_KEYS)
-    if bad:
-        raise PrefOptUserError(
-            f"unknown config key 'reference.{bad[0]}' (valid: {sorted(REFERENCE_KEYS)})"
-        )
-    if not isinstance(ref.get("precompute", False), bool):
-        raise PrefOptUserError(
-            f"reference.precompute must be true or false, got {ref.get('precompute')!r}"
-        )
-    device = str(cfg.get("device", "cpu"))
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise PrefOptUserError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if local and device.startswith("cuda") and not torch.cuda.is_available():
-        raise PrefOptUserError("device is 'cuda' but no CUDA device is available (set device=cpu)")
-    check_quantization_supported(ref.get("quantization"), device, hardware=local)
-
-    # every component: importable, and its config keys are arguments it takes
-    checks.check_component(cfg.model, "model")
-    checks.check_lora_settings(cfg.model, "model")
-    checks.check_component(cfg.tokenizer, "tokenizer")
-    checks.check_component(cfg.checkpointer, "checkpointer")
-    if _configured(cfg.get("ref_checkpointer")):
-        checks.check_component(cfg.ref_checkpointer, "ref_checkpointer")
-    for key in ("dataset", "eval_dataset"):
-        node = cfg.get(key)
-        if not _configured(node):
-            continue
-        for i, part in enumerate(node) if isinstance(node, ListConfig) else [(None, node)]:
-            checks.check_component(
-                part, key if i is None else f"{key}[{i}]", injected={"tokenizer"}
-            )
-    checks.check_component(cfg.optimizer, "optimizer", positional=1)
-    checks.check_optimizer_values(cfg.optimizer)
-    if _configured(cfg.get("lr_scheduler")):
-        checks.check_component(
-            cfg.lr_scheduler,
-            "lr_scheduler",
-            positional=1,
-            injected={"num_training_steps", "last_epoch"},
-        )
-    if _configured(cfg.get("metric_logger")):
-        checks.check_component(cfg.metric_logger, "metric_logger")
-        checks.check_metric_logger_installed(cfg.metric_logger)
-    if local:
-        checks.check_output_dir(cfg.output_dir)
-        checks.check_paths_exist(cfg.tokenizer, "tokenizer")
-        for key in ("checkpointer", "ref_checkpointer"):
-            if _configured(cfg.get(key)):
-                checks.check_paths_exist(cfg.get(key), key)
-
-
-def _configured(node: Any) -> bool:
-    """A component is configured unless it is null (``key=null`` on the command line leaves a
-    node whose ``_component_`` is null)."""
-    if node is None:
-        return False
-    if isinstance(node, DictConfig) and "_component_" in node and node.get("_component_") is None:
-        return False
-    return True
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -284,37 +110,24 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _pairs(x) -> Tuple[Any, Any]:
-    """The two halves of a ``[2B]`` batch-layout value: ``(chosen, rejected)``, or KTO's
-    ``(rows, KL rows)`` (``None`` stays None)."""
-    return (None, None) if x is None else (PairedBatch.first(x), PairedBatch.second(x))
-
-
 class PrefOptRecipe:
     """DPO-family preference optimization with FSDP2; see the module docstring."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        validate_config(cfg)
+        # every key, with its default, from the one key table (training/recipe_config.py)
+        self.settings = s = validate_config(cfg)
         self.cfg = cfg
-        self._device = utils.get_device(device=cfg.get("device", "cpu"))
-        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self._device = utils.get_device(device=s.device)
+        self._dtype = training.get_dtype(s.dtype, device=self._device)
         self.world_size, self.rank = init_distributed(self._device)
         self._is_rank_zero = self.rank == 0
         self._output_dir = Path(cfg.output_dir)
         self._output_dir_existed = self._output_dir.exists()
-        self.seed = training.set_seed(seed=cfg.get("seed", 0))
-        self.batch_size = cfg.batch_size
-        self.accum = cfg.gradient_accumulation_steps
-        self.total_epochs = cfg.epochs
-        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")
-        self._chunk_size = cfg.get("logprobs_chunk_size") or 1024
-        self._log_every = cfg.get("log_every_n_steps") or 1
-        self._save_every = cfg.get("save_every_n_steps")
-        self._keep_last = cfg.get("keep_last_n_checkpoints")
-        self._eval_every = cfg.get("eval_every_n_steps")
-        self._clip = cfg.get("clip_grad_norm")
-        self._nonfinite = cfg.get("nonfinite", "stop")
-        self._resume = bool(cfg.get("resume_from_checkpoint", False))
+        self.seed = training.set_seed(seed=s.seed)
+        self.batch_size = s.batch_size
+        self.accum = s.gradient_accumulation_steps
+        self.total_epochs = s.epochs
+        self._chunk_size = s.logprobs_chunk_size
         self.global_step = 0
         self._last_metrics: Dict[str, float] = {}
         self._evals: List[tuple] = []
@@ -323,138 +136,200 @@ class PrefOptRecipe:
         self._sigterm = False
         # Set in setup(); cleanup() must work (and not mask the real error) if setup fails early.
         self._metric_logger = None
+        self._lock: Optional[OutputDirLock] = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, s = self.cfg, self.settings
+        self._lock = self._setup_lock()  # one run per output_dir, for the run's lifetime
         # 1. Everything that can be wrong in the config or the data, before any weights load.
+        self._loss_fn = self._setup_loss(cfg.loss)
+        model_facts = meta_model(cfg.model, self._dtype)  # cheap (meta tensors): LoRA? context?
+        self._lora = lora_settings(cfg.model) if is_lora_model(model_facts) else None
+        fits = (context_length(model_facts), vocab_size(model_facts))  # what rows must fit
+        del model_facts
+        self._ref_plan = self._setup_reference_plan(s)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        check_tokenizer_fits(self._tokenizer, fits[1])
+        self._dataset = self._setup_dataset(cfg.dataset, "dataset", self._paired, fits)
+        self._eval_dataset = None
+        if s.eval_dataset is not None:
+            self._eval_dataset = self._setup_dataset(s.eval_dataset, "eval_dataset", True, fits)
+
+        # 2. The run's identity: a fresh run never adopts another run's checkpoints; a resumed
+        # run continues the newest complete checkpoint of a run with these settings.
+        self._checkpointer = HFCheckpoint.from_config(cfg.checkpointer, "checkpointer")
+        self._checkpoints = StepCheckpointer(
+            self._output_dir, self._checkpointer, rank=self.rank, world_size=self.world_size,
+            device=self._device, keep_last_n=s.keep_last_n_checkpoints, lora=self._lora, log=log,
+        )  # fmt: skip
+        resume = self._checkpoints.start(
+            cfg,
+            resume=s.resume_from_checkpoint,
+            overwrite=s.overwrite_output_dir,
+            global_batch=self.batch_size * self.world_size,
+            accumulation=self.accum,
+            effective={"reference.quantization": self._ref_plan.quantization},
+        )
+
+        # 3. Models: the policy, and where the reference log-probs come from.
+        base_sd = self._checkpointer.load()
+        self._model = self._setup_policy(cfg.model, base_sd)
+        self._reference = self._setup_reference(base_sd)
+        del base_sd
+
+        # 4. Optimizer, data order, schedule.
+        self._optimizer = config.instantiate(
+            cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
+        )
+        self._checkpoints.attach(self._model, self._optimizer)
+        self._setup_data_order(s)
+        if resume is not None:
+            self._load_recipe_state(resume.state)
+        self._eval_reference = self._reference
+        if self._ref_plan.precompute:
+            self._setup_precompute()
+        self._lr_scheduler = self._setup_lr_scheduler(s.lr_scheduler, resume)
+        if s.compile:
+            # Attributes (reference_free, beta, ...) stay reachable through the compiled wrapper.
+            self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+
+        # 5. Logging, and only now that every check passed: overwrite_output_dir's deletion.
+        self._metrics = StepMetrics(self._device)
+        self._checkpoints.clear_previous_run()
+        dist.barrier()
+        self._metric_logger = self._setup_metric_logger(s.metric_logger)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        dist.barrier()
+
+    def _setup_lock(self) -> Optional[OutputDirLock]:
+        """Rank 0 holds the lock on ``output_dir``; if it cannot, every rank stops together."""
+        lock, error = None, [None]
+        if self._is_rank_zero:
+            lock = OutputDirLock(self._output_dir)
+            try:
+                lock.acquire()
+            except PrefOptUserError as err:
+                error = [str(err)]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise PrefOptUserError(error[0])
+        return lock
+
+    def _setup_loss(self, cfg_loss: Any):
         try:
-            self._loss_fn = build_loss(cfg.loss)
+            loss = build_loss(cfg_loss)
         except PrefOptUserError:
             raise
         except (ValueError, TypeError, ImportError) as err:
             raise PrefOptUserError(f"loss: {err}") from err
-        self._loss_module = self._loss_fn  # uncompiled: held-out evaluation asks it for rewards
-        self._reference_free = bool(getattr(self._loss_fn, "reference_free", False))
-        self._paired = bool(getattr(self._loss_fn, "paired", True))
-        self._average = bool(getattr(self._loss_fn, "average_logps", False))
-        ref_opts = cfg.get("reference") or {}
-        model_facts = self._instantiate_meta_model()  # cheap (meta tensors): LoRA? context?
-        self._is_lora_model = bool(get_adapter_params(model_facts))
-        model_max_seq_len = getattr(model_facts, "max_seq_len", None)
-        del model_facts
-        ignored = [
-            key
-            for key, on in (
-                ("ref_checkpointer", _configured(cfg.get("ref_checkpointer"))),
-                ("reference.quantization", ref_opts.get("quantization") is not None),
-                ("reference.precompute", bool(ref_opts.get("precompute", False))),
-            )
-            if on
-        ]
-        if self._reference_free and ignored:
-            utils.log_rank_zero(
-                log,
-                f"WARNING: {type(self._loss_fn).__name__} is reference-free: {', '.join(ignored)} "
-                "ignored and no reference model is loaded.",
-            )
-        elif self._is_lora_model and _configured(cfg.get("ref_checkpointer")):
-            utils.log_rank_zero(
-                log,
-                "WARNING: ref_checkpointer is ignored with a LoRA model: the reference is the policy's "
-                "own base weights with the adapters disabled (use a full model for another reference)",
-            )
+        self._loss_module = loss  # uncompiled: held-out evaluation asks it for rewards
+        self._paired = bool(getattr(loss, "paired", True))
+        self._average = bool(getattr(loss, "average_logps", False))
         global_batch = self.batch_size * self.world_size
         if not self._paired and global_batch < 2:
             raise PrefOptUserError(
-                f"batch_size: {type(self._loss_fn).__name__} builds its KL reference point from "
+                f"batch_size: {type(loss).__name__} builds its KL reference point from "
                 "mismatched pairs of the global micro-batch and needs batch_size x processes >= 2, "
                 f"got {self.batch_size} x {self.world_size}"
             )
-        self._ref_quant = None if self._reference_free else ref_opts.get("quantization")
-        self._ref_precompute = bool(ref_opts.get("precompute", False)) and not self._reference_free
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        return loss
+
+    def _setup_reference_plan(self, s):
+        plan = plan_reference(
+            self._loss_module,
+            lora=self._lora is not None,
+            quantization=s.reference_quantization,
+            precompute=s.reference_precompute,
+            ref_checkpointer=s.ref_checkpointer is not None,
+        )
+        for warning in plan.warnings:
+            utils.log_rank_zero(log, f"WARNING: {warning}")
+        return plan
+
+    def _setup_dataset(self, node: Any, key: str, paired: bool, fits: Tuple[Any, Any]):
         # rows are identified by their position (the data order, errors and the reference cache)
-        self._dataset = PositionIndexed(self._build_dataset(cfg.dataset, "dataset"))
-        self._check_dataset_kind(self._dataset, "dataset", paired=self._paired)
-        self._eval_dataset = None
-        if _configured(cfg.get("eval_dataset")):
-            self._eval_dataset = PositionIndexed(
-                self._build_dataset(cfg.eval_dataset, "eval_dataset")
-            )
-            self._check_dataset_kind(self._eval_dataset, "eval_dataset", paired=True)
-        for key, ds in (("dataset", self._dataset), ("eval_dataset", self._eval_dataset)):
-            if ds is not None:
-                self._check_fits_context(ds, key, model_max_seq_len)
-        if len(self._dataset) < global_batch:
+        ds = PositionIndexed(build_datasets(node, key, self._tokenizer))
+        check_dataset_kind(ds, key, paired=paired)
+        check_fits_context(ds, key, *fits)  # context length and vocabulary
+        if key != "dataset":
+            return ds
+        if len(ds) < self.batch_size * self.world_size:
             raise PrefOptUserError(
-                f"dataset: {len(self._dataset)} usable rows, fewer than one global batch "
+                f"dataset: {len(ds)} usable rows, fewer than one global batch "
                 f"(batch_size {self.batch_size} x {self.world_size} processes)"
             )
-        if not self._paired:
-            stats = getattr(self._dataset, "stats", {})
-            n_d, n_u = stats.get("n_desirable"), stats.get("n_undesirable")
-            if n_d is not None and n_u is not None:
-                utils.log_rank_zero(log, f"KTO data: {n_d} desirable, {n_u} undesirable rows")
-                warning = kto_balance_warning(
-                    n_d, n_u, self._loss_fn.desirable_weight, self._loss_fn.undesirable_weight
-                )
-                if warning:
-                    utils.log_rank_zero(log, f"WARNING: {warning}")
-        stats = getattr(self._dataset, "stats", None)
+        stats = getattr(ds, "stats", None) or {}
+        n_d, n_u = stats.get("n_desirable"), stats.get("n_undesirable")
+        if not self._paired and n_d is not None and n_u is not None:
+            utils.log_rank_zero(log, f"KTO data: {n_d} desirable, {n_u} undesirable rows")
+            warning = kto_balance_warning(
+                n_d, n_u, self._loss_module.desirable_weight, self._loss_module.undesirable_weight
+            )
+            if warning:
+                utils.log_rank_zero(log, f"WARNING: {warning}")
         if stats:
             utils.log_rank_zero(log, f"dataset stats: {dict(stats)}")
+        return ds
 
-        # 2. The run's identity: a fresh run never adopts another run's checkpoints; a resumed
-        # run continues the newest complete checkpoint of a run with these settings.
-        self._identity = ckpt.RunIdentity.new(cfg)
-        self._replace_previous: List[Path] = []
-        resume_dir, recipe_state = None, None
-        if not self._resume:
-            self._replace_previous = ckpt.check_fresh_output_dir(
-                self._output_dir, bool(cfg.get("overwrite_output_dir", False))
-            )
-        else:
-            resume_dir = ckpt.latest_checkpoint(self._output_dir)
-            if resume_dir is None:
-                utils.log_rank_zero(
-                    log,
-                    f"resume_from_checkpoint=True but no complete checkpoint in {self._output_dir}; starting fresh",
-                )
-            else:
-                manifest = ckpt.verify_checkpoint_collective(resume_dir, self.rank, self.world_size)
-                self._identity = ckpt.check_resumable(resume_dir, manifest, cfg) or self._identity
-                recipe_state = ckpt.load_recipe_state(resume_dir)
-                self._check_same_global_batch(recipe_state)
-                utils.log_rank_zero(
-                    log, f"Resuming from {resume_dir} (run {self._identity.run_id})"
-                )
-        ids = [self._identity.run_id]
-        dist.broadcast_object_list(ids, src=0)  # one run id on every rank (a new one is random)
-        self._identity.run_id = ids[0]
-
-        # 3. The base weights.
-        self._checkpointer = config.instantiate(cfg.checkpointer)
-        if not isinstance(self._checkpointer, training.FullModelHFCheckpointer):
-            raise PrefOptUserError(
-                "checkpointer: this recipe reads and writes Hugging Face checkpoints; use "
-                "torchtune.training.FullModelHFCheckpointer (or a function returning one)"
-            )
-        base_sd = ckpt.load_model_state_dict(self._checkpointer, "checkpointer")
-
-        # 4. Models: the policy, and where the reference log-probs come from.
-        self._model = self._setup_policy(base_sd, resume_dir)
-        self._reference = self._setup_reference(base_sd)
-        utils.log_rank_zero(log, f"reference model: {self._reference.describe()}")
-        del base_sd
-
-        # 5. Optimizer, data order, schedule.
-        self._optimizer = config.instantiate(
-            cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
+    def _placement(self) -> ModelPlacement:
+        s = self.settings
+        return ModelPlacement(
+            device=self._device,
+            dtype=self._dtype,
+            compile=s.compile,
+            activation_checkpointing=s.enable_activation_checkpointing,
+            fsdp_cpu_offload=s.fsdp_cpu_offload,
+            fsdp_reshard_after_forward=s.fsdp_reshard_after_forward,
+            custom_sharded_layers=s.custom_sharded_layers,
         )
+
+    def _setup_policy(self, cfg_model: Any, base_sd: Dict[str, torch.Tensor]):
+        """The policy from the base weights (or the resumed step's), LoRA adapters initialised
+        from the seed (the same on any number of ranks)."""
+        sd, source = self._checkpoints.policy_weights(
+            base_sd,
+            lambda sd: lora_init_state(
+                meta_model(cfg_model, self._dtype), self.seed, self._dtype, sd
+            ),
+        )
+        return build_model(
+            cfg_model, sd, self._placement(), source=source, trainable=True,
+            verbose=self._is_rank_zero,
+        )  # fmt: skip
+
+    def _setup_reference(self, base_sd: Dict[str, torch.Tensor]) -> ReferenceSource:
+        reference, self._ref_files = build_reference(
+            self._ref_plan,
+            loss_name=type(self._loss_module).__name__,
+            policy=self._model,
+            base=self._checkpointer,
+            base_sd=base_sd,
+            ref_checkpointer=self.cfg.get("ref_checkpointer"),
+            model_cfg=self.cfg.model,
+            placement=self._placement(),
+            chunk_size=self._chunk_size,
+            log=lambda line: utils.log_rank_zero(log, line),
+        )
+        utils.log_rank_zero(log, f"reference model: {reference.describe()}")
+        return reference
+
+    def _setup_data_order(self, s) -> None:
+        """The global data order, the collator of this rank's part, the steps per epoch, and
+        the held-out loader (every held-out row exactly once, whatever the world size)."""
+        global_batch = self.batch_size * self.world_size
         self._sampler = GlobalBatchSampler(
-            len(self._dataset), global_batch, seed=self.seed, shuffle=cfg.get("shuffle", True)
+            len(self._dataset), global_batch, seed=self.seed, shuffle=s.shuffle
         )
+        packing = None
+        if s.packed:
+            # rows as long as the model's context; lengths rounded to a multiple of 128 under
+            # compile (a bounded number of shapes), else of 8
+            packing = PackingLayout(
+                share_prompt=s.share_prompt,
+                capacity=int(self._model.max_seq_len),
+                multiple_of=128 if s.compile else 8,
+            )
         self._collate = PreferenceCollator(
             paired=self._paired,
             pad_id=self._tokenizer.pad_id,
@@ -462,13 +337,13 @@ class PrefOptRecipe:
             max_seq_len=getattr(self._dataset, "max_seq_len", self._tokenizer.max_seq_len),
             rank=self.rank,
             rows_per_rank=self.batch_size,
-            packing=self._packing(),
+            packing=packing,
         )
         self._dataloader = self._loader(self._dataset, self._sampler)
         micro_per_epoch = len(self._sampler)
         self._steps_per_epoch = micro_per_epoch // self.accum
-        if self.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
+        if s.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, s.max_steps_per_epoch)
         if self._steps_per_epoch < 1:
             raise PrefOptUserError(
                 f"gradient_accumulation_steps: {micro_per_epoch} micro-batches per epoch cannot fill one "
@@ -476,133 +351,17 @@ class PrefOptRecipe:
             )
         self._eval_dataloader = None
         if self._eval_dataset is not None:
-            # every held-out row exactly once, whatever the world size: the last global batch
-            # may be partial and is split evenly over the ranks (PreferenceCollator.share)
-            eval_order = GlobalBatchSampler(
-                len(self._eval_dataset),
-                global_batch,
-                seed=self.seed,
-                shuffle=False,
+            # the last global batch may be partial: it is split evenly over the ranks
+            # (PreferenceCollator.share)
+            order = GlobalBatchSampler(
+                len(self._eval_dataset), global_batch, seed=self.seed, shuffle=False,
                 drop_last=False,
-            )
-            eval_collate = PreferenceCollator(
-                paired=True, pad_id=self._collate.pad_id, rank=self.rank,
-                rows_per_rank=self.batch_size, world_size=self.world_size,
-                packing=self._collate.packing,
             )  # fmt: skip
-            self._eval_dataloader = self._loader(self._eval_dataset, eval_order, eval_collate.share)
-        if recipe_state is not None:
-            self._load_recipe_state(recipe_state)
-        self._eval_reference = self._reference
-        if self._ref_precompute:
-            self._precompute_reference()
-        self._lr_scheduler = None
-        if _configured(cfg.get("lr_scheduler")):
-            self._lr_scheduler = config.instantiate(
-                cfg.lr_scheduler,
-                self._optimizer,
-                num_training_steps=self.total_epochs * self._steps_per_epoch,
-                last_epoch=-1,
-            )
-            if recipe_state is not None and "lr_scheduler" in recipe_state:
-                self._lr_scheduler.load_state_dict(recipe_state["lr_scheduler"])
-                # Constructing the scheduler (last_epoch=-1) reset every group's lr to the
-                # schedule's step-0 value; load_state_dict does not touch the optimizer, so put
-                # back the lr the interrupted run would use for its next step.
-                for group, lr in zip(
-                    self._optimizer.param_groups, self._lr_scheduler.get_last_lr()
-                ):
-                    group["lr"] = lr
-
-        if cfg.get("compile", False):
-            # Attributes (reference_free, beta, ...) stay reachable through the compiled wrapper.
-            self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
-
-        self._metrics = StepMetrics(self._device)
-        self._metric_logger = None
-        if self._is_rank_zero and self._replace_previous:
-            # overwrite_output_dir=true: only now, when everything before has passed
-            ckpt.remove_previous_run(self._replace_previous)
-            log.info(
-                f"overwrite_output_dir: removed {', '.join(str(p) for p in self._replace_previous)}"
-            )
-        dist.barrier()
-        if self._is_rank_zero:
-            self._metric_logger = config.instantiate(cfg.metric_logger)
-            self._metric_logger.log_config(cfg)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        dist.barrier()
-
-    def _packing(self) -> Optional[PackingLayout]:
-        """``packed``/``share_prompt``: rows as long as the model's context; lengths rounded to
-        a multiple of 128 under ``compile`` (a bounded number of shapes), else of 8."""
-        if not self.cfg.get("packed", False):
-            return None
-        return PackingLayout(
-            share_prompt=bool(self.cfg.get("share_prompt", False)),
-            capacity=int(self._model.max_seq_len),
-            multiple_of=128 if self.cfg.get("compile", False) else 8,
-        )
-
-    def _build_dataset(self, cfg_ds: Any, key: str):
-        try:
-            if isinstance(cfg_ds, ListConfig):
-                from torchtune.datasets import ConcatDataset
-
-                return ConcatDataset(
-                    [config.instantiate(c, tokenizer=self._tokenizer) for c in cfg_ds]
-                )
-            return config.instantiate(cfg_ds, tokenizer=self._tokenizer)
-        except PrefOptUserError:
-            raise
-        except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
-            msg = " ".join(str(err).split())
-            raise PrefOptUserError(f"{key}: {msg}") from err
-
-    @staticmethod
-    def _check_dataset_kind(ds, key: str, paired: bool) -> None:
-        if len(ds) == 0:
-            raise PrefOptUserError(f"{key}: no usable rows")
-        is_paired = is_paired_row(ds[0])
-        if paired and not is_paired:
-            raise PrefOptUserError(
-                f"{key}: this loss (or evaluation) needs paired chosen/rejected rows, but the dataset yields unpaired rows"
-            )
-        if not paired and is_paired:
-            raise PrefOptUserError(
-                f"{key}: KTO trains on unpaired rows; wrap paired data with "
-                "torchtune_prefopt.data.unpaired_from_paired (chosen -> desirable, rejected -> undesirable)"
-            )
-
-    @staticmethod
-    def _check_fits_context(ds, key: str, context: Optional[int]) -> None:
-        """Every sequence the model will see fits its context (``model.max_seq_len``): each row,
-        and for KTO the KL rows (a prompt with another row's completion)."""
-        if not context:
-            return
-        lengths, prompts, completions = [], [], []
-        for i in range(len(ds)):
-            item = ds[i]
-            if is_paired_row(item):
-                lengths.append(max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"])))
-            else:
-                prompts.append(len(item["prompt_ids"]))
-                completions.append(len(item["completion_ids"]))
-                lengths.append(prompts[-1] + completions[-1])
-        fix = f"set tokenizer.max_seq_len (or the dataset's max_seq_len) to at most {context}"
-        for i, n in enumerate(lengths):
-            if n > context:
-                raise PrefOptUserError(
-                    f"{key}: row {i} has {n} tokens, more than the model's context of {context} tokens "
-                    f"(the model's max_seq_len); {fix}"
-                )
-        kl_longest = max(prompts) + max(completions) if prompts else 0
-        limit = getattr(ds, "max_seq_len", None)
-        if kl_longest > context and (limit is None or limit > context):
-            raise PrefOptUserError(
-                f"{key}: KTO's KL rows (a prompt with another row's completion) can reach {kl_longest} "
-                f"tokens, more than the model's context of {context}; {fix}"
-            )
+            share = PreferenceCollator(
+                paired=True, pad_id=self._collate.pad_id, rank=self.rank,
+                rows_per_rank=self.batch_size, world_size=self.world_size, packing=packing,
+            ).share  # fmt: skip
+            self._eval_dataloader = self._loader(self._eval_dataset, order, share)
 
     def _loader(self, dataset, order: GlobalBatchSampler, collate=None) -> DataLoader:
         """Global micro-batches in ``order``, each collated into this rank's batch object
@@ -620,209 +379,78 @@ class PrefOptRecipe:
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    # -- models
-    @property
-    def _is_lora(self) -> bool:
-        return self._lora is not None
-
-    def _instantiate_meta_model(self) -> nn.Module:
-        with training.set_default_dtype(self._dtype), torch.device("meta"):
-            return config.instantiate(self.cfg.model)
-
-    def _shard(self, model: nn.Module) -> None:
-        training.shard_model(
-            model=model,
-            shard_conditions=[
-                partial(
-                    training.get_shard_conditions,
-                    names_to_match=self.cfg.get("custom_sharded_layers"),
-                )
-            ],
-            cpu_offload=self.cfg.get("fsdp_cpu_offload", False),
-            reshard_after_forward=self.cfg.get("fsdp_reshard_after_forward", True),
-        )
-
-    def _init_rope(self, model: nn.Module) -> None:
-        with training.set_default_dtype(self._dtype), self._device:
-            for m in model.modules():
-                if hasattr(m, "rope_init"):
-                    m.rope_init()
-
-    def _setup_policy(
-        self, base_sd: Dict[str, torch.Tensor], resume_dir: Optional[Path]
-    ) -> nn.Module:
-        cfg = self.cfg
-        model = self._instantiate_meta_model()
-        adapter_params = get_adapter_params(model)
-        self._lora = lora_settings(cfg.model) if adapter_params else None
-        if adapter_params:
-            set_trainable_params(model, adapter_params)
-        self._adapter_keys = set(adapter_params.keys())
-        if resume_dir is not None and not adapter_params:
-            # Full fine-tuning resumes from the step checkpoint's weights.
-            resume_ckpt = training.FullModelHFCheckpointer(
-                checkpoint_dir=str(resume_dir),
-                checkpoint_files=ckpt.hf_weight_files(resume_dir),
-                model_type=self._checkpointer._model_type.name,
-                output_dir=str(self._output_dir),
-            )
-            policy_sd = resume_ckpt.load_checkpoint()[training.MODEL_KEY]
-            source = resume_dir
-        else:
-            policy_sd = dict(base_sd)
-            source = getattr(self._checkpointer, "_checkpoint_dir", "checkpointer")
-        if adapter_params:
-            if resume_dir is not None:
-                policy_sd.update(ckpt.load_adapter_weights(resume_dir))
-            else:
-                policy_sd.update(lora_init_state(model, self.seed, self._dtype, policy_sd))
-        ckpt.check_state_dict(model, policy_sd, source, strict_keys=True)
-
-        if cfg.get("compile", False):
-            training.compile_model(model, verbose=self._is_rank_zero)
-        if cfg.get("enable_activation_checkpointing", False):
-            training.set_activation_checkpointing(
-                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
-            )
-        self._shard(model)
-        self._init_rope(model)
-        training.load_from_full_model_state_dict(
-            model,
-            policy_sd,
-            self._device,
-            strict=True,
-            cpu_offload=cfg.get("fsdp_cpu_offload", False),
-        )
-        training.validate_no_params_on_meta_device(model)
-        training.disable_dropout(model)
-        return model
-
-    def _setup_reference(self, base_sd: Dict[str, torch.Tensor]) -> ReferenceSource:
-        """The strategy for reference log-probs; the only place the recipe looks at which."""
-        # the files whose content identifies the reference (for the precompute cache)
-        self._ref_files = [
-            *self._checkpointer._checkpoint_paths,
-            self._checkpointer._checkpoint_dir / "config.json",
-        ]
-        if self._reference_free:
-            return NoReference(type(self._loss_fn).__name__)
-        if self._is_lora:
-            if self._ref_quant is not None:
-                utils.log_rank_zero(
-                    log,
-                    "WARNING: reference.quantization is ignored with LoRA (the reference is the policy's own base weights)",
-                )
-                self._ref_quant = None
-            return AdaptersDisabled(self._model, self._chunk_size)
-        ref_sd, source = base_sd, getattr(self._checkpointer, "_checkpoint_dir", "checkpointer")
-        if _configured(self.cfg.get("ref_checkpointer")):
-            ref_ckpt = config.instantiate(self.cfg.ref_checkpointer)
-            ref_sd = ckpt.load_model_state_dict(ref_ckpt, "ref_checkpointer")
-            source = getattr(ref_ckpt, "_checkpoint_dir", "ref_checkpointer")
-            self._ref_files = [
-                *ref_ckpt._checkpoint_paths,
-                ref_ckpt._checkpoint_dir / "config.json",
-            ]
-        return FrozenModel(
-            self._frozen_reference_model(ref_sd, source), str(source), self._chunk_size
-        )
-
-    def _frozen_reference_model(self, ref_sd: Dict[str, torch.Tensor], source: Any) -> nn.Module:
-        model = self._instantiate_meta_model()
-        ckpt.check_state_dict(model, ref_sd, source, strict_keys=True)
-        if self._ref_quant is not None:
-            # torchao's quantized tensors do not compose with FSDP2: a plain module, replicated
-            # on every rank. Weights stay on the CPU until each layer is quantized on the device.
-            model.load_state_dict(
-                {k: v.to(self._dtype) for k, v in ref_sd.items()}, strict=True, assign=True
-            )
-            self._init_rope(model)
-            report = quantize_reference(model, self._ref_quant, device=self._device)
-            training.validate_no_params_on_meta_device(model)
-            training.disable_dropout(model)
-            utils.log_rank_zero(log, report.summary())
-            return model
-        if self.cfg.get("compile", False):
-            training.compile_model(model, verbose=False)
-        self._shard(model)
-        self._init_rope(model)
-        training.load_from_full_model_state_dict(
-            model,
-            ref_sd,
-            self._device,
-            strict=True,
-            cpu_offload=self.cfg.get("fsdp_cpu_offload", False),
-        )
-        training.validate_no_params_on_meta_device(model)
-        training.disable_dropout(model)
-        for p in model.parameters():
-            p.requires_grad = False
-        model.eval()
-        return model
-
-    def _precompute_reference(self) -> None:
+    def _setup_precompute(self) -> None:
         """``reference.precompute``: the reference log-probs of every training row (and KTO KL
         pair) and every held-out row, computed once (or loaded from a cache whose fingerprint
         matches); the reference model is then freed and training runs without it."""
-        live, root = self._reference, self._output_dir / "reference_cache"
+        root = self._output_dir / "reference_cache"
+
+        def job(dataset, paired: bool, max_seq_len, kl_pairs, what: str) -> PrecomputeJob:
+            # the padded layout, whatever training uses: a cache does not depend on it
+            padded = PreferenceCollator(paired=paired, pad_id=self._collate.pad_id, max_seq_len=max_seq_len)  # fmt: skip
+            return PrecomputeJob(
+                dataset, padded, self.batch_size, self.world_size, self.rank, self._device,
+                kl_pairs, what,
+            )  # fmt: skip
+
         pairs = None
         if not self._paired:
             pairs = kto_kl_pairs(
                 self._sampler, self.total_epochs, self._steps_per_epoch * self.accum
             )
-        padded = PreferenceCollator(
-            paired=self._paired, pad_id=self._collate.pad_id, max_seq_len=self._collate.max_seq_len
-        )
-        self._reference = self._cached(
-            live, self._dataset, root, padded, pairs, "the training rows"
-        )
+        jobs = {"train": (job(self._dataset, self._paired, self._collate.max_seq_len, pairs, "the training rows"), root)}  # fmt: skip
         if self._eval_dataset is not None:
-            padded = PreferenceCollator(paired=True, pad_id=self._collate.pad_id)
-            self._eval_reference = self._cached(
-                live, self._eval_dataset, root / "eval", padded, None, "the held-out rows"
-            )
-        if live.model is not None:
-            live.model = None  # not needed any more: free its memory
-            utils.log_rank_zero(
-                log,
-                "reference model freed: training and evaluation use the cached reference log-probs",
-            )
-
-    def _cached(
-        self, live: ReferenceSource, dataset, cache_dir: Path, collate, pairs, what: str
-    ) -> CachedLogps:
-        store = None
-        if self._is_rank_zero:  # only rank 0 reads/writes the file: only it needs the fingerprint
-            fingerprint = reference_fingerprint(
-                self._ref_files,
-                dataset,
-                self._tokenizer,
-                self._tokenizer.max_seq_len,
-                extra={
-                    "model": self.cfg.model,
-                    "dtype": self.cfg.get("dtype", "fp32"),
-                    "lora": self._is_lora,
-                    "kl_pairs": pairs,
-                },
-                quantization=self._ref_quant,
-                digest_memo=self._output_dir / "reference_cache" / DIGEST_MEMO,
-            )
-            store = ReferenceLogpsCache(cache_dir, fingerprint)
-        return CachedLogps.precompute(
-            live,
-            dataset,
-            store,
-            collate_fn=collate,
-            batch_size=self.batch_size,
-            world_size=self.world_size,
-            rank=self.rank,
-            device=self._device,
-            kl_pairs=pairs,
-            what=what,
+            jobs["eval"] = (job(self._eval_dataset, True, None, None, "the held-out rows"), root / "eval")  # fmt: skip
+        sources = precompute_reference(
+            self._reference,
+            jobs,
+            plan=self._ref_plan,
+            weight_files=self._ref_files,
+            tokenizer=self._tokenizer,
+            settings={
+                "model": self.cfg.model,
+                "dtype": self.settings.dtype,
+                "lora": self._lora is not None,
+            },  # fmt: skip
+            memo_dir=root,
+            log=lambda line: utils.log_rank_zero(log, line),
         )
+        self._reference = sources["train"]
+        self._eval_reference = sources.get("eval", self._reference)
+
+    def _setup_lr_scheduler(self, node: Any, resume):
+        """The schedule over the run's steps. torchtune's schedulers take the step count
+        (``num_training_steps``); a torch-native one (``torch.optim.lr_scheduler.*``) is
+        given only the arguments it accepts."""
+        if node is None:
+            return None
+        from torchtune_prefopt.training.config_checks import component_target
+
+        passed = {"num_training_steps": self.total_epochs * self._steps_per_epoch, "last_epoch": -1}
+        params = inspect.signature(component_target(node, "lr_scheduler")).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            passed = {k: v for k, v in passed.items() if k in params}
+        scheduler = config.instantiate(node, self._optimizer, **passed)
+        if resume is not None and "lr_scheduler" in resume.state:
+            scheduler.load_state_dict(resume.state["lr_scheduler"])
+            # Constructing the scheduler (last_epoch=-1) reset every group's lr to the
+            # schedule's step-0 value; load_state_dict does not touch the optimizer, so put
+            # back the lr the interrupted run would use for its next step.
+            for group, lr in zip(self._optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        return scheduler
+
+    def _setup_metric_logger(self, node: Any):
+        """Rank 0's metric logger (``metric_logger: null``: none)."""
+        if not self._is_rank_zero or node is None:
+            return None
+        logger = config.instantiate(node)
+        logger.log_config(self.cfg)
+        return logger
 
     # ------------------------------------------------------------------ state
     def _recipe_state(self, epoch: int, micro_in_epoch: int) -> Dict[str, Any]:
+        """What a resume needs besides weights and optimizer (collective: gathers RNG)."""
         rng = [None] * self.world_size
         dist.all_gather_object(rng, torch.get_rng_state())
         state = {
@@ -838,16 +466,6 @@ class PrefOptRecipe:
         if self._lr_scheduler is not None:
             state["lr_scheduler"] = self._lr_scheduler.state_dict()
         return state
-
-    def _check_same_global_batch(self, state: Dict[str, Any]) -> None:
-        gb_then = state["batch_size"] * state["world_size"]
-        gb_now = self.batch_size * self.world_size
-        if gb_then != gb_now or state["gradient_accumulation_steps"] != self.accum:
-            raise PrefOptUserError(
-                f"resume: the checkpoint was trained with a global micro-batch of {gb_then} and "
-                f"gradient_accumulation_steps {state['gradient_accumulation_steps']}; this run has "
-                f"{gb_now} and {self.accum}: keep batch_size x world_size and accumulation the same to resume exactly"
-            )
 
     def _load_recipe_state(self, state: Dict[str, Any]) -> None:
         if state["seed"] != self.seed:
@@ -872,132 +490,54 @@ class PrefOptRecipe:
                 self._model, self._optimizer, opt_sd, self._device
             )
 
-    def _gather_adapter_state(self) -> Dict[str, torch.Tensor]:
-        """Full LoRA adapter tensors on rank 0, without gathering the frozen base weights."""
-        out = {}
-        for name, value in self._model.state_dict().items():
-            if name not in self._adapter_keys:
-                continue
-            if hasattr(value, "full_tensor"):
-                value = value.full_tensor()
-            if self._is_rank_zero:
-                out[name] = value.detach().cpu()
-        return out
-
     def save_checkpoint(self, epoch: int, micro_in_epoch: int, reason: str) -> Optional[Path]:
-        """Gather weights and optimizer state to rank 0 and write an atomic step checkpoint.
-
-        LoRA: intermediate checkpoints hold the adapter only (the base is the frozen input
-        checkpoint, so a 70B run never gathers 140 GB on rank 0 just to resume); the final
-        checkpoint also holds the merged weights, loadable as a plain HF model.
-        """
-        start = time.perf_counter()
-        adapter_only = self._is_lora and reason != "final"
-        if adapter_only:
-            full_sd = self._gather_adapter_state()
-        else:
-            full_sd = training.gather_cpu_state_dict(
-                self._model, self._is_rank_zero, device=self._device
-            )
-        opt_sd = training.get_full_optimizer_state_dict(
-            self._model, self._optimizer, self._is_rank_zero, device=self._device
-        )
+        """A step checkpoint of the run now (collective)."""
         state = self._recipe_state(epoch, micro_in_epoch)
-        finite = True
-        if self._is_rank_zero:
-            finite = all(
-                torch.isfinite(v).all().item() for v in full_sd.values() if v.is_floating_point()
-            )
-        if any_rank(not finite, self._device):
-            raise FloatingPointError(
-                f"step {self.global_step}: the weights contain non-finite values; refusing to write a checkpoint"
-            )
-        final_path = None
-        if self._is_rank_zero:
-            tmp = ckpt.begin_checkpoint(self._output_dir, self.global_step)
-            if adapter_only:
-                to_write = {
-                    training.ADAPTER_KEY: full_sd,
-                    training.ADAPTER_CONFIG: adapter_config(self._lora),
-                }
-            elif self._is_lora:
-                to_write = {
-                    training.MODEL_KEY: merged_lora_state_dict(full_sd, self._lora),
-                    training.ADAPTER_KEY: get_adapter_state_dict(full_sd),
-                    training.ADAPTER_CONFIG: adapter_config(self._lora),
-                }
-            else:
-                to_write = {training.MODEL_KEY: full_sd}
-            ckpt.write_hf_weights(self._checkpointer, to_write, tmp, adapter_only=adapter_only)
-            state["optimizer"] = opt_sd
-            ckpt.save_recipe_state(tmp, state)
-            final_path = ckpt.commit_checkpoint(
-                tmp,
-                self.global_step,
-                extra={
-                    "reason": reason,
-                    "model_weights": not adapter_only,
-                    "run": self._identity.to_json(),
-                },
-            )
-            ckpt.prune_checkpoints(self._output_dir, self._keep_last)
-            log.info(
-                f"Saved checkpoint {final_path} ({reason}) in {time.perf_counter() - start:.1f}s"
-            )
-        dist.barrier()
-        return final_path
+        return self._checkpoints.save(self.global_step, state, reason)
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
         self._sigterm = True
 
     # ------------------------------------------------------------------ compute
-    def _loss_form(self, lp) -> Optional[torch.Tensor]:
-        """The log-prob form the loss wants (per-token mean or sum); ``None`` stays None."""
+    def _forms(self, lp: Optional[SequenceLogProbs]):
+        """The two halves of a ``[2B]`` result in the loss's log-prob form (mean or sum)."""
         if lp is None:
-            return None
-        return lp.mean if self._average else lp.sum
+            return None, None
+        return tuple(half.form(self._average) for half in lp.halves())
 
     def _paired_step(self, batch: PairedBatch):
         """Loss of ``B`` pairs, and the metric sums ``{name: (sum over pairs, count name)}``."""
         pol = batch.logps(self._model, self._chunk_size)
         ref = self._reference.logps(batch)
         losses, chosen_rewards, rejected_rewards = self._loss_fn(
-            *_pairs(self._loss_form(pol)), *_pairs(self._loss_form(ref))
+            *self._forms(pol), *self._forms(ref)
         )
-        pol_chosen, pol_rejected = _pairs(pol.sum.detach())
+        pol_chosen, pol_rejected = pol.detach().halves()
         stats = {
             "rewards/chosen": (chosen_rewards.detach().sum(), "rows"),
             "rewards/rejected": (rejected_rewards.detach().sum(), "rows"),
             "rewards/accuracies": (pair_accuracy(chosen_rewards, rejected_rewards).sum(), "rows"),
             "rewards/margins": ((chosen_rewards - rejected_rewards).detach().sum(), "rows"),
-            "logps/chosen": (pol_chosen.sum(), "rows"),
-            "logps/rejected": (pol_rejected.sum(), "rows"),
+            "logps/chosen": (pol_chosen.sum.sum(), "rows"),
+            "logps/rejected": (pol_rejected.sum.sum(), "rows"),
         }
         return losses, stats, {"rows": float(len(batch))}
 
     def _kto_step(self, batch: UnpairedBatch):
-        """Loss of ``B`` unpaired rows (with their KL rows), and the metric sums."""
-        # [2B]: the rows, then their KL rows (KTO's reference point is not trained through)
-        pol_rows, pol_kl = _pairs(batch.logps(self._model, self._chunk_size))
-        ref_rows, ref_kl = _pairs(self._loss_form(self._reference.logps(batch)))
-        losses, rewards, kl = self._loss_fn(
-            self._loss_form(pol_rows),
-            ref_rows,
-            batch.is_desirable,
-            self._loss_form(pol_kl).detach(),
-            ref_kl,
-        )
-        pol = pol_rows
+        """Loss of ``B`` unpaired rows (with their KL rows, detached in every layout: KTO's
+        reference point is not trained through), and the metric sums."""
+        pol = batch.logps(self._model, self._chunk_size)
+        pol_rows, pol_kl = self._forms(pol)
+        ref_rows, ref_kl = self._forms(self._reference.logps(batch))
+        losses, rewards, kl = self._loss_fn(pol_rows, ref_rows, batch.is_desirable, pol_kl, ref_kl)
+        logps = pol.halves()[0].sum.detach()
         d = batch.is_desirable.float()
         stats = {
-            "kl": (
-                kl.detach().float() * len(batch),
-                "rows",
-            ),  # z0 is global; weight so the mean is z0
+            "kl": (kl.detach().float() * len(batch), "rows"),  # z0 is global: the mean is z0
             "rewards/desirable": ((rewards.detach() * d).sum(), "desirable"),
             "rewards/undesirable": ((rewards.detach() * (1 - d)).sum(), "undesirable"),
-            "logps/desirable": ((pol.sum.detach() * d).sum(), "desirable"),
-            "logps/undesirable": ((pol.sum.detach() * (1 - d)).sum(), "undesirable"),
+            "logps/desirable": ((logps * d).sum(), "desirable"),
+            "logps/undesirable": ((logps * (1 - d)).sum(), "undesirable"),
         }
         counts = {
             "rows": float(len(batch)),
@@ -1012,6 +552,56 @@ class PrefOptRecipe:
         dist.all_gather_object(gathered, bad_local)
         return sorted(i for part in gathered for i in part)
 
+    def _skip_nonfinite(self, msg: str) -> bool:
+        """``nonfinite: stop`` raises (exit 3); ``skip`` warns and skips the step (True)."""
+        if self.settings.nonfinite == "stop":
+            raise FloatingPointError(msg + " (set nonfinite=skip to skip such steps)")
+        utils.log_rank_zero(log, f"WARNING: {msg}; skipping this step")
+        return True
+
+    def _micro_step(self, batch) -> bool:
+        """Forward and backward of one micro-batch; True if its loss is non-finite (skipped)."""
+        step_fn = self._paired_step if self._paired else self._kto_step
+        losses, stats, counts = step_fn(batch)
+        self._metrics.count(tokens=batch.real_tokens())
+        if any_rank(not bool(torch.isfinite(losses.detach()).all()), self._device):
+            rows = self._nonfinite_rows(losses, batch.index)
+            return self._skip_nonfinite(
+                f"step {self.global_step + 1}: non-finite loss for dataset rows {rows}"
+            )
+        (losses.mean() / self.accum).backward()
+        self._metrics.add("loss", losses.detach().double().sum())
+        for name, (total, per) in stats.items():
+            self._metrics.add(name, total, per)
+        self._metrics.count(**counts)
+        return False
+
+    def _optimizer_step(self, step_bad: bool) -> Tuple[Optional[torch.Tensor], bool]:
+        """Clip (the norm is always measured: the non-finite guard needs it; max_norm=inf
+        scales by exactly 1.0), step unless the step is bad, zero the gradients, advance the
+        schedule. Returns the gradient norm (``None`` for a step skipped before it) and
+        whether the step was skipped."""
+        grad_norm = None
+        if not step_bad:
+            clip = self.settings.clip_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self._model.parameters(), max_norm=float(clip) if clip is not None else math.inf
+            )
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            if not torch.isfinite(grad_norm):
+                step_bad = self._skip_nonfinite(
+                    f"step {self.global_step + 1}: non-finite gradient norm ({grad_norm.item()})"
+                )
+        if not step_bad:
+            self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        self._step_lr = get_lr(self._optimizer)  # the rate this step used (logged)
+        self.global_step += 1
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        return grad_norm, step_bad
+
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -1023,19 +613,23 @@ class PrefOptRecipe:
             pol = batch.logps(self._model, self._chunk_size)
             ref = self._eval_reference.logps(batch)
             chosen_rewards, rejected_rewards = pair_rewards(
-                self._loss_module, *_pairs(self._loss_form(pol)), *_pairs(self._loss_form(ref))
+                self._loss_module, *self._forms(pol), *self._forms(ref)
             )
-            pol_chosen, pol_rejected = _pairs(pol.sum)
+            pol_chosen, pol_rejected = pol.halves()
             rows = slice(0, real)
             m.add(
                 "eval/rewards/accuracies",
                 pair_accuracy(chosen_rewards, rejected_rewards)[rows].sum(),
             )
             m.add("eval/rewards/margins", (chosen_rewards - rejected_rewards)[rows].double().sum())
-            m.add("eval/logps/chosen", pol_chosen[rows].double().sum())
-            m.add("eval/logps/rejected", pol_rejected[rows].double().sum())
+            m.add("eval/logps/chosen", pol_chosen.sum[rows].double().sum())
+            m.add("eval/logps/rejected", pol_rejected.sum[rows].double().sum())
             if ref is not None:
-                m.add("eval/reference/accuracies", pair_accuracy(*_pairs(ref.sum))[rows].sum())
+                ref_chosen, ref_rejected = ref.halves()
+                m.add(
+                    "eval/reference/accuracies",
+                    pair_accuracy(ref_chosen.sum, ref_rejected.sum)[rows].sum(),
+                )
             m.count(rows=real)
         means, counts = m.reduce()
         means["eval/rows"] = counts.get("rows", 0.0)
@@ -1049,11 +643,25 @@ class PrefOptRecipe:
         if self._metric_logger is not None:
             self._metric_logger.log_dict(metrics, step=self.global_step)
 
+    def _log_step(self, grad_norm, step_bad: bool, seconds: float, pbar, epoch: int) -> None:
+        """The means over micro-batches and ranks of the last ``log_every_n_steps`` steps."""
+        metrics, counts = self._metrics.reduce()
+        metrics["lr"] = self._step_lr
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm.item()
+        metrics["tokens_per_second"] = counts.get("tokens", 0.0) / max(seconds, 1e-9)
+        metrics["peak_memory_gib"] = _peak_memory_gib(self._device)
+        if step_bad:
+            metrics["skipped_step"] = 1.0
+        self._log(metrics)
+        if "loss" in metrics:
+            pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {metrics['loss']:.4f}")
+
     def summary(self, final_path: Optional[Path], seconds: float) -> str:
         """End-of-run summary for the terminal (rank 0)."""
         lines = [
             "",
-            f"== prefopt_distributed: {type(getattr(self._loss_fn, '_orig_mod', self._loss_fn)).__name__} | {self.world_size} process(es) | "
+            f"== prefopt_distributed: {type(self._loss_module).__name__} | {self.world_size} process(es) | "
             f"{self.global_step} steps in {seconds:.0f}s",
         ]
         m = self._last_metrics
@@ -1079,147 +687,69 @@ class PrefOptRecipe:
             )
         if final_path is not None:
             lines.append(f"   checkpoint (HF format): {final_path}")
-        log_dir = getattr(self._metric_logger, "log_dir", None) or self.cfg.get(
-            "metric_logger", {}
+        log_dir = getattr(self._metric_logger, "log_dir", None) or (
+            self.settings.metric_logger or {}
         ).get("log_dir")
         if log_dir:
             lines.append(f"   metrics log: {log_dir}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ train
-    def train(self) -> None:
+    def train(self) -> Optional[Path]:
+        """The training loop; returns the final checkpoint (rank 0; ``None`` elsewhere)."""
+        s = self.settings
         self._optimizer.zero_grad(set_to_none=True)
-        step_bad = False
-        t0 = time.perf_counter()
-        if self._eval_dataloader is not None and self.global_step == 0:
+        evaluating = self._eval_dataloader is not None
+        if evaluating and self.global_step == 0:
             self._log(self.evaluate())
-            t0 = time.perf_counter()
-        pbar = tqdm(
+        self._t0 = time.perf_counter()  # tokens_per_second: since the last logged step
+        # the bar is closed (its line ended) before anything else is printed, also on errors
+        with tqdm(
             total=self.total_epochs * self._steps_per_epoch,
             initial=self.global_step,
             disable=not self._is_rank_zero,
-        )
-        for epoch in range(self.epochs_run, self.total_epochs):
-            # Only the first epoch of a resumed run starts mid-way (epochs_run is advanced at the
-            # end of every epoch, so comparing epoch with it would skip the next epoch's start too).
-            start_micro, self._resume_micro = self._resume_micro, 0
-            self._sampler.set_epoch(epoch, start_micro)
-            micro = start_micro
-            for batch in self._dataloader:
-                if micro // self.accum >= self._steps_per_epoch:
-                    break
-                batch = batch.to(self._device)
-                step_fn = self._paired_step if self._paired else self._kto_step
-                losses, stats, counts = step_fn(batch)
-                if any_rank(not bool(torch.isfinite(losses.detach()).all()), self._device):
-                    rows = self._nonfinite_rows(losses, batch.index)
-                    msg = f"step {self.global_step + 1}: non-finite loss for dataset rows {rows}"
-                    if self._nonfinite == "stop":
-                        raise FloatingPointError(msg + " (set nonfinite=skip to skip such steps)")
-                    utils.log_rank_zero(log, f"WARNING: {msg}; skipping this step")
-                    step_bad = True
-                else:
-                    (losses.mean() / self.accum).backward()
-                    self._metrics.add("loss", losses.detach().double().sum())
-                    for name, (total, per) in stats.items():
-                        self._metrics.add(name, total, per)
-                    self._metrics.count(**counts)
-                self._metrics.count(tokens=batch.real_tokens())
-                micro += 1
-                if micro % self.accum != 0:
-                    continue
-
-                # ---- optimizer step
-                grad_norm = None
-                if not step_bad:
-                    # Always measured (the non-finite guard needs it); clipping only if configured
-                    # (max_norm=inf scales the gradients by exactly 1.0).
-                    max_norm = float(self._clip) if self._clip is not None else math.inf
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        self._model.parameters(), max_norm=max_norm
-                    )
-                    if hasattr(grad_norm, "full_tensor"):
-                        grad_norm = grad_norm.full_tensor()
-                    if not torch.isfinite(grad_norm):
-                        msg = f"step {self.global_step + 1}: non-finite gradient norm ({grad_norm.item()})"
-                        if self._nonfinite == "stop":
-                            raise FloatingPointError(
-                                msg + " (set nonfinite=skip to skip such steps)"
-                            )
-                        utils.log_rank_zero(log, f"WARNING: {msg}; skipping this step")
-                        step_bad = True
-                if not step_bad:
-                    self._optimizer.step()
-                self._optimizer.zero_grad(set_to_none=True)
-                step_lr = get_lr(self._optimizer)  # the rate this step used (logged below)
-                self.global_step += 1
-                if self._lr_scheduler is not None:
-                    self._lr_scheduler.step()
-                pbar.update(1)
-
-                # ---- metrics (means over micro-batches and ranks)
-                if self.global_step % self._log_every == 0:
-                    metrics, counts = self._metrics.reduce()
-                    metrics["lr"] = step_lr
-                    if grad_norm is not None:
-                        metrics["grad_norm"] = grad_norm.item()
-                    metrics["tokens_per_second"] = counts.get("tokens", 0.0) / max(
-                        time.perf_counter() - t0, 1e-9
-                    )
-                    metrics["peak_memory_gib"] = _peak_memory_gib(self._device)
-                    if step_bad:
-                        metrics["skipped_step"] = 1.0
-                    self._log(metrics)
-                    if "loss" in metrics:
-                        pbar.set_description(
-                            f"{epoch + 1}|{self.global_step}|loss {metrics['loss']:.4f}"
-                        )
-                    t0 = time.perf_counter()
-                step_bad = False
-
-                if (
-                    self._eval_dataloader is not None
-                    and self._eval_every
-                    and self.global_step % self._eval_every == 0
-                ):
-                    self._log(self.evaluate())
-                    t0 = time.perf_counter()
-                if any_rank(self._sigterm, self._device):
-                    path = self.save_checkpoint(epoch, micro, reason="sigterm")
-                    utils.log_rank_zero(
-                        log,
-                        f"SIGTERM: saved {path} at step {self.global_step}; resume with resume_from_checkpoint=True",
-                    )
-                    pbar.close()
-                    raise _Preempted()
-                if self._save_every and self.global_step % self._save_every == 0:
-                    self.save_checkpoint(epoch, micro, reason="periodic")
-            self.epochs_run = epoch + 1
-        pbar.close()
-        if self._eval_dataloader is not None and not (
-            self._eval_every and self.global_step % self._eval_every == 0
-        ):
+        ) as pbar:
+            for epoch in range(self.epochs_run, self.total_epochs):
+                self._train_epoch(epoch, pbar)
+                self.epochs_run = epoch + 1
+        if evaluating and not (s.eval_every_n_steps and self.global_step % s.eval_every_n_steps == 0):  # fmt: skip
             self._log(self.evaluate())
-        # the final weights: this run's checkpoint at this step if it already has full weights
-        # (a periodic save at the last step), else a final save
-        last = ckpt.latest_checkpoint(self._output_dir)
-        manifest = ckpt.read_manifest(last) if last is not None else {}
-        run = ckpt.RunIdentity.of(manifest)
-        has_final = (
-            last is not None
-            and last.name == ckpt.step_dirname(self.global_step)
-            and manifest.get("model_weights", True)
-            and run is not None
-            and run.run_id == self._identity.run_id
+        return self._checkpoints.final(
+            self.global_step, lambda: self._recipe_state(self.total_epochs, 0)
         )
-        final = last if has_final else self.save_checkpoint(self.total_epochs, 0, reason="final")
-        if self._is_rank_zero:
-            link = ckpt.link_final(self._output_dir, final)
-            log.info(f"Final checkpoint: {link} -> {final}")
-            self._final_path = final
+
+    def _train_epoch(self, epoch: int, pbar) -> None:
+        s = self.settings
+        # Only the first epoch of a resumed run starts mid-way (epochs_run is advanced at the
+        # end of every epoch, so comparing epoch with it would skip the next epoch's start too).
+        start_micro, self._resume_micro = self._resume_micro, 0
+        self._sampler.set_epoch(epoch, start_micro)
+        micro, step_bad = start_micro, False
+        for batch in self._dataloader:
+            if micro // self.accum >= self._steps_per_epoch:
+                break
+            step_bad |= self._micro_step(batch.to(self._device))
+            micro += 1
+            if micro % self.accum != 0:
+                continue
+            grad_norm, step_bad = self._optimizer_step(step_bad)
+            pbar.update(1)
+            if self.global_step % s.log_every_n_steps == 0:
+                self._log_step(grad_norm, step_bad, time.perf_counter() - self._t0, pbar, epoch)
+                self._t0 = time.perf_counter()
+            step_bad = False
+            if self._eval_dataloader is not None and s.eval_every_n_steps and self.global_step % s.eval_every_n_steps == 0:  # fmt: skip
+                self._log(self.evaluate())
+                self._t0 = time.perf_counter()
+            if any_rank(self._sigterm, self._device):
+                raise _Preempted(self.save_checkpoint(epoch, micro, reason="sigterm"))
+            if s.save_every_n_steps and self.global_step % s.save_every_n_steps == 0:
+                self.save_checkpoint(epoch, micro, reason="periodic")
 
     def discard_empty_output_dir(self) -> None:
         """Remove ``output_dir`` if this run created it and nothing was written into it."""
+        if self._lock is not None:
+            self._lock.release()
         out = self._output_dir
         if self._output_dir_existed or not out.is_dir():
             return
@@ -1232,6 +762,8 @@ class PrefOptRecipe:
     def cleanup(self, finished: bool = False) -> None:
         if self._metric_logger is not None:
             self._metric_logger.close()
+        if self._lock is not None:
+            self._lock.release()
         if dist.is_initialized():
             if finished:
                 # leave together: a rank tearing its process group down while another still
@@ -1241,7 +773,11 @@ class PrefOptRecipe:
 
 
 class _Preempted(Exception):
-    """Raised after the pre-emption checkpoint is written, to exit cleanly."""
+    """Raised after the pre-emption checkpoint (``path``) is written, to exit cleanly."""
+
+    def __init__(self, path: Optional[Path]):
+        super().__init__(str(path))
+        self.path = path
 
 
 def run(cfg: DictConfig) -> None:
@@ -1252,14 +788,15 @@ def run(cfg: DictConfig) -> None:
     finished = False
     try:
         recipe.setup()
-        recipe.train()
+        final_path = recipe.train()
         if recipe._is_rank_zero:
-            print(
-                recipe.summary(getattr(recipe, "_final_path", None), time.perf_counter() - start),
-                flush=True,
-            )
+            print(recipe.summary(final_path, time.perf_counter() - start), flush=True)
         finished = True
-    except _Preempted:
+    except _Preempted as stop:
+        utils.log_rank_zero(
+            log,
+            f"SIGTERM: saved {stop.path} at step {recipe.global_step}; resume with resume_from_checkpoint=True",
+        )
         finished = True
     except FloatingPointError as err:
         # A numeric guard stopped the run (every rank decided together): one line, exit 3.

@@ -6,7 +6,7 @@ configs additionally build their model, tokenizer, loss and datasets for real.
 
 Checked for each config:
     * OmegaConf loads it, interpolations resolve, every top-level key is in the recipe's
-      ``KNOWN_KEYS`` and the recipe's ``validate_config`` passes (with ``device=cpu``, the
+      key table (``training.recipe_config``) and its ``validate_config`` passes (with ``device=cpu``, the
       only check that needs hardware);
     * every ``_component_`` resolves with torchtune's own resolver, and its keyword arguments
       (plus what the recipe passes: ``tokenizer=``, the optimizer's params, ...) bind to the
@@ -22,7 +22,6 @@ generic checks (loads, launch command, name resolution, distinct output_dir).
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import os
 import re
@@ -38,9 +37,9 @@ from torchtune.config._utils import _get_component_from_path
 from torchtune_prefopt import _config
 from torchtune_prefopt.losses import build_loss
 from torchtune_prefopt.losses.registry import get_loss_class
+from torchtune_prefopt.training import recipe_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE = importlib.import_module("torchtune_prefopt.recipes.prefopt_distributed")
 
 LOSS_NAMES = ("dpo", "ipo", "kto", "simpo")
 # (config-name prefix, fine-tuning kind) that must exist for every loss in LOSS_NAMES.
@@ -174,12 +173,12 @@ def _same(a: Path, b: Path) -> bool:
 def test_loads_and_validates(name):
     cfg = _cfg(name)
     assert "config" not in cfg
-    unknown = sorted(set(cfg.keys()) - RECIPE.KNOWN_KEYS)
-    assert not unknown, f"{name}: keys not in the recipe's KNOWN_KEYS: {unknown}"
+    unknown = sorted(set(cfg.keys()) - set(recipe_config.known_keys()))
+    assert not unknown, f"{name}: keys not in the recipe's key table: {unknown}"
     OmegaConf.to_container(cfg, resolve=True)  # every ${...} interpolation resolves
     assert str(cfg.device) in ("cpu", "cuda")
     cfg.device = "cpu"  # the only hardware-dependent check in validate_config
-    RECIPE.validate_config(cfg, local=False)  # no weights here: structure, not files
+    recipe_config.validate_config(cfg, local=False)  # no weights here: structure, not files
     assert cfg.checkpointer.output_dir == cfg.output_dir
     assert cfg.metric_logger.log_dir.startswith(str(cfg.output_dir))
 

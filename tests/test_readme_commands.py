@@ -19,7 +19,8 @@ import pytest
 
 from torchtune_prefopt._config import load_config
 from torchtune_prefopt.losses import build_loss
-from tune_harness import REPO, TUNE, load_recipe_module, run_process, tune
+from torchtune_prefopt.training import recipe_config
+from tune_harness import REPO, TUNE, run_process, tune
 
 README = (REPO / "README.md").read_text()
 
@@ -77,7 +78,7 @@ def test_swap_the_loss_on_the_command_line():
     assert dict(cfg.loss) == {"_component_": "ipo", "tau": 0.05}
     loss = build_loss(cfg.loss)
     assert type(loss).__name__ == "IPOLoss" and loss.tau == 0.05
-    load_recipe_module().validate_config(cfg, local=False)
+    recipe_config.validate_config(cfg, local=False)
 
 
 @pytest.mark.slow
@@ -98,4 +99,4 @@ def test_swap_without_gpu_or_weights_is_one_line(tmp_path):
 def test_multi_gpu_command_parses_and_validates():
     cfg = load_config(["--config", MULTI_GPU.split()[-1]])
     assert type(build_loss(cfg.loss)).__name__ == "SimPOLoss"
-    load_recipe_module().validate_config(cfg, local=False)
+    recipe_config.validate_config(cfg, local=False)

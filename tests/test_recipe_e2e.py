@@ -255,8 +255,8 @@ for name, overrides in payload["cases"].items():
     live = {k: b for k, b in live_tensor_bytes().items() if k not in before}
     results[name] = {
         "ref_model_is_none": recipe._reference.model is None,
-        "reference_free": recipe._reference_free,
-        "lora": recipe._is_lora,
+        "reference_free": recipe._ref_plan.mode == "none",
+        "lora": recipe._lora is not None,
         "policy_bytes": sum(b for _, b in policy),
         "reachable_param_bytes": sum(b for _, b in reachable),
         "live_tensor_bytes": sum(live.values()),

@@ -68,15 +68,17 @@ def _kl_pairs(n_rows: int):
 
 
 def _precompute_all(model, tok, paired, kto, world_size=1, rank=0):
-    from torchtune_prefopt.reference.precompute import precompute_reference_logps
+    from torchtune_prefopt.reference.precompute import PrecomputeJob, precompute_reference_logps
 
     pc, kc = _collates(tok)
     _, pairs = _kl_pairs(len(kto))
     out_p = precompute_reference_logps(
-        model, paired, pc, PAIRED_BS, world_size, rank, "cpu", chunk_size=16
+        model, PrecomputeJob(paired, pc, PAIRED_BS, world_size, rank, "cpu"), chunk_size=16
     )
     out_k = precompute_reference_logps(
-        model, kto, kc, KTO_BS, world_size, rank, "cpu", chunk_size=16, kl_pairs=pairs
+        model,
+        PrecomputeJob(kto, kc, KTO_BS, world_size, rank, "cpu", kl_pairs=pairs),
+        chunk_size=16,
     )
     return out_p, out_k
 
@@ -233,16 +235,16 @@ def _parts(**changes):
 
 
 def test_cache_round_trip_exact(env, tmp_path):
-    from torchtune_prefopt.reference.store import ReferenceLogpsCache
+    from torchtune_prefopt.reference.store import ReferenceCacheFile
 
     for tensors in (env["out_p"], env["out_k"]):
-        cache = ReferenceLogpsCache(tmp_path / "c", parts=_parts())
+        cache = ReferenceCacheFile(tmp_path / "c", parts=_parts())
         cache.save(tensors)
         assert cache.exists()
         assert [p.name for p in (tmp_path / "c").iterdir()] == [
             "reference_logps.safetensors"
         ]  # no temp left
-        back = ReferenceLogpsCache(tmp_path / "c", parts=_parts()).load(strict=True)
+        back = ReferenceCacheFile(tmp_path / "c", parts=_parts()).load(strict=True)
         assert set(back) == set(tensors)
         for k, v in tensors.items():
             assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
@@ -250,10 +252,10 @@ def test_cache_round_trip_exact(env, tmp_path):
 
 def test_stale_cache_is_rejected(env, tmp_path, caplog):
     from torchtune_prefopt.errors import PrefOptUserError
-    from torchtune_prefopt.reference.store import ReferenceLogpsCache
+    from torchtune_prefopt.reference.store import ReferenceCacheFile
 
-    ReferenceLogpsCache(tmp_path, parts=_parts()).save(env["out_p"])
-    stale = ReferenceLogpsCache(tmp_path, parts=_parts(dataset="zz", max_seq_len="128"))
+    ReferenceCacheFile(tmp_path, parts=_parts()).save(env["out_p"])
+    stale = ReferenceCacheFile(tmp_path, parts=_parts(dataset="zz", max_seq_len="128"))
     with caplog.at_level(logging.WARNING):
         assert stale.load() is None
     assert "is stale (changed since it was written: dataset, max_seq_len)" in stale.last_reason
@@ -261,7 +263,7 @@ def test_stale_cache_is_rejected(env, tmp_path, caplog):
     with pytest.raises(PrefOptUserError, match="stale"):
         stale.load(strict=True)
     # a bare fingerprint (no parts) still refuses, with the fingerprints in the message
-    other = ReferenceLogpsCache(tmp_path, fingerprint="f" * 64)
+    other = ReferenceCacheFile(tmp_path, fingerprint="f" * 64)
     assert other.load() is None and "written for other inputs" in other.last_reason
     # recompute path: load_or_compute calls compute and overwrites the stale file
     calls = []
@@ -272,9 +274,9 @@ def test_stale_cache_is_rejected(env, tmp_path, caplog):
 
 def test_corrupted_cache(env, tmp_path):
     from torchtune_prefopt.errors import PrefOptUserError
-    from torchtune_prefopt.reference.store import ReferenceLogpsCache
+    from torchtune_prefopt.reference.store import ReferenceCacheFile
 
-    cache = ReferenceLogpsCache(tmp_path, parts=_parts())
+    cache = ReferenceCacheFile(tmp_path, parts=_parts())
     path = cache.save(env["out_k"])
     data = path.read_bytes()
     # 1) truncated: unparseable
@@ -307,11 +309,11 @@ def test_precompute_equals_live_paired(env):
     padding widths) within float rounding."""
     from torchtune_prefopt.data import paired_collate
     from torchtune_prefopt.modules import decoder_sequence_logprobs
-    from torchtune_prefopt.reference.precompute import CachedReferenceLogps
+    from torchtune_prefopt.reference.precompute import ReferenceLogpsTable
     from torchtune_prefopt.training.data_order import GlobalBatchSampler
 
     model, tok, ds = env["model"], env["tok"], env["paired"]
-    cached = CachedReferenceLogps(env["out_p"])
+    cached = ReferenceLogpsTable(env["out_p"])
     assert len(cached) == len(ds)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -347,10 +349,10 @@ def test_precompute_equals_live_kto(env):
     """KTO rows and the KL rows of every global micro-batch of every epoch are in the cache."""
     from torchtune_prefopt.data import kto_collate
     from torchtune_prefopt.modules import decoder_sequence_logprobs
-    from torchtune_prefopt.reference.precompute import CachedReferenceLogps
+    from torchtune_prefopt.reference.precompute import ReferenceLogpsTable
 
     model, tok, ds = env["model"], env["tok"], env["kto"]
-    cached = CachedReferenceLogps(env["out_k"])
+    cached = ReferenceLogpsTable(env["out_k"])
     sampler, pairs = _kl_pairs(len(ds))
     assert len(pairs) == len(set(pairs)) and env["out_k"]["kl_pairs"].shape == (len(pairs), 2)
     checked = 0
@@ -443,7 +445,7 @@ def _worker(data_dir: str, out_dir: str, rank: int, world: int) -> None:
     from safetensors.torch import save_file
 
     from torchtune_prefopt.models.tiny import tiny_qwen2
-    from torchtune_prefopt.reference.store import ReferenceLogpsCache, load_or_compute
+    from torchtune_prefopt.reference.store import ReferenceCacheFile, load_or_compute
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -458,9 +460,7 @@ def _worker(data_dir: str, out_dir: str, rank: int, world: int) -> None:
     out_p, out_k = _precompute_all(model, tok, paired, kto, world_size=world, rank=rank)
     # cache: only rank 0 has one (and a fingerprint) and writes; the second load_or_compute
     # reads the file on rank 0 and broadcasts its tensors to rank 1 (no recompute anywhere)
-    cache = (
-        ReferenceLogpsCache(Path(out_dir) / "cache", fingerprint="0" * 64) if rank == 0 else None
-    )
+    cache = ReferenceCacheFile(Path(out_dir) / "cache", fingerprint="0" * 64) if rank == 0 else None
     first = load_or_compute(cache, lambda: out_p, rank=rank, world_size=world)
 
     def _no_recompute():

@@ -429,7 +429,8 @@ def wanted_runs(request) -> List[str]:
 
 # ----------------------------------------------------------------------------- in process
 def load_recipe_module(name: str = "prefopt_distributed"):
-    """The installed recipe file as a fresh module (its ``PrefOptRecipe``, ``validate_config``)."""
+    """The installed recipe file as a fresh module, to run it in this process (its ``run``,
+    ``PrefOptRecipe``); config validation is the library's (``training.recipe_config``)."""
     import torchtune_prefopt
 
     path = Path(torchtune_prefopt.__file__).parent / "recipes" / f"{name}.py"

@@ -364,7 +364,9 @@ def parse(recipe_main: Callable[[Any], Any]) -> Callable[..., Any]:
         try:
             conf = load_config(sys.argv[1:], description=recipe_main.__doc__, prog=prog)
         except ValueError as exc:
-            if os.environ.get("PREFOPT_DEBUG"):
+            from torchtune_prefopt.errors import debug_enabled
+
+            if debug_enabled():
                 raise
             if os.environ.get("RANK", "0") == "0":
                 message = " ".join(str(exc).split())  # guaranteed one line

@@ -13,6 +13,17 @@ import sys
 from typing import Any, Callable
 
 
+def debug_enabled() -> bool:
+    """``PREFOPT_DEBUG`` set to anything but empty, ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get("PREFOPT_DEBUG", "").strip().lower() not in (
+        "",
+        "0",
+        "false",
+        "no",
+        "off",
+    )
+
+
 class PrefOptUserError(ValueError):
     """A bad config key, data row or checkpoint: reported as one line, no traceback."""
 
@@ -25,7 +36,7 @@ def report_user_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except PrefOptUserError as err:
-            if os.environ.get("PREFOPT_DEBUG"):
+            if debug_enabled():
                 raise
             rank = os.environ.get("RANK", "0")
             if rank == "0":

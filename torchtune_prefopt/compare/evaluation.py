@@ -169,10 +169,9 @@ class HeldoutEvaluator:
             batch = PairedBatch.collate(self.items[start : start + bs], pad_id=self.pad_id).to(
                 self.device
             )
-            lp = batch.logps(model, self.settings.chunk_size)
-            s, m, t = lp.sum.double().cpu(), lp.mean.double().cpu(), lp.num_tokens.double().cpu()
-            c, r = PairedBatch.chosen, PairedBatch.rejected
-            parts.append(HeldoutLogps(c(s), r(s), c(m), r(m), c(t), r(t)))
+            c, r = batch.logps(model, self.settings.chunk_size).halves()
+            fields = (c.sum, r.sum, c.mean, r.mean, c.num_tokens, r.num_tokens)
+            parts.append(HeldoutLogps(*(x.double().cpu() for x in fields)))
         return HeldoutLogps.cat(parts)
 
     def generate(

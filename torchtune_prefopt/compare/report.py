@@ -5,9 +5,9 @@ from it, and it names the file each number was read from or written to (the runs
 logs for training numbers; the comparison's own DiskLogger-format ``eval/<run>/metrics.txt``
 and per-row JSONL files for held-out and generation numbers).
 
-Training curves are PNG files (matplotlib, Agg backend) when matplotlib is installed; the
-HTML report always embeds the same curves as inline SVG (no dependency), so it is complete
-either way. ``report.json`` holds everything, including the raw curves.
+Charts are in :mod:`~torchtune_prefopt.compare.charts`, tables in
+:mod:`~torchtune_prefopt.compare.tables`; this module assembles the report dict and writes
+the files. ``report.json`` holds everything, including the raw curves.
 """
 
 from __future__ import annotations
@@ -15,11 +15,17 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
+from torchtune_prefopt.compare.charts import (
+    curve_metrics,
+    matplotlib_available,
+    metric_slug,
+    plot_curves,
+    svg_chart,
+)
 from torchtune_prefopt.compare.frontier import (
     aggregate_seeds,
     frontier_points,
@@ -27,8 +33,17 @@ from torchtune_prefopt.compare.frontier import (
     frontier_table,
     plot_frontier,
 )
-from torchtune_prefopt.compare.metrics import DEFINITIONS, TRAIN_CURVE_METRICS
+from torchtune_prefopt.compare.metrics import DEFINITIONS
 from torchtune_prefopt.compare.runs import loss_label, matched_differences
+from torchtune_prefopt.compare.tables import (
+    generation_table,
+    heldout_table,
+    html_table,
+    md_table,
+    rows_for,
+    setup_lines,
+    training_table,
+)
 
 __all__ = [
     "assemble_report",
@@ -40,298 +55,6 @@ __all__ = [
     "write_eval_files",
     "write_report",
 ]
-
-_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-
-
-def matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _slug(metric: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", metric).strip("_")
-
-
-def _curve_metrics(curves: Dict[str, Dict[str, List[Tuple[int, float]]]]) -> List[str]:
-    present = {m for run in curves.values() for m in run}
-    ordered = [m for m in TRAIN_CURVE_METRICS if m in present]
-    return ordered
-
-
-def plot_curves(curves: Dict[str, Dict[str, List[Tuple[int, float]]]], plot_dir) -> List[Path]:
-    """One PNG per metric (one line per run) in ``plot_dir``; ``[]`` without matplotlib."""
-    if not matplotlib_available():
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    plot_dir = Path(plot_dir)
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for metric in _curve_metrics(curves):
-        fig, ax = plt.subplots(figsize=(5.0, 3.2), dpi=100)
-        for k, (run, series) in enumerate(curves.items()):
-            pts = series.get(metric)
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            ax.plot(
-                xs,
-                ys,
-                label=run,
-                color=_COLORS[k % len(_COLORS)],
-                marker="o" if len(xs) < 12 else None,
-                ms=3,
-            )
-        ax.set_title(metric)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = plot_dir / f"{_slug(metric)}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def svg_chart(
-    metric: str,
-    curves: Dict[str, Dict[str, List[Tuple[int, float]]]],
-    width: int = 420,
-    height: int = 240,
-) -> str:
-    """A small dependency-free SVG line chart of ``metric`` for every run."""
-    series = [
-        (run, [(x, y) for x, y in s.get(metric, []) if math.isfinite(y)])
-        for run, s in curves.items()
-    ]
-    pts = [p for _, s in series for p in s]
-    if not pts:
-        return ""
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    if x1 == x0:
-        x1 = x0 + 1
-    if y1 == y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    left, right, top, bottom = 56, 10, 22, 30
-    W, H = width - left - right, height - top - bottom
-
-    def sx(x):
-        return left + (x - x0) / (x1 - x0) * W
-
-    def sy(y):
-        return top + (1 - (y - y0) / (y1 - y0)) * H
-
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="10">',
-        f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="12">{html.escape(metric)}</text>',
-        f'<rect x="{left}" y="{top}" width="{W}" height="{H}" fill="none" stroke="#999"/>',
-        f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{y1:.4g}</text>',
-        f'<text x="{left - 4}" y="{top + H}" text-anchor="end">{y0:.4g}</text>',
-        f'<text x="{left}" y="{top + H + 14}">{x0}</text>',
-        f'<text x="{left + W}" y="{top + H + 14}" text-anchor="end">{x1}</text>',
-        f'<text x="{left + W / 2}" y="{top + H + 26}" text-anchor="middle">step</text>',
-    ]
-    for k, (run, s) in enumerate(series):
-        if not s:
-            continue
-        color = _COLORS[k % len(_COLORS)]
-        poly = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{poly}"/>')
-        if len(s) == 1:
-            out.append(
-                f'<circle cx="{sx(s[0][0]):.1f}" cy="{sy(s[0][1]):.1f}" r="2.5" fill="{color}"/>'
-            )
-        out.append(
-            f'<text x="{left + 6}" y="{top + 12 + 11 * k}" fill="{color}">{html.escape(run)}</text>'
-        )
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, (int,)) and not isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "—"
-        if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
-            return f"{v:.{digits}g}"
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _pm(v: Optional[float], se: Optional[float]) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if se is None or (isinstance(se, float) and math.isnan(se)):
-        return _fmt(v)
-    return f"{_fmt(v)} ± {_fmt(se)}"
-
-
-def _rows_for(report: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Reference first, then each run."""
-    return [report["reference"]] + list(report["runs"])
-
-
-def _heldout_table(report) -> Tuple[List[str], List[List[str]]]:
-    head = [
-        "model",
-        "loss",
-        "pref. acc. (own reward)",
-        "reward margin (own units)",
-        "margin improved vs ref",
-        "margin gain (nats)",
-        "ranking acc. (sum logp)",
-        "ranking acc. (per token)",
-        "Δ logp chosen",
-        "Δ logp rejected",
-        "chosen logp fell",
-    ]
-    rows = []
-    for r in _rows_for(report):
-        h = r["result"]["heldout"]
-        rows.append(
-            [
-                r["name"],
-                r.get("loss_label", "—"),
-                _fmt(h.get("pref_accuracy")),
-                _fmt(h.get("reward_margin")),
-                _fmt(h.get("margin_improved")),
-                _fmt(h.get("margin_gain")),
-                _fmt(h.get("ranking_accuracy")),
-                _fmt(h.get("ranking_accuracy_per_token")),
-                _fmt(h.get("chosen_logp_drift")),
-                _fmt(h.get("rejected_logp_drift")),
-                _fmt(h.get("chosen_logp_fell")),
-            ]
-        )
-    return head, rows
-
-
-def _generation_table(report) -> Tuple[List[str], List[List[str]]]:
-    head = [
-        "model",
-        "KL(π‖π_ref) ± s.e. (nats)",
-        "response length (tokens)",
-        "length ratio vs ref",
-        "cut at max_new_tokens",
-        "judge win rate vs ref",
-    ]
-    scores = any("judge_mean_score" in r["result"]["generation"] for r in _rows_for(report))
-    if scores:
-        head.append("judge mean score")
-    rows = []
-    for r in _rows_for(report):
-        g, k = r["result"]["generation"], r["result"].get("kl", {})
-        is_ref = r is report["reference"]
-        kl = "0 (itself)" if is_ref else _pm(k.get("kl"), k.get("kl_stderr"))
-        row = [
-            r["name"],
-            kl,
-            _fmt(g.get("response_length"), 2),
-            _fmt(g.get("length_ratio")),
-            _fmt(g.get("hit_max_new_tokens")),
-            "—" if is_ref else _fmt(g.get("win_rate")),
-        ]
-        if scores:
-            row.append(_fmt(g.get("judge_mean_score")))
-        rows.append(row)
-    return head, rows
-
-
-def _training_table(report) -> Tuple[List[str], List[List[str]]]:
-    head = [
-        "run",
-        "optimizer steps",
-        "final train loss",
-        "final train reward acc.",
-        "first → last in-training eval acc.",
-        "metrics log (DiskLogger)",
-    ]
-    rows = []
-    for r in report["runs"]:
-        t = r.get("training", {})
-        ev = t.get("eval_accuracy")
-        evs = (
-            f"{_fmt(ev[0][1])} (step {ev[0][0]}) → {_fmt(ev[-1][1])} (step {ev[-1][0]})"
-            if ev
-            else "—"
-        )
-        rows.append(
-            [
-                r["name"],
-                _fmt(t.get("steps")),
-                _fmt(t.get("final_loss")),
-                _fmt(t.get("final_reward_accuracy")),
-                evs,
-                ", ".join(f"`{f}`" for f in r.get("log_files", [])) or "—",
-            ]
-        )
-    return head, rows
-
-
-def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    trs = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c)).replace('`', '')}</td>" for c in row) + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _one(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        if len(v) == 1:
-            return str(v[0])
-        return "/".join(str(x) for x in v) if v else "?"
-    return str(v)
-
-
-def _setup_lines(report) -> List[str]:
-    s = report["settings"]
-    lines = [
-        f"- base training config: `{s['base_config']}` (`{s['base_config_file']}`), overrides for every run: "
-        f"`{' '.join(s.get('overrides') or []) or '(none)'}`",
-        f"- matched: same base weights (`{s.get('base_checkpoint')}`), seed {s.get('seed')}, "
-        f"{_one(s.get('steps_per_run'))} optimizer steps per run, {_one(s.get('completions_per_step'))} completions "
-        "(chosen + rejected, or KTO rows) per step, "
-        f"same optimizer and lr schedule"
-        + ("" if report["matched"]["ok"] else " — **NOT matched, see below**"),
-        f"- reference model: `{s.get('reference_checkpoint')}` (the weights every run starts from; KL, drift and "
-        "win rates are measured against it)",
-        f"- held-out set: {s['heldout_rows']} pairs / {s['heldout_prompts']} prompts from `{s['heldout_dataset']}`",
-        f"- generation: {s['generation']}; KL: {s['kl']}",
-        f"- judge: {s.get('judge') or 'none (set compare.judge._component_)'}",
-    ]
-    return lines
-
-
-# --------------------------------------------------------------------------- assembling
 
 
 def _flat(prefix: str, d: Dict[str, Any]) -> Dict[str, float]:
@@ -537,7 +260,7 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
             *([img, ""] if img else []),
             *[f"- {line}" for line in reading],
             "",
-            _md_table(fh, fr),
+            md_table(fh, fr),
             "",
         ]
         frontier_html = (
@@ -546,15 +269,15 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
             + "<ul>"
             + "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in reading)
             + "</ul>"
-            + _html_table(fh, fr)
+            + html_table(fh, fr)
         )
 
-    ht, hr = _heldout_table(report)
-    gt, gr = _generation_table(report)
-    tt, tr = _training_table(report)
+    ht, hr = heldout_table(report)
+    gt, gr = generation_table(report)
+    tt, tr = training_table(report)
     title = report.get("title", "Preference-loss comparison")
 
-    md = [f"# {title}", "", *_setup_lines(report), ""]
+    md = [f"# {title}", "", *setup_lines(report), ""]
     if not report["matched"]["ok"]:
         md += [
             "**Runs are not matched:**",
@@ -565,15 +288,15 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
     md += [
         "## Held-out preference metrics (log-probs)",
         "",
-        _md_table(ht, hr),
+        md_table(ht, hr),
         "",
         "## Generation, length and KL",
         "",
-        _md_table(gt, gr),
+        md_table(gt, gr),
         "",
         "## Training (read from each run's DiskLogger log)",
         "",
-        _md_table(tt, tr),
+        md_table(tt, tr),
         "",
         "## Training curves",
         "",
@@ -584,7 +307,7 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
         md += ["(no PNG: matplotlib is not installed; see report.html)", ""]
     md += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
     md += ["## Where every number comes from", ""]
-    for r in _rows_for(report):
+    for r in rows_for(report):
         files = r.get("files", {})
         md.append(f"- **{r['name']}**: " + "; ".join(f"{k}: `{v}`" for k, v in files.items()))
         if r.get("command"):
@@ -594,8 +317,8 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
     md_text = "\n".join(md) + "\n"
 
     charts = []
-    for metric in _curve_metrics(curves):
-        png = out / "plots" / f"{_slug(metric)}.png"
+    for metric in curve_metrics(curves):
+        png = out / "plots" / f"{metric_slug(metric)}.png"
         if png.exists():
             charts.append(f'<img src="plots/{png.name}" alt="{html.escape(metric)}">')
         else:
@@ -608,10 +331,10 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
         )
         + (f"<br>trained by: <code>{html.escape(r['command'])}</code>" if r.get("command") else "")
         + "</li>"
-        for r in _rows_for(report)
+        for r in rows_for(report)
     )
     setup_html = "".join(
-        f"<li>{html.escape(line[2:]).replace('`', '')}</li>" for line in _setup_lines(report)
+        f"<li>{html.escape(line[2:]).replace('`', '')}</li>" for line in setup_lines(report)
     )
     diffs = (
         ""
@@ -629,9 +352,9 @@ def write_report(report: Dict[str, Any], output_dir) -> Dict[str, Path]:
 td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
 .charts svg,.charts img{{margin:4px;border:1px solid #eee}} code{{font-size:12px}}</style></head><body>
 <h1>{html.escape(title)}</h1><ul>{setup_html}</ul>{diffs}{frontier_html}
-<h2>Held-out preference metrics (log-probs)</h2>{_html_table(ht, hr)}
-<h2>Generation, length and KL</h2>{_html_table(gt, gr)}
-<h2>Training (read from each run's DiskLogger log)</h2>{_html_table(tt, tr)}
+<h2>Held-out preference metrics (log-probs)</h2>{html_table(ht, hr)}
+<h2>Generation, length and KL</h2>{html_table(gt, gr)}
+<h2>Training (read from each run's DiskLogger log)</h2>{html_table(tt, tr)}
 <h2>Training curves</h2><div class="charts">{"".join(charts)}</div>
 <h2>Definitions</h2><ul>{"".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in DEFINITIONS.items())}</ul>
 <h2>Where every number comes from</h2><ul>{files_html}</ul><ul>{notes}</ul>

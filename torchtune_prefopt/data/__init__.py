@@ -1,16 +1,15 @@
 """Preference data: paired (DPO/IPO/SimPO) and unpaired (KTO) datasets, batches, synthetic set.
 
-Row kinds and batch layouts are owned by :mod:`torchtune_prefopt.data._batch` (see also
-docs/ARCHITECTURE.md, section Data).
+Row kinds and batch layouts are owned by :mod:`torchtune_prefopt.data._batch` (padded) and
+:mod:`torchtune_prefopt.data._packed`; :mod:`torchtune_prefopt.data.collate` lays a global
+micro-batch out; :mod:`torchtune_prefopt.data.dataset_checks` builds the recipe's datasets and
+checks them against the loss and the model (see also docs/ARCHITECTURE.md, section Data).
 """
 
 from torchtune_prefopt.data._batch import (
     PairedBatch,
-    PreferenceBatch,
-    PreferenceCollator,
     UnpairedBatch,
     is_paired_row,
-    join_logps,
     kl_partner,
     kto_collate,
     kto_sequences,
@@ -45,6 +44,13 @@ from torchtune_prefopt.data._unpaired import (
     unpaired_from_paired,
 )
 from torchtune_prefopt.data._validation import DataRowError
+from torchtune_prefopt.data.collate import PreferenceBatch, PreferenceCollator
+from torchtune_prefopt.data.dataset_checks import (
+    build_datasets,
+    check_dataset_kind,
+    check_fits_context,
+    check_tokenizer_fits,
+)
 
 __all__ = [
     "CROSS_ENTROPY_IGNORE_IDX",
@@ -61,11 +67,14 @@ __all__ = [
     "SFTDataset",
     "UnpairedBatch",
     "SYNTHETIC_DIR",
+    "build_datasets",
+    "check_dataset_kind",
+    "check_fits_context",
+    "check_tokenizer_fits",
     "hh_rlhf_dataset",
     "is_paired_row",
     "kl_partner",
     "kto_balance_warning",
-    "join_logps",
     "kto_collate",
     "kto_sequences",
     "pack_sequences",

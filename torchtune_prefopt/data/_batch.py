@@ -10,23 +10,21 @@ Two row kinds come out of the datasets (:func:`is_paired_row` tells them apart):
 Batch layouts (right-padded, labels ``CROSS_ENTROPY_IGNORE_IDX`` (-100) on prompt and padding tokens):
 
 * :class:`PairedBatch`: ``input_ids``/``labels`` ``[2B, S]``, **chosen sequences in rows
-  ``0..B-1`` and rejected ones in rows ``B..2B-1``**, in batch order; :meth:`PairedBatch.chosen`
-  / :meth:`PairedBatch.rejected` split anything laid out that way (a ``[2B]`` tensor, a
-  :class:`~torchtune_prefopt.modules.SequenceLogProbs`).
+  ``0..B-1`` and rejected ones in rows ``B..2B-1``**, in batch order; the batch's
+  :class:`~torchtune_prefopt.modules.SequenceLogProbs` splits with ``halves()``.
 * :class:`UnpairedBatch`: ``input_ids``/``labels`` ``[B, S]`` plus KTO's mismatched KL rows
   ``kl_input_ids``/``kl_labels`` ``[B, S']``. **KL row ``k`` is prompt ``k`` with the completion of
   row** :func:`kl_partner` ``(k, B) = (k + 1) mod B`` of the same *global* micro-batch.
 
-:class:`PreferenceCollator` is the ``collate_fn`` of every DataLoader of the recipe (training,
-evaluation): it takes the *global* micro-batch (every rank gets the same rows) and returns this
-rank's part as a batch object.
+The modules flow one way: rows -> sequences and padded batches (this module) -> packed batches
+(:mod:`~torchtune_prefopt.data._packed`) -> :class:`~torchtune_prefopt.data.collate.PreferenceCollator`,
+the ``collate_fn`` of every DataLoader of the recipe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import (
-    TYPE_CHECKING,
     Any,
     ClassVar,
     Dict,
@@ -44,13 +42,9 @@ from torch import Tensor
 
 from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX, truncate_keep_completion
 
-if TYPE_CHECKING:  # the packed layout builds on this module
-    from torchtune_prefopt.data._packed import PackedBatch
-
 __all__ = [
+    "BatchFields",
     "PairedBatch",
-    "PreferenceBatch",
-    "PreferenceCollator",
     "UnpairedBatch",
     "is_paired_row",
     "kl_partner",
@@ -206,18 +200,6 @@ def _logps(model, input_ids: Tensor, labels: Tensor, chunk_size: int):
     return decoder_sequence_logprobs(model, input_ids, labels, chunk_size=chunk_size)
 
 
-def join_logps(first, second):
-    """``[B] + [B] -> [2B]`` for a tensor or a :class:`SequenceLogProbs` (the inverse of
-    :meth:`PairedBatch.chosen` / :meth:`PairedBatch.rejected`)."""
-    if isinstance(first, Tensor):
-        return torch.cat([first, second])
-    return type(first)(
-        sum=torch.cat([first.sum, second.sum]),
-        mean=torch.cat([first.mean, second.mean]),
-        num_tokens=torch.cat([first.num_tokens, second.num_tokens]),
-    )
-
-
 def _sequence_lengths(labels: Tensor) -> Tensor:
     """Tokens per row of right-padded *unshifted* labels: every sequence ends with a scored
     completion token, so its length is one past its last label."""
@@ -230,12 +212,15 @@ def _label_counts(labels: Tensor) -> Tensor:
     return (labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum(dim=1)
 
 
-class _Batch:
-    """Tensor-field helpers and the ``[2B]`` split shared by every layout.
+class BatchFields:
+    """Tensor-field helpers shared by every layout.
 
-    Every batch scores ``2B`` sequences and :meth:`logps` returns them in one ``[2B]`` layout:
-    the *first* sequences (paired: chosen; KTO: the rows) then the *second* ones (paired:
-    rejected; KTO: the KL rows), in batch order.
+    Every batch scores ``2B`` sequences and ``logps(model)`` returns them in one ``[2B]``
+    layout: the *first* sequences (paired: chosen; KTO: the rows) then the *second* ones
+    (paired: rejected; KTO: the KL rows), in batch order; split it with
+    :meth:`SequenceLogProbs.halves <torchtune_prefopt.modules.SequenceLogProbs.halves>`. The
+    gradient contract is the same in every layout: KTO's KL rows come back detached (its
+    reference point is not trained through).
     """
 
     def to(self: T, device: Union[str, torch.device]) -> T:
@@ -249,23 +234,9 @@ class _Batch:
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
-    @staticmethod
-    def first(x: T) -> T:
-        """The first half of anything in the ``[2B]`` layout (chosen / KTO rows)."""
-        return x[: len(x) // 2]
-
-    @staticmethod
-    def second(x: T) -> T:
-        """The second half of anything in the ``[2B]`` layout (rejected / KTO's KL rows)."""
-        return x[len(x) // 2 :]
-
-    chosen = first
-    rejected = second
-    join = staticmethod(join_logps)
-
 
 @dataclass
-class PairedBatch(_Batch):
+class PairedBatch(BatchFields):
     """``B`` preference pairs, padded.
 
     Attributes:
@@ -291,7 +262,7 @@ class PairedBatch(_Batch):
 
     def logps(self, model, chunk_size: int = 1024):
         """Per-sequence log-probs of the ``2B`` completions (:class:`SequenceLogProbs`, this
-        layout: split with :meth:`chosen` / :meth:`rejected`)."""
+        layout: split with its ``halves()``)."""
         return _logps(model, self.input_ids, self.labels, chunk_size)
 
     def label_counts(self) -> Tensor:
@@ -308,7 +279,7 @@ class PairedBatch(_Batch):
 
 
 @dataclass
-class UnpairedBatch(_Batch):
+class UnpairedBatch(BatchFields):
     """``B`` unpaired KTO rows and their ``B`` mismatched KL rows, padded.
 
     Attributes:
@@ -352,7 +323,7 @@ class UnpairedBatch(_Batch):
             return rows
         with torch.no_grad():
             kl = _logps(model, self.kl_input_ids, self.kl_labels, chunk_size)
-        return join_logps(rows, kl)
+        return type(rows).cat(rows, kl)
 
     def label_counts(self) -> Tensor:
         """``[2B]`` scored tokens per sequence (rows, then KL rows)."""
@@ -370,75 +341,3 @@ def kl_completion_index(items: Sequence[Mapping[str, Any]]) -> Tensor:
     """``[n]`` dataset position of the completion each KL row of a global micro-batch borrows."""
     n = len(items)
     return torch.tensor([int(items[kl_partner(k, n)]["index"]) for k in range(n)], dtype=torch.long)
-
-
-PreferenceBatch = Union[PairedBatch, UnpairedBatch, "PackedBatch"]
-
-
-@dataclass
-class PreferenceCollator:
-    """``collate_fn`` over a *global* micro-batch: returns this rank's part as a batch.
-
-    Paired: the rank's ``rows_per_rank`` pairs are cut out first, then laid out. Unpaired
-    (KTO): the KL partners are taken over the whole global micro-batch (so 1 and N processes
-    build the same KL rows), then the rank's rows are kept.
-
-    Args:
-        paired: the row kind (see :func:`is_paired_row`).
-        pad_id: the tokenizer's padding id.
-        max_seq_len: truncation length of KTO's KL rows (the dataset's own ``max_seq_len``).
-        rank, rows_per_rank: this rank's slice ``[rank * rows_per_rank, (rank + 1) *
-            rows_per_rank)`` of the global micro-batch; ``rows_per_rank=None``: all of it.
-        world_size: the number of ranks (:meth:`share` splits a batch evenly over them).
-        packing: ``None``: the padded layout (:class:`PairedBatch`, :class:`UnpairedBatch`);
-            a :class:`~torchtune_prefopt.data.PackingLayout`: packed rows
-            (:class:`~torchtune_prefopt.data.PackedBatch`).
-    """
-
-    paired: bool
-    pad_id: int
-    max_seq_len: Optional[int] = None
-    rank: int = 0
-    rows_per_rank: Optional[int] = None
-    world_size: int = 1
-    packing: Optional[Any] = None
-
-    def _span(self, n: int) -> tuple:
-        if self.rows_per_rank is None:
-            return 0, n
-        return self.rank * self.rows_per_rank, (self.rank + 1) * self.rows_per_rank
-
-    def _paired(self, items: List[Mapping[str, Any]]) -> PreferenceBatch:
-        if self.packing is None:
-            return PairedBatch.collate(items, pad_id=self.pad_id)
-        from torchtune_prefopt.data._packed import PackedBatch
-
-        return PackedBatch.pack_pairs(items, self.packing, pad_id=self.pad_id)
-
-    def __call__(self, items: List[Mapping[str, Any]]) -> PreferenceBatch:
-        lo, hi = self._span(len(items))
-        if self.paired:
-            return self._paired(list(items[lo:hi]))
-        if self.packing is None:
-            full = UnpairedBatch.collate(
-                list(items), pad_id=self.pad_id, max_seq_len=self.max_seq_len
-            )
-            return full if (lo, hi) == (0, len(items)) else full.rows(lo, hi)
-        from torchtune_prefopt.data._packed import PackedBatch
-
-        return PackedBatch.pack_unpaired(
-            list(items), lo, hi, self.packing, pad_id=self.pad_id, max_seq_len=self.max_seq_len
-        )
-
-    def share(self, items: List[Mapping[str, Any]]) -> Tuple[PreferenceBatch, int]:
-        """Paired evaluation over a global batch that may be the last, partial one: rank ``k``
-        of ``world_size`` takes rows ``[k*n//W, (k+1)*n//W)`` (for a full batch, the same
-        ``rows_per_rank`` slice as training), so every row is counted exactly once. Returns
-        ``(batch, real_rows)``; a rank left without a row gets one copy of the first row
-        (``real_rows == 0``), because every rank must run the same number of forwards."""
-        if not self.paired:
-            raise ValueError("share() is for paired (evaluation) batches")
-        n, w = len(items), self.world_size
-        mine = list(items[self.rank * n // w : (self.rank + 1) * n // w])
-        real = len(mine)
-        return self._paired(mine or list(items[:1])), real

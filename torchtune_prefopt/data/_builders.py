@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from torchtune_prefopt.data._common import resolve_max_seq_len
 from torchtune_prefopt.data._paired import PreferenceDataset, prepare_pairs
 from torchtune_prefopt.data._source import RawRows, load_rows
-from torchtune_prefopt.data._unpaired import KTODataset, _kto_from_raw, _unpaired_from_raw
+from torchtune_prefopt.data._unpaired import KTODataset, kto_from_raw, unpaired_from_raw
 from torchtune_prefopt.data._validation import (
     completion_tail,
     prompt_messages,
@@ -176,7 +176,7 @@ def _paired_result(
             raise PrefOptUserError(
                 f"{what}: train_on_input is not supported with unpaired=True (KTO)"
             )
-        ds = _unpaired_from_raw(raw, tokenizer, cmap, new_system_prompt, max_len)
+        ds = unpaired_from_raw(raw, tokenizer, cmap, new_system_prompt, max_len)
     else:
         records, base = prepare_pairs(
             raw,
@@ -243,7 +243,7 @@ def preference_dataset(
             raise PrefOptUserError(
                 "preference_dataset: train_on_input is not supported with unpaired=True (KTO)"
             )
-        return _unpaired_from_raw(
+        return unpaired_from_raw(
             raw,
             tokenizer,
             column_map,
@@ -564,6 +564,6 @@ def thumbs_dataset(
 
     norm, counters = _normalise(raw, convert, "thumbs_dataset")
     max_len = resolve_max_seq_len(tokenizer, max_seq_len)
-    ds = _kto_from_raw(norm, tokenizer, None, new_system_prompt, max_len)
+    ds = kto_from_raw(norm, tokenizer, None, new_system_prompt, max_len)
     ds.stats = {**ds.stats, **counters, "rows": ds.stats["rows"] + sum(counters.values())}
     return ds

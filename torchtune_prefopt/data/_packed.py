@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from torchtune_prefopt.data._batch import (
+    BatchFields,
     TokenSequence,
-    _Batch,
     kl_completion_index,
     kto_sequences,
     paired_sequences,
@@ -234,7 +234,7 @@ def pack_sequences(
 
 
 @dataclass
-class PackedBatch(_Batch):
+class PackedBatch(BatchFields):
     """``B`` pairs (or ``B`` KTO rows with their KL rows) in packed rows.
 
     Attributes:
@@ -264,6 +264,11 @@ class PackedBatch(_Batch):
     index: Tensor
     is_desirable: Tensor
     kl_completion_index: Tensor
+
+    @property
+    def paired(self) -> bool:
+        """Pairs (``is_desirable`` is empty) or KTO rows."""
+        return self.is_desirable.numel() == 0
 
     def rows(self, lo: int, hi: int):  # noqa: D102 - packed rows are not batch rows
         raise TypeError("a PackedBatch is packed per rank: slice the items before packing")
@@ -316,12 +321,13 @@ class PackedBatch(_Batch):
 
     def logps(self, model, chunk_size: int = 1024):
         """``[2B]`` per-sequence log-probs (first sequences, then second), one forward over
-        the packed rows. KTO's KL rows are scored in the same forward: detach them."""
+        the packed rows. KTO's KL rows are scored in the same forward and come back detached,
+        as from the padded layout."""
         from torchtune_prefopt.modules import decoder_sequence_logprobs
         from torchtune_prefopt.modules.packed_attention import enable_packed_attention
 
         enable_packed_attention(model)
-        return decoder_sequence_logprobs(
+        lp = decoder_sequence_logprobs(
             model,
             self.input_ids,
             selection=self.selection(),
@@ -329,6 +335,10 @@ class PackedBatch(_Batch):
             mask=self.attention(),
             input_pos=self.input_pos,
         )
+        if self.paired:
+            return lp
+        rows, kl = lp.halves()
+        return type(lp).cat(rows, kl.detach())
 
     def label_counts(self) -> Tensor:
         """``[2B]`` scored tokens per sequence."""

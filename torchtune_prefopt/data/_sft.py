@@ -23,7 +23,7 @@ from torchtune_prefopt.data._common import (
     untruncated,
 )
 from torchtune_prefopt.data._source import load_rows
-from torchtune_prefopt.data._unpaired import _to_messages
+from torchtune_prefopt.data._unpaired import to_messages
 from torchtune_prefopt.data._validation import conversation, resolve_column_map, row_error
 from torchtune_prefopt.errors import PrefOptUserError
 
@@ -76,7 +76,7 @@ def sft_dataset(
     for i, row in enumerate(raw.rows):
         conv = conversation(row, cmap["prompt"], cmap["response"], raw.where(i))
         try:
-            prompt, response = tokenize_split(tok, _to_messages(conv, new_system_prompt))
+            prompt, response = tokenize_split(tok, to_messages(conv, new_system_prompt))
         except (RuntimeError, ValueError) as e:
             raise row_error(raw.where(i), cmap["response"], f"cannot be tokenized: {e}") from None
         full = len(prompt) + len(response)

@@ -85,9 +85,40 @@ def _is_columnar(data: Any) -> bool:
     return isinstance(data, dict) and bool(data) and all(isinstance(v, list) for v in data.values())
 
 
-def _read_json_file(path: str, field: Optional[str]) -> RawRows:
-    """JSON Lines (one object per line), a JSON list of objects, or columnar JSON."""
+#: compressed files, told apart by their first bytes (the name may say nothing)
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bz2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+
+
+def _file_bytes(path: str) -> bytes:
+    """A data file's bytes, decompressed if it is gzip, bz2 or xz (``.jsonl.gz`` ...)."""
     raw = Path(path).read_bytes()
+    kind = next((k for magic, k in _COMPRESSED.items() if raw.startswith(magic)), None)
+    if kind is None:
+        return raw
+    if kind == "zstd":
+        raise PrefOptUserError(
+            f"{path}: zstd-compressed, which this reader does not decompress; decompress it "
+            "(zstd -d) or recompress it with gzip"
+        )
+    import bz2
+    import gzip
+    import lzma
+
+    try:
+        return {"gzip": gzip.decompress, "bz2": bz2.decompress, "xz": lzma.decompress}[kind](raw)
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise PrefOptUserError(f"{path}: a damaged {kind} file ({_one_line(err)})") from None
+
+
+def _read_json_file(path: str, field: Optional[str]) -> RawRows:
+    """JSON Lines (one object per line), a JSON list of objects, or columnar JSON; gzip,
+    bz2 or xz compressed too."""
+    raw = _file_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -113,7 +144,9 @@ def _read_json_file(path: str, field: Optional[str]) -> RawRows:
                 raise PrefOptUserError(f"{path}: field '{field}' is not a list of rows")
         return _rows_from_json_value(path, data)
 
-    if not path.endswith(".jsonl") and stripped.startswith("{"):
+    if not path.endswith(
+        (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.xz")
+    ) and stripped.startswith("{"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError:

@@ -103,7 +103,7 @@ class KTODataset(Dataset):
         return dict(self._items[index])
 
 
-def _to_messages(conv: List[Dict[str, Any]], new_system_prompt: Optional[str]) -> List[Message]:
+def to_messages(conv: List[Dict[str, Any]], new_system_prompt: Optional[str]) -> List[Message]:
     if new_system_prompt is not None:
         conv = [m for m in conv if m["role"] != "system"]
         conv = [{"role": "system", "content": new_system_prompt}] + conv
@@ -133,10 +133,10 @@ def kto_dataset(
     """
     raw = load_rows(source, split=split, **load_dataset_kwargs)
     max_len = resolve_max_seq_len(tokenizer, max_seq_len)
-    return _kto_from_raw(raw, tokenizer, column_map, new_system_prompt, max_len)
+    return kto_from_raw(raw, tokenizer, column_map, new_system_prompt, max_len)
 
 
-def _kto_from_raw(
+def kto_from_raw(
     raw: RawRows,
     tokenizer,
     column_map: Optional[Mapping[str, str]],
@@ -155,7 +155,7 @@ def _kto_from_raw(
     examples = []
     for i, (conv, label) in enumerate(validated):
         try:
-            prompt, completion = tokenize_split(tok, _to_messages(conv, new_system_prompt))
+            prompt, completion = tokenize_split(tok, to_messages(conv, new_system_prompt))
         except (RuntimeError, ValueError) as e:
             raise row_error(raw.where(i), cmap["completion"], f"cannot be tokenized: {e}") from None
         examples.append((i, prompt, completion, label))
@@ -183,10 +183,10 @@ def unpaired_from_paired(
     """
     raw = load_rows(source, split=split, **load_dataset_kwargs)
     max_len = resolve_max_seq_len(tokenizer, max_seq_len)
-    return _unpaired_from_raw(raw, tokenizer, column_map, new_system_prompt, max_len)
+    return unpaired_from_raw(raw, tokenizer, column_map, new_system_prompt, max_len)
 
 
-def _unpaired_from_raw(
+def unpaired_from_raw(
     raw: RawRows,
     tokenizer,
     column_map: Optional[Mapping[str, str]],

@@ -3,7 +3,7 @@
 See ``docs/ARCHITECTURE.md`` ("Losses") for the interface every loss follows.
 """
 
-from ._base import PreferenceLoss
+from ._base import PairwiseLoss, PreferenceLoss
 from .dpo import DPOLoss, RobustDPOLoss
 from .hinge import HingeLoss
 from .ipo import IPOLoss
@@ -13,6 +13,7 @@ from .rewards import pair_accuracy, pair_rewards
 from .simpo import SimPOLoss
 
 __all__ = [
+    "PairwiseLoss",
     "PreferenceLoss",
     "DPOLoss",
     "IPOLoss",

@@ -28,7 +28,7 @@ from torch import nn
 
 from torchtune_prefopt.errors import PrefOptUserError
 
-__all__ = ["PreferenceLoss"]
+__all__ = ["PairwiseLoss", "PreferenceLoss"]
 
 # Hyper-parameter errors are PrefOptUserError (a ValueError): the recipe reports them as one
 # line, unchanged, so the message must start with the config key (``loss.beta ...``).
@@ -144,6 +144,63 @@ class PreferenceLoss(nn.Module):
             policy_chosen_logps - reference_chosen_logps,
             policy_rejected_logps - reference_rejected_logps,
         )
+
+
+class PairwiseLoss(PreferenceLoss):
+    r"""Base of the pairwise losses: the log-ratios, the margin and the rewards are computed
+    here, each loss supplies its function of the margin (:meth:`margin_loss`) and its reward
+    scale (:meth:`reward_scale`) and documents its equation.
+
+    With the per-sequence log-ratios (reference-free losses: the policy log-probs alone)
+
+    .. math::
+        r_w = \log\pi(y_w) - \log\pi_{ref}(y_w),\quad
+        r_l = \log\pi(y_l) - \log\pi_{ref}(y_l),\quad h = r_w - r_l,
+
+    ``forward`` returns ``(margin_loss(h) [B], s·r_w [B], s·r_l [B])`` with ``s =
+    reward_scale()`` and the rewards detached. A loss that is not a function of ``h`` alone
+    overrides :meth:`pair_losses` instead.
+
+    ``forward`` arguments (all 1-D ``[B]``, float; sums or per-token means according to
+    ``average_logps``): policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+    reference_rejected_logps (required unless ``reference_free``; ignored, may be ``None``,
+    if it is).
+    """
+
+    paired = True
+
+    def reward_scale(self) -> float:
+        """``s`` of the logged implicit rewards ``s·r`` (DPO: β, IPO: τ)."""
+        raise NotImplementedError
+
+    def margin_loss(self, h: torch.Tensor) -> torch.Tensor:
+        """The per-pair loss of the margin ``h`` ``[B]``."""
+        raise NotImplementedError
+
+    def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        """The per-pair loss of the log-ratios ``r_w``, ``r_l``; ``margin_loss(r_w - r_l)``."""
+        return self.margin_loss(chosen - rejected)
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: Optional[torch.Tensor] = None,
+        reference_rejected_logps: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.reference_free:
+            self._check_pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None)
+            chosen, rejected = policy_chosen_logps, policy_rejected_logps
+        else:
+            chosen, rejected = self._logratios(
+                policy_chosen_logps,
+                policy_rejected_logps,
+                reference_chosen_logps,
+                reference_rejected_logps,
+            )
+        scale = self.reward_scale()
+        losses = self.pair_losses(chosen, rejected)
+        return losses, scale * chosen.detach(), scale * rejected.detach()
 
 
 def _check_same_shape(owner: str, named: dict) -> None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
-from ._base import PreferenceLoss, _conservative_logistic, _label_smoothing, _positive
+from ._base import PairwiseLoss, _conservative_logistic, _label_smoothing, _positive
 
 __all__ = ["DPOLoss", "RobustDPOLoss"]
 
 
-class DPOLoss(PreferenceLoss):
+class DPOLoss(PairwiseLoss):
     r"""Direct Preference Optimization, Rafailov et al. 2023 (arXiv 2305.18290), with the
     conservative-DPO label smoothing of Mitchell 2023 ("A note on DPO with noisy
     preferences & relationship to IPO").
@@ -59,41 +57,11 @@ class DPOLoss(PreferenceLoss):
         self.beta = _positive("beta", beta)
         self.label_smoothing = _label_smoothing("label_smoothing", label_smoothing)
 
-    def _margin_and_rewards(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: Optional[torch.Tensor],
-        reference_rejected_logps: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        chosen_logratio, rejected_logratio = self._logratios(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            reference_chosen_logps,
-            reference_rejected_logps,
-        )
-        h = chosen_logratio - rejected_logratio
-        return (
-            h,
-            self.beta * chosen_logratio.detach(),
-            self.beta * rejected_logratio.detach(),
-        )
+    def reward_scale(self) -> float:
+        return self.beta
 
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: Optional[torch.Tensor] = None,
-        reference_rejected_logps: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h, chosen_rewards, rejected_rewards = self._margin_and_rewards(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            reference_chosen_logps,
-            reference_rejected_logps,
-        )
-        losses = _conservative_logistic(self.beta * h, self.label_smoothing)
-        return losses, chosen_rewards, rejected_rewards
+    def margin_loss(self, h: torch.Tensor) -> torch.Tensor:
+        return _conservative_logistic(self.beta * h, self.label_smoothing)
 
 
 class RobustDPOLoss(DPOLoss):
@@ -121,21 +89,8 @@ class RobustDPOLoss(DPOLoss):
     :class:`DPOLoss` (rewards ``β·(log π − log π_ref)``, detached).
     """
 
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: Optional[torch.Tensor] = None,
-        reference_rejected_logps: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h, chosen_rewards, rejected_rewards = self._margin_and_rewards(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            reference_chosen_logps,
-            reference_rejected_logps,
-        )
+    def margin_loss(self, h: torch.Tensor) -> torch.Tensor:
         eps = self.label_smoothing
         z = self.beta * h
         logsig = torch.nn.functional.logsigmoid
-        losses = (-(1.0 - eps) * logsig(z) + eps * logsig(-z)) / (1.0 - 2.0 * eps)
-        return losses, chosen_rewards, rejected_rewards
+        return (-(1.0 - eps) * logsig(z) + eps * logsig(-z)) / (1.0 - 2.0 * eps)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
-from ._base import PreferenceLoss, _positive
+from ._base import PairwiseLoss, _positive
 
 __all__ = ["HingeLoss"]
 
 
-class HingeLoss(PreferenceLoss):
+class HingeLoss(PairwiseLoss):
     r"""Hinge preference loss of RSO, Liu et al. 2023, "Statistical Rejection Sampling Improves
     Preference Optimization" (arXiv 2309.06657) — the SVM counterpart of DPO (SLiC with the
     reference-normalised likelihood).
@@ -53,19 +51,8 @@ class HingeLoss(PreferenceLoss):
         super().__init__()
         self.beta = _positive("beta", beta)
 
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: Optional[torch.Tensor] = None,
-        reference_rejected_logps: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        chosen_logratio, rejected_logratio = self._logratios(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            reference_chosen_logps,
-            reference_rejected_logps,
-        )
-        h = chosen_logratio - rejected_logratio
-        losses = torch.relu(1.0 - self.beta * h)
-        return losses, self.beta * chosen_logratio.detach(), self.beta * rejected_logratio.detach()
+    def reward_scale(self) -> float:
+        return self.beta
+
+    def margin_loss(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.relu(1.0 - self.beta * h)

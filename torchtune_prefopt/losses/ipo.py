@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
-from ._base import PreferenceLoss, _bool, _positive
+from ._base import PairwiseLoss, _bool, _positive
 
 __all__ = ["IPOLoss"]
 
 
-class IPOLoss(PreferenceLoss):
+class IPOLoss(PairwiseLoss):
     r"""Identity Preference Optimisation, Azar et al. 2023, "A General Theoretical Paradigm to
     Understand Learning from Human Preferences" (arXiv 2310.12036).
 
@@ -61,21 +59,8 @@ class IPOLoss(PreferenceLoss):
         self.tau = _positive("tau", tau)
         self.average_logps = _bool("average_logps", average_logps)
 
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: Optional[torch.Tensor] = None,
-        reference_rejected_logps: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        chosen_logratio, rejected_logratio = self._logratios(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            reference_chosen_logps,
-            reference_rejected_logps,
-        )
-        h = chosen_logratio - rejected_logratio
-        losses = (h - 1.0 / (2.0 * self.tau)) ** 2
-        chosen_rewards = self.tau * chosen_logratio.detach()
-        rejected_rewards = self.tau * rejected_logratio.detach()
-        return losses, chosen_rewards, rejected_rewards
+    def reward_scale(self) -> float:
+        return self.tau
+
+    def margin_loss(self, h: torch.Tensor) -> torch.Tensor:
+        return (h - 1.0 / (2.0 * self.tau)) ** 2

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from ._base import (
-    PreferenceLoss,
+    PairwiseLoss,
     _conservative_logistic,
     _label_smoothing,
     _non_negative,
@@ -17,7 +15,7 @@ from ._base import (
 __all__ = ["SimPOLoss"]
 
 
-class SimPOLoss(PreferenceLoss):
+class SimPOLoss(PairwiseLoss):
     r"""SimPO, Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a
     Reference-Free Reward" (arXiv 2405.14734).
 
@@ -64,17 +62,9 @@ class SimPOLoss(PreferenceLoss):
         self.gamma = _non_negative("gamma", gamma)
         self.label_smoothing = _label_smoothing("label_smoothing", label_smoothing)
 
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: Optional[torch.Tensor] = None,
-        reference_rejected_logps: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Reference inputs are ignored by design (reference_free=True).
-        self._check_pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None)
-        chosen_reward = self.beta * policy_chosen_logps
-        rejected_reward = self.beta * policy_rejected_logps
-        z = chosen_reward - rejected_reward - self.gamma
-        losses = _conservative_logistic(z, self.label_smoothing)
-        return losses, chosen_reward.detach(), rejected_reward.detach()
+    def reward_scale(self) -> float:
+        return self.beta
+
+    def margin_loss(self, h: torch.Tensor) -> torch.Tensor:
+        # h = avg(y_c) - avg(y_r): the reference-free "log-ratios" are the policy's means
+        return _conservative_logistic(self.beta * h - self.gamma, self.label_smoothing)

@@ -79,6 +79,28 @@ class SequenceLogProbs:
             sum=self.sum[rows], mean=self.mean[rows], num_tokens=self.num_tokens[rows]
         )
 
+    def halves(self) -> Tuple["SequenceLogProbs", "SequenceLogProbs"]:
+        """``[2B] -> ([B], [B])``: the batch layout's first sequences (chosen; KTO rows) and
+        second ones (rejected; KTO's KL rows). The inverse of :meth:`cat`."""
+        b = len(self) // 2
+        return self[:b], self[b:]
+
+    @staticmethod
+    def cat(first: "SequenceLogProbs", second: "SequenceLogProbs") -> "SequenceLogProbs":
+        """``([B], [B]) -> [2B]`` (the inverse of :meth:`halves`)."""
+        return SequenceLogProbs(
+            sum=torch.cat([first.sum, second.sum]),
+            mean=torch.cat([first.mean, second.mean]),
+            num_tokens=torch.cat([first.num_tokens, second.num_tokens]),
+        )
+
+    def detach(self) -> "SequenceLogProbs":
+        return SequenceLogProbs(self.sum.detach(), self.mean.detach(), self.num_tokens)
+
+    def form(self, average: bool) -> Tensor:
+        """The log-prob form a loss takes: per-token ``mean`` (``average``) or ``sum``."""
+        return self.mean if average else self.sum
+
 
 def check_label_rows(labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Return the per-row label-token counts of *unshifted* ``labels`` ``[B, S]`` (int64).

@@ -1,5 +1,7 @@
 """The reference side of preference optimization.
 
+* :mod:`~torchtune_prefopt.reference.build`: :func:`plan_reference` (decided once, before any
+  weights load), :func:`build_reference` (the plan's source) and :func:`precompute_reference`.
 * :mod:`~torchtune_prefopt.reference.source`: :class:`ReferenceSource`, one object per way of
   getting reference log-probs (none, frozen model, LoRA adapters disabled, cached), the one
   interface the recipe calls.
@@ -8,13 +10,19 @@
   decoder's linear layers of an unsharded reference), :func:`weight_bytes`.
 * :mod:`~torchtune_prefopt.reference.fingerprint`: :func:`reference_fingerprint`, the identity of
   cached log-probs (weights, data, tokenizer, settings).
-* :mod:`~torchtune_prefopt.reference.store`: :class:`ReferenceLogpsCache` (safetensors, atomic,
+* :mod:`~torchtune_prefopt.reference.store`: :class:`ReferenceCacheFile` (safetensors, atomic,
   verified) and :func:`load_or_compute` (rank 0 reads, everyone gets the tensors).
 * :mod:`~torchtune_prefopt.reference.precompute`: :func:`precompute_reference_logps` (one
-  sharded no-grad pass), :class:`CachedReferenceLogps` (lookup by dataset position),
+  sharded no-grad pass), :class:`ReferenceLogpsTable` (lookup by dataset position),
   :func:`kto_kl_pairs` (the KL pairs a KTO run will build).
 """
 
+from torchtune_prefopt.reference.build import (
+    ReferencePlan,
+    build_reference,
+    plan_reference,
+    precompute_reference,
+)
 from torchtune_prefopt.reference.fingerprint import (
     FORMAT_VERSION,
     Fingerprint,
@@ -24,7 +32,8 @@ from torchtune_prefopt.reference.fingerprint import (
     reference_fingerprint,
 )
 from torchtune_prefopt.reference.precompute import (
-    CachedReferenceLogps,
+    PrecomputeJob,
+    ReferenceLogpsTable,
     kto_kl_pairs,
     precompute_reference_logps,
 )
@@ -38,17 +47,22 @@ from torchtune_prefopt.reference.quantize import (
 )
 from torchtune_prefopt.reference.source import (
     AdaptersDisabled,
-    CachedLogps,
     FrozenModel,
     NoReference,
+    PrecomputedReference,
     ReferenceSource,
 )
-from torchtune_prefopt.reference.store import DIGEST_MEMO, ReferenceLogpsCache, load_or_compute
+from torchtune_prefopt.reference.store import DIGEST_MEMO, ReferenceCacheFile, load_or_compute
 
 __all__ = [
     "AdaptersDisabled",
-    "CachedLogps",
-    "CachedReferenceLogps",
+    "PrecomputeJob",
+    "ReferencePlan",
+    "build_reference",
+    "plan_reference",
+    "precompute_reference",
+    "PrecomputedReference",
+    "ReferenceLogpsTable",
     "DIGEST_MEMO",
     "FORMAT_VERSION",
     "Fingerprint",
@@ -56,7 +70,7 @@ __all__ = [
     "MODES",
     "NoReference",
     "QuantizationReport",
-    "ReferenceLogpsCache",
+    "ReferenceCacheFile",
     "ReferenceSource",
     "check_quantization_supported",
     "hash_dataset",

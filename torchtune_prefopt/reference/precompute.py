@@ -3,8 +3,8 @@
 The reference model is frozen, so its log-probs of every training sequence are fixed. For a
 run with several epochs, or runs repeated with other hyperparameters, they can be computed
 once (:func:`precompute_reference_logps`), stored
-(:class:`~torchtune_prefopt.reference.store.ReferenceLogpsCache`) and looked up by dataset
-position (:class:`CachedReferenceLogps`) instead of running the reference forward every step;
+(:class:`~torchtune_prefopt.reference.store.ReferenceCacheFile`) and looked up by dataset
+position (:class:`ReferenceLogpsTable`) instead of running the reference forward every step;
 the reference model then need not be kept in memory during training.
 
 KTO's KL rows depend on which rows share a global micro-batch
@@ -25,19 +25,25 @@ its batches.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from torchtune_prefopt.data import PairedBatch, PreferenceBatch, is_paired_row, kl_partner
+from torchtune_prefopt.data import PreferenceBatch, is_paired_row, kl_partner
 from torchtune_prefopt.modules import SequenceLogProbs
 from torchtune_prefopt.reference.fingerprint import log
 
-__all__ = ["CachedReferenceLogps", "kto_kl_pairs", "precompute_reference_logps"]
+__all__ = [
+    "PrecomputeJob",
+    "ReferenceLogpsTable",
+    "kto_kl_pairs",
+    "precompute_reference_logps",
+]
 
 
-class CachedReferenceLogps:
+class ReferenceLogpsTable:
     """Look up cached reference log-probs by dataset position, in the recipe's layouts."""
 
     def __init__(self, tensors: Mapping[str, Tensor]):
@@ -62,7 +68,7 @@ class CachedReferenceLogps:
         t = self.t
 
         def both(field: str) -> Tensor:
-            return PairedBatch.join(t[f"chosen_{field}"][idx], t[f"rejected_{field}"][idx])
+            return torch.cat([t[f"chosen_{field}"][idx], t[f"rejected_{field}"][idx]])
 
         return self._seq(both("sum"), both("mean"), both("num_tokens"), device)
 
@@ -131,27 +137,11 @@ def _has_fsdp(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-@torch.no_grad()
-def precompute_reference_logps(
-    model: torch.nn.Module,
-    dataset,
-    collate_fn: Callable[[List[Mapping[str, Any]]], PreferenceBatch],
-    batch_size: int,
-    world_size: int = 1,
-    rank: int = 0,
-    device: Union[str, torch.device] = "cpu",
-    chunk_size: int = 1024,
-    *,
-    kl_pairs: Optional[Sequence[Tuple[int, int]]] = None,
-    log_every: int = 50,
-) -> Dict[str, Tensor]:
-    """One no-grad reference pass over ``dataset``, sharded over ranks; every rank gets all rows.
+@dataclass(frozen=True)
+class PrecomputeJob:
+    """What one precompute pass scores, and how it is split over the ranks.
 
-    Args:
-        model: the reference ``TransformerDecoder`` (plain, FSDP2-sharded or quantized). With
-            FSDP2 every rank must call this (each forward is collective); ranks run the same
-            number of forwards (a rank without a batch of its own in the last round runs a
-            dummy one).
+    Attributes:
         dataset: paired rows (``chosen_input_ids`` ...) or KTO rows (``prompt_ids`` ...).
         collate_fn: a :class:`~torchtune_prefopt.data.PreferenceCollator` over all of a batch's
             items (``rows_per_rank=None``): the padded layout with the recipe's padding id and
@@ -161,14 +151,42 @@ def precompute_reference_logps(
         world_size, rank: batch ``k`` (rows ``[k * batch_size, (k + 1) * batch_size)``) runs on
             rank ``k % world_size``; the result does not depend on ``world_size``.
         device: where the model runs.
-        chunk_size: ``decoder_sequence_logprobs`` chunk size.
         kl_pairs: KTO only: (prompt row, completion row) pairs to score (:func:`kto_kl_pairs`).
+        what: the rows, for the log (``the training rows``).
+    """
+
+    dataset: Any
+    collate_fn: Callable[[List[Mapping[str, Any]]], PreferenceBatch]
+    batch_size: int
+    world_size: int = 1
+    rank: int = 0
+    device: Union[str, torch.device] = "cpu"
+    kl_pairs: Optional[Sequence[Tuple[int, int]]] = None
+    what: str = "the training rows"
+
+
+@torch.no_grad()
+def precompute_reference_logps(
+    model: torch.nn.Module, job: PrecomputeJob, chunk_size: int = 1024, *, log_every: int = 50
+) -> Dict[str, Tensor]:
+    """One no-grad reference pass over ``job.dataset``, sharded over ranks; every rank gets all
+    rows.
+
+    Args:
+        model: the reference ``TransformerDecoder`` (plain, FSDP2-sharded or quantized). With
+            FSDP2 every rank must call this (each forward is collective); ranks run the same
+            number of forwards (a rank without a batch of its own in the last round runs a
+            dummy one).
+        job: the rows and their split (:class:`PrecomputeJob`).
+        chunk_size: ``decoder_sequence_logprobs`` chunk size.
 
     Returns:
         CPU tensors indexed by dataset position (see the module docstring); fp32 sums/means,
         int64 token counts.
     """
-    device = torch.device(device)
+    dataset, collate_fn, batch_size = job.dataset, job.collate_fn, job.batch_size
+    world_size, rank, kl_pairs = job.world_size, job.rank, job.kl_pairs
+    device = torch.device(job.device)
     n = len(dataset)
     if n == 0:
         raise ValueError("precompute_reference_logps: empty dataset")
@@ -221,7 +239,7 @@ def precompute_reference_logps(
             items = [item(i) for i in chunk]
             batch = collate_fn(items).to(device)
             lp = batch.logps(model, chunk_size)
-            sides = (PairedBatch.chosen(lp), PairedBatch.rejected(lp))
+            sides = lp.halves()
             cols = [getattr(side, f) for side in sides for f in ("sum", "mean", "num_tokens")]
             vals = torch.stack([c.detach().to("cpu", torch.float64) for c in cols], dim=1)
         else:

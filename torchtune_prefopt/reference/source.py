@@ -14,7 +14,7 @@ Strategies:
 :class:`FrozenModel`        a frozen copy of the base weights (FSDP2-sharded), or its
                             torchao-quantized replica (``reference.quantization``)
 :class:`AdaptersDisabled`   LoRA: the policy itself with its adapters switched off
-:class:`CachedLogps`        ``reference.precompute``: log-probs computed once, looked
+:class:`PrecomputedReference`        ``reference.precompute``: log-probs computed once, looked
                             up by dataset position (the model is freed)
 ==========================  =========================================================
 
@@ -26,18 +26,28 @@ for the same weights.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
 from torchtune.modules.peft import disable_adapter
 
-from torchtune_prefopt.data import PreferenceBatch, join_logps
+from torchtune_prefopt.data import PreferenceBatch
 from torchtune_prefopt.modules import SequenceLogProbs
-from torchtune_prefopt.reference.precompute import CachedReferenceLogps, precompute_reference_logps
-from torchtune_prefopt.reference.store import ReferenceLogpsCache, load_or_compute
+from torchtune_prefopt.reference.precompute import (
+    PrecomputeJob,
+    ReferenceLogpsTable,
+    precompute_reference_logps,
+)
+from torchtune_prefopt.reference.store import ReferenceCacheFile, load_or_compute
 
-__all__ = ["AdaptersDisabled", "CachedLogps", "FrozenModel", "NoReference", "ReferenceSource"]
+__all__ = [
+    "AdaptersDisabled",
+    "PrecomputedReference",
+    "FrozenModel",
+    "NoReference",
+    "ReferenceSource",
+]
 
 
 class ReferenceSource:
@@ -113,52 +123,33 @@ class AdaptersDisabled(_ModelReference):
         return "the policy with its LoRA adapters disabled (no second copy)"
 
 
-class CachedLogps(ReferenceSource):
+class PrecomputedReference(ReferenceSource):
     """Precomputed reference log-probs, looked up by the batch's dataset positions.
 
     Each lookup is checked against the batch: the cached rows must score as many tokens as
     the batch's rows (a cheap guard against a cache of other data).
     """
 
-    def __init__(self, cache: CachedReferenceLogps, what: str):
+    def __init__(self, cache: ReferenceLogpsTable, what: str):
         self.cache = cache
         self.what = what
 
     @classmethod
     def precompute(
-        cls,
-        live: "_ModelReference",
-        dataset,
-        store: Optional[ReferenceLogpsCache],
-        *,
-        collate_fn: Callable[[List[Mapping[str, Any]]], PreferenceBatch],
-        batch_size: int,
-        world_size: int,
-        rank: int,
-        device: torch.device,
-        kl_pairs: Optional[Sequence[Tuple[int, int]]] = None,
-        what: str = "the training rows",
-    ) -> "CachedLogps":
-        """Load ``dataset``'s reference log-probs from ``store`` (rank 0 reads it; ``None`` on
-        the other ranks), or compute them with ``live``'s model (collective) and save them.
+        cls, live: "_ModelReference", store: Optional[ReferenceCacheFile], job: PrecomputeJob
+    ) -> "PrecomputedReference":
+        """Load ``job.dataset``'s reference log-probs from ``store`` (rank 0 reads it; ``None``
+        on the other ranks), or compute them with ``live``'s model (collective) and save them.
         See :func:`~torchtune_prefopt.reference.store.load_or_compute`."""
 
         def compute():
             with live.using_model() as model:
-                return precompute_reference_logps(
-                    model,
-                    dataset,
-                    collate_fn,
-                    batch_size,
-                    world_size,
-                    rank,
-                    device,
-                    chunk_size=live.chunk_size,
-                    kl_pairs=kl_pairs,
-                )
+                return precompute_reference_logps(model, job, chunk_size=live.chunk_size)
 
-        data = load_or_compute(store, compute, rank=rank, world_size=world_size, device=device)
-        return cls(CachedReferenceLogps(data), what)
+        data = load_or_compute(
+            store, compute, rank=job.rank, world_size=job.world_size, device=job.device
+        )
+        return cls(ReferenceLogpsTable(data), job.what)
 
     @staticmethod
     def _checked(lp: SequenceLogProbs, counts: torch.Tensor) -> SequenceLogProbs:
@@ -173,7 +164,7 @@ class CachedLogps(ReferenceSource):
         if self.cache.paired:
             lp = self.cache.pairs(batch.index, device=counts.device)
         else:
-            lp = join_logps(
+            lp = SequenceLogProbs.cat(
                 self.cache.rows(batch.index, device=counts.device),
                 self.cache.kl(batch.index, batch.kl_completion_index, device=counts.device),
             )

@@ -10,7 +10,7 @@
 
 The header's metadata holds :data:`~torchtune_prefopt.reference.fingerprint.FORMAT_VERSION`,
 the fingerprint, its parts and a sha256 of the tensors' content. A cache whose fingerprint
-differs is never used: :meth:`ReferenceLogpsCache.load` logs which inputs changed and returns
+differs is never used: :meth:`ReferenceCacheFile.load` logs which inputs changed and returns
 ``None`` (recompute). A damaged file (unparseable, or whose tensors no longer match the
 content hash in its header) is logged with its path and also recomputed (``strict=True``
 raises :class:`~torchtune_prefopt.errors.PrefOptUserError`). Writes are atomic
@@ -32,7 +32,7 @@ from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.files import atomic_write_bytes
 from torchtune_prefopt.reference.fingerprint import FORMAT_VERSION, Fingerprint, hash_value, log
 
-__all__ = ["CACHE_FILE", "DIGEST_MEMO", "ReferenceLogpsCache", "load_or_compute"]
+__all__ = ["CACHE_FILE", "DIGEST_MEMO", "ReferenceCacheFile", "load_or_compute"]
 
 CACHE_FILE = "reference_logps.safetensors"
 #: The per-file weight digest memo kept next to the cache (see the fingerprint module).
@@ -51,7 +51,7 @@ def _content_digest(tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-class ReferenceLogpsCache:
+class ReferenceCacheFile:
     """Reference log-probs on disk: ``<dir>/reference_logps.safetensors``.
 
     Args:
@@ -72,7 +72,7 @@ class ReferenceLogpsCache:
         parts: Optional[Mapping[str, str]] = None,
     ):
         if fingerprint is None and parts is None:
-            raise ValueError("ReferenceLogpsCache needs a fingerprint or its parts")
+            raise ValueError("ReferenceCacheFile needs a fingerprint or its parts")
         if parts is None and isinstance(fingerprint, Fingerprint):
             parts = fingerprint.parts
         self.dir = Path(dir)
@@ -183,7 +183,7 @@ class ReferenceLogpsCache:
 
 
 def load_or_compute(
-    cache: Optional[ReferenceLogpsCache],
+    cache: Optional[ReferenceCacheFile],
     compute: Callable[[], Dict[str, Tensor]],
     *,
     rank: int = 0,

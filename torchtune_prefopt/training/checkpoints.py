@@ -23,9 +23,10 @@ fresh run refuses an ``output_dir`` that holds another run's checkpoints
 its own (:func:`check_resumable`) and takes over its run id, and the final save never counts
 another run's checkpoint as its own.
 
-Weights are converted to HF format by torchtune's ``FullModelHFCheckpointer`` (see
-:func:`write_hf_weights`; that is the one place we reach into its private ``_output_dir``,
-because 0.6.1 can only write to ``<output_dir>/epoch_<n>``).
+Weights are converted to HF format by torchtune's ``FullModelHFCheckpointer`` through
+:class:`~torchtune_prefopt.models.hf_checkpoint.HFCheckpoint`;
+:class:`~torchtune_prefopt.training.step_checkpointer.StepCheckpointer` is what the recipe
+calls (save, resume, final).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import torch
 
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.files import fsync_dir, fsync_file
+from torchtune_prefopt.models.hf_checkpoint import hf_weight_files  # noqa: F401 (re-export)
+from torchtune_prefopt.training.recipe_config import identity_digests, identity_keys
 
 _BLOCK = 16 * 2**20
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -231,12 +234,8 @@ def verify_checkpoint_collective(path: Path, rank: int, world_size: int) -> Dict
 # --------------------------------------------------------------------------- run identity
 
 #: config keys that change what a run computes: a checkpoint only resumes under the same ones
-#: (batch size and accumulation are checked separately, as the global micro-batch)
-IDENTITY_KEYS = (
-    "model", "tokenizer", "checkpointer.checkpoint_dir", "checkpointer.checkpoint_files", "ref_checkpointer",
-    "loss", "dataset", "seed", "shuffle", "epochs", "max_steps_per_epoch", "optimizer", "lr_scheduler",
-    "clip_grad_norm", "dtype", "reference.quantization",
-)  # fmt: skip
+#: (owned by the key table; batch size and accumulation are checked as the global micro-batch)
+IDENTITY_KEYS = identity_keys()
 
 
 class RunIdentity:
@@ -246,10 +245,10 @@ class RunIdentity:
         self.run_id, self.settings = run_id, dict(settings)
 
     @classmethod
-    def new(cls, cfg: Any) -> "RunIdentity":
+    def new(cls, cfg: Any, effective: Optional[Dict[str, Any]] = None) -> "RunIdentity":
         import uuid
 
-        return cls(uuid.uuid4().hex[:12], config_digests(cfg))
+        return cls(uuid.uuid4().hex[:12], identity_digests(cfg, effective))
 
     def to_json(self) -> Dict[str, Any]:
         return {"id": self.run_id, "settings": self.settings}
@@ -266,23 +265,6 @@ class RunIdentity:
     def differences(self, other: "RunIdentity") -> List[str]:
         keys = sorted(set(self.settings) | set(other.settings))
         return [k for k in keys if self.settings.get(k) != other.settings.get(k)]
-
-
-def config_digests(cfg: Any) -> Dict[str, str]:
-    """``{key: short sha256 of the resolved value}`` for every key of :data:`IDENTITY_KEYS`."""
-    import hashlib
-
-    from omegaconf import OmegaConf
-
-    from torchtune_prefopt.plain import to_plain
-
-    out = {}
-    for key in IDENTITY_KEYS:
-        value = to_plain(OmegaConf.select(cfg, key, default=None))
-        out[key] = hashlib.sha256(
-            json.dumps(value, sort_keys=True, default=str).encode()
-        ).hexdigest()[:16]
-    return out
 
 
 def previous_run(output_dir: str | Path) -> Optional[str]:
@@ -329,14 +311,19 @@ def remove_previous_run(paths: List[Path]) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def check_resumable(checkpoint: Path, manifest: Dict[str, Any], cfg: Any) -> Optional[RunIdentity]:
+def check_resumable(
+    checkpoint: Path,
+    manifest: Dict[str, Any],
+    cfg: Any,
+    effective: Optional[Dict[str, Any]] = None,
+) -> Optional[RunIdentity]:
     """The identity a resumed run continues: the checkpoint's, if its settings are this
     config's (else one line naming the settings that differ). ``None`` for a checkpoint
     written before run identities existed."""
     theirs = RunIdentity.of(manifest)
     if theirs is None:
         return None
-    differs = theirs.differences(RunIdentity("", config_digests(cfg)))
+    differs = theirs.differences(RunIdentity("", identity_digests(cfg, effective)))
     if differs:
         raise PrefOptUserError(
             f"resume: {checkpoint} belongs to run {theirs.run_id}, trained with other settings "
@@ -368,42 +355,6 @@ def save_recipe_state(tmp: Path, state: Dict[str, Any]) -> None:
     torch.save(state, tmp / RECIPE_STATE)
 
 
-def write_hf_weights(
-    checkpointer: Any, state_dict: Dict[str, Any], dest: Path, adapter_only: bool = False
-) -> None:
-    """Write a torchtune checkpoint dict (MODEL_KEY, optional ADAPTER_KEY/ADAPTER_CONFIG)
-    as HF files into ``dest`` through ``checkpointer`` (a ``FullModelHFCheckpointer``).
-
-    torchtune 0.6.1 always writes to ``<checkpointer._output_dir>/epoch_<n>``; we point its
-    output dir at a scratch folder inside ``dest`` for the call and move the files up.
-    """
-    scratch = dest / ".hf_scratch"
-    original_output_dir = checkpointer._output_dir
-    checkpointer._output_dir = scratch
-    try:
-        checkpointer.save_checkpoint(
-            dict(state_dict), epoch=0, intermediate_checkpoint=False, adapter_only=adapter_only
-        )
-    finally:
-        checkpointer._output_dir = original_output_dir
-    written = scratch / "epoch_0"
-    for f in written.iterdir():
-        shutil.move(str(f), str(dest / f.name))
-    shutil.rmtree(scratch, ignore_errors=True)
-
-
-def hf_weight_files(path: Path) -> List[str]:
-    """The model weight files of an HF checkpoint directory, sorted."""
-    files = sorted(p.name for p in path.glob("*.safetensors") if not p.name.startswith("adapter"))
-    if not files:
-        files = sorted(
-            p.name
-            for p in path.glob("*.bin")
-            if not p.name.startswith("adapter") and p.name != "training_args.bin"
-        )
-    return files
-
-
 def load_adapter_weights(path: Path) -> Dict[str, torch.Tensor]:
     """LoRA adapter weights (torchtune key names) of a step checkpoint, ``weights_only``."""
     f = path / "adapter_model.pt"
@@ -411,35 +362,3 @@ def load_adapter_weights(path: Path) -> Dict[str, torch.Tensor]:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise PrefOptUserError(f"checkpoint file {f} cannot be loaded: {err}") from err
-
-
-def load_model_state_dict(checkpointer: Any, key: str) -> Dict[str, torch.Tensor]:
-    """``checkpointer.load_checkpoint()[MODEL_KEY]``; a missing, truncated or damaged file is a
-    one-line :class:`PrefOptUserError` naming the config ``key`` and the file (torchtune raises
-    ``ValueError('Unable to load checkpoint from <file>')`` with the real error as its cause)."""
-    from torchtune import training
-
-    try:
-        return checkpointer.load_checkpoint()[training.MODEL_KEY]
-    except (ValueError, OSError, RuntimeError) as err:
-        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
-        raise PrefOptUserError(f"{key}: {' '.join(str(err).split())}{cause}") from err
-
-
-def check_state_dict(
-    model: torch.nn.Module, sd: Dict[str, torch.Tensor], source: Any, strict_keys: bool
-) -> None:
-    """Compare a full state dict with ``model``'s parameter shapes (and, with ``strict_keys``,
-    its names) before loading it: a mismatch is one line naming the weight and ``source``."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for k, v in sd.items():
-        if k in expected and tuple(v.shape) != expected[k]:
-            raise PrefOptUserError(
-                f"checkpoint {source}: weight '{k}' has shape {tuple(v.shape)}, the model expects {expected[k]}"
-            )
-    if strict_keys:
-        missing = [k for k in expected if k not in sd]
-        if missing:
-            raise PrefOptUserError(
-                f"checkpoint {source}: missing weight '{missing[0]}' ({len(missing)} missing)"
-            )

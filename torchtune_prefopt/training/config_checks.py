@@ -181,6 +181,12 @@ def check_lora_settings(node: Any, key: str = "model") -> None:
             raise PrefOptUserError(
                 f"{key}.lora_alpha must be a number > 0, got {node['lora_alpha']!r}"
             )
+    if "lora_dropout" in node:
+        d = _number(node["lora_dropout"])
+        if d is None or not 0.0 <= d < 1.0:
+            raise PrefOptUserError(
+                f"{key}.lora_dropout must be a number in [0, 1), got {node['lora_dropout']!r}"
+            )
     if node.get("use_dora") and node.get("quantize_base"):
         raise PrefOptUserError(
             f"{key}: use_dora with quantize_base is not supported by this recipe"
@@ -232,6 +238,7 @@ def check_paths_exist(node: Any, key: str, *, names: Sequence[str] = ()) -> None
         raise PrefOptUserError(
             f"{key}.checkpoint_dir: {ckpt_dir} is not a directory" + _download_hint(ckpt_dir)
         )
+    _check_not_adapter_only(ckpt_dir, key)
     files = node.get("checkpoint_files")
     if isinstance(files, (list, tuple)):
         for f in files:
@@ -240,6 +247,33 @@ def check_paths_exist(node: Any, key: str, *, names: Sequence[str] = ()) -> None
                     f"{key}.checkpoint_files: {ckpt_dir / str(f)} does not exist"
                     + _download_hint(ckpt_dir)
                 )
+    if not (ckpt_dir / "config.json").is_file() and target.__name__ == "FullModelHFCheckpointer":
+        raise PrefOptUserError(
+            f"{key}.checkpoint_dir: {ckpt_dir} has no config.json (a Hugging Face model folder "
+            "holds one next to its weights)" + _download_hint(ckpt_dir)
+        )
+
+
+def _check_not_adapter_only(ckpt_dir: Path, key: str) -> None:
+    """A periodic LoRA step checkpoint holds the adapter only (its base is the run's input
+    checkpoint): as a starting point it would be a different model."""
+    import json
+
+    manifest = ckpt_dir / "CHECKPOINT.json"
+    try:
+        info = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    except (OSError, ValueError):
+        return
+    if info.get("model_weights", True):
+        return
+    final = ckpt_dir.parent.parent / "final"
+    raise PrefOptUserError(
+        f"{key}.checkpoint_dir: {ckpt_dir} is a LoRA step checkpoint that holds only the adapter "
+        f"(adapter_model.safetensors), not a model; to continue that run, resume it in its own "
+        f"output_dir ({ckpt_dir.parent.parent}) with resume_from_checkpoint=True and the same "
+        f"global batch; to start a new run from its weights, point {key}.checkpoint_dir at a "
+        f"checkpoint with merged weights (that run's {final}, written at its end)"
+    )
 
 
 def check_output_dir(path: Any) -> None:

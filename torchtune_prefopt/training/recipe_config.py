@@ -1,0 +1,392 @@
+"""The one owner of ``prefopt_distributed``'s config keys: a table from which everything is
+derived.
+
+Each :class:`ConfigKey` says its name, its default, how its value is checked, whether (and
+which part of it) belongs to a run's identity, and one line of documentation. From
+:data:`RECIPE_KEYS` come
+
+* :func:`validate_config`: the start-up check of a whole config (one ``error:`` line naming
+  the key, before anything is built or written);
+* :func:`read_settings`: every key with its default filled in (:class:`RecipeSettings`, the
+  typed view the recipe reads instead of ``cfg.get(key, default)``);
+* :func:`identity_keys` / :func:`identity_digests`: what a run's identity is made of
+  (:class:`~torchtune_prefopt.training.checkpoints.RunIdentity`);
+* :func:`key_table_markdown`: the key table of docs/ARCHITECTURE.md (a test keeps it equal);
+* :func:`unknown_key_error`: the "did you mean" line, also for ``prefopt_compare``'s keys.
+
+In the spirit of torchtitan's typed ``Trainer.Config``, but for torchtune's YAML: the config
+stays an OmegaConf tree with ``_component_`` nodes, and this table is the schema of its top
+level.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from torchtune_prefopt.errors import PrefOptUserError
+from torchtune_prefopt.training import config_checks as checks
+
+__all__ = [
+    "ConfigKey",
+    "RECIPE_KEYS",
+    "RecipeSettings",
+    "configured",
+    "identity_digests",
+    "identity_keys",
+    "key_table_markdown",
+    "known_keys",
+    "read_settings",
+    "unknown_key_error",
+    "validate_config",
+]
+
+#: the default of a key that must be given
+REQUIRED = object()
+
+
+def configured(node: Any) -> bool:
+    """A component is configured unless it is null (``key=null`` on the command line leaves a
+    node whose ``_component_`` is null)."""
+    from omegaconf import DictConfig
+
+    if node is None:
+        return False
+    if isinstance(node, DictConfig) and "_component_" in node and node.get("_component_") is None:
+        return False
+    return True
+
+
+def unknown_key_error(key: str, known: Iterable[str], where: str = "") -> PrefOptUserError:
+    """``unknown config key '<where><key>' (did you mean '<closest>'?)``."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return PrefOptUserError(f"unknown config key '{where}{key}'{hint}")
+
+
+# --------------------------------------------------------------------------- value checks
+# Each takes (config key, value) and raises one PrefOptUserError line; None means "not set"
+# for the optional keys (their default is then used).
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(key: str, v: Any) -> None:
+    if not _is_int(v) or v < 1:
+        raise PrefOptUserError(f"{key} must be an integer >= 1, got {v!r}")
+
+
+def _optional_positive_int(key: str, v: Any) -> None:
+    if v is not None:
+        _positive_int(key, v)
+
+
+def _seed(key: str, v: Any) -> None:
+    if v is not None and (not _is_int(v) or v < 0):
+        raise PrefOptUserError(f"{key} must be an integer >= 0 (or null: random), got {v!r}")
+
+
+def _flag(key: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise PrefOptUserError(f"{key} must be true or false, got {v!r}")
+
+
+def _choice(*options: str) -> Callable[[str, Any], None]:
+    def check(key: str, v: Any) -> None:
+        if v not in options:
+            want = " or ".join(repr(o) for o in options)
+            raise PrefOptUserError(f"{key} must be {want}, got {v!r}")
+
+    return check
+
+
+def _clip(key: str, v: Any) -> None:
+    if v is not None and not (_is_number(v) and math.isfinite(v) and v > 0):
+        raise PrefOptUserError(f"{key} must be > 0 or null, got {v!r}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _device(key: str, v: Any) -> None:
+    device = str(v)
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise PrefOptUserError(f"{key} must be 'cpu' or 'cuda', got {device!r}")
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One top-level key of a ``prefopt_distributed`` config.
+
+    Attributes:
+        name: the key (``reference.precompute`` for a key of the ``reference`` mapping).
+        default: its value when absent (:data:`REQUIRED`: the key must be given).
+        doc: one line for the key table.
+        check: ``(key, value)`` -> raises; ``None``: no value check of its own.
+        component: a ``_component_`` node, checked against its callable's signature:
+            ``(positional, injected)``: how many leading positional arguments and which
+            keyword arguments the recipe passes. A list of components is allowed where
+            ``injected`` has ``tokenizer`` (datasets).
+        identity: part of a run's identity (a resume must keep it): ``True`` for the whole
+            value, or the sub-keys that count (``checkpointer``: its files, not its
+            ``output_dir``).
+        nullable: an explicit ``null`` is a value of its own (``seed: null``: a random
+            seed); otherwise ``null`` means the default.
+    """
+
+    name: str
+    default: Any
+    doc: str
+    check: Optional[Callable[[str, Any], None]] = None
+    component: Optional[Tuple[int, frozenset]] = None
+    identity: Any = False
+    nullable: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+def _component(positional: int = 0, *injected: str) -> Tuple[int, frozenset]:
+    return positional, frozenset(injected)
+
+
+_K = ConfigKey
+#: every key, in the order errors are looked for (scalars first, then components)
+RECIPE_KEYS: Tuple[ConfigKey, ...] = (
+    _K("output_dir", REQUIRED, "where checkpoints, logs and caches go (one run per directory)"),
+    _K("batch_size", REQUIRED, "pairs (KTO: rows) per process per micro-batch", _positive_int),
+    _K("gradient_accumulation_steps", REQUIRED, "micro-batches per optimizer step", _positive_int),
+    _K("epochs", REQUIRED, "passes over the dataset", _positive_int, identity=True),
+    _K("max_steps_per_epoch", None, "cap on optimizer steps per epoch", _optional_positive_int, identity=True),
+    _K("log_every_n_steps", 1, "metrics every n steps", _optional_positive_int),
+    _K("save_every_n_steps", None, "a step checkpoint every n steps (and always at the end)", _optional_positive_int),
+    _K("keep_last_n_checkpoints", None, "delete older step checkpoints", _optional_positive_int),
+    _K("eval_every_n_steps", None, "held-out evaluation every n steps (and at start and end)", _optional_positive_int),
+    _K("logprobs_chunk_size", 1024, "completion tokens projected onto the vocabulary at once", _optional_positive_int),
+    _K("seed", 0, "data order, LoRA init and dropout RNG (null: random)", _seed, identity=True, nullable=True),
+    _K("resume_from_checkpoint", False, "continue the newest complete checkpoint of output_dir", _flag),
+    _K("overwrite_output_dir", False, "delete another run's checkpoints in output_dir first", _flag),
+    _K("shuffle", True, "shuffle the data order each epoch", _flag, identity=True),
+    _K("compile", False, "torch.compile the decoder layers and the loss", _flag),
+    _K("packed", False, "sequences side by side without padding", _flag),
+    _K("share_prompt", False, "with packed: each prompt computed once for both completions", _flag),
+    _K("nonfinite", "stop", "a non-finite loss or gradient norm: stop or skip the step", _choice("stop", "skip")),
+    _K("dtype", "fp32", "parameter and compute dtype (log-softmax is always fp32)", _choice("fp32", "bf16"), identity=True),
+    _K("clip_grad_norm", None, "clip the global gradient norm to this value", _clip, identity=True),
+    _K("reference.quantization", None, "frozen reference in torchao int8 / fp8 / fp8_dynamic", identity=True),
+    _K("reference.precompute", False, "reference log-probs computed once and cached; the reference model is freed", _flag),
+    _K("device", "cpu", "cpu or cuda (one GPU per process under torchrun)", _device),
+    _K("enable_activation_checkpointing", False, "recompute decoder layers in backward", _flag),
+    _K("fsdp_cpu_offload", False, "FSDP2 parameters and gradients on the CPU", _flag),
+    _K("fsdp_reshard_after_forward", True, "FSDP2: free gathered parameters after forward", _flag),
+    _K("custom_sharded_layers", None, "extra module names FSDP2 shards on their own"),
+    _K("recipe_name", None, "set by torchtune's launcher"),
+    _K("model", REQUIRED, "a torchtune model builder (lora_* builders: LoRA)", component=_component(), identity=True),
+    _K("tokenizer", REQUIRED, "a torchtune tokenizer (max_seq_len truncates rows)", component=_component(), identity=True),
+    _K("checkpointer", REQUIRED, "FullModelHFCheckpointer of the base weights", component=_component(), identity=("checkpoint_dir", "checkpoint_files")),
+    _K("ref_checkpointer", None, "another checkpoint as the frozen reference (default: the base)", component=_component(), identity=True),
+    _K("dataset", REQUIRED, "a dataset builder, or a list of them (concatenated)", component=_component(0, "tokenizer"), identity=True),
+    _K("eval_dataset", None, "held-out paired rows (reward accuracy, margins)", component=_component(0, "tokenizer")),
+    _K("loss", REQUIRED, "a loss name or _component_ (torchtune_prefopt.losses)", identity=True),
+    _K("optimizer", REQUIRED, "a torch optimizer (given the trainable parameters)", component=_component(1), identity=True),
+    _K("lr_scheduler", None, "a torchtune scheduler (given the optimizer and num_training_steps)", component=_component(1, "num_training_steps", "last_epoch"), identity=True),
+    _K("metric_logger", None, "a torchtune metric logger (null: none)", component=_component()),
+)  # fmt: skip
+
+_BY_NAME: Dict[str, ConfigKey] = {k.name: k for k in RECIPE_KEYS}
+#: the sub-keys of mapping keys (``reference``)
+_SECTIONS: Dict[str, Tuple[str, ...]] = {}
+for _k in RECIPE_KEYS:
+    if "." in _k.name:
+        _section, _sub = _k.name.split(".", 1)
+        _SECTIONS.setdefault(_section, ())
+        _SECTIONS[_section] += (_sub,)
+
+
+def known_keys() -> List[str]:
+    """The top-level keys a config may have."""
+    top = [k.name.split(".", 1)[0] for k in RECIPE_KEYS]
+    return sorted(set(top))
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class RecipeSettings(dict):
+    """Every key of :data:`RECIPE_KEYS` with its default filled in; keys of a mapping read as
+    ``reference_quantization``. Components are the config's nodes (or ``None`` when not
+    configured)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_ABSENT = object()
+
+
+def _raw(cfg: Any, name: str, default: Any = None) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, name, default=default)
+
+
+def read_settings(cfg: Any) -> RecipeSettings:
+    """The config's values with the table's defaults (``None`` values of optional scalars
+    fall back to the default as well: ``log_every_n_steps: null`` logs every step)."""
+    out = RecipeSettings()
+    for key in RECIPE_KEYS:
+        value = _raw(cfg, key.name, _ABSENT)
+        if key.component is not None:
+            value = value if value is not _ABSENT and configured(value) else None
+        elif value is _ABSENT or (value is None and not key.nullable):
+            value = None if key.required else key.default
+        out[key.name.replace(".", "_")] = value
+    return out
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def identity_keys() -> Tuple[str, ...]:
+    """The config keys a run's identity digests (``checkpointer.checkpoint_dir``, ...)."""
+    out: List[str] = []
+    for key in RECIPE_KEYS:
+        if key.identity is True:
+            out.append(key.name)
+        elif key.identity:
+            out += [f"{key.name}.{sub}" for sub in key.identity]
+    return tuple(out)
+
+
+def identity_digests(cfg: Any, effective: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """``{key: short sha256 of the resolved value}`` for every :func:`identity_keys` key.
+    ``effective``: values the run actually uses instead of the config's (``reference.quantization``
+    is ignored with LoRA: the identity holds what the reference plan decided)."""
+    from torchtune_prefopt.plain import to_plain
+
+    out = {}
+    for name in identity_keys():
+        value = to_plain(effective[name] if name in (effective or {}) else _raw(cfg, name))
+        out[name] = hashlib.sha256(
+            json.dumps(value, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_config(cfg: Any, local: bool = True) -> RecipeSettings:
+    """Check a config before anything is built or written; one-line errors name the key.
+    Returns its :func:`read_settings`.
+
+    ``local=False`` skips what depends on this machine (device, files, output_dir), e.g. for
+    commands written here to run on a cluster.
+    """
+    import torch
+    from omegaconf import DictConfig, ListConfig
+
+    from torchtune_prefopt.reference.quantize import check_quantization_supported
+
+    checks.check_interpolations(cfg)  # first: reading any key resolves its interpolations
+    known = known_keys()
+    unknown = sorted(set(cfg.keys()) - set(known))
+    if unknown:
+        raise unknown_key_error(unknown[0], known)
+    for key in RECIPE_KEYS:
+        if key.required and key.name not in ("batch_size", "gradient_accumulation_steps", "epochs"):
+            if cfg.get(key.name) is None:
+                raise PrefOptUserError(f"config key '{key.name}' is required")
+    for section, subs in _SECTIONS.items():
+        node = cfg.get(section)
+        if node is not None and not isinstance(node, DictConfig):
+            listed = ", ".join(f"{section}.{s}" for s in subs)
+            raise PrefOptUserError(f"{section} must be a mapping ({listed}), got {node!r}")
+        bad = sorted(set((node or {}).keys()) - set(subs))
+        if bad:
+            raise PrefOptUserError(
+                f"unknown config key '{section}.{bad[0]}' (valid: {sorted(subs)})"
+            )
+    for key in RECIPE_KEYS:
+        if key.check is None:
+            continue
+        # an absent key is its default; an explicit null is checked (null flags are errors)
+        value = _raw(cfg, key.name, _ABSENT)
+        key.check(key.name, (None if key.required else key.default) if value is _ABSENT else value)
+    s = read_settings(cfg)
+    if s.share_prompt and not s.packed:
+        raise PrefOptUserError(
+            "share_prompt: true needs packed: true (a shared prompt is a packed layout); "
+            "set packed=true or share_prompt=false"
+        )
+    if local and str(s.device).startswith("cuda") and not torch.cuda.is_available():
+        raise PrefOptUserError("device is 'cuda' but no CUDA device is available (set device=cpu)")
+    check_quantization_supported(s.reference_quantization, str(s.device), hardware=local)
+
+    # every component: importable, and its config keys are arguments it takes
+    for key in RECIPE_KEYS:
+        node = cfg.get(key.name) if key.component is not None else None
+        if not configured(node):
+            continue
+        positional, injected = key.component
+        parts = enumerate(node) if isinstance(node, ListConfig) else [(None, node)]
+        for i, part in parts:
+            where = key.name if i is None else f"{key.name}[{i}]"
+            checks.check_component(part, where, positional=positional, injected=injected)
+        if key.name == "model":
+            checks.check_lora_settings(node, "model")
+        elif key.name == "optimizer":
+            checks.check_optimizer_values(node)
+        elif key.name == "metric_logger":
+            checks.check_metric_logger_installed(node)
+    if local:
+        checks.check_output_dir(cfg.output_dir)
+        checks.check_paths_exist(cfg.tokenizer, "tokenizer")
+        for key in ("checkpointer", "ref_checkpointer"):
+            if configured(cfg.get(key)):
+                checks.check_paths_exist(cfg.get(key), key)
+    return s
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def key_table_markdown() -> str:
+    """The key table of docs/ARCHITECTURE.md (and the README), derived from the table."""
+
+    def default(k: ConfigKey) -> str:
+        if k.required:
+            return "required"
+        return "null" if k.default is None else json.dumps(k.default)
+
+    def identity(k: ConfigKey) -> str:
+        if k.identity is True:
+            return "yes"
+        if k.identity:
+            return ", ".join(k.identity)
+        return ""
+
+    rows = ["| key | default | identity | what it is |", "| --- | --- | --- | --- |"]
+    rows += [
+        f"| `{k.name}` | {default(k)} | {identity(k)} | {k.doc} |"
+        for k in sorted(RECIPE_KEYS, key=lambda k: k.name)
+    ]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(key_table_markdown())
