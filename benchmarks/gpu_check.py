@@ -367,7 +367,8 @@ def part_quant_ref(a) -> Dict[str, Any]:
         return m.to(device).eval()
 
     def h(lp):
-        return PairedBatch.chosen(lp.sum) - PairedBatch.rejected(lp.sum)
+        chosen, rejected = lp.halves()
+        return chosen.sum - rejected.sum
 
     with torch.no_grad():
         ref = batch.logps(model(torch.bfloat16))

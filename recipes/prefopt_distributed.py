@@ -41,6 +41,7 @@ Effective batch size = ``batch_size * world_size * gradient_accumulation_steps``
 
 from __future__ import annotations
 
+import errno
 import inspect
 import math
 import signal
@@ -70,7 +71,12 @@ from torchtune_prefopt.data import (
     check_tokenizer_fits,
     kto_balance_warning,
 )
-from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
+from torchtune_prefopt.errors import (
+    EXIT_WRITE_FAILED,
+    PrefOptUserError,
+    WriteFailed,
+    report_user_errors,
+)
 from torchtune_prefopt.losses import build_loss, pair_accuracy, pair_rewards
 from torchtune_prefopt.models.build import (
     ModelPlacement,
@@ -90,6 +96,7 @@ from torchtune_prefopt.reference import (
     plan_reference,
     precompute_reference,
 )
+from torchtune_prefopt.training.checkpoints import content_digests
 from torchtune_prefopt.training.data_order import GlobalBatchSampler
 from torchtune_prefopt.training.distributed import any_rank, init_distributed
 from torchtune_prefopt.training.lora import lora_init_state, lora_settings
@@ -159,6 +166,9 @@ class PrefOptRecipe:
         # 2. The run's identity: a fresh run never adopts another run's checkpoints; a resumed
         # run continues the newest complete checkpoint of a run with these settings.
         self._checkpointer = HFCheckpoint.from_config(cfg.checkpointer, "checkpointer")
+        self._ref_checkpointer = None
+        if self._ref_plan.own_checkpoint:
+            self._ref_checkpointer = HFCheckpoint.from_config(cfg.ref_checkpointer, "ref_checkpointer")  # fmt: skip
         self._checkpoints = StepCheckpointer(
             self._output_dir, self._checkpointer, rank=self.rank, world_size=self.world_size,
             device=self._device, keep_last_n=s.keep_last_n_checkpoints, lora=self._lora, log=log,
@@ -170,6 +180,7 @@ class PrefOptRecipe:
             global_batch=self.batch_size * self.world_size,
             accumulation=self.accum,
             effective={"reference.quantization": self._ref_plan.quantization},
+            content=self._content_identity,
         )
 
         # 3. Models: the policy, and where the reference log-probs come from.
@@ -215,6 +226,16 @@ class PrefOptRecipe:
         if error[0] is not None:
             raise PrefOptUserError(error[0])
         return lock
+
+    def _content_identity(self) -> Dict[str, str]:
+        """What the run reads: training rows, tokenizer, base and reference weight bytes."""
+        ref = self._ref_checkpointer
+        return content_digests(
+            dataset=self._dataset,
+            tokenizer=self._tokenizer,
+            weights=self._checkpointer.content_files(),
+            reference=ref.content_files() if ref is not None else None,
+        )
 
     def _setup_loss(self, cfg_loss: Any):
         try:
@@ -305,7 +326,7 @@ class PrefOptRecipe:
             policy=self._model,
             base=self._checkpointer,
             base_sd=base_sd,
-            ref_checkpointer=self.cfg.get("ref_checkpointer"),
+            ref_checkpointer=self._ref_checkpointer,
             model_cfg=self.cfg.model,
             placement=self._placement(),
             chunk_size=self._chunk_size,
@@ -496,7 +517,10 @@ class PrefOptRecipe:
         return self._checkpoints.save(self.global_step, state, reason)
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
+        # the first SIGTERM asks for a checkpoint at the next step boundary; later ones (a
+        # scheduler repeating itself) must not kill the save or the exit after it
         self._sigterm = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     # ------------------------------------------------------------------ compute
     def _forms(self, lp: Optional[SequenceLogProbs]):
@@ -759,9 +783,17 @@ class PrefOptRecipe:
 
         shutil.rmtree(out, ignore_errors=True)
 
+    def close_metric_logger(self) -> None:
+        """Flush and close the metric log (a refused write raises ``OSError``)."""
+        logger, self._metric_logger = self._metric_logger, None
+        if logger is not None:
+            logger.close()
+
     def cleanup(self, finished: bool = False) -> None:
-        if self._metric_logger is not None:
-            self._metric_logger.close()
+        try:
+            self.close_metric_logger()
+        except OSError:
+            pass  # the run already stopped on this error (reported once, exit 4)
         if self._lock is not None:
             self._lock.release()
         if dist.is_initialized():
@@ -770,6 +802,10 @@ class PrefOptRecipe:
                 # talks to it can abort in gloo's threads ("terminate called ...")
                 dist.barrier()
             dist.destroy_process_group()
+
+
+#: what a refused write looks like: disk full, quota, read-only filesystem
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 class _Preempted(Exception):
@@ -791,6 +827,7 @@ def run(cfg: DictConfig) -> None:
         final_path = recipe.train()
         if recipe._is_rank_zero:
             print(recipe.summary(final_path, time.perf_counter() - start), flush=True)
+        recipe.close_metric_logger()
         finished = True
     except _Preempted as stop:
         utils.log_rank_zero(
@@ -803,6 +840,22 @@ def run(cfg: DictConfig) -> None:
         if recipe._is_rank_zero:
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except WriteFailed as err:
+        # disk full / read-only during a save: one line, exit 4, earlier checkpoints intact
+        if recipe._is_rank_zero:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_WRITE_FAILED)
+    except OSError as err:
+        # any other write the disk refused (a metric log line, the reference cache ...)
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        print(
+            f"error: writing {err.filename or 'a file'} failed: {err.strerror}; the checkpoints "
+            "saved so far are intact (resume_from_checkpoint=True)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_WRITE_FAILED)
     except PrefOptUserError:
         # a config/data error: no output_dir left behind that this run created and left empty
         recipe.discard_empty_output_dir()

@@ -159,6 +159,18 @@ def test_nan_loss_stops_naming_step_and_rows(workdir: Path):
 
 
 @pytest.mark.slow
+def test_error_line_after_the_progress_bar_starts_its_own_line(workdir: Path):
+    """The bar is closed before the guard's line: ``grep '^error:'`` finds exactly one."""
+    cfg = _config(
+        workdir, loss={"_component_": "guardloss.FaultyDPOLoss", "beta": 0.1, "nan_on_call": 2}
+    )
+    p = _run(workdir, cfg)
+    assert p.returncode == 3, describe(p)
+    errors = re.findall(r"^error: .*$", p.stderr, re.M)
+    assert len(errors) == 1 and errors[0].startswith("error: step 2: non-finite loss"), describe(p)
+
+
+@pytest.mark.slow
 def test_nonfinite_grad_norm_stops(workdir: Path):
     cfg = _config(
         workdir, loss={"_component_": "guardloss.FaultyDPOLoss", "beta": 0.1, "inf_grad_on_call": 2}

@@ -30,8 +30,15 @@ def test_architecture_key_table_is_generated_from_the_table():
 
 def test_identity_keys_come_from_the_table():
     assert ckpt.IDENTITY_KEYS == rc.identity_keys()
-    assert "checkpointer.checkpoint_dir" in ckpt.IDENTITY_KEYS
-    assert "output_dir" not in ckpt.IDENTITY_KEYS and "checkpointer" not in ckpt.IDENTITY_KEYS
+    assert set(rc.content_identity_keys()) == {
+        "dataset",
+        "tokenizer",
+        "checkpointer",
+        "ref_checkpointer",
+    }
+    assert set(rc.content_identity_keys()) <= set(ckpt.IDENTITY_KEYS)
+    assert {"loss", "optimizer", "seed", "reference.quantization"} <= set(ckpt.IDENTITY_KEYS)
+    assert "output_dir" not in ckpt.IDENTITY_KEYS and "compile" not in ckpt.IDENTITY_KEYS
 
 
 def test_defaults_fill_absent_and_null_keys_but_seed_null_stays_random():
@@ -68,11 +75,20 @@ def test_unknown_key_hint_is_shared_by_both_recipes():
 
 
 def test_identity_ignores_paths_outside_the_table_and_takes_effective_values():
-    a = rc.identity_digests(_tiny("output_dir=/tmp/a"))
-    b = rc.identity_digests(_tiny("output_dir=/tmp/b", "checkpointer.output_dir=/tmp/b"))
-    assert a == b
-    c = rc.identity_digests(_tiny("reference.quantization=int8"))
+    content = {k: f"digest-of-{k}" for k in rc.content_identity_keys()}  # what the recipe hashes
+    a = rc.identity_digests(_tiny("output_dir=/tmp/a"), content)
+    b = rc.identity_digests(
+        _tiny("output_dir=/tmp/b", "dataset.data_files=/elsewhere.jsonl"), content
+    )
+    assert a == b  # paths are not the identity; the content digests are
+    assert (
+        rc.identity_digests(_tiny(), {**content, "dataset": "other rows"})["dataset"]
+        != a["dataset"]
+    )
+    c = rc.identity_digests(_tiny("reference.quantization=int8"), content)
     assert c["reference.quantization"] != a["reference.quantization"]
     # a LoRA run ignores the quantization: the plan's effective None is what the identity holds
-    d = rc.identity_digests(_tiny("reference.quantization=int8"), {"reference.quantization": None})
+    d = rc.identity_digests(
+        _tiny("reference.quantization=int8"), {**content, "reference.quantization": None}
+    )
     assert d == a

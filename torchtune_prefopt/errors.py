@@ -12,6 +12,15 @@ import os
 import sys
 from typing import Any, Callable
 
+#: exit status of a run stopped because a write failed (disk full, read-only folder): nothing
+#: saved before was lost (see :class:`WriteFailed`)
+EXIT_WRITE_FAILED = 4
+
+
+class WriteFailed(Exception):
+    """A write the run needs failed (disk full, read-only, quota): one ``error:`` line naming
+    the path, exit :data:`EXIT_WRITE_FAILED`; what was saved before is intact."""
+
 
 def debug_enabled() -> bool:
     """``PREFOPT_DEBUG`` set to anything but empty, ``0``, ``false``, ``no`` or ``off``."""

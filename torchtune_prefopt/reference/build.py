@@ -116,7 +116,7 @@ def build_reference(
     policy: torch.nn.Module,
     base: HFCheckpoint,
     base_sd: Dict[str, torch.Tensor],
-    ref_checkpointer: Any,
+    ref_checkpointer: Optional[HFCheckpoint],
     model_cfg: Any,
     placement: ModelPlacement,
     chunk_size: int,
@@ -130,8 +130,7 @@ def build_reference(
         loss_name: for the reference-free source's description.
         policy: the built policy (LoRA: it is the reference, adapters off).
         base, base_sd: the base checkpoint and its weights (the default reference).
-        ref_checkpointer: the ``ref_checkpointer`` config node (used if
-            ``plan.own_checkpoint``).
+        ref_checkpointer: the ``ref_checkpointer`` checkpoint (used if ``plan.own_checkpoint``).
         model_cfg, placement: how to build the frozen copy (like the policy).
         chunk_size: log-prob chunk size.
         log: a callable taking one line (quantization report).
@@ -143,7 +142,7 @@ def build_reference(
         return AdaptersDisabled(policy, chunk_size), files
     sd, source = base_sd, base.checkpoint_dir
     if plan.own_checkpoint:
-        ref = HFCheckpoint.from_config(ref_checkpointer, "ref_checkpointer")
+        ref = ref_checkpointer
         sd, source, files = ref.load(), ref.checkpoint_dir, ref.content_files()
     if plan.mode == "quantized":
         model = _quantized_replica(model_cfg, sd, source, placement, plan.quantization, log)

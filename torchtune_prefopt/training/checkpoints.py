@@ -267,6 +267,38 @@ class RunIdentity:
         return [k for k in keys if self.settings.get(k) != other.settings.get(k)]
 
 
+def digest_memo_path() -> Optional[Path]:
+    """The machine's memo of weight-file digests (``$PREFOPT_CACHE_DIR``, default
+    ``~/.cache/torchtune_prefopt``): a checkpoint's bytes are hashed once per machine while
+    its files keep their size, inode and times. ``None`` where that folder cannot be made."""
+    root = Path(os.environ.get("PREFOPT_CACHE_DIR") or "~/.cache/torchtune_prefopt").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return root / "weights_digests.json" if os.access(root, os.W_OK) else None
+
+
+def content_digests(
+    *, dataset: Any, tokenizer: Any, weights: List[Path], reference: Optional[List[Path]]
+) -> Dict[str, str]:
+    """The content part of a run's identity: the tokenized training rows (in order), the
+    tokenizer's behaviour, the base weights' bytes and the reference checkpoint's (``None``:
+    the base is the reference). Where the files are does not count: a moved copy is the same
+    run, an appended row or replaced weights at the same path is not."""
+    from torchtune_prefopt.reference.fingerprint import hash_dataset, hash_tokenizer, hash_weights
+
+    memo = digest_memo_path()
+    return {
+        "dataset": hash_dataset(dataset)[:16],
+        "tokenizer": hash_tokenizer(tokenizer)[:16],
+        "checkpointer": hash_weights(weights, digest_memo=memo)[:16],
+        "ref_checkpointer": (
+            "base" if reference is None else hash_weights(reference, digest_memo=memo)[:16]
+        ),
+    }
+
+
 def previous_run(output_dir: str | Path) -> Optional[str]:
     """A description of the run whose checkpoints ``output_dir`` holds, or ``None``."""
     ckpts = list_checkpoints(output_dir)
@@ -327,10 +359,23 @@ def check_resumable(
     if differs:
         raise PrefOptUserError(
             f"resume: {checkpoint} belongs to run {theirs.run_id}, trained with other settings "
-            f"({', '.join(differs)} differ from this config); resume with that run's settings, or "
-            "start a new run (output_dir=<another directory> or overwrite_output_dir=true)"
+            f"({', '.join(_what_differs(k) for k in differs)} differ from this config); resume "
+            "with that run's settings and inputs, or start a new run (output_dir=<another "
+            "directory> or overwrite_output_dir=true)"
         )
     return theirs
+
+
+def _what_differs(key: str) -> str:
+    from torchtune_prefopt.training.recipe_config import content_identity_keys
+
+    what = {
+        "dataset": "the dataset's rows",
+        "tokenizer": "the tokenizer",
+        "checkpointer": "the base weights",
+        "ref_checkpointer": "the reference weights",
+    }
+    return f"{key} ({what[key]})" if key in content_identity_keys() and key in what else key
 
 
 def load_recipe_state(path: Path) -> Dict[str, Any]:
@@ -352,7 +397,19 @@ def load_recipe_state(path: Path) -> Dict[str, Any]:
 
 
 def save_recipe_state(tmp: Path, state: Dict[str, Any]) -> None:
-    torch.save(state, tmp / RECIPE_STATE)
+    """``torch.save`` the recipe state; a failed write is an ``OSError`` like any other
+    (torch raises ``RuntimeError('[enforce fail at inline_container.cc] ...')`` when the disk
+    fills: told apart from other failures by the free space left, under 256 MiB)."""
+    import errno
+
+    path = tmp / RECIPE_STATE
+    try:
+        torch.save(state, path)
+    except RuntimeError as err:
+        code = errno.ENOSPC if shutil.disk_usage(tmp).free < 256 * 2**20 else errno.EIO
+        raise OSError(
+            code, f"{os.strerror(code)} ({' '.join(str(err).split())})", str(path)
+        ) from err
 
 
 def load_adapter_weights(path: Path) -> Dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ __all__ = [
     "RECIPE_KEYS",
     "RecipeSettings",
     "configured",
+    "content_identity_keys",
     "identity_digests",
     "identity_keys",
     "key_table_markdown",
@@ -138,8 +139,10 @@ class ConfigKey:
             keyword arguments the recipe passes. A list of components is allowed where
             ``injected`` has ``tokenizer`` (datasets).
         identity: part of a run's identity (a resume must keep it): ``True`` for the whole
-            value, or the sub-keys that count (``checkpointer``: its files, not its
-            ``output_dir``).
+            value, a tuple of the sub-keys that count, or ``"content"``: what the component
+            reads, not its config (the dataset's tokenized rows, the tokenizer's behaviour, the
+            checkpoint's weight bytes; paths may change freely, see
+            :func:`~torchtune_prefopt.training.checkpoints.content_digests`).
         nullable: an explicit ``null`` is a value of its own (``seed: null``: a random
             seed); otherwise ``null`` means the default.
     """
@@ -193,10 +196,10 @@ RECIPE_KEYS: Tuple[ConfigKey, ...] = (
     _K("custom_sharded_layers", None, "extra module names FSDP2 shards on their own"),
     _K("recipe_name", None, "set by torchtune's launcher"),
     _K("model", REQUIRED, "a torchtune model builder (lora_* builders: LoRA)", component=_component(), identity=True),
-    _K("tokenizer", REQUIRED, "a torchtune tokenizer (max_seq_len truncates rows)", component=_component(), identity=True),
-    _K("checkpointer", REQUIRED, "FullModelHFCheckpointer of the base weights", component=_component(), identity=("checkpoint_dir", "checkpoint_files")),
-    _K("ref_checkpointer", None, "another checkpoint as the frozen reference (default: the base)", component=_component(), identity=True),
-    _K("dataset", REQUIRED, "a dataset builder, or a list of them (concatenated)", component=_component(0, "tokenizer"), identity=True),
+    _K("tokenizer", REQUIRED, "a torchtune tokenizer (max_seq_len truncates rows)", component=_component(), identity="content"),
+    _K("checkpointer", REQUIRED, "FullModelHFCheckpointer of the base weights", component=_component(), identity="content"),
+    _K("ref_checkpointer", None, "another checkpoint as the frozen reference (default: the base)", component=_component(), identity="content"),
+    _K("dataset", REQUIRED, "a dataset builder, or a list of them (concatenated)", component=_component(0, "tokenizer"), identity="content"),
     _K("eval_dataset", None, "held-out paired rows (reward accuracy, margins)", component=_component(0, "tokenizer")),
     _K("loss", REQUIRED, "a loss name or _component_ (torchtune_prefopt.losses)", identity=True),
     _K("optimizer", REQUIRED, "a torch optimizer (given the trainable parameters)", component=_component(1), identity=True),
@@ -262,20 +265,28 @@ def read_settings(cfg: Any) -> RecipeSettings:
 
 
 def identity_keys() -> Tuple[str, ...]:
-    """The config keys a run's identity digests (``checkpointer.checkpoint_dir``, ...)."""
+    """The names a run's identity digests: config keys (``loss``, ``optimizer``, ...) and the
+    content keys (:func:`content_identity_keys`)."""
     out: List[str] = []
     for key in RECIPE_KEYS:
-        if key.identity is True:
+        if key.identity is True or key.identity == "content":
             out.append(key.name)
         elif key.identity:
             out += [f"{key.name}.{sub}" for sub in key.identity]
     return tuple(out)
 
 
+def content_identity_keys() -> Tuple[str, ...]:
+    """The keys whose identity is what they read, not their config (dataset, tokenizer,
+    checkpoints)."""
+    return tuple(k.name for k in RECIPE_KEYS if k.identity == "content")
+
+
 def identity_digests(cfg: Any, effective: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
     """``{key: short sha256 of the resolved value}`` for every :func:`identity_keys` key.
     ``effective``: values the run actually uses instead of the config's (``reference.quantization``
-    is ignored with LoRA: the identity holds what the reference plan decided)."""
+    is ignored with LoRA: the identity holds what the reference plan decided; the content keys'
+    digests of what they read, which the recipe computes)."""
     from torchtune_prefopt.plain import to_plain
 
     out = {}
@@ -376,6 +387,8 @@ def key_table_markdown() -> str:
     def identity(k: ConfigKey) -> str:
         if k.identity is True:
             return "yes"
+        if k.identity == "content":
+            return "its content"
         if k.identity:
             return ", ".join(k.identity)
         return ""

@@ -19,6 +19,9 @@ layout is that module's.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from torchtune_prefopt.errors import PrefOptUserError
-from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
+from torchtune_prefopt.errors import PrefOptUserError, WriteFailed
+from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint, hf_weight_files
 from torchtune_prefopt.training import checkpoints as ckpt
 from torchtune_prefopt.training.distributed import any_rank
 
@@ -91,10 +94,18 @@ class StepCheckpointer:
         global_batch: int,
         accumulation: int,
         effective: Optional[Dict[str, Any]] = None,
+        content: Optional[Callable[[], Dict[str, str]]] = None,
     ) -> Optional[ResumePoint]:
         """Decide between a fresh and a resumed run (before any weights load); every rank
-        ends up with the same run id. ``effective``: identity values the run uses instead of
-        the config's (see :func:`~torchtune_prefopt.training.recipe_config.identity_digests`)."""
+        ends up with the same run id and identity. ``effective``: identity values the run uses
+        instead of the config's (see
+        :func:`~torchtune_prefopt.training.recipe_config.identity_digests`); ``content``: the
+        content digests (:func:`~torchtune_prefopt.training.checkpoints.content_digests`),
+        computed on rank 0 only."""
+        digests = [content() if content is not None and self.is_rank_zero else None]
+        if self.world_size > 1:
+            dist.broadcast_object_list(digests, src=0)
+        effective = {**(effective or {}), **(digests[0] or {})}
         self.identity = ckpt.RunIdentity.new(cfg, effective)
         if not resume:
             self._replace_previous = ckpt.check_fresh_output_dir(self.output_dir, overwrite)
@@ -138,11 +149,63 @@ class StepCheckpointer:
         return sd, self.hf.checkpoint_dir
 
     def attach(self, model: torch.nn.Module, optimizer: Any) -> None:
-        """The model and optimizer whose state :meth:`save` writes."""
+        """The model and optimizer whose state :meth:`save` writes; then checks, before
+        training starts, that ``<output_dir>/checkpoints`` is writable and its filesystem has
+        room for one checkpoint (one line, exit 2, otherwise)."""
         from torchtune.modules.peft import get_adapter_params
 
         self._model, self._optimizer = model, optimizer
         self._adapter_keys = set(get_adapter_params(model)) if self.lora is not None else set()
+        self._rank_zero_check(self._check_room)
+
+    def checkpoint_bytes(self) -> int:
+        """About how many bytes one checkpoint takes: the weights (LoRA: merged weights and
+        the adapter, as the final one holds), the optimizer's per-parameter state, and the
+        base folder's other files (config, tokenizer)."""
+        weights = sum(t.numel() * t.element_size() for t in self._model.state_dict().values())
+        trainable = [p for p in self._model.parameters() if p.requires_grad]
+        defaults = getattr(self._optimizer, "defaults", {})
+        states = 2 if "betas" in defaults else int(bool(defaults.get("momentum")))
+        optimizer = states * sum(p.numel() * p.element_size() for p in trainable)
+        weight_names = set(hf_weight_files(self.hf.checkpoint_dir))
+        other = sum(
+            f.stat().st_size
+            for f in self.hf.checkpoint_dir.iterdir()
+            if f.is_file() and f.name not in weight_names
+        )
+        return weights + optimizer + other
+
+    def _check_room(self) -> None:
+        root = ckpt.checkpoints_root(self.output_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=root, prefix=".write-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise PrefOptUserError(
+                f"output_dir: {root} is not writable ({err.strerror}): checkpoints could not be saved"
+            ) from None
+        need, free = self.checkpoint_bytes(), shutil.disk_usage(root).free
+        if free < need:
+            raise PrefOptUserError(
+                f"output_dir: {root} has {_mib(free)} free, one checkpoint needs about "
+                f"{_mib(need)} (weights, optimizer state, config files): free space there or "
+                "use output_dir=<a folder on another filesystem>"
+            )
+
+    def _rank_zero_check(self, check: Callable[[], None]) -> None:
+        """Run ``check`` on rank 0; its one-line error stops every rank together."""
+        error = [None]
+        if self.is_rank_zero:
+            try:
+                check()
+            except PrefOptUserError as err:
+                error = [str(err)]
+        if self.world_size > 1:
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise PrefOptUserError(error[0])
 
     def clear_previous_run(self) -> None:
         """``overwrite_output_dir=true``: delete the previous run's files, once set-up has
@@ -212,26 +275,55 @@ class StepCheckpointer:
             raise FloatingPointError(
                 f"step {step}: the weights contain non-finite values; refusing to write a checkpoint"
             )
-        path = None
+        path, error = None, [None]
         if self.is_rank_zero:
-            tmp = ckpt.begin_checkpoint(self.output_dir, step)
-            self.hf.write(self._to_write(full_sd, adapter_only), tmp, adapter_only=adapter_only)
-            ckpt.save_recipe_state(tmp, {**state, "optimizer": opt_sd})
-            path = ckpt.commit_checkpoint(
-                tmp,
-                step,
-                extra={
-                    "reason": reason,
-                    "model_weights": not adapter_only,
-                    "run": self.identity.to_json(),
-                },
-            )
-            ckpt.prune_checkpoints(self.output_dir, self.keep_last_n)
-            self.log.info(
-                f"Saved checkpoint {path} ({reason}) in {time.perf_counter() - start:.1f}s"
-            )
+            try:
+                path = self._write(step, full_sd, opt_sd, state, reason, adapter_only)
+                self.log.info(
+                    f"Saved checkpoint {path} ({reason}) in {time.perf_counter() - start:.1f}s"
+                )
+            except OSError as err:
+                error = [self._write_failed(step, err)]
+        if self.world_size > 1:
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise WriteFailed(error[0])
         dist.barrier()
         return path
+
+    def _write(self, step, full_sd, opt_sd, state, reason, adapter_only) -> Path:
+        """Rank 0: the checkpoint into ``.tmp-step_N``, then renamed into place; then prune."""
+        tmp = ckpt.begin_checkpoint(self.output_dir, step)
+        self.hf.write(self._to_write(full_sd, adapter_only), tmp, adapter_only=adapter_only)
+        ckpt.save_recipe_state(tmp, {**state, "optimizer": opt_sd})
+        extra = {
+            "reason": reason,
+            "model_weights": not adapter_only,
+            "run": self.identity.to_json(),
+        }
+        path = ckpt.commit_checkpoint(tmp, step, extra=extra)
+        ckpt.prune_checkpoints(self.output_dir, self.keep_last_n)
+        return path
+
+    def _write_failed(self, step: int, err: OSError) -> str:
+        """Remove the half-written folder; the line says what failed and what is intact."""
+        root = ckpt.checkpoints_root(self.output_dir)
+        shutil.rmtree(root / f".tmp-{ckpt.step_dirname(step)}", ignore_errors=True)
+        try:
+            free = _mib(shutil.disk_usage(root).free)
+            room = f"{free} free, one checkpoint needs about {_mib(self.checkpoint_bytes())}"
+        except OSError:
+            room = "free space unknown"
+        last = ckpt.latest_checkpoint(self.output_dir)
+        kept = (
+            f"the previous checkpoint {last} is intact: resume from it with resume_from_checkpoint=True"
+            if last is not None
+            else "no earlier checkpoint of this run exists"
+        )
+        where = err.filename or root
+        return (
+            f"writing the step {step} checkpoint failed: {where}: {err.strerror} ({room}); {kept}"
+        )
 
     def final(self, step: int, state: Callable[[], Dict[str, Any]]) -> Optional[Path]:
         """This run's final weights: its checkpoint at ``step`` if it already holds full
@@ -250,13 +342,22 @@ class StepCheckpointer:
         final = last if has_final else self.save(step, state(), reason="final")
         if not self.is_rank_zero:
             return None
-        link = ckpt.link_final(self.output_dir, final)
+        try:
+            link = ckpt.link_final(self.output_dir, final)
+        except OSError as err:
+            raise WriteFailed(
+                f"linking {self.output_dir / 'final'} failed: {err.strerror}; the final checkpoint {final} is complete"
+            ) from None
         self.log.info(f"Final checkpoint: {link} -> {final}")
         return final
 
     def _log(self, msg: str) -> None:
         if self.is_rank_zero:
             self.log.info(msg)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _check_same_global_batch(state: Dict[str, Any], global_batch: int, accumulation: int) -> None:
