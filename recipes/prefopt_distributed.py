@@ -34,7 +34,12 @@ Features:
     - SIGTERM (pre-emption) saves a checkpoint at the next step boundary and exits 0.
     - Non-finite loss or gradient norm: stop (default) or skip the step (``nonfinite: skip``),
       naming the step and the rows; a checkpoint with non-finite weights is never written.
-    - Config, data and checkpoint errors are reported as one line before any compute.
+    - Config, data and checkpoint errors are reported as one line before any compute, and so
+      is a model that does not fit its tokenizer or checkpoint; every key, its default and its
+      check live in one table (:mod:`torchtune_prefopt.training.recipe_config`).
+    - One run per ``output_dir`` (a lock held for the run's lifetime); a run's identity is what
+      it computes from (rows, tokenizer, weight bytes), not where the files are; a write that
+      fails (disk full) is one line and exit 4, with every saved checkpoint intact.
 
 Effective batch size = ``batch_size * world_size * gradient_accumulation_steps``.
 """
