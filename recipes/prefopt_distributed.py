@@ -103,7 +103,7 @@ from torchtune_prefopt.reference import (
 )
 from torchtune_prefopt.training.checkpoints import content_digests
 from torchtune_prefopt.training.data_order import GlobalBatchSampler
-from torchtune_prefopt.training.distributed import any_rank, init_distributed
+from torchtune_prefopt.training.distributed import any_rank, init_distributed, rank_zero_check
 from torchtune_prefopt.training.lora import lora_init_state, lora_settings
 from torchtune_prefopt.training.metrics import StepMetrics
 from torchtune_prefopt.training.recipe_config import validate_config
@@ -220,16 +220,8 @@ class PrefOptRecipe:
 
     def _setup_lock(self) -> Optional[OutputDirLock]:
         """Rank 0 holds the lock on ``output_dir``; if it cannot, every rank stops together."""
-        lock, error = None, [None]
-        if self._is_rank_zero:
-            lock = OutputDirLock(self._output_dir)
-            try:
-                lock.acquire()
-            except PrefOptUserError as err:
-                error = [str(err)]
-        dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise PrefOptUserError(error[0])
+        lock = OutputDirLock(self._output_dir) if self._is_rank_zero else None
+        rank_zero_check(lock.acquire if lock is not None else None, self.rank, self.world_size)
         return lock
 
     def _content_identity(self) -> Dict[str, str]:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
+
+from torchtune_prefopt.errors import PrefOptUserError
 
 #: Variables torchrun/torchelastic set for its workers: a process that launches its own jobs
 #: (prefopt_compare, the tests) must not pass them on.
@@ -72,3 +75,19 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def rank_zero_check(check: Optional[Callable[[], None]], rank: int, world_size: int) -> None:
+    """Run ``check`` on rank 0 (other ranks pass ``None`` or anything); if it raises a
+    :class:`~torchtune_prefopt.errors.PrefOptUserError`, every rank raises the same one-line
+    error, together (collective when ``world_size > 1``)."""
+    error: List[Optional[str]] = [None]
+    if rank == 0 and check is not None:
+        try:
+            check()
+        except PrefOptUserError as err:
+            error = [str(err)]
+    if world_size > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise PrefOptUserError(error[0])

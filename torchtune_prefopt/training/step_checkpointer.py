@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torchtune_prefopt.errors import PrefOptUserError, WriteFailed
 from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint, hf_weight_files
 from torchtune_prefopt.training import checkpoints as ckpt
-from torchtune_prefopt.training.distributed import any_rank
+from torchtune_prefopt.training.distributed import any_rank, rank_zero_check
 
 __all__ = ["ResumePoint", "StepCheckpointer"]
 
@@ -156,7 +156,7 @@ class StepCheckpointer:
 
         self._model, self._optimizer = model, optimizer
         self._adapter_keys = set(get_adapter_params(model)) if self.lora is not None else set()
-        self._rank_zero_check(self._check_room)
+        rank_zero_check(self._check_room, self.rank, self.world_size)
 
     def checkpoint_bytes(self) -> int:
         """About how many bytes one checkpoint takes: the weights (LoRA: merged weights and
@@ -193,19 +193,6 @@ class StepCheckpointer:
                 f"{_mib(need)} (weights, optimizer state, config files): free space there or "
                 "use output_dir=<a folder on another filesystem>"
             )
-
-    def _rank_zero_check(self, check: Callable[[], None]) -> None:
-        """Run ``check`` on rank 0; its one-line error stops every rank together."""
-        error = [None]
-        if self.is_rank_zero:
-            try:
-                check()
-            except PrefOptUserError as err:
-                error = [str(err)]
-        if self.world_size > 1:
-            dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise PrefOptUserError(error[0])
 
     def clear_previous_run(self) -> None:
         """``overwrite_output_dir=true``: delete the previous run's files, once set-up has
