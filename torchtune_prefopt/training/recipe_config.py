@@ -133,7 +133,8 @@ class ConfigKey:
         name: the key (``reference.precompute`` for a key of the ``reference`` mapping).
         default: its value when absent (:data:`REQUIRED`: the key must be given).
         doc: one line for the key table.
-        check: ``(key, value)`` -> raises; ``None``: no value check of its own.
+        check: ``(key, value)`` -> raises; ``None``: no value check of its own. For a
+            component it runs after the signature check, on the configured node.
         component: a ``_component_`` node, checked against its callable's signature:
             ``(positional, injected)``: how many leading positional arguments and which
             keyword arguments the recipe passes. A list of components is allowed where
@@ -158,6 +159,11 @@ class ConfigKey:
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+
+def _node_check(check: Callable[[Any, str], None]) -> Callable[[str, Any], None]:
+    """A ``config_checks`` check of a component node (``(node, key)``) as a key check."""
+    return lambda key, node: check(node, key)
 
 
 def _component(positional: int = 0, *injected: str) -> Tuple[int, frozenset]:
@@ -195,16 +201,16 @@ RECIPE_KEYS: Tuple[ConfigKey, ...] = (
     _K("fsdp_reshard_after_forward", True, "FSDP2: free gathered parameters after forward", _flag),
     _K("custom_sharded_layers", None, "extra module names FSDP2 shards on their own"),
     _K("recipe_name", None, "set by torchtune's launcher"),
-    _K("model", REQUIRED, "a torchtune model builder (lora_* builders: LoRA)", component=_component(), identity=True),
+    _K("model", REQUIRED, "a torchtune model builder (lora_* builders: LoRA)", _node_check(checks.check_lora_settings), component=_component(), identity=True),
     _K("tokenizer", REQUIRED, "a torchtune tokenizer (max_seq_len truncates rows)", component=_component(), identity="content"),
     _K("checkpointer", REQUIRED, "FullModelHFCheckpointer of the base weights", component=_component(), identity="content"),
     _K("ref_checkpointer", None, "another checkpoint as the frozen reference (default: the base)", component=_component(), identity="content"),
     _K("dataset", REQUIRED, "a dataset builder, or a list of them (concatenated)", component=_component(0, "tokenizer"), identity="content"),
     _K("eval_dataset", None, "held-out paired rows (reward accuracy, margins)", component=_component(0, "tokenizer")),
     _K("loss", REQUIRED, "a loss name or _component_ (torchtune_prefopt.losses)", identity=True),
-    _K("optimizer", REQUIRED, "a torch optimizer (given the trainable parameters)", component=_component(1), identity=True),
+    _K("optimizer", REQUIRED, "a torch optimizer (given the trainable parameters)", _node_check(checks.check_optimizer_values), component=_component(1), identity=True),
     _K("lr_scheduler", None, "a torchtune scheduler (given the optimizer and num_training_steps)", component=_component(1, "num_training_steps", "last_epoch"), identity=True),
-    _K("metric_logger", None, "a torchtune metric logger (null: none)", component=_component()),
+    _K("metric_logger", None, "a torchtune metric logger (null: none)", _node_check(checks.check_metric_logger_installed), component=_component()),
 )  # fmt: skip
 
 _BY_NAME: Dict[str, ConfigKey] = {k.name: k for k in RECIPE_KEYS}
@@ -333,7 +339,7 @@ def validate_config(cfg: Any, local: bool = True) -> RecipeSettings:
                 f"unknown config key '{section}.{bad[0]}' (valid: {sorted(subs)})"
             )
     for key in RECIPE_KEYS:
-        if key.check is None:
+        if key.check is None or key.component is not None:
             continue
         # an absent key is its default; an explicit null is checked (null flags are errors)
         value = _raw(cfg, key.name, _ABSENT)
@@ -358,12 +364,8 @@ def validate_config(cfg: Any, local: bool = True) -> RecipeSettings:
         for i, part in parts:
             where = key.name if i is None else f"{key.name}[{i}]"
             checks.check_component(part, where, positional=positional, injected=injected)
-        if key.name == "model":
-            checks.check_lora_settings(node, "model")
-        elif key.name == "optimizer":
-            checks.check_optimizer_values(node)
-        elif key.name == "metric_logger":
-            checks.check_metric_logger_installed(node)
+        if key.check is not None:
+            key.check(key.name, node)
     if local:
         checks.check_output_dir(cfg.output_dir)
         checks.check_paths_exist(cfg.tokenizer, "tokenizer")
