@@ -71,9 +71,9 @@ from torchtune_prefopt.data import (
     PreferenceCollator,
     UnpairedBatch,
     build_datasets,
+    build_tokenizer,
     check_dataset_kind,
     check_fits_context,
-    check_tokenizer_fits,
     kto_balance_warning,
 )
 from torchtune_prefopt.errors import (
@@ -161,8 +161,7 @@ class PrefOptRecipe:
         fits = (context_length(model_facts), vocab_size(model_facts))  # what rows must fit
         del model_facts
         self._ref_plan = self._setup_reference_plan(s)
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        check_tokenizer_fits(self._tokenizer, fits[1])
+        self._tokenizer = build_tokenizer(cfg.tokenizer, fits[1])
         self._dataset = self._setup_dataset(cfg.dataset, "dataset", self._paired, fits)
         self._eval_dataset = None
         if s.eval_dataset is not None:

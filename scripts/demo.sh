@@ -3,10 +3,10 @@
 #
 #   bash scripts/demo.sh [extra recipe args...]     e.g.  bash scripts/demo.sh max_steps_per_epoch=5
 #
-# Runs `tune run prefopt_distributed --config tiny/dpo overwrite_output_dir=true "$@"` from an
+# Runs `tune run prefopt_distributed --config tiny/dpo output_dir=/tmp/torchtune_prefopt/demo overwrite_output_dir=true "$@"` from an
 # empty temporary directory, to show that the recipe and the config are found by name from
-# anywhere. Outputs go where the config says (output_dir: /tmp/torchtune_prefopt/tiny_dpo); a
-# demo replaces its previous run there (a plain `tune run` would refuse to, see the README).
+# anywhere. Outputs go to the demo's own output_dir (not tiny/dpo's, so the README's next
+# commands start clean); a demo replaces its previous demo run there.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,5 +17,5 @@ PREFOPT_SETUP_ONLY=1 bash "$ROOT/scripts/test.sh"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
-echo "==> (in $WORK) tune run prefopt_distributed --config tiny/dpo overwrite_output_dir=true $*"
-"$VENV/bin/tune" run prefopt_distributed --config tiny/dpo overwrite_output_dir=true "$@"
+echo "==> (in $WORK) tune run prefopt_distributed --config tiny/dpo output_dir=/tmp/torchtune_prefopt/demo overwrite_output_dir=true $*"
+"$VENV/bin/tune" run prefopt_distributed --config tiny/dpo output_dir=/tmp/torchtune_prefopt/demo overwrite_output_dir=true "$@"

@@ -52,6 +52,10 @@ REQUIRED = {
     ("llama3_1/8B", "full"),
     ("llama3_1/8B", "lora"),
     ("llama3_3/70B", "lora"),
+    ("hf/", "full"),  # any HF folder: model_dir=<folder>
+    ("hf/", "lora"),
+    ("smollm2/135M", "full"),
+    ("smollm2/135M", "lora"),
 }
 # No config name may equal one torchtune itself ships: `tune cp NAME` searches every recipe, so
 # a clash would make one of the two unreachable. Our names are <size>_<loss>[_lora].
@@ -118,16 +122,30 @@ def _raw(name: str) -> DictConfig:
     return OmegaConf.load(_path(name))
 
 
+@functools.lru_cache(maxsize=None)
+def _hf_folder() -> str:
+    """A tiny SmolLM2-like HF folder (config.json, weights, tokenizer): what ``model_dir`` of
+    the ``hf/*`` and ``smollm2/*`` configs points at here (no download)."""
+    import tempfile
+
+    from hf_families import make_family_folder
+
+    return str(make_family_folder("smollm2", Path(tempfile.mkdtemp(prefix="prefopt-hf-")) / "m"))
+
+
 def _cfg(name: str) -> DictConfig:
-    return _raw(name).copy()
+    cfg = _raw(name).copy()
+    if "model_dir" in cfg.keys():  # hf/* (required: ???) and smollm2/* (the download folder)
+        cfg.model_dir = _hf_folder()
+    return cfg
 
 
 def _parse_name(name: str):
     """``tiny/dpo_lora`` -> ("tiny/", "lora", "dpo"); ``llama3_1/8B_kto`` -> ("llama3_1/8B", "full", "kto")."""
     family, base = name.split("/", 1)
-    if family == "tiny":
+    if family in ("tiny", "hf"):
         loss, _, lora = base.partition("_")
-        return "tiny/", ("lora" if lora == "lora" else "full"), loss
+        return f"{family}/", ("lora" if lora == "lora" else "full"), loss
     m = re.fullmatch(r"(?P<size>[^_]+)_(?P<loss>[a-z]+)(?P<lora>_lora)?", base)
     assert m, f"{name}: config names are <family>/<size>_<loss>[_lora] (like tiny/<loss>[_lora])"
     return f"{family}/{m['size']}", ("lora" if m["lora"] else "full"), m["loss"]
@@ -284,9 +302,16 @@ def test_real_config_settings(name):
     if not loss.reference_free:
         assert cfg.reference.quantization is None
     # The tokenizer and the checkpoint come from the same download.
-    ckpt_dir = str(cfg.checkpointer.checkpoint_dir).rstrip("/")
-    assert str(cfg.tokenizer.path).startswith(ckpt_dir + "/")
-    assert str(cfg.checkpointer.checkpoint_dir) in _header(name)
+    if "model_dir" in cfg:  # one folder for all three
+        raw = _raw(name)
+        for key in ("model", "tokenizer", "checkpointer"):
+            assert OmegaConf.to_container(raw[key])["model_dir"] == "${model_dir}", f"{name}: {key}"
+        if prefix != "hf/":
+            assert str(raw.model_dir) in _header(name)
+    else:
+        ckpt_dir = str(cfg.checkpointer.checkpoint_dir).rstrip("/")
+        assert str(cfg.tokenizer.path).startswith(ckpt_dir + "/")
+        assert str(cfg.checkpointer.checkpoint_dir) in _header(name)
     # Paper-range hyper-parameters (see the comments in the configs).
     lr = float(cfg.optimizer.lr)
     assert (5e-6 <= lr <= 5e-5) if kind == "lora" else (3e-7 <= lr <= 1e-6), f"{name}: lr {lr}"
@@ -322,7 +347,7 @@ def _meta_model_adapters(model_yaml: str) -> int:
 @pytest.mark.parametrize("name", REAL)
 def test_real_model_builds_on_meta_device(name):
     cfg = _cfg(name)
-    n_adapters = _meta_model_adapters(OmegaConf.to_yaml(cfg.model))
+    n_adapters = _meta_model_adapters(OmegaConf.to_yaml(cfg.model, resolve=True))
     assert (n_adapters > 0) == _is_lora_model(cfg)
 
 

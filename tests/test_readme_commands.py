@@ -31,7 +31,7 @@ HACK = [
     "tune ls | grep prefopt",
     "tune cp prefopt_distributed ./my_recipe.py",
     "tune cp tiny/dpo ./my_config.yaml",
-    "tune run my_recipe.py --config my_config.yaml",
+    "tune run my_recipe.py --config my_config.yaml output_dir=/tmp/my_run",
 ]
 
 
@@ -69,6 +69,12 @@ def test_hack_the_recipe_flow(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 steps" in proc.stdout
+    # the same command twice: the second one finds its finished run and does nothing
+    again = tune(
+        [*HACK[3].split()[1:], f"output_dir={tmp_path / 'out'}", "max_steps_per_epoch=3"], tmp_path
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already holds this run, finished" in again.stdout and "nothing to do" in again.stdout
 
 
 def test_swap_the_loss_on_the_command_line():

@@ -43,7 +43,7 @@ def _snapshot(d: Path) -> dict:
     }
 
 
-def test_a_second_fresh_run_refuses_then_overwrite_replaces(tmp_path, base):
+def test_the_same_run_again_is_done_another_refuses_overwrite_replaces(tmp_path, base):
     cfg = _config(tmp_path, base)
     run_in_process(cfg)
     out = tmp_path / "out"
@@ -51,9 +51,20 @@ def test_a_second_fresh_run_refuses_then_overwrite_replaces(tmp_path, base):
     assert (out / "final").resolve().name == "step_000002"
     before, first_weights = _snapshot(out), load_weights(out / "final")
 
-    # the same config again (the common case: a packaged config's fixed output_dir)
-    with pytest.raises(PrefOptUserError) as err:
+    # the same config again (the common case: a packaged config's fixed output_dir): the
+    # same run, finished: nothing to do (exit 0 from the CLI), nothing touched
+    from torchtune_prefopt.errors import AlreadyFinished
+
+    with pytest.raises(AlreadyFinished) as done:
         run_in_process(cfg)
+    assert "already holds this run, finished" in str(done.value) and "nothing to do" in str(
+        done.value
+    )
+    assert _snapshot(out) == before
+
+    # one setting changed, same output_dir: another run, refused
+    with pytest.raises(PrefOptUserError) as err:
+        run_in_process(_config(tmp_path, base, **{"loss.beta": 0.5}))
     msg = str(err.value)
     assert f"already holds run {first}" in msg and "step_000002" in msg
     for way in (

@@ -229,6 +229,28 @@ def assert_steps_match(
     return worst
 
 
+def assert_same_training(
+    a: Dict, b: Dict, base: Dict, what: str, max_abs: float = 1e-4, max_rel: float = 1e-3
+) -> None:
+    """Two runs' final weights agree: every tensor within ``max_abs``, and the two weight
+    updates (final - base, all tensors together) differ by < ``max_rel`` of the update.
+
+    Not bit-equal across process counts: FSDP2 reduce-scatters gradients (another summation
+    order), and Adam turns float noise in (near-)zero gradients into lr-sized steps (the
+    k_proj biases: softmax is shift-invariant, so their true gradient is 0)."""
+    assert sorted(a) == sorted(b) == sorted(base), f"{what}: different weight names"
+    num = den = 0.0
+    for k in a:
+        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{what}: {k}"
+        diff = (a[k] - b[k]).abs().max().item()
+        assert diff <= max_abs, f"{what}: {k} differs by up to {diff:.3g} (> {max_abs})"
+        num += (a[k] - b[k]).double().pow(2).sum().item()
+        den += (b[k] - base[k]).double().pow(2).sum().item()
+    assert den > 0, f"{what}: the weights did not change during training"
+    rel = (num / den) ** 0.5
+    assert rel <= max_rel, f"{what}: updates differ by {rel:.3g} of the update norm (> {max_rel})"
+
+
 # ----------------------------------------------------------------------------- run pool
 @dataclass(frozen=True)
 class RunSpec:

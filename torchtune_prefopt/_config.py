@@ -348,6 +348,18 @@ def _same_component(a: Any, b: str) -> bool:
     return resolve(a) is resolve(b)
 
 
+def components_from_working_directory() -> None:
+    """Put the working directory on ``sys.path`` (last: never shadowing an installed package), so a ``_component_`` in a local file
+    (``my_tokenizer.MyTokenizer`` next to the config) imports in every process.
+
+    A single ``tune run`` process runs the recipe with ``runpy`` and already has it; torchrun
+    workers run the recipe file as a script, whose ``sys.path[0]`` is the recipe's folder, so
+    without this a local component works on one process and fails on two."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+
+
 def parse(recipe_main: Callable[[Any], Any]) -> Callable[..., Any]:
     """Decorator like ``torchtune.config.parse``, accepting config names for ``--config``.
 
@@ -361,6 +373,7 @@ def parse(recipe_main: Callable[[Any], Any]) -> Callable[..., Any]:
     @functools.wraps(recipe_main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else None
+        components_from_working_directory()
         try:
             conf = load_config(sys.argv[1:], description=recipe_main.__doc__, prog=prog)
         except ValueError as exc:

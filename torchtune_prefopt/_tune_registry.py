@@ -27,6 +27,11 @@ which turns a worker's clean exit 2 (a one-line user error, already printed by r
 (2: config/data error, 3: a numeric guard stopped the run) instead, and drops the agent's
 "failed (exitcode: 2)" log line, so the one ``error:`` line is what the user sees.
 
+The finder also sees ``torchao`` being imported (by ``import torchtune``) and, right before,
+filters the one warning torchao logs for the torch/torchao pair this package pins
+(:class:`_DropTorchaoVersionNotice`), so every run does not start with a line about C++
+extensions the package does not use.
+
 This is the ONE place where torchtune is touched. Everything is defensive: a missing attribute
 or any exception means we silently skip (torchtune works as without us), and entries are added
 at most once per process.
@@ -126,6 +131,9 @@ class _PatchingLoader:
 
     def exec_module(self, module):
         try:
+            before = _BEFORE.get(module.__name__)
+            if before is not None:
+                before()
             self._loader.exec_module(module)
         finally:
             # Hide ourselves: the module looks exactly as if imported normally.
@@ -243,7 +251,30 @@ def _wrap_launcher(module) -> None:
         pass
 
 
-_PATCHES = {_TARGET: _register, _LAUNCHER: _wrap_launcher}
+class _DropTorchaoVersionNotice:
+    """Logging filter for the ``torchao`` logger: drops the one warning it prints at import
+    for the torch/torchao pair this package pins ("Skipping import of cpp extensions due to
+    incompatible torch version ...": torchao 0.15 runs its pure-Python paths on torch 2.13,
+    which is what the package uses; torchao 0.16+ would break ``import torchtune``)."""
+
+    def filter(self, record) -> bool:
+        try:
+            return not str(record.msg).startswith(
+                "Skipping import of cpp extensions due to incompatible torch version"
+            )
+        except Exception:
+            return True
+
+
+def _quiet_torchao() -> None:
+    import logging
+
+    logging.getLogger("torchao").addFilter(_DropTorchaoVersionNotice())
+
+
+_PATCHES = {_TARGET: _register, _LAUNCHER: _wrap_launcher, "torchao": lambda module: None}
+#: run right before the module executes
+_BEFORE = {"torchao": _quiet_torchao}
 _PENDING = set()
 
 

@@ -37,6 +37,11 @@ class PrefOptUserError(ValueError):
     """A bad config key, data row or checkpoint: reported as one line, no traceback."""
 
 
+class AlreadyFinished(Exception):
+    """``output_dir`` already holds this very run, finished: nothing to do. Reported as one
+    line on stdout, exit status 0 (running the same command twice is not an error)."""
+
+
 def report_user_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator for recipe entry points: turn :class:`PrefOptUserError` into a one-line exit."""
 
@@ -44,6 +49,10 @@ def report_user_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
+        except AlreadyFinished as done:
+            if os.environ.get("RANK", "0") == "0":
+                print(" ".join(str(done).split("\n")), flush=True)
+            sys.exit(0)
         except PrefOptUserError as err:
             if debug_enabled():
                 raise

@@ -47,6 +47,7 @@ from torchtune_prefopt.data._validation import DataRowError
 from torchtune_prefopt.data.collate import PreferenceBatch, PreferenceCollator
 from torchtune_prefopt.data.dataset_checks import (
     build_datasets,
+    build_tokenizer,
     check_dataset_kind,
     check_fits_context,
     check_tokenizer_fits,
@@ -70,6 +71,7 @@ __all__ = [
     "build_datasets",
     "check_dataset_kind",
     "check_fits_context",
+    "build_tokenizer",
     "check_tokenizer_fits",
     "hh_rlhf_dataset",
     "is_paired_row",

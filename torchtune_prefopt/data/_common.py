@@ -44,8 +44,12 @@ def tokenize_split(tokenizer, messages: Sequence[Message]) -> Tuple[List[int], L
     point is the first token of the final (assistant) message's *content*: everything before
     it, including the assistant header of the template (``<|im_start|>assistant\\n``), is
     prompt; the content and the template's end tokens (EOS) are the completion.
-    ``tokenizer`` must not truncate (see :func:`untruncated`).
+    ``tokenizer`` must not truncate (see :func:`untruncated`). A tokenizer that knows its
+    own split (``tokenize_prompt_completion``: the HF chat-template tokenizer) decides it.
     """
+    own_split = getattr(tokenizer, "tokenize_prompt_completion", None)
+    if own_split is not None:
+        return own_split(list(messages))
     ids, mask = tokenizer.tokenize_messages(list(messages))
     last = messages[-1]
     head = list(messages[:-1]) + [

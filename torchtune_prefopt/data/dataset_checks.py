@@ -8,7 +8,51 @@ from typing import Any, Optional
 from torchtune_prefopt.data._batch import is_paired_row
 from torchtune_prefopt.errors import PrefOptUserError
 
-__all__ = ["build_datasets", "check_dataset_kind", "check_fits_context", "check_tokenizer_fits"]
+__all__ = [
+    "build_datasets",
+    "build_tokenizer",
+    "check_dataset_kind",
+    "check_fits_context",
+    "check_tokenizer_fits",
+]
+
+_HF_HINT = (
+    "for a Hugging Face folder use torchtune_prefopt.models.hf.hf_tokenizer with "
+    "model_dir=<folder> (its tokenizer.json and chat template)"
+)
+
+
+def build_tokenizer(node: Any, vocab_size: Optional[int]) -> Any:
+    """The ``tokenizer`` component, checked to be usable: it loads (a tokenizer over the wrong
+    kind of file, e.g. ``llama3_tokenizer`` on a ``tokenizer.json``, is one line, not
+    tiktoken's traceback), it renders conversations (``tokenize_messages``: torchtune's
+    ``HuggingFaceBaseTokenizer`` has none), and its special ids are rows of the model's
+    embedding (:func:`check_tokenizer_fits`)."""
+    from torchtune import config
+
+    target = node.get("_component_", "?") if hasattr(node, "get") else "?"
+    try:
+        tokenizer = config.instantiate(node)
+    except PrefOptUserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any loader failure is a bad file or argument
+        msg = " ".join(str(err).split())[:240]
+        raise PrefOptUserError(
+            f"tokenizer: {target} could not be built ({type(err).__name__}: {msg}); {_HF_HINT}"
+        ) from err
+    for needed in ("tokenize_messages", "encode", "decode"):
+        if not callable(getattr(tokenizer, needed, None)):
+            raise PrefOptUserError(
+                f"tokenizer: {type(tokenizer).__name__} ({target}) has no {needed}(); the recipe "
+                f"renders chat conversations and needs a torchtune ModelTokenizer; {_HF_HINT}"
+            )
+    for needed in ("pad_id", "eos_id"):
+        if not isinstance(getattr(tokenizer, needed, None), int):
+            raise PrefOptUserError(
+                f"tokenizer: {type(tokenizer).__name__} ({target}) has no integer {needed}"
+            )
+    check_tokenizer_fits(tokenizer, vocab_size)
+    return tokenizer
 
 
 def build_datasets(node: Any, key: str, tokenizer: Any):

@@ -47,11 +47,26 @@ class ModelPlacement:
 
 
 def meta_model(model_cfg: Any, dtype: torch.dtype) -> nn.Module:
-    """The builder's model on the ``meta`` device (no memory): cheap to ask what it is."""
+    """The builder's model on the ``meta`` device (no memory): cheap to ask what it is. A
+    builder whose model is not a torchtune decoder (the recipe computes log-probs through
+    ``tok_embeddings`` ... ``norm`` -> ``output``) is one line."""
     from torchtune import config, training
 
     with training.set_default_dtype(dtype), torch.device("meta"):
-        return config.instantiate(model_cfg)
+        model = config.instantiate(model_cfg)
+    missing = [
+        a
+        for a in ("tok_embeddings", "layers", "norm", "output", "unembed")
+        if not hasattr(model, a)
+    ]
+    if missing:
+        target = model_cfg.get("_component_", "?") if hasattr(model_cfg, "get") else "?"
+        raise PrefOptUserError(
+            f"model: {target} builds a {type(model).__name__}, not a torchtune "
+            f"TransformerDecoder (no {missing[0]}); for a Hugging Face folder use "
+            "torchtune_prefopt.models.hf.hf_decoder with model_dir=<folder>"
+        )
+    return model
 
 
 def is_lora_model(model: nn.Module) -> bool:

@@ -1,4 +1,6 @@
-"""The one wrapper around torchtune's ``FullModelHFCheckpointer``.
+"""The one wrapper around the recipe's HF checkpointers: torchtune's
+``FullModelHFCheckpointer`` and our :class:`~torchtune_prefopt.models.hf.checkpointer.HFFolderCheckpointer`
+(``hf_checkpointer``: any architecture ``models.hf`` builds, names mapped by one table).
 
 torchtune 0.6.1 keeps what a recipe needs to know about a checkpoint in private attributes
 (``_checkpoint_dir``, ``_checkpoint_paths``, ``_model_type``) and can only write to
@@ -9,6 +11,8 @@ code never touch them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List
@@ -16,20 +20,22 @@ from typing import Any, Dict, List
 import torch
 
 from torchtune_prefopt.errors import PrefOptUserError
+from torchtune_prefopt.models.hf.checkpointer import HFFolderCheckpointer, hf_weight_files
 
 __all__ = ["HFCheckpoint", "hf_weight_files"]
 
 
-def hf_weight_files(path: Path) -> List[str]:
-    """The model weight files of an HF checkpoint directory, sorted."""
-    files = sorted(p.name for p in path.glob("*.safetensors") if not p.name.startswith("adapter"))
-    if not files:
-        files = sorted(
-            p.name
-            for p in path.glob("*.bin")
-            if not p.name.startswith("adapter") and p.name != "training_args.bin"
-        )
-    return files
+@contextlib.contextmanager
+def _quiet_torchtune():
+    """torchtune logs each file it writes under the scratch folder, paths that no longer exist
+    once the files move up: the recipe logs the checkpoint folder itself instead."""
+    logger = logging.getLogger("torchtune.utils._logging")  # torchtune.utils.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class HFCheckpoint:
@@ -44,9 +50,11 @@ class HFCheckpoint:
     def __init__(self, checkpointer: Any, key: str):
         from torchtune import training
 
-        if not isinstance(checkpointer, training.FullModelHFCheckpointer):
+        self.folder = isinstance(checkpointer, HFFolderCheckpointer)
+        if not self.folder and not isinstance(checkpointer, training.FullModelHFCheckpointer):
             raise PrefOptUserError(
                 f"{key}: this recipe reads and writes Hugging Face checkpoints; use "
+                "torchtune_prefopt.models.hf.hf_checkpointer (with model_dir) or "
                 "torchtune.training.FullModelHFCheckpointer (or a function returning one)"
             )
         self.checkpointer, self.key = checkpointer, key
@@ -59,15 +67,20 @@ class HFCheckpoint:
 
     @property
     def checkpoint_dir(self) -> Path:
+        if self.folder:
+            return self.checkpointer.checkpoint_dir
         return Path(self.checkpointer._checkpoint_dir)
 
     @property
     def model_type(self) -> str:
-        return self.checkpointer._model_type.name
+        """torchtune's ``model_type`` name (``"HF"`` for ``hf_checkpointer``)."""
+        return "HF" if self.folder else self.checkpointer._model_type.name
 
     def content_files(self) -> List[Path]:
         """The files whose bytes are the weights: the weight files and ``config.json``."""
-        return [*self.checkpointer._checkpoint_paths, self.checkpoint_dir / "config.json"]
+        ck = self.checkpointer
+        paths = ck.checkpoint_paths if self.folder else ck._checkpoint_paths
+        return [*paths, self.checkpoint_dir / "config.json"]
 
     def load(self) -> Dict[str, torch.Tensor]:
         """The full state dict in torchtune names; a missing, truncated or damaged file is one
@@ -85,6 +98,10 @@ class HFCheckpoint:
         """A checkpointer of the same model type over another HF folder (a step checkpoint)."""
         from torchtune import training
 
+        if self.folder:
+            return HFCheckpoint(
+                self.checkpointer.reader(checkpoint_dir, output_dir), str(checkpoint_dir)
+            )
         return HFCheckpoint(
             training.FullModelHFCheckpointer(
                 checkpoint_dir=str(checkpoint_dir),
@@ -104,14 +121,19 @@ class HFCheckpoint:
         """
         ck = self.checkpointer
         scratch = dest / ".hf_scratch"
-        original_output_dir = ck._output_dir
-        ck._output_dir = scratch
+        attr = "output_dir" if self.folder else "_output_dir"
+        original_output_dir = getattr(ck, attr)
+        setattr(ck, attr, scratch)
         try:
-            ck.save_checkpoint(
-                dict(state_dict), epoch=0, intermediate_checkpoint=False, adapter_only=adapter_only
-            )
+            with _quiet_torchtune():
+                ck.save_checkpoint(
+                    dict(state_dict),
+                    epoch=0,
+                    intermediate_checkpoint=False,
+                    adapter_only=adapter_only,
+                )
         finally:
-            ck._output_dir = original_output_dir
+            setattr(ck, attr, original_output_dir)
         written = scratch / "epoch_0"
         for f in written.iterdir():
             shutil.move(str(f), str(dest / f.name))

@@ -261,20 +261,14 @@ def _write_checkpoint(target: Path, seed: int) -> None:
                 elif "norm" in name:
                     p.add_(torch.randn_like(p), alpha=0.1)
     model = model.to(torch.float32).eval()
-    import inspect
+    # safetensors + config.json directly, not save_pretrained: transformers 5 writes nothing
+    # on a rank other than 0 once torch.distributed is initialised, and every rank of a
+    # first `--nproc_per_node N` run builds its own copy of the checkpoint
+    from safetensors.torch import save_file
 
-    save_kwargs = {}
-    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
-        save_kwargs["safe_serialization"] = True
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(str(target), **save_kwargs)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(str(target))
     if not _weight_files(target):
         raise RuntimeError(f"save_pretrained wrote no .safetensors file in {target}")
     for name in TOKENIZER_FILES:

@@ -312,6 +312,17 @@ def previous_run(output_dir: str | Path) -> Optional[str]:
     return f"{who} (newest checkpoint {ckpts[-1].name}, {len(ckpts)} checkpoint(s))"
 
 
+def finished_run(output_dir: str | Path, identity: RunIdentity) -> Optional[Path]:
+    """The final checkpoint of a finished run in ``output_dir`` whose settings are
+    ``identity``'s (the same command run again: nothing to do), else ``None``."""
+    last = latest_checkpoint(output_dir)
+    final = Path(output_dir) / "final"
+    if last is None or not final.is_symlink() or final.resolve() != last.resolve():
+        return None
+    theirs = RunIdentity.of(read_manifest(last))
+    return last if theirs is not None and not theirs.differences(identity) else None
+
+
 def check_fresh_output_dir(output_dir: str | Path, overwrite: bool) -> List[Path]:
     """A fresh run (no ``resume_from_checkpoint``) never adopts or overwrites another run's
     checkpoints: one line if ``output_dir`` holds some, unless ``overwrite`` (then they, the

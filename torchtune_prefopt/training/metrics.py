@@ -53,7 +53,8 @@ class StepMetrics:
 
     def reduce(self) -> Tuple[Dict[str, float], Dict[str, float]]:
         """``(means, counts)`` over every rank: the metric means (``loss`` first, then the
-        others by name) and the summed counts; resets the accumulator. Collective."""
+        others by name; a metric whose count is 0 is left out) and the summed counts; resets
+        the accumulator. Collective."""
         names = sorted(self._sums, key=lambda k: (k != "loss", k))
         count_names = sorted(self._counts)
         sums = [self._sums[k] for k in names]
@@ -70,8 +71,12 @@ class StepMetrics:
         all_reduce_sum(vec)
         values = vec.tolist()
         counts = dict(zip(count_names, values[len(names) :]))
+        # a metric whose count is 0 this period (KTO's rewards/undesirable for a batch of
+        # desirable rows only) is absent, not a fake 0.0
         means = {
-            k: values[i] / max(counts.get(self._per[k], 0.0), 1.0) for i, k in enumerate(names)
+            k: values[i] / counts[self._per[k]]
+            for i, k in enumerate(names)
+            if counts.get(self._per[k], 0.0) > 0
         }
         self.reset()
         return means, counts

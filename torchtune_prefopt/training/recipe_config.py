@@ -201,9 +201,10 @@ RECIPE_KEYS: Tuple[ConfigKey, ...] = (
     _K("fsdp_reshard_after_forward", True, "FSDP2: free gathered parameters after forward", _flag),
     _K("custom_sharded_layers", None, "extra module names FSDP2 shards on their own"),
     _K("recipe_name", None, "set by torchtune's launcher"),
-    _K("model", REQUIRED, "a torchtune model builder (lora_* builders: LoRA)", _node_check(checks.check_lora_settings), component=_component(), identity=True),
-    _K("tokenizer", REQUIRED, "a torchtune tokenizer (max_seq_len truncates rows)", component=_component(), identity="content"),
-    _K("checkpointer", REQUIRED, "FullModelHFCheckpointer of the base weights", component=_component(), identity="content"),
+    _K("model_dir", None, "a Hugging Face model folder (hf/* configs build model, tokenizer and checkpointer from it)"),
+    _K("model", REQUIRED, "a torchtune model builder, or models.hf.hf_decoder for an HF folder (lora_* builders: LoRA)", _node_check(checks.check_lora_settings), component=_component(), identity=True),
+    _K("tokenizer", REQUIRED, "a torchtune tokenizer, or models.hf.hf_tokenizer (the folder's chat template); max_seq_len truncates rows", component=_component(), identity="content"),
+    _K("checkpointer", REQUIRED, "the base weights: models.hf.hf_checkpointer or torchtune's FullModelHFCheckpointer", component=_component(), identity="content"),
     _K("ref_checkpointer", None, "another checkpoint as the frozen reference (default: the base)", component=_component(), identity="content"),
     _K("dataset", REQUIRED, "a dataset builder, or a list of them (concatenated)", component=_component(0, "tokenizer"), identity="content"),
     _K("eval_dataset", None, "held-out paired rows (reward accuracy, margins)", component=_component(0, "tokenizer")),
@@ -315,10 +316,14 @@ def validate_config(cfg: Any, local: bool = True) -> RecipeSettings:
     commands written here to run on a cluster.
     """
     import torch
-    from omegaconf import DictConfig, ListConfig
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
     from torchtune_prefopt.reference.quantize import check_quantization_supported
 
+    for name in cfg.keys():  # a `???` value: say which key to pass, not an interpolation error
+        if OmegaConf.is_missing(cfg, name):
+            doc = f" ({_BY_NAME[name].doc})" if name in _BY_NAME else ""
+            raise PrefOptUserError(f"config key '{name}' is required{doc}: pass {name}=<value>")
     checks.check_interpolations(cfg)  # first: reading any key resolves its interpolations
     known = known_keys()
     unknown = sorted(set(cfg.keys()) - set(known))
@@ -367,6 +372,10 @@ def validate_config(cfg: Any, local: bool = True) -> RecipeSettings:
         if key.check is not None:
             key.check(key.name, node)
     if local:
+        if s.model_dir is not None:
+            from torchtune_prefopt.models.hf.spec import read_config_json
+
+            read_config_json(s.model_dir)
         checks.check_output_dir(cfg.output_dir)
         checks.check_paths_exist(cfg.tokenizer, "tokenizer")
         for key in ("checkpointer", "ref_checkpointer"):

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from torchtune_prefopt.errors import PrefOptUserError, WriteFailed
+from torchtune_prefopt.errors import AlreadyFinished, PrefOptUserError, WriteFailed
 from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint, hf_weight_files
 from torchtune_prefopt.training import checkpoints as ckpt
 from torchtune_prefopt.training.distributed import any_rank, rank_zero_check
@@ -108,6 +108,13 @@ class StepCheckpointer:
         effective = {**(effective or {}), **(digests[0] or {})}
         self.identity = ckpt.RunIdentity.new(cfg, effective)
         if not resume:
+            done = None if overwrite else ckpt.finished_run(self.output_dir, self.identity)
+            if done is not None:
+                raise AlreadyFinished(
+                    f"output_dir {self.output_dir} already holds this run, finished "
+                    f"({self.output_dir / 'final'} -> {done}): nothing to do; train again with "
+                    "overwrite_output_dir=true or output_dir=<another directory>"
+                )
             self._replace_previous = ckpt.check_fresh_output_dir(self.output_dir, overwrite)
         else:
             path = ckpt.latest_checkpoint(self.output_dir)
@@ -250,9 +257,13 @@ class StepCheckpointer:
             full_sd = training.gather_cpu_state_dict(
                 self._model, self.is_rank_zero, device=self.device
             )
-        opt_sd = training.get_full_optimizer_state_dict(
-            self._model, self._optimizer, self.is_rank_zero, device=self.device
-        )
+        # the final checkpoint is what a user ships: weights, config and tokenizer files, and
+        # the data position; no optimizer state (a finished run has no step left to take)
+        opt_sd = None
+        if reason != "final":
+            opt_sd = training.get_full_optimizer_state_dict(
+                self._model, self._optimizer, self.is_rank_zero, device=self.device
+            )
         finite = True
         if self.is_rank_zero:
             finite = all(
@@ -282,7 +293,7 @@ class StepCheckpointer:
         """Rank 0: the checkpoint into ``.tmp-step_N``, then renamed into place; then prune."""
         tmp = ckpt.begin_checkpoint(self.output_dir, step)
         self.hf.write(self._to_write(full_sd, adapter_only), tmp, adapter_only=adapter_only)
-        ckpt.save_recipe_state(tmp, {**state, "optimizer": opt_sd})
+        ckpt.save_recipe_state(tmp, {**state, **({} if opt_sd is None else {"optimizer": opt_sd})})
         extra = {
             "reason": reason,
             "model_weights": not adapter_only,

@@ -1,0 +1,179 @@
+"""Tiny random Hugging Face model folders of every supported family, built offline.
+
+:func:`make_family_folder` writes what ``save_pretrained`` writes for a tiny random
+``transformers`` model of the family (built from its config class), plus a tokenizer folder:
+the bundled tiny byte-level BPE with the family's special tokens and a chat template in the
+family's format (ChatML with a default system prompt, Llama 3 headers, Mistral ``[INST]``,
+Qwen3 with its ``<think>`` block), so the tests compare with ``transformers``' own forward
+and ``apply_chat_template``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict
+
+CHATML = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3 = (
+    "{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + "
+    "'<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
+MISTRAL = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set sys = messages[0]['content'] + '\\n\\n' %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set sys = '' %}"
+    "{%- set loop_messages = messages %}{%- endif %}{{- bos_token }}"
+    "{%- for m in loop_messages %}{%- if m['role'] == 'user' %}"
+    "{{- '[INST] ' + (sys if loop.first else '') + m['content'] + ' [/INST]' }}"
+    "{%- else %}{{- m['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
+QWEN3 = (
+    "{%- for m in messages %}{%- if m['role'] == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and not enable_thinking %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+_CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+#: family -> (config class, config kwargs, template, special tokens, bos, eos)
+FAMILIES: Dict[str, dict] = {
+    "llama3": dict(
+        cls="LlamaConfig",
+        kw=dict(
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            tie_word_embeddings=True,
+        ),
+        template=LLAMA3,
+        specials=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+    ),
+    "qwen2": dict(
+        cls="Qwen2Config",
+        kw=dict(rope_theta=1000000.0, tie_word_embeddings=False, use_sliding_window=False),
+        template=CHATML.replace("default_system", "'You are Qwen, a helpful assistant.'"),
+        specials=_CHATML_TOKENS,
+        bos=None,
+        eos="<|im_end|>",
+    ),
+    "qwen2_tied": dict(
+        cls="Qwen2Config",
+        kw=dict(rope_theta=1000000.0, tie_word_embeddings=True),
+        template=CHATML.replace("default_system", "'You are Qwen, a helpful assistant.'"),
+        specials=_CHATML_TOKENS,
+        bos=None,
+        eos="<|im_end|>",
+    ),
+    "qwen3": dict(
+        cls="Qwen3Config",
+        kw=dict(rope_theta=1000000.0, head_dim=32, tie_word_embeddings=False),
+        template=QWEN3,
+        specials=_CHATML_TOKENS + ["<think>", "</think>"],
+        bos=None,
+        eos="<|im_end|>",
+    ),
+    "mistral": dict(
+        cls="MistralConfig",
+        kw=dict(rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False),
+        template=MISTRAL,
+        specials=["<s>", "</s>", "[INST]", "[/INST]"],
+        bos="<s>",
+        eos="</s>",
+    ),
+    "smollm2": dict(
+        cls="LlamaConfig",
+        kw=dict(rope_theta=100000.0, tie_word_embeddings=True),
+        template=CHATML.replace(
+            "default_system",
+            "'You are a helpful AI assistant named SmolLM, trained by Hugging Face'",
+        ),
+        specials=_CHATML_TOKENS,
+        bos="<|im_start|>",
+        eos="<|im_end|>",
+    ),
+}
+
+#: the sizes every family's tiny model shares
+DIMS = dict(
+    vocab_size=704,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def write_tokenizer_folder(family: str, folder: Path) -> None:
+    """The tiny BPE (``models/assets/tiny/tokenizer.json``) with the family's special tokens
+    and chat template, as a ``transformers`` tokenizer folder."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from torchtune_prefopt.models.tiny import TOKENIZER_JSON
+
+    spec = FAMILIES[family]
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_file(str(TOKENIZER_JSON))
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in spec["specials"]]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": spec["template"],
+        "eos_token": spec["eos"],
+        "bos_token": spec["bos"],
+        "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 256,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def hf_model(family: str, seed: int = 0):
+    """A tiny random ``transformers`` model of ``family`` (fp32, eval mode)."""
+    import torch
+    import transformers
+
+    spec = FAMILIES[family]
+    config = getattr(transformers, spec["cls"])(**DIMS, **spec["kw"])
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():  # q/k norms and biases are 1 and 0 at init: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight")):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def make_family_folder(family: str, folder: Path, seed: int = 0) -> Path:
+    """``save_pretrained`` of :func:`hf_model` plus :func:`write_tokenizer_folder` in
+    ``folder`` (created once: a folder with ``config.json`` is reused)."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    hf_model(family, seed).save_pretrained(str(folder))
+    write_tokenizer_folder(family, folder)
+    return folder

@@ -1,0 +1,490 @@
+"""Any Hugging Face decoder from its folder (``models.hf``), family by family, against
+``transformers`` itself.
+
+For each family (Llama 3.x with ``rope_scaling`` llama3 and tied embeddings, Qwen2 untied and
+tied with q/k/v biases, Qwen3 with q/k norms and its own head_dim, Mistral, SmolLM2-style
+Llama with plain RoPE theta 1e5) a tiny random ``transformers`` model saved with
+``save_pretrained`` plus a tokenizer folder with the family's chat template
+(``tests/hf_families.py``):
+
+* our logits equal ``transformers``' (fp32, 1e-5), and a wrong RoPE setting does not (the
+  comparison can fail);
+* our prompt/completion split equals ``apply_chat_template``'s tokens;
+* ``tune run prefopt_distributed --config hf/dpo model_dir=<folder>``: step-1 ``logps/chosen``
+  equals the summed log-prob ``transformers`` computes for the same pairs tokenized with
+  ``apply_chat_template``; 2 processes (FSDP2) equal 1 step by step and in the final weights;
+  at a negligible learning rate the exported folder's logits (loaded by ``transformers``) equal
+  the input folder's, tied weights stay tied and the tokenizer files travel along.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from hf_families import DIMS, FAMILIES, make_family_folder
+
+from tune_harness import (
+    RunPool,
+    RunSpec,
+    assert_same_training,
+    assert_steps_match,
+    load_weights,
+    synthetic_rows,
+    tune,
+    uses_runs,
+    wanted_runs,
+    write_jsonl,
+)
+
+ROWS, BATCH = 4, 2  # two optimizer steps
+
+COMMON = (
+    "device=cpu",
+    "dtype=fp32",
+    "optimizer.fused=false",
+    "dataset.source=json",
+    "dataset.split=train",
+    "eval_dataset=null",
+    "shuffle=false",
+    "gradient_accumulation_steps=1",
+    "lr_scheduler=null",
+    "save_every_n_steps=null",
+    "log_every_n_steps=1",
+)
+
+SPECS = {}
+for _fam in FAMILIES:
+    SPECS[f"{_fam}-1p"] = RunSpec(f"{_fam}-1p", "hf/dpo", ("optimizer.lr=1e-3",), tags=(_fam,))
+    SPECS[f"{_fam}-2p"] = RunSpec(
+        f"{_fam}-2p", "hf/dpo", ("optimizer.lr=1e-3",), nproc=2, tags=(_fam,)
+    )
+    SPECS[f"{_fam}-lr0"] = RunSpec(
+        f"{_fam}-lr0", "hf/dpo", ("optimizer.lr=1e-30", "max_steps_per_epoch=1"), tags=(_fam,)
+    )
+SPECS["qwen3-lora"] = RunSpec(
+    "qwen3-lora",
+    "hf/dpo_lora",
+    ("optimizer.lr=1e-2", "model.lora_rank=4", "model.lora_alpha=8"),
+    tags=("qwen3",),
+)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_families")
+    return {fam: make_family_folder(fam, root / fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("hf_data") / "pairs.jsonl", synthetic_rows(ROWS))
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory, folders, pairs_file):
+    root = tmp_path_factory.mktemp("hf_runs")
+
+    def overrides(spec: RunSpec, out_dir: Path) -> List[str]:
+        return [
+            *COMMON,
+            f"dataset.data_files={pairs_file}",
+            f"batch_size={BATCH // spec.nproc}",
+            f"model_dir={folders[spec.tags[0]]}",
+            *spec.overrides,
+            f"output_dir={out_dir}",
+        ]
+
+    pool = RunPool(root, SPECS, overrides)
+    for key in sorted(wanted_runs(request), key=lambda k: "2p" not in k):
+        pool.submit(key)
+    yield pool
+    pool.close()
+
+
+def _our_model(folder, max_seq_len=None):
+    from torchtune import training
+
+    from torchtune_prefopt.models.hf import hf_checkpointer, hf_decoder
+
+    model = hf_decoder(str(folder), max_seq_len=max_seq_len).eval()
+    sd = hf_checkpointer(str(folder), str(folder.parent / "scratch")).load_checkpoint()
+    model.load_state_dict(sd[training.MODEL_KEY], strict=True)
+    return model
+
+
+def _hf_logits(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ----------------------------------------------------------------------------- the model
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_equal_transformers(folders, family):
+    ids = torch.randint(0, DIMS["vocab_size"], (2, 96), generator=torch.Generator().manual_seed(1))
+    expected = _hf_logits(folders[family], ids)
+    with torch.no_grad():
+        ours = _our_model(folders[family])(ids)
+        # packed rows: positions restart per document (the recipe's packed layout)
+        pos = torch.cat([torch.arange(40), torch.arange(56)])[None].expand(2, -1)
+        packed_second = _our_model(folders[family])(ids, input_pos=pos)[:, 40:]
+    assert (ours - expected).abs().max().item() <= 1e-5
+    # the second document at positions 0.. sees the whole row (no mask here) but RoPE
+    # restarts: it must differ from the unpacked logits, proving input_pos reaches RoPE
+    assert (packed_second - expected[:, 40:]).abs().max().item() > 1e-3
+
+
+def test_wrong_rope_setting_would_be_caught(folders):
+    """Negative control: the llama3 family with its rope_scaling dropped (the silent mistake
+    of picking a builder by hand) differs from transformers by far more than 1e-5."""
+    import dataclasses
+
+    from torchtune import training
+
+    from torchtune_prefopt.models.hf import hf_checkpointer
+    from torchtune_prefopt.models.hf.builder import build_decoder
+    from torchtune_prefopt.models.hf.spec import RopeSpec, read_spec
+
+    folder = folders["llama3"]
+    spec = read_spec(folder)
+    assert spec.rope.rope_type == "llama3" and spec.rope.factor == 8.0
+    wrong = dataclasses.replace(spec, rope=RopeSpec(theta=spec.rope.theta))
+    model = build_decoder(wrong, 256).eval()
+    model.load_state_dict(
+        hf_checkpointer(str(folder), str(folder.parent / "s")).load_checkpoint()[training.MODEL_KEY]
+    )
+    ids = torch.randint(0, DIMS["vocab_size"], (1, 96), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"architectures": ["Gemma2ForCausalLM"]},
+            "architectures 'Gemma2ForCausalLM' is not supported",
+        ),
+        (
+            {"architectures": ["Phi3ForCausalLM"]},
+            "architectures 'Phi3ForCausalLM' is not supported",
+        ),
+        ({"architectures": ["OlmoForCausalLM"]}, "supported: LlamaForCausalLM, MistralForCausalLM"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e5}},
+            "rope type 'yarn' is not supported",
+        ),
+        (
+            {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+            "rope type 'dynamic' is not supported",
+        ),
+        ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh' is not supported"),
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping is not supported"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported"),
+    ],
+)
+def test_unsupported_is_one_line_before_weights(folders, tmp_path, config, message):
+    from torchtune_prefopt.errors import PrefOptUserError
+    from torchtune_prefopt.models.hf import hf_decoder
+
+    cfg = json.loads((folders["smollm2"] / "config.json").read_text())
+    cfg.update(config)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))  # no weights at all in this folder
+    with pytest.raises(PrefOptUserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        hf_decoder(str(tmp_path))
+
+
+def test_sliding_window_shorter_than_context_is_refused(folders, tmp_path):
+    from torchtune_prefopt.errors import PrefOptUserError
+    from torchtune_prefopt.models.hf import hf_decoder
+
+    cfg = json.loads((folders["mistral"] / "config.json").read_text())
+    cfg["sliding_window"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PrefOptUserError, match="sliding_window 64 is shorter than the context 256"):
+        hf_decoder(str(tmp_path))
+    assert hf_decoder(str(tmp_path), max_seq_len=64).max_seq_len == 64  # every row fits: exact
+
+
+@pytest.mark.slow
+def test_unsupported_architecture_through_the_cli(folders, tmp_path):
+    """The whole command: one ``error:`` line, exit 2, nothing written to output_dir."""
+    bad = tmp_path / "gemma"
+    bad.mkdir()
+    cfg = json.loads((folders["smollm2"] / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["Gemma3ForCausalLM"]}))
+    proc = tune(
+        ["run", "prefopt_distributed", "--config", "hf/dpo", f"model_dir={bad}", "device=cpu",
+         f"output_dir={tmp_path / 'out'}"],
+        tmp_path,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "Gemma3ForCausalLM" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_missing_model_dir_is_one_line(tmp_path):
+    proc = tune(["run", "prefopt_distributed", "--config", "hf/dpo"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("error: config key 'model_dir' is required")
+    )
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": " Hello!  "},
+    ],
+    [
+        {"role": "user", "content": "Name a bird."},
+        {"role": "assistant", "content": "An eagle."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "A heron.\n"},
+    ],
+]
+
+
+def _template_ids(hf_tok, messages, **kw):
+    out = hf_tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prompt_and_completion_equal_apply_chat_template(folders, family):
+    from torchtune.data import Message
+    from transformers import AutoTokenizer
+
+    from torchtune_prefopt.models.hf import hf_tokenizer
+
+    ours = hf_tokenizer(str(folders[family]))
+    ref = AutoTokenizer.from_pretrained(str(folders[family]))
+    for conv in CONVERSATIONS:
+        prompt, completion = ours.tokenize_prompt_completion(
+            [Message(role=m["role"], content=m["content"]) for m in conv]
+        )
+        assert prompt == _template_ids(ref, conv[:-1], add_generation_prompt=True)
+        full = _template_ids(ref, conv)
+        assert prompt + completion == full[: len(prompt) + len(completion)]
+        # what is left unscored is whitespace the template puts after the end of turn
+        assert ref.decode(full[len(prompt) + len(completion) :]).strip() == ""
+        assert completion[-1] == ref.convert_tokens_to_ids(FAMILIES[family]["eos"]) or (
+            family in ("llama3",) and ref.decode(completion[-1:]) == "<|eot_id|>"
+        )
+
+
+def test_template_that_does_not_extend_the_prompt_is_one_line(folders, tmp_path):
+    import shutil
+
+    from torchtune.data import Message
+
+    from torchtune_prefopt.errors import PrefOptUserError
+    from torchtune_prefopt.models.hf import hf_tokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(folders["qwen2"], folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    # the generation prompt says "bot", the rendered answer says "assistant"
+    cfg["chat_template"] = (
+        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>bot\\n' }}"
+        "{%- endif %}"
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = hf_tokenizer(str(folder))
+    with pytest.raises(PrefOptUserError, match="does not render the prompt"):
+        tok.tokenize_prompt_completion(
+            [Message(role="user", content="hi"), Message(role="assistant", content="yo")]
+        )
+
+
+def test_tokenizer_without_chat_support_is_one_line(folders):
+    """torchtune's HuggingFaceBaseTokenizer has no tokenize_messages: one line, with the fix."""
+    from omegaconf import OmegaConf
+
+    from torchtune_prefopt.data import build_tokenizer
+    from torchtune_prefopt.errors import PrefOptUserError
+
+    folder = folders["smollm2"]
+    node = OmegaConf.create(
+        {
+            "_component_": "torchtune.modules.transforms.tokenizers.HuggingFaceBaseTokenizer",
+            "tokenizer_json_path": str(folder / "tokenizer.json"),
+            "tokenizer_config_json_path": str(folder / "tokenizer_config.json"),
+        }
+    )
+    with pytest.raises(PrefOptUserError, match="has no tokenize_messages.*hf_tokenizer"):
+        build_tokenizer(node, 704)
+    # torchtune's Llama 3 tokenizer pointed at a tokenizer.json (tiktoken cannot read it)
+    node = OmegaConf.create(
+        {
+            "_component_": "torchtune.models.llama3.llama3_tokenizer",
+            "path": str(folder / "tokenizer.json"),
+        }
+    )
+    with pytest.raises(PrefOptUserError, match="could not be built.*hf_tokenizer"):
+        build_tokenizer(node, 704)
+
+
+# ----------------------------------------------------------------------------- the recipe
+def _hf_completion_logps(folder: Path, rows) -> List[float]:
+    """Summed log-prob of each row's chosen completion, by transformers alone: the pair
+    tokenized with apply_chat_template, the completion = what follows the generation prompt
+    up to the end-of-turn token (trailing whitespace tokens are not scored)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64).eval()
+    out = []
+    for row in rows:
+        conv = [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["chosen"]},
+        ]
+        prompt = _template_ids(tok, conv[:1], add_generation_prompt=True)
+        full = _template_ids(tok, conv)
+        while tok.decode(full[-1:]).strip() == "":
+            full = full[:-1]
+        ids = torch.tensor([full])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1], dim=-1)
+        targets = ids[0, 1:]
+        token_logps = logp.gather(-1, targets[:, None])[:, 0]
+        out.append(token_logps[len(prompt) - 1 :].sum().item())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+@uses_runs(lambda family: [f"{family}-1p"])
+def test_step_one_logps_equal_transformers(runs, folders, family):
+    run = runs.get(f"{family}-1p").check()
+    steps = run.steps()
+    expected = _hf_completion_logps(folders[family], synthetic_rows(ROWS)[:BATCH])
+    assert steps[1]["logps/chosen"] == pytest.approx(sum(expected) / BATCH, rel=1e-5)
+    assert steps[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+@uses_runs(lambda family: [f"{family}-1p", f"{family}-2p"])
+def test_two_processes_equal_one(runs, folders, family):
+    one, two = runs.get(f"{family}-1p").check(), runs.get(f"{family}-2p").check()
+    assert sorted(one.steps()) == [1, 2]
+    assert_steps_match(one.steps(), two.steps(), f"{family}: 2 processes vs 1", rel=1e-5, abs_=1e-6)
+    # the project's 1-vs-N rule (FSDP2 sums gradients in another order; Adam turns float
+    # noise in the near-zero k-bias gradients into lr-sized steps): each tensor within 1e-4,
+    # the two updates within 1e-3 of the update's norm; and the runs trained
+    base = load_weights(folders[family])
+    w1 = load_weights(one.final)
+    assert_same_training(load_weights(two.final), w1, base, f"{family}: 2 processes vs 1")
+    assert max((w1[k] - base[k]).abs().max().item() for k in w1) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+@uses_runs(lambda family: [f"{family}-lr0", f"{family}-1p"])
+def test_export_reloads_in_transformers_with_the_same_logits(runs, folders, family):
+    from transformers import AutoTokenizer
+
+    run = runs.get(f"{family}-lr0").check()
+    final = run.final.resolve()
+    ids = torch.randint(0, DIMS["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(
+        _hf_logits(final, ids), _hf_logits(folders[family], ids), rtol=0, atol=1e-5
+    )
+    exported = load_weights(final)
+    tied = FAMILIES[family]["kw"]["tie_word_embeddings"]
+    assert ("lm_head.weight" in exported) == (not tied)
+    assert json.loads((final / "config.json").read_text()) == json.loads(
+        (folders[family] / "config.json").read_text()
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (final / name).read_bytes() == (folders[family] / name).read_bytes()
+    assert AutoTokenizer.from_pretrained(str(final)).chat_template == FAMILIES[family]["template"]
+    # the final export is what a user ships: no optimizer state in it
+    state = torch.load(final / "recipe_state.pt", weights_only=True)
+    assert "optimizer" not in state
+    # a trained (lr 1e-3) export differs from its input: the comparison above can fail
+    trained = runs.get(f"{family}-1p").check().final.resolve()
+    assert (_hf_logits(trained, ids) - _hf_logits(folders[family], ids)).abs().max().item() > 1e-4
+
+
+@pytest.mark.slow
+@uses_runs("qwen3-lora")
+def test_lora_export_is_peft_and_merged(runs, folders):
+    """LoRA on Qwen3 (q/k norms): the PEFT adapter has HF module names that exist in the
+    transformers model, and the merged weights are base + (alpha / rank) B A."""
+    from transformers import AutoModelForCausalLM
+
+    run = runs.get("qwen3-lora").check()
+    final = run.final.resolve()
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    adapter = load_weights(final, adapter=True)
+    merged, base = load_weights(final), load_weights(folders["qwen3"])
+    modules = dict(
+        AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32).named_modules()
+    )
+    a_keys = [k for k in adapter if k.endswith(".lora_A.weight")]
+    assert len(a_keys) == 7 * DIMS["num_hidden_layers"]
+    for key in a_keys:
+        module = key[len("base_model.model.") : -len(".lora_A.weight")]
+        assert module in modules, module
+        a, b = adapter[key], adapter[key.replace("lora_A", "lora_B")]
+        expected = base[f"{module}.weight"] + (8 / 4) * (b @ a)
+        torch.testing.assert_close(merged[f"{module}.weight"], expected, rtol=1e-5, atol=1e-6)
+    assert max((adapter[k.replace("lora_A", "lora_B")]).abs().max().item() for k in a_keys) > 0
+
+
+@pytest.mark.slow
+def test_local_component_under_torchrun_with_the_hf_tokenizer(folders, pairs_file, tmp_path):
+    """A tokenizer component from a file next to the config (not installed) works on 2
+    processes (torchrun workers get the working directory on their import path); the packaged
+    tiny/dpo config with the HF chat-template tokenizer over a folder trains (ChatML, the
+    folder's default system prompt); and the console has none of the known noise (torchao's
+    C++-extension notice, torchtune's scratch-folder paths)."""
+    (tmp_path / "my_tokenizers.py").write_text(
+        "from torchtune_prefopt.models.hf import hf_tokenizer\n\n\n"
+        "def chat_tokenizer(model_dir, max_seq_len=None):\n"
+        "    return hf_tokenizer(model_dir, max_seq_len=max_seq_len)\n"
+    )
+    out = tmp_path / "out"
+    proc = tune(
+        ["run", "--nproc_per_node", "2", "prefopt_distributed", "--config", "tiny/dpo",
+         "tokenizer._component_=my_tokenizers.chat_tokenizer", f"tokenizer.model_dir={folders['qwen2']}",
+         "dataset._component_=torchtune_prefopt.data.preference_dataset", "dataset.source=json",
+         f"dataset.data_files={pairs_file}", "eval_dataset=null",
+         "batch_size=1", "max_steps_per_epoch=2", f"output_dir={out}",
+         f"checkpointer.checkpoint_dir={tmp_path / 'base'}", "save_every_n_steps=1"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = proc.stdout + proc.stderr
+    assert "Skipping import of cpp extensions" not in both
+    assert ".hf_scratch" not in both and "epoch_0" not in both
+    from tune_harness import step_metrics
+
+    steps = step_metrics(out)[0]
+    assert sorted(steps) == [1, 2] and steps[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)

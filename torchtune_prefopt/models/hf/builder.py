@@ -1,0 +1,181 @@
+"""torchtune decoders built from a Hugging Face folder's ``config.json`` alone.
+
+``hf_decoder(model_dir)`` / ``lora_hf_decoder(model_dir, ...)`` are ``model`` components:
+the architecture and every option that changes the numbers come from
+:func:`~torchtune_prefopt.models.hf.spec.read_spec`; the model is made of torchtune's own
+modules (``TransformerDecoder``, ``TransformerSelfAttentionLayer``, ``MultiHeadAttention``,
+``FeedForward``, ``RMSNorm``, ``TiedLinear``, ``LoRALinear`` / ``DoRALinear``), so FSDP2,
+activation checkpointing, per-layer compile, LoRA utilities, packed attention and the lean
+log-prob path work unchanged. Two modules are ours (:mod:`~torchtune_prefopt.models.hf.modules`):
+HF-layout RoPE and pre-RoPE q/k norms. Parameter names are torchtune's; the mapping to and
+from HF names is :mod:`~torchtune_prefopt.models.hf.weights`.
+
+Per layer (``x`` ``[b, s, d]``)::
+
+    h   = x + o_proj(attn(rope(q_norm(q_proj(rms(x)))), rope(k_norm(k_proj(rms(x)))), v_proj(rms(x))))
+    out = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
+
+then ``logits = lm_head(rms(out))`` (``lm_head`` = the embedding when tied).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from torch import nn
+from torchtune.modules import (
+    FeedForward,
+    MultiHeadAttention,
+    RMSNorm,
+    TiedLinear,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+from torchtune.modules.peft import DoRALinear, LoRALinear
+
+from torchtune_prefopt.errors import PrefOptUserError
+from torchtune_prefopt.models.hf.modules import HFRotaryEmbedding, PreRopeNormAttention
+from torchtune_prefopt.models.hf.spec import DecoderSpec, read_spec
+
+__all__ = ["LORA_MODULES", "build_decoder", "hf_decoder", "lora_hf_decoder"]
+
+#: torchtune names of the projections LoRA can adapt (lora_attn_modules)
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+
+
+def _linear(in_dim, out_dim, bias, lora) -> nn.Module:
+    if lora is None:
+        return nn.Linear(in_dim, out_dim, bias=bias)
+    cls = DoRALinear if lora["use_dora"] else LoRALinear
+    return cls(
+        in_dim,
+        out_dim,
+        rank=lora["rank"],
+        alpha=lora["alpha"],
+        dropout=lora["dropout"],
+        use_bias=bias,
+        quantize_base=lora["quantize_base"],
+    )
+
+
+def _context(spec: DecoderSpec, max_seq_len: Optional[int], where: str) -> int:
+    context = spec.max_position_embeddings if max_seq_len is None else int(max_seq_len)
+    if spec.sliding_window is not None and spec.sliding_window < context:
+        raise PrefOptUserError(
+            f"{where}: sliding_window {spec.sliding_window} is shorter than the context "
+            f"{context}: windowed attention is not supported; set model.max_seq_len <= "
+            f"{spec.sliding_window} (every row then fits the window and attention is exact)"
+        )
+    return context
+
+
+def build_decoder(
+    spec: DecoderSpec,
+    max_seq_len: int,
+    lora_modules: List[str] = (),
+    lora: Optional[dict] = None,
+) -> TransformerDecoder:
+    """The decoder of ``spec`` (``lora``: rank/alpha/dropout/use_dora/quantize_base for the
+    projections named in ``lora_modules``: torchtune's names, ``w1``/``w2``/``w3`` for the MLP,
+    ``output`` for the head)."""
+
+    def adapted(name):
+        return lora if name in lora_modules else None
+
+    d, hd, n_h, n_kv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    rope = HFRotaryEmbedding(hd, max_seq_len, spec.rope)
+    attention_cls = PreRopeNormAttention if spec.qk_norm else MultiHeadAttention
+    layers = []
+    for _ in range(spec.num_layers):
+        attn = attention_cls(
+            embed_dim=d,
+            num_heads=n_h,
+            num_kv_heads=n_kv,
+            head_dim=hd,
+            q_proj=_linear(d, n_h * hd, spec.qkv_bias, adapted("q_proj")),
+            k_proj=_linear(d, n_kv * hd, spec.qkv_bias, adapted("k_proj")),
+            v_proj=_linear(d, n_kv * hd, spec.qkv_bias, adapted("v_proj")),
+            output_proj=_linear(n_h * hd, d, spec.output_bias, adapted("output_proj")),
+            pos_embeddings=rope,
+            q_norm=RMSNorm(hd, eps=spec.norm_eps) if spec.qk_norm else None,
+            k_norm=RMSNorm(hd, eps=spec.norm_eps) if spec.qk_norm else None,
+            max_seq_len=max_seq_len,
+        )
+        mlp = FeedForward(
+            gate_proj=_linear(d, spec.intermediate_size, spec.mlp_bias, adapted("w1")),
+            down_proj=_linear(spec.intermediate_size, d, spec.mlp_bias, adapted("w2")),
+            up_proj=_linear(d, spec.intermediate_size, spec.mlp_bias, adapted("w3")),
+            activation=nn.SiLU(),
+        )
+        layers.append(
+            TransformerSelfAttentionLayer(
+                attn=attn,
+                mlp=mlp,
+                sa_norm=RMSNorm(d, eps=spec.norm_eps),
+                mlp_norm=RMSNorm(d, eps=spec.norm_eps),
+            )
+        )
+    tok_embeddings = nn.Embedding(spec.vocab_size, d)
+    if spec.tie_word_embeddings:
+        output = TiedLinear(tok_embeddings)
+    else:
+        output = _linear(d, spec.vocab_size, False, adapted("output"))
+    return TransformerDecoder(
+        tok_embeddings=tok_embeddings,
+        layers=nn.ModuleList(layers),
+        max_seq_len=max_seq_len,
+        num_heads=n_h,
+        head_dim=hd,
+        norm=RMSNorm(d, eps=spec.norm_eps),
+        output=output,
+    )
+
+
+def hf_decoder(model_dir: str, max_seq_len: Optional[int] = None) -> TransformerDecoder:
+    """The decoder described by ``model_dir/config.json`` (weights are the checkpointer's).
+
+    Args:
+        model_dir: a Hugging Face model folder.
+        max_seq_len: longest sequence (RoPE cache; default ``max_position_embeddings``).
+    """
+    spec = read_spec(model_dir)
+    return build_decoder(spec, _context(spec, max_seq_len, "model"))
+
+
+def lora_hf_decoder(
+    model_dir: str,
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    max_seq_len: Optional[int] = None,
+) -> TransformerDecoder:
+    """:func:`hf_decoder` with LoRA (or DoRA) adapters on ``lora_attn_modules`` (any of
+    ``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``), the MLP projections
+    (``apply_lora_to_mlp``) and an untied head (``apply_lora_to_output``); ``W x + (alpha /
+    rank) B A x``, Hu et al. 2021 (arXiv 2106.09685)."""
+    unknown = [m for m in lora_attn_modules if m not in LORA_MODULES]
+    if unknown:
+        raise PrefOptUserError(
+            f"model.lora_attn_modules: {unknown[0]!r} is not one of {', '.join(LORA_MODULES)}"
+        )
+    spec = read_spec(model_dir)
+    if apply_lora_to_output and spec.tie_word_embeddings:
+        raise PrefOptUserError(
+            "model.apply_lora_to_output: this model ties its output projection to the "
+            "embedding (tie_word_embeddings), which LoRA cannot adapt; set it to false"
+        )
+    modules = list(lora_attn_modules) + (["w1", "w2", "w3"] if apply_lora_to_mlp else [])
+    modules += ["output"] if apply_lora_to_output else []
+    lora = dict(
+        rank=lora_rank,
+        alpha=lora_alpha,
+        dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+    )
+    return build_decoder(spec, _context(spec, max_seq_len, "model"), modules, lora)

@@ -1,0 +1,130 @@
+"""The two pieces of a Hugging Face decoder that torchtune 0.6.1's modules do not compute the
+same way: rotary embeddings with HF's frequency rules, and q/k norms before RoPE.
+
+* :class:`HFRotaryEmbedding`: RoPE in HF's "rotate half" layout (so weights load without
+  permuting q/k rows), with the inverse frequencies of HF's ``rope_type`` ``default``,
+  ``linear`` and ``llama3``, computed in fp32 exactly as ``transformers`` computes them.
+  torchtune's ``RotaryPositionalEmbeddings`` / ``Llama3ScaledRoPE`` use the interleaved layout
+  and need permuted weights; ``Qwen2RotaryPositionalEmbeddings`` knows no scaling.
+* :class:`PreRopeNormAttention`: torchtune's ``MultiHeadAttention`` applies ``q_norm`` /
+  ``k_norm`` *after* RoPE; Qwen3 normalises each head *before* it (a per-dimension scale does
+  not commute with the rotation), so this subclass reorders the two. Everything else --
+  ``_attention_call`` (SDPA / flex, our packed attention), GQA expansion, parameter names --
+  is the parent's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchtune.modules import MultiHeadAttention
+
+from torchtune_prefopt.models.hf.spec import RopeSpec
+
+__all__ = ["HFRotaryEmbedding", "PreRopeNormAttention", "rope_inverse_frequencies"]
+
+
+def rope_inverse_frequencies(head_dim: int, rope: RopeSpec) -> Tensor:
+    """``[head_dim / 2]`` fp32 inverse frequencies of HF's ``rope_type``.
+
+    default: ``inv_freq_i = theta^(-2i / d)``; linear: ``inv_freq / factor``; llama3 (Llama
+    3.1+): wavelengths ``2 pi / inv_freq`` longer than ``L / low_freq_factor`` are divided by
+    ``factor``, shorter than ``L / high_freq_factor`` kept, and in between interpolated with
+    ``s = (L / wavelen - low) / (high - low)``: ``(1 - s) inv_freq / factor + s inv_freq``
+    (``L`` = ``original_max_position_embeddings``).
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (rope.theta**exponent)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class HFRotaryEmbedding(nn.Module):
+    """Rotary embeddings, HF layout: ``x * cos + rotate_half(x) * sin`` with
+    ``rotate_half([x1, x2]) = [-x2, x1]`` (halves of the head dimension).
+
+    Args:
+        head_dim: ``d``, the rotated dimension.
+        max_seq_len: positions cached (``[max_seq_len, 2d]`` fp32 cos/sin, not saved).
+        rope: frequencies (:func:`rope_inverse_frequencies`).
+
+    ``forward(x [b, s, n_h, d], input_pos [b, s] or None) -> [b, s, n_h, d]``; ``input_pos``
+    are the positions of packed rows (each document from 0).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, rope: RopeSpec) -> None:
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.rope = head_dim, max_seq_len, rope
+        self.rope_init()
+
+    def rope_init(self) -> None:
+        """(Re)build the cache: on the meta device at build time, on the real one after
+        sharding (:func:`torchtune_prefopt.models.build.init_rope` calls this)."""
+        inv_freq = rope_inverse_frequencies(self.head_dim, self.rope)
+        positions = torch.arange(self.max_seq_len, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]  # == HF's fp32 outer product
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cache", torch.cat([emb.cos(), emb.sin()], dim=-1), persistent=False)
+
+    def forward(self, x: Tensor, *, input_pos: Optional[Tensor] = None) -> Tensor:
+        seq_len, d = x.size(1), x.size(-1)
+        cache = self.cache[:seq_len] if input_pos is None else self.cache[input_pos]
+        cache = cache.view(-1, seq_len, 1, 2 * d)
+        cos, sin = cache[..., :d].to(x.dtype), cache[..., d:].to(x.dtype)
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class PreRopeNormAttention(MultiHeadAttention):
+    """``MultiHeadAttention`` with ``q_norm`` / ``k_norm`` applied per head *before* RoPE
+    (Qwen3). Self-attention only, no KV cache (training and scoring)."""
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Optional[Tensor] = None,
+        *,
+        mask=None,
+        input_pos: Optional[Tensor] = None,
+    ) -> Tensor:
+        if self.kv_cache is not None and self.cache_enabled:
+            raise NotImplementedError("PreRopeNormAttention has no KV cache (training only)")
+        y = x if y is None else y
+        b, s_x, _ = x.shape
+        s_y = y.shape[1]
+        q = self.q_norm(self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
+        if self.pos_embeddings is not None:
+            q = self.pos_embeddings(q, input_pos=input_pos)
+            k = self.pos_embeddings(k, input_pos=input_pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.num_heads != self.num_kv_heads:
+            expand = (b, self.num_kv_heads, self.num_heads // self.num_kv_heads, -1, self.head_dim)
+            k = k.unsqueeze(2).expand(expand).flatten(1, 2)
+            v = v.unsqueeze(2).expand(expand).flatten(1, 2)
+        out = self._attention_call(
+            q,
+            k,
+            v,
+            mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=mask is None and self.is_causal,
+        )
+        return self.output_proj(out.transpose(1, 2).contiguous().view(b, s_x, -1))

@@ -1,0 +1,208 @@
+"""What a Hugging Face ``config.json`` says about a decoder: the one reader of that file.
+
+:func:`read_spec` turns a model folder's ``config.json`` into a :class:`DecoderSpec`: every
+option that changes the numbers a decoder computes (sizes, tied embeddings, attention and MLP
+biases, q/k norms, head_dim, RoPE theta and scaling, norm eps, activation), read the way
+``transformers`` reads it (5.x ``rope_parameters`` or the older ``rope_theta`` +
+``rope_scaling``). An architecture or option the builder cannot reproduce exactly is one
+:class:`~torchtune_prefopt.errors.PrefOptUserError` line naming the value and what is
+supported, before any weight is read: never a silently different model.
+
+Supported (``architectures[0]``): ``LlamaForCausalLM`` (Llama 2/3.x, SmolLM2, and other
+Llama-architecture models), ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (Qwen2 / 2.5),
+``Qwen3ForCausalLM``. Refused with a pointer: Gemma 1/2/3 (scaled embeddings, ``1 + w``
+norms, soft-capping, sliding windows) and Phi-3/4 (fused projections).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from torchtune_prefopt.errors import PrefOptUserError
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "DecoderSpec", "RopeSpec", "read_config_json", "read_spec"]
+
+#: architectures value -> family name used below
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+#: architectures that are refused, with what to use instead
+_REFUSED = {
+    "Gemma": "Gemma 1/2/3 scale the embeddings, use 1 + w norms, soft-cap logits and mix "
+    "sliding-window layers; use torchtune.models.gemma / gemma2 builders with "
+    "FullModelHFCheckpointer (model_type GEMMA / GEMMA2)",
+    "Phi3": "Phi-3/4 fuse q/k/v and gate/up projections; use torchtune.models.phi3 / phi4 "
+    "builders with FullModelHFCheckpointer (model_type PHI3_MINI / PHI4)",
+}
+#: RoPE types reproduced exactly
+ROPE_TYPES = ("default", "linear", "llama3")
+#: activations reproduced exactly (config hidden_act)
+ACTIVATIONS = ("silu",)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding settings (HF's ``rope_type`` and its parameters)."""
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A decoder as ``config.json`` describes it (the builder's only input)."""
+
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float
+    rope: RopeSpec
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    output_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: Optional[int]
+
+
+def read_config_json(model_dir: Any) -> Tuple[Path, Dict[str, Any]]:
+    """``(folder, config)`` of an HF model folder; one line if it is not one."""
+    if model_dir is None or str(model_dir).strip() in ("", "???"):
+        raise PrefOptUserError(
+            "model_dir: not set; pass the Hugging Face model folder (config.json, "
+            "*.safetensors, tokenizer.json), e.g. model_dir=/tmp/SmolLM2-135M-Instruct"
+        )
+    folder = Path(str(model_dir)).expanduser()
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise PrefOptUserError(f"model_dir: {folder} is not a folder")
+    if not path.is_file():
+        raise PrefOptUserError(
+            f"model_dir: {folder} has no config.json: it is not a Hugging Face model folder"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PrefOptUserError(f"model_dir: {path} is not readable JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise PrefOptUserError(f"model_dir: {path} is not a JSON object")
+    return folder, cfg
+
+
+def _rope(cfg: Mapping[str, Any], where: str) -> RopeSpec:
+    params = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
+    scaling = cfg.get("rope_scaling") or {}  # transformers < 5
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise PrefOptUserError(f"{where}: rope_parameters / rope_scaling must be objects")
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rope_type not in ROPE_TYPES:
+        raise PrefOptUserError(
+            f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+        )
+    partial = merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise PrefOptUserError(
+            f"{where}: partial_rotary_factor {partial} is not supported (only 1.0)"
+        )
+    kw = {}
+    if rope_type in ("linear", "llama3"):
+        kw["factor"] = float(merged["factor"])
+    if rope_type == "llama3":
+        kw.update(
+            low_freq_factor=float(merged["low_freq_factor"]),
+            high_freq_factor=float(merged["high_freq_factor"]),
+            original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+        )
+    return RopeSpec(theta=float(theta), rope_type=rope_type, **kw)
+
+
+def _sliding_window(cfg: Mapping[str, Any], family: str) -> Optional[int]:
+    """The attention window if one applies to any layer (else ``None``)."""
+    window = cfg.get("sliding_window")
+    if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None
+    layer_types = cfg.get("layer_types") or []
+    if layer_types and all(t == "full_attention" for t in layer_types):
+        window = None
+    return int(window) if window else None
+
+
+def read_spec(model_dir: Any) -> DecoderSpec:
+    """The :class:`DecoderSpec` of ``model_dir/config.json``, or one line saying why not."""
+    folder, cfg = read_config_json(model_dir)
+    where = f"model_dir: {folder / 'config.json'}"
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else cfg.get("model_type", "?")
+    family = SUPPORTED_ARCHITECTURES.get(arch)
+    if family is None:
+        why = next((w for k, w in _REFUSED.items() if str(arch).startswith(k)), None)
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise PrefOptUserError(
+            f"{where}: architectures {arch!r} is not supported by torchtune_prefopt.models.hf "
+            f"(supported: {supported})" + (f"; {why}" if why else "")
+        )
+    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    if act not in ACTIVATIONS:
+        raise PrefOptUserError(
+            f"{where}: hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+        )
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise PrefOptUserError(f"{where}: {key} is not supported (only null)")
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = cfg.get("head_dim") or hidden // heads
+        spec = DecoderSpec(
+            architecture=arch,
+            family=family,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=int(head_dim),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope=_rope(cfg, where),
+            tie_word_embeddings=bool(
+                cfg.get("tie_word_embeddings", False)
+            ),  # every class's default
+            qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            output_bias=family != "qwen2" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=family == "qwen3",
+            sliding_window=_sliding_window(cfg, family),
+        )
+    except PrefOptUserError:
+        raise
+    except KeyError as err:
+        raise PrefOptUserError(f"{where}: missing {err.args[0]!r}") from None
+    except (TypeError, ValueError) as err:
+        raise PrefOptUserError(f"{where}: {err}") from None
+    if spec.num_heads % spec.num_kv_heads:
+        raise PrefOptUserError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
+    return spec
