@@ -176,5 +176,37 @@ def test_kto_z0_is_global_mean_across_ranks(tmp_path):
     assert results[0]["kl"] == results[1]["kl"]
 
 
+def test_a_step_without_undesirable_rows_logs_no_undesirable_metrics(tmp_path):
+    """KTO: a step whose rows are all desirable has no ``logps/undesirable`` or
+    ``rewards/undesirable`` (absent, not a fake 0.0); the next, all undesirable, has them and
+    no desirable ones."""
+
+    from tune_harness import step_metrics, synthetic_rows, tiny_config, tune, write_jsonl
+
+    rows = synthetic_rows(4)
+    kto = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows[:2]]
+    kto += [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in rows[2:]]
+    data = write_jsonl(tmp_path / "kto_rows.jsonl", kto)
+    config = tiny_config(
+        tmp_path,
+        "kto",
+        **{
+            "dataset._component_": "torchtune_prefopt.data.kto_dataset",
+            "dataset.data_files": str(data),
+            "shuffle": False,
+            "batch_size": 2,
+        },
+    )
+    proc = tune(["run", "prefopt_distributed", "--config", str(config)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = step_metrics(tmp_path / "out")[0]
+    assert sorted(steps) == [1, 2]
+    assert {"logps/desirable", "rewards/desirable"} <= set(steps[1])
+    assert not {"logps/undesirable", "rewards/undesirable"} & set(steps[1])
+    assert {"logps/undesirable", "rewards/undesirable"} <= set(steps[2])
+    assert not {"logps/desirable", "rewards/desirable"} & set(steps[2])
+    assert steps[1]["logps/desirable"] < 0 and steps[2]["logps/undesirable"] < 0
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
