@@ -366,11 +366,14 @@ def _umount(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint_bytes(tmp_path_factory, base) -> int:
-    """The size of one tiny DPO checkpoint (weights, recipe state, config files)."""
+    """The size of one tiny DPO step checkpoint (weights, recipe state with the optimizer
+    state, config files): a periodic save's (a final save holds no optimizer state)."""
     d = tmp_path_factory.mktemp("size")
-    cfg = _config(d, base, max_steps_per_epoch=1)
+    cfg = _config(d, base, max_steps_per_epoch=1, save_every_n_steps=1)
     run_in_process(cfg)
     final = (Path(cfg.output_dir) / "final").resolve()
+    state = torch.load(final / "recipe_state.pt", weights_only=True)
+    assert "optimizer" in state
     return sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
 
 

@@ -106,3 +106,25 @@ def test_multi_gpu_command_parses_and_validates():
     cfg = load_config(["--config", MULTI_GPU.split()[-1]])
     assert type(build_loss(cfg.loss)).__name__ == "SimPOLoss"
     recipe_config.validate_config(cfg, local=False)
+
+
+BYOM = "tune run prefopt_distributed --config hf/dpo model_dir=/path/to/hf-folder"
+SMOL_HELPER = "python -m torchtune_prefopt.models.smollm2 /tmp/SmolLM2-135M-Instruct"
+SMOL_RUN = "tune run prefopt_distributed --config smollm2/135M_dpo device=cpu dtype=fp32"
+
+
+def test_bring_your_own_model_commands_are_in_the_readme():
+    """The 'bring your own model' commands, verbatim. Their runs are tests/test_hf_models.py
+    (hf/dpo on a folder of every family) and tests/test_smollm2.py (the helper's folder
+    trained with smollm2/135M_dpo's settings); the SmolLM2 config needs UltraFeedback from
+    the Hub here, so only its config is checked: it validates on CPU with the folder."""
+    for cmd in (BYOM, SMOL_HELPER, SMOL_RUN):
+        assert re.search(rf"^{re.escape(cmd)}(\s|$)", README, re.M) or f"`{cmd}`" in README.replace(
+            "\n", " "
+        ), cmd
+    cfg = load_config(["--config", *SMOL_RUN.split()[4:]])
+    assert cfg.model_dir == SMOL_HELPER.split()[-1] and cfg.device == "cpu"
+    recipe_config.validate_config(cfg, local=False)
+    cfg = load_config(["--config", *BYOM.split()[4:]])
+    assert cfg.model_dir == "/path/to/hf-folder"
+    recipe_config.validate_config(cfg, local=False)
