@@ -82,7 +82,7 @@ from torchtune_prefopt.errors import (
     WriteFailed,
     report_user_errors,
 )
-from torchtune_prefopt.losses import build_loss, pair_accuracy, pair_rewards
+from torchtune_prefopt.losses import build_loss, loss_inputs, pair_accuracy, pair_rewards
 from torchtune_prefopt.models.build import (
     ModelPlacement,
     build_model,
@@ -103,7 +103,12 @@ from torchtune_prefopt.reference import (
 )
 from torchtune_prefopt.training.checkpoints import content_digests
 from torchtune_prefopt.training.data_order import GlobalBatchSampler
-from torchtune_prefopt.training.distributed import any_rank, init_distributed, rank_zero_check
+from torchtune_prefopt.training.distributed import (
+    all_reduce_sum,
+    any_rank,
+    init_distributed,
+    rank_zero_check,
+)
 from torchtune_prefopt.training.lora import lora_init_state, lora_settings
 from torchtune_prefopt.training.metrics import StepMetrics
 from torchtune_prefopt.training.recipe_config import validate_config
@@ -146,6 +151,9 @@ class PrefOptRecipe:
         self.epochs_run = 0
         self._resume_micro = 0
         self._sigterm = False
+        self._step_token_mean: Optional[float] = (
+            None  # the SFT term: chosen tokens per pair of the step
+        )
         # Set in setup(); cleanup() must work (and not mask the real error) if setup fails early.
         self._metric_logger = None
         self._lock: Optional[OutputDirLock] = None
@@ -242,7 +250,6 @@ class PrefOptRecipe:
             raise PrefOptUserError(f"loss: {err}") from err
         self._loss_module = loss  # uncompiled: held-out evaluation asks it for rewards
         self._paired = bool(getattr(loss, "paired", True))
-        self._average = bool(getattr(loss, "average_logps", False))
         global_batch = self.batch_size * self.world_size
         if not self._paired and global_batch < 2:
             raise PrefOptUserError(
@@ -520,17 +527,19 @@ class PrefOptRecipe:
 
     # ------------------------------------------------------------------ compute
     def _forms(self, lp: Optional[SequenceLogProbs]):
-        """The two halves of a ``[2B]`` result in the loss's log-prob form (mean or sum)."""
-        if lp is None:
-            return None, None
-        return tuple(half.form(self._average) for half in lp.halves())
+        """The two halves of a ``[2B]`` result in the form the loss takes (mean, sum, or the
+        SequenceLogProbs themselves: :func:`~torchtune_prefopt.losses.loss_inputs`)."""
+        return loss_inputs(self._loss_module, *(lp.halves() if lp is not None else (None, None)))
 
     def _paired_step(self, batch: PairedBatch):
         """Loss of ``B`` pairs, and the metric sums ``{name: (sum over pairs, count name)}``."""
         pol = batch.logps(self._model, self._chunk_size)
         ref = self._reference.logps(batch)
+        extra = {}
+        if self._step_token_mean is not None:  # the SFT term's global token mean
+            extra["chosen_tokens_per_pair"] = self._step_token_mean
         losses, chosen_rewards, rejected_rewards = self._loss_fn(
-            *self._forms(pol), *self._forms(ref)
+            *self._forms(pol), *self._forms(ref), **extra
         )
         pol_chosen, pol_rejected = pol.detach().halves()
         stats = {
@@ -541,6 +550,8 @@ class PrefOptRecipe:
             "logps/chosen": (pol_chosen.sum.sum(), "rows"),
             "logps/rejected": (pol_rejected.sum.sum(), "rows"),
         }
+        for name, term in getattr(self._loss_module, "term_losses", {}).items():
+            stats[f"loss/{name}"] = (term.double().sum(), "rows")  # a WeightedSum's terms
         return losses, stats, {"rows": float(len(batch))}
 
     def _kto_step(self, batch: UnpairedBatch):
@@ -745,11 +756,13 @@ class PrefOptRecipe:
         start_micro, self._resume_micro = self._resume_micro, 0
         self._sampler.set_epoch(epoch, start_micro)
         micro, step_bad = start_micro, False
-        for batch in self._dataloader:
+        for step_batches in self._step_groups():
             if micro // self.accum >= self._steps_per_epoch:
                 break
-            step_bad |= self._micro_step(batch.to(self._device))
-            micro += 1
+            self._step_token_mean = self._global_token_mean(step_batches)
+            for batch in step_batches:
+                step_bad |= self._micro_step(batch)
+            micro += len(step_batches)
             if micro % self.accum != 0:
                 continue
             grad_norm, step_bad = self._optimizer_step(step_bad)
@@ -765,6 +778,32 @@ class PrefOptRecipe:
                 raise _Preempted(self.save_checkpoint(epoch, micro, reason="sigterm"))
             if s.save_every_n_steps and self.global_step % s.save_every_n_steps == 0:
                 self.save_checkpoint(epoch, micro, reason="periodic")
+
+    def _step_groups(self):
+        """The data loader's micro-batches, on the device, one optimizer step's worth at a
+        time (a loss with an SFT term needs the whole step's token count first)."""
+        group = []
+        for batch in self._dataloader:
+            group.append(batch.to(self._device))
+            if len(group) == self.accum:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _global_token_mean(self, step_batches) -> Optional[float]:
+        """Chosen completion tokens per pair over the step's global batch (every rank and
+        micro-batch: one all-reduce), for a loss that ``needs_step_token_mean``; else None."""
+        if not (self._paired and getattr(self._loss_module, "needs_step_token_mean", False)):
+            return None
+        counts = torch.zeros(2, dtype=torch.float64, device=self._device)
+        for batch in step_batches:
+            chosen = batch.label_counts()[: len(batch)]
+            counts += torch.tensor(
+                [float(chosen.sum()), float(len(batch))], dtype=torch.float64, device=self._device
+            )
+        all_reduce_sum(counts)
+        return float(counts[0] / counts[1])
 
     def discard_empty_output_dir(self) -> None:
         """Remove ``output_dir`` if this run created it and nothing was written into it."""

@@ -66,6 +66,13 @@ for _fam in FAMILIES:
     SPECS[f"{_fam}-lr0"] = RunSpec(
         f"{_fam}-lr0", "hf/dpo", ("optimizer.lr=1e-30", "max_steps_per_epoch=1"), tags=(_fam,)
     )
+SPECS["qwen3-ac-compile"] = RunSpec(
+    "qwen3-ac-compile",
+    "hf/dpo",
+    ("optimizer.lr=1e-3", "enable_activation_checkpointing=true", "compile=true"),
+    env=(("TORCH_COMPILE_BACKEND", "aot_eager"),),
+    tags=("qwen3",),
+)
 SPECS["qwen3-lora"] = RunSpec(
     "qwen3-lora",
     "hf/dpo_lora",
@@ -420,6 +427,29 @@ def test_export_reloads_in_transformers_with_the_same_logits(runs, folders, fami
     # a trained (lr 1e-3) export differs from its input: the comparison above can fail
     trained = runs.get(f"{family}-1p").check().final.resolve()
     assert (_hf_logits(trained, ids) - _hf_logits(folders[family], ids)).abs().max().item() > 1e-4
+
+
+@pytest.mark.slow
+@uses_runs("qwen3-1p", "qwen3-ac-compile")
+def test_activation_checkpointing_and_compile_equal_eager(runs):
+    """torchtune's activation checkpointing and per-layer compile (aot_eager here) wrap the
+    HF-folder model like any torchtune decoder: the same steps as eager."""
+    eager, wrapped = runs.get("qwen3-1p").check(), runs.get("qwen3-ac-compile").check()
+    assert "Compiling model layers with torch.compile" in wrapped.output
+    assert_steps_match(eager.steps(), wrapped.steps(), "AC + compile vs eager", rel=1e-5, abs_=1e-6)
+
+
+def test_a_builder_that_is_not_a_decoder_is_one_line():
+    from omegaconf import OmegaConf
+
+    from torchtune_prefopt.errors import PrefOptUserError
+    from torchtune_prefopt.models.build import meta_model
+
+    node = OmegaConf.create({"_component_": "torch.nn.Linear", "in_features": 4, "out_features": 4})
+    with pytest.raises(
+        PrefOptUserError, match="builds a Linear, not a torchtune TransformerDecoder.*hf_decoder"
+    ):
+        meta_model(node, torch.float32)
 
 
 @pytest.mark.slow

@@ -136,7 +136,9 @@ def test_unknown_name_lists_valid_names(spec):
     with pytest.raises(ValueError) as info:
         build_loss(spec)
     message = str(info.value)
-    assert message.startswith("loss: unknown loss 'foo'; valid: dpo, hinge, ipo, kto, ")
+    assert message.startswith(
+        "loss: unknown loss 'foo'; valid: apo_zero, dpo, dpo_norm, dpop, hinge, ipo, kto, "
+    )
     for name in BUILTINS:
         assert name in message
 
@@ -294,7 +296,9 @@ def test_entry_point_loss(install_plugin):
     assert get_loss_class("myloss") is type(loss)
     # Built-ins are still there, and the unknown-name message now lists the plugin too.
     assert available_losses()["dpo"] is DPOLoss
-    with pytest.raises(ValueError, match="valid: dpo, hinge, ipo, kto, myloss, "):
+    with pytest.raises(
+        ValueError, match="valid: apo_zero, dpo, dpo_norm, dpop, hinge, ipo, kto, myloss, orpo"
+    ):
         build_loss("foo")
 
 

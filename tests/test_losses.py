@@ -102,7 +102,7 @@ def test_defaults():
     assert (s.beta, s.gamma, s.label_smoothing) == (2.0, 1.0, 0.0)
     k = KTOLoss()
     assert (k.beta, k.desirable_weight, k.undesirable_weight) == (0.1, 1.0, 1.0)
-    assert repr(DPOLoss(beta=0.2)) == "DPOLoss(beta=0.2, label_smoothing=0.0)"
+    assert repr(DPOLoss(beta=0.2)) == "DPOLoss(beta=0.2, label_smoothing=0.0, sft_weight=0.0)"
 
 
 # --------------------------------------------------------------------------------- DPO

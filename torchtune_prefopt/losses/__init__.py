@@ -1,15 +1,20 @@
-"""Preference-optimisation losses (DPO, IPO, SimPO, KTO, hinge/RSO, robust DPO) and their registry.
+"""Preference-optimisation losses (DPO, IPO, SimPO, KTO, hinge/RSO, robust DPO, length-normalised
+DPO, DPO-Positive, APO-zero, ORPO, SFT), weighted sums of them, and their registry.
 
 See ``docs/ARCHITECTURE.md`` ("Losses") for the interface every loss follows.
 """
 
-from ._base import PairwiseLoss, PreferenceLoss
-from .dpo import DPOLoss, RobustDPOLoss
+from ._base import PairwiseLoss, PreferenceLoss, chosen_nll, loss_inputs
+from .apo import APOZeroLoss
+from .combined import WeightedSum
+from .dpo import DPOLoss, DPONormLoss, DPOPLoss, RobustDPOLoss
 from .hinge import HingeLoss
 from .ipo import IPOLoss
 from .kto import KTOLoss
+from .orpo import ORPOLoss
 from .registry import ENTRY_POINT_GROUP, available_losses, build_loss, get_loss_class
 from .rewards import pair_accuracy, pair_rewards
+from .sft import SFTLoss
 from .simpo import SimPOLoss
 
 __all__ = [
@@ -21,6 +26,14 @@ __all__ = [
     "KTOLoss",
     "HingeLoss",
     "RobustDPOLoss",
+    "DPONormLoss",
+    "DPOPLoss",
+    "APOZeroLoss",
+    "ORPOLoss",
+    "SFTLoss",
+    "WeightedSum",
+    "chosen_nll",
+    "loss_inputs",
     "build_loss",
     "available_losses",
     "get_loss_class",

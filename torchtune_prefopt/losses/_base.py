@@ -13,6 +13,20 @@ three attributes that the recipe reads *before* it runs any model:
     ``True``: chosen/rejected pairs (``forward(policy_chosen_logps, policy_rejected_logps,
     reference_chosen_logps, reference_rejected_logps)``); ``False``: unpaired rows (KTO).
 
+and optionally
+
+``sequence_logps``
+    ``True``: the four arguments are
+    :class:`~torchtune_prefopt.modules.sequence_logprobs.SequenceLogProbs` (sums, per-token
+    means and token counts of each completion) instead of tensors in the ``average_logps``
+    form: a loss with an SFT term (token counts) or a sum of terms that take different forms
+    picks what each needs. Every :class:`PairwiseLoss` does; third-party losses get tensors.
+``needs_step_token_mean``
+    ``True``: ``forward`` takes ``chosen_tokens_per_pair``, the mean number of chosen
+    completion tokens per pair over the whole optimizer step (all ranks and micro-batches),
+    which the recipe computes: the SFT term is then a token mean over the global batch,
+    independent of the number of processes (see :func:`chosen_nll`).
+
 The attributes are class defaults and may be overridden per instance (e.g.
 ``IPOLoss(average_logps=False)``).
 """
@@ -27,8 +41,9 @@ import torch
 from torch import nn
 
 from torchtune_prefopt.errors import PrefOptUserError
+from torchtune_prefopt.modules.sequence_logprobs import SequenceLogProbs
 
-__all__ = ["PairwiseLoss", "PreferenceLoss"]
+__all__ = ["PairwiseLoss", "PreferenceLoss", "chosen_nll", "loss_inputs"]
 
 # Hyper-parameter errors are PrefOptUserError (a ValueError): the recipe reports them as one
 # line, unchanged, so the message must start with the config key (``loss.beta ...``).
@@ -85,6 +100,10 @@ class PreferenceLoss(nn.Module):
     average_logps: bool = False
     #: True: chosen/rejected pairs; False: unpaired rows (KTO).
     paired: bool = True
+    #: True: ``forward`` takes SequenceLogProbs (sum, mean, token count), not tensors.
+    sequence_logps: bool = False
+    #: True: ``forward`` takes ``chosen_tokens_per_pair`` (the recipe's global step value).
+    needs_step_token_mean: bool = False
 
     # Names of the hyper-parameters shown by ``repr`` (subclasses set this).
     _hparams: Tuple[str, ...] = ()
@@ -147,27 +166,47 @@ class PreferenceLoss(nn.Module):
 
 
 class PairwiseLoss(PreferenceLoss):
-    r"""Base of the pairwise losses: the log-ratios, the margin and the rewards are computed
-    here, each loss supplies its function of the margin (:meth:`margin_loss`) and its reward
-    scale (:meth:`reward_scale`) and documents its equation.
+    r"""Base of the pairwise losses: the log-ratios, the margin, the rewards and the optional
+    SFT term are computed here; each loss supplies its function of the margin
+    (:meth:`margin_loss`) and its reward scale (:meth:`reward_scale`) and documents its
+    equation.
 
-    With the per-sequence log-ratios (reference-free losses: the policy log-probs alone)
+    With the per-sequence log-ratios in the loss's form (sums, or per-token means with
+    ``average_logps``; reference-free losses: the policy log-probs alone)
 
     .. math::
         r_w = \log\pi(y_w) - \log\pi_{ref}(y_w),\quad
         r_l = \log\pi(y_l) - \log\pi_{ref}(y_l),\quad h = r_w - r_l,
 
-    ``forward`` returns ``(margin_loss(h) [B], s·r_w [B], s·r_l [B])`` with ``s =
-    reward_scale()`` and the rewards detached. A loss that is not a function of ``h`` alone
-    overrides :meth:`pair_losses` instead.
+    the per-pair loss is
 
-    ``forward`` arguments (all 1-D ``[B]``, float; sums or per-token means according to
-    ``average_logps``): policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-    reference_rejected_logps (required unless ``reference_free``; ignored, may be ``None``,
-    if it is).
+    .. math::
+        \ell = f(r_w, r_l) + w_{sft}\,\frac{-\sum_{t\in y_w}\log\pi(y_{w,t})}{\bar T_w}
+
+    with ``f = margin_loss(h)`` (or :meth:`pair_losses`) and the SFT term of
+    :func:`chosen_nll` (``sft_weight`` ``w_sft``, default 0): averaged over the pairs of the
+    optimizer step, it is ``w_sft`` times the negative log-likelihood of the chosen tokens
+    averaged over every chosen token of the global batch. ``forward`` returns ``(ℓ [B], s·r_w
+    [B], s·r_l [B])`` with ``s = reward_scale()`` and the rewards detached.
+
+    ``forward`` arguments: policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+    reference_rejected_logps (the reference ones required unless ``reference_free``; ignored,
+    may be ``None``, if it is): each a ``SequenceLogProbs`` ``[B]`` (``sequence_logps``), or a
+    1-D float tensor ``[B]`` in the ``average_logps`` form (then ``sft_weight`` must be 0: the
+    token counts are missing); ``chosen_tokens_per_pair`` (``T̄_w``; default: this call's mean).
     """
 
     paired = True
+    sequence_logps = True
+    #: weight of the SFT (NLL of the chosen completion) term; set by the constructors
+    sft_weight: float = 0.0
+
+    def _set_sft_weight(self, sft_weight) -> None:
+        self.sft_weight = _non_negative("sft_weight", sft_weight)
+
+    @property
+    def needs_step_token_mean(self) -> bool:  # type: ignore[override]
+        return self.sft_weight > 0
 
     def reward_scale(self) -> float:
         """``s`` of the logged implicit rewards ``s·r`` (DPO: β, IPO: τ)."""
@@ -181,26 +220,81 @@ class PairwiseLoss(PreferenceLoss):
         """The per-pair loss of the log-ratios ``r_w``, ``r_l``; ``margin_loss(r_w - r_l)``."""
         return self.margin_loss(chosen - rejected)
 
+    def _ratios(self, pc, pr, rc, rr) -> Tuple[torch.Tensor, torch.Tensor]:
+        pc, pr, rc, rr = (_form(x, self.average_logps) for x in (pc, pr, rc, rr))
+        if self.reference_free:
+            self._check_pair_inputs(pc, pr, None, None)
+            return pc, pr
+        return self._logratios(pc, pr, rc, rr)
+
+    def rewards(self, pc, pr, rc=None, rr=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The detached implicit rewards ``(s·r_w, s·r_l)`` alone (no loss, no SFT term)."""
+        chosen, rejected = self._ratios(pc, pr, rc, rr)
+        scale = self.reward_scale()
+        return scale * chosen.detach(), scale * rejected.detach()
+
     def forward(
         self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: Optional[torch.Tensor] = None,
-        reference_rejected_logps: Optional[torch.Tensor] = None,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps=None,
+        reference_rejected_logps=None,
+        chosen_tokens_per_pair: Optional[float] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.reference_free:
-            self._check_pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None)
-            chosen, rejected = policy_chosen_logps, policy_rejected_logps
-        else:
-            chosen, rejected = self._logratios(
-                policy_chosen_logps,
-                policy_rejected_logps,
-                reference_chosen_logps,
-                reference_rejected_logps,
+        chosen, rejected = self._ratios(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            reference_chosen_logps,
+            reference_rejected_logps,
+        )
+        losses = self.pair_losses(chosen, rejected)
+        if self.sft_weight > 0:
+            losses = losses + self.sft_weight * chosen_nll(
+                policy_chosen_logps, chosen_tokens_per_pair
             )
         scale = self.reward_scale()
-        losses = self.pair_losses(chosen, rejected)
         return losses, scale * chosen.detach(), scale * rejected.detach()
+
+
+def _form(x, average: bool):
+    return x.form(average) if isinstance(x, SequenceLogProbs) else x
+
+
+def chosen_nll(policy_chosen, tokens_per_pair: Optional[float] = None) -> torch.Tensor:
+    r"""The SFT term per pair, ``[B]``: ``-Σ_t log π(y_{w,t}) / T̄_w``.
+
+    ``T̄_w`` (``tokens_per_pair``) is the mean number of chosen tokens per pair over the
+    optimizer step's global batch (the recipe all-reduces the token counts of every rank and
+    micro-batch); averaged over the step's pairs the term is then exactly the token-mean NLL
+    of all chosen tokens, ``-Σ_{pairs} Σ_t log π / Σ_{pairs} |y_w|``, whatever the number of
+    processes (TRL averages per device micro-batch instead). ``None``: this call's own mean
+    (one process, one micro-batch: the same). A row with no token contributes 0.
+
+    Args:
+        policy_chosen: ``SequenceLogProbs`` ``[B]`` of the chosen completions (its ``sum`` and
+            ``num_tokens``).
+    """
+    if not isinstance(policy_chosen, SequenceLogProbs):
+        raise ValueError(
+            "sft_weight > 0 needs the chosen completions' token counts: pass SequenceLogProbs "
+            "(sum, mean, num_tokens), not tensors"
+        )
+    if tokens_per_pair is None:
+        tokens_per_pair = policy_chosen.num_tokens.double().mean().clamp(min=1.0)
+    return -policy_chosen.sum / tokens_per_pair
+
+
+def loss_inputs(loss, first, second):
+    """What ``loss`` takes for the two halves of a batch (policy or reference): the
+    ``SequenceLogProbs`` themselves (``loss.sequence_logps``), else their sums or per-token
+    means (``loss.average_logps``); ``(None, None)`` for no log-probs. The one owner of that
+    rule (recipe, evaluation, comparison)."""
+    if first is None:
+        return None, None
+    if getattr(loss, "sequence_logps", False):
+        return first, second
+    average = bool(getattr(loss, "average_logps", False))
+    return first.form(average), second.form(average)
 
 
 def _check_same_shape(owner: str, named: dict) -> None:

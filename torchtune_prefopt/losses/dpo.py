@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import PairwiseLoss, _conservative_logistic, _label_smoothing, _positive
+from ._base import PairwiseLoss, _conservative_logistic, _label_smoothing, _non_negative, _positive
 
-__all__ = ["DPOLoss", "RobustDPOLoss"]
+__all__ = ["DPOLoss", "DPONormLoss", "DPOPLoss", "RobustDPOLoss"]
 
 
 class DPOLoss(PairwiseLoss):
@@ -32,6 +32,8 @@ class DPOLoss(PairwiseLoss):
             (range 0.01–0.5; smaller lets the policy move further from the reference).
         label_smoothing (float): ε in [0, 0.5), the assumed probability that a preference
             label is flipped. 0 (off) by default; cDPO uses small values such as 0.1.
+        sft_weight (float): ≥ 0, weight of the SFT term on the chosen completion (the
+            global token-mean NLL, see :class:`PairwiseLoss`); 0 (off) by default.
 
     Attributes: ``reference_free=False``, ``average_logps=False`` (summed log-probs),
     ``paired=True``.
@@ -50,10 +52,11 @@ class DPOLoss(PairwiseLoss):
     reference_free = False
     average_logps = False
     paired = True
-    _hparams = ("beta", "label_smoothing")
+    _hparams = ("beta", "label_smoothing", "sft_weight")
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, sft_weight: float = 0.0):
         super().__init__()
+        self._set_sft_weight(sft_weight)
         self.beta = _positive("beta", beta)
         self.label_smoothing = _label_smoothing("label_smoothing", label_smoothing)
 
@@ -94,3 +97,56 @@ class RobustDPOLoss(DPOLoss):
         z = self.beta * h
         logsig = torch.nn.functional.logsigmoid
         return (-(1.0 - eps) * logsig(z) + eps * logsig(-z)) / (1.0 - 2.0 * eps)
+
+
+class DPONormLoss(DPOLoss):
+    r"""Length-normalised DPO: DPO on per-token *mean* log-ratios (Tülu 3, Lambert et al.
+    2024, arXiv 2411.15124; TRL ``loss_type="sigmoid_norm"``).
+
+    .. math::
+        h = \Big(\overline{\log\pi}(y_w) - \overline{\log\pi_{ref}}(y_w)\Big)
+          - \Big(\overline{\log\pi}(y_l) - \overline{\log\pi_{ref}}(y_l)\Big),\qquad
+        \ell = -\log\sigma(\beta h)
+
+    with ``\overline{\log\pi}(y) = \frac{1}{|y|}\sum_t \log\pi(y_t)`` (label smoothing as in
+    :class:`DPOLoss`). A per-token ``h`` is ~|y| times smaller than DPO's, so β must be much
+    larger: Tülu 3 / OLMo use β = 5 (the default here); keep β ≥ 5.
+
+    Args: as :class:`DPOLoss` (``beta`` default 5.0). Attributes: ``average_logps=True``.
+    """
+
+    average_logps = True
+
+    def __init__(self, beta: float = 5.0, label_smoothing: float = 0.0, sft_weight: float = 0.0):
+        super().__init__(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+
+
+class DPOPLoss(DPOLoss):
+    r"""DPO-Positive (DPOP), Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference
+    Optimisation with DPO-Positive" (arXiv 2402.13228), Eq. 3.
+
+    DPO can lower the chosen completion's likelihood while widening the margin (likelihood
+    displacement); DPOP penalises the chosen log-ratio falling below 0 inside the sigmoid:
+
+    .. math::
+        \ell = -\log\sigma\Big(\beta\big(h - \lambda\,\max(0,\ \log\pi_{ref}(y_w) - \log\pi(y_w))\big)\Big)
+
+    with ``h`` DPO's summed log-ratio margin. ``λ = 0`` is DPO.
+
+    Args:
+        beta (float): β > 0, as DPO (default 0.1).
+        lambda_ (float): λ ≥ 0, the penalty weight (the paper uses 50; config key ``lambda_``).
+        sft_weight (float): as :class:`DPOLoss`.
+    """
+
+    _hparams = ("beta", "lambda_", "sft_weight")
+
+    def __init__(self, beta: float = 0.1, lambda_: float = 50.0, sft_weight: float = 0.0):
+        super().__init__(beta=beta, sft_weight=sft_weight)
+        self.lambda_ = _non_negative("lambda_", lambda_)
+
+    def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        penalty = torch.relu(-chosen)  # max(0, log π_ref(y_w) − log π(y_w))
+        return -torch.nn.functional.logsigmoid(
+            self.beta * (chosen - rejected - self.lambda_ * penalty)
+        )

@@ -30,6 +30,8 @@ class HingeLoss(PairwiseLoss):
     Args:
         beta (float): β > 0, scale of the margin (the paper's γ); the hinge is satisfied at
             ``h = 1/β``. Typical 0.1 (range 0.05–0.5; TRL's default for ``hinge`` is 0.1).
+        sft_weight (float): ≥ 0, weight of the SFT term on the chosen completion (the
+            global token-mean NLL, see :class:`PairwiseLoss`); 0 (off) by default.
 
     Attributes: ``reference_free=False``, ``average_logps=False``, ``paired=True``.
 
@@ -45,10 +47,11 @@ class HingeLoss(PairwiseLoss):
     reference_free = False
     average_logps = False
     paired = True
-    _hparams = ("beta",)
+    _hparams = ("beta", "sft_weight")
 
-    def __init__(self, beta: float = 0.1):
+    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0):
         super().__init__()
+        self._set_sft_weight(sft_weight)
         self.beta = _positive("beta", beta)
 
     def reward_scale(self) -> float:

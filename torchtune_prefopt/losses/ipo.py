@@ -36,6 +36,8 @@ class IPOLoss(PairwiseLoss):
             over its completion, which is what the IPO authors' experiments used (and TRL's
             ``loss_type="ipo"``). False: summed log-probs, the paper's Eq. 17 literally. The
             equation is the same; this only tells the recipe which log-probs to pass.
+        sft_weight (float): ≥ 0, weight of the SFT term on the chosen completion (the
+            global token-mean NLL, see :class:`PairwiseLoss`); 0 (off) by default.
 
     Attributes: ``reference_free=False``, ``average_logps`` as given, ``paired=True``.
 
@@ -52,10 +54,11 @@ class IPOLoss(PairwiseLoss):
     reference_free = False
     average_logps = True
     paired = True
-    _hparams = ("tau", "average_logps")
+    _hparams = ("tau", "average_logps", "sft_weight")
 
-    def __init__(self, tau: float = 0.1, average_logps: bool = True):
+    def __init__(self, tau: float = 0.1, average_logps: bool = True, sft_weight: float = 0.0):
         super().__init__()
+        self._set_sft_weight(sft_weight)
         self.tau = _positive("tau", tau)
         self.average_logps = _bool("average_logps", average_logps)
 

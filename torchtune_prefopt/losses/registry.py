@@ -29,10 +29,13 @@ from typing import Any, Dict, Optional
 from torchtune_prefopt.errors import PrefOptUserError
 
 from ._base import PreferenceLoss
-from .dpo import DPOLoss, RobustDPOLoss
+from .apo import APOZeroLoss
+from .dpo import DPOLoss, DPONormLoss, DPOPLoss, RobustDPOLoss
 from .hinge import HingeLoss
 from .ipo import IPOLoss
 from .kto import KTOLoss
+from .orpo import ORPOLoss
+from .sft import SFTLoss
 from .simpo import SimPOLoss
 
 __all__ = ["ENTRY_POINT_GROUP", "available_losses", "get_loss_class", "build_loss"]
@@ -47,6 +50,11 @@ _BUILTIN: Dict[str, type] = {
     "hinge": HingeLoss,
     "rso": HingeLoss,
     "robust_dpo": RobustDPOLoss,
+    "dpo_norm": DPONormLoss,
+    "dpop": DPOPLoss,
+    "apo_zero": APOZeroLoss,
+    "orpo": ORPOLoss,
+    "sft": SFTLoss,
 }
 
 _REQUIRED_ATTRS = ("reference_free", "average_logps", "paired")

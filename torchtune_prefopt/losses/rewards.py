@@ -32,7 +32,8 @@ def pair_rewards(
     """The loss's implicit rewards ``(r(y_w), r(y_l))`` of ``B`` pairs, each ``[B]``, detached.
 
     The log-prob arguments are in the loss's own form (per-token means if
-    ``loss_fn.average_logps``, else sums); the reference ones may be ``None`` for a
+    ``loss_fn.average_logps``, else sums; ``SequenceLogProbs`` for a ``sequence_logps`` loss,
+    which also takes tensors here: its ``rewards``); the reference ones may be ``None`` for a
     reference-free loss. Pairwise losses are called once on the pairs. Unpaired losses (KTO)
     are called with every chosen completion as a desirable row and every rejected one as an
     undesirable row, with no KL rows: their reward ``β·(log π − log π_ref)`` does not depend on
@@ -40,7 +41,11 @@ def pair_rewards(
     collective, as in training).
     """
     with torch.no_grad():
-        if getattr(loss_fn, "paired", True):
+        if callable(getattr(loss_fn, "rewards", None)):  # PairwiseLoss, WeightedSum
+            chosen, rejected = loss_fn.rewards(
+                policy_chosen, policy_rejected, reference_chosen, reference_rejected
+            )
+        elif getattr(loss_fn, "paired", True):
             _, chosen, rejected = loss_fn(
                 policy_chosen, policy_rejected, reference_chosen, reference_rejected
             )

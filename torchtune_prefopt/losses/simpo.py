@@ -28,8 +28,8 @@ class SimPOLoss(PairwiseLoss):
 
     ``ε = 0`` is the paper's Eq. 6. γ is the paper's *absolute* margin in reward units
     (the authors' later code takes ``gamma_beta_ratio = γ/β`` instead: convert with
-    ``γ = β · gamma_beta_ratio``). At ``β·Δavg = γ`` the loss (ε = 0) is ``log 2``. No SFT/NLL
-    term is added.
+    ``γ = β · gamma_beta_ratio``). At ``β·Δavg = γ`` the loss (ε = 0) is ``log 2``. ``sft_weight > 0``
+    adds the SFT term (CPO-SimPO).
 
     Args:
         beta (float): β > 0, reward scale. The paper uses 2.0–2.5 (later releases up to 10
@@ -37,6 +37,8 @@ class SimPOLoss(PairwiseLoss):
         gamma (float): γ ≥ 0, target reward margin. The paper's settings are roughly
             0.3–1.6 (γ/β ≈ 0.15–0.8).
         label_smoothing (float): ε in [0, 0.5), conservative smoothing as in cDPO. Default 0.
+        sft_weight (float): ≥ 0, weight of the SFT term on the chosen completion (the
+            global token-mean NLL, see :class:`PairwiseLoss`); 0 (off) by default.
 
     Attributes: ``reference_free=True`` (no reference model is loaded), ``average_logps=True``
     (inputs are per-token means), ``paired=True``.
@@ -54,10 +56,17 @@ class SimPOLoss(PairwiseLoss):
     reference_free = True
     average_logps = True
     paired = True
-    _hparams = ("beta", "gamma", "label_smoothing")
+    _hparams = ("beta", "gamma", "label_smoothing", "sft_weight")
 
-    def __init__(self, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        beta: float = 2.0,
+        gamma: float = 1.0,
+        label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
+    ):
         super().__init__()
+        self._set_sft_weight(sft_weight)
         self.beta = _positive("beta", beta)
         self.gamma = _non_negative("gamma", gamma)
         self.label_smoothing = _label_smoothing("label_smoothing", label_smoothing)
