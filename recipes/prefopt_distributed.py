@@ -82,7 +82,13 @@ from torchtune_prefopt.errors import (
     WriteFailed,
     report_user_errors,
 )
-from torchtune_prefopt.losses import build_loss, loss_inputs, pair_accuracy, pair_rewards
+from torchtune_prefopt.losses import (
+    build_loss,
+    loss_inputs,
+    pair_accuracy,
+    pair_rewards,
+    takes_sequence_logps,
+)
 from torchtune_prefopt.models.build import (
     ModelPlacement,
     build_model,
@@ -794,7 +800,12 @@ class PrefOptRecipe:
     def _global_token_mean(self, step_batches) -> Optional[float]:
         """Chosen completion tokens per pair over the step's global batch (every rank and
         micro-batch: one all-reduce), for a loss that ``needs_step_token_mean``; else None."""
-        if not (self._paired and getattr(self._loss_module, "needs_step_token_mean", False)):
+        loss = self._loss_module
+        if not (
+            self._paired
+            and takes_sequence_logps(loss)
+            and getattr(loss, "needs_step_token_mean", False)
+        ):
             return None
         counts = torch.zeros(2, dtype=torch.float64, device=self._device)
         for batch in step_batches:

@@ -332,8 +332,20 @@ def test_tokenizer_without_chat_support_is_one_line(folders):
             "tokenizer_config_json_path": str(folder / "tokenizer_config.json"),
         }
     )
-    with pytest.raises(PrefOptUserError, match="has no tokenize_messages.*hf_tokenizer"):
+    with pytest.raises(PrefOptUserError, match="has no integer pad_id.*hf_tokenizer"):
         build_tokenizer(node, 704)
+    # a tokenizer that loads but cannot render a conversation: one line from the datasets
+    from torchtune.data import Message
+
+    from torchtune_prefopt.data._common import tokenize_split
+
+    class IdsOnly:
+        pad_id = 0
+
+    with pytest.raises(PrefOptUserError, match="IdsOnly has no tokenize_messages.*hf_tokenizer"):
+        tokenize_split(
+            IdsOnly(), [Message(role="user", content="hi"), Message(role="assistant", content="yo")]
+        )
     # torchtune's Llama 3 tokenizer pointed at a tokenizer.json (tiktoken cannot read it)
     node = OmegaConf.create(
         {

@@ -247,3 +247,24 @@ def test_gradcheck_float64(make):
     sc = torch.tensor(PC, dtype=torch.float64, requires_grad=True)
     sr = torch.tensor(PR, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(f, (sc, sr), eps=1e-6, atol=1e-8)
+
+
+def test_a_subclass_with_its_own_tensor_forward_keeps_getting_tensors():
+    """A custom loss derived from DPOLoss that overrides ``forward`` (tensor maths, written
+    before SequenceLogProbs inputs existed) gets tensors in its form; declaring
+    ``sequence_logps = True`` itself opts in."""
+    from torchtune_prefopt.losses import loss_inputs, takes_sequence_logps
+
+    class Custom(DPOLoss):
+        def forward(self, pc, pr, rc, rr):
+            return super().forward(pc, pr, rc, rr)
+
+    class OptedIn(Custom):
+        sequence_logps = True
+
+    pc, pr, _, _ = inputs()
+    assert takes_sequence_logps(DPOLoss()) and not takes_sequence_logps(Custom())
+    assert takes_sequence_logps(OptedIn())
+    got = loss_inputs(Custom(), pc, pr)
+    assert torch.equal(got[0], pc.sum) and torch.equal(got[1], pr.sum)
+    assert loss_inputs(DPOLoss(), pc, pr) == (pc, pr)

@@ -50,6 +50,13 @@ def tokenize_split(tokenizer, messages: Sequence[Message]) -> Tuple[List[int], L
     own_split = getattr(tokenizer, "tokenize_prompt_completion", None)
     if own_split is not None:
         return own_split(list(messages))
+    if not callable(getattr(tokenizer, "tokenize_messages", None)):
+        raise PrefOptUserError(
+            f"tokenizer: {type(tokenizer).__name__} has no tokenize_messages(): the datasets "
+            "render chat conversations and need a torchtune ModelTokenizer; for a Hugging Face "
+            "folder use torchtune_prefopt.models.hf.hf_tokenizer with model_dir=<folder> (its "
+            "tokenizer.json and chat template)"
+        )
     ids, mask = tokenizer.tokenize_messages(list(messages))
     last = messages[-1]
     head = list(messages[:-1]) + [

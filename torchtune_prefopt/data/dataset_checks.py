@@ -16,7 +16,7 @@ __all__ = [
     "check_tokenizer_fits",
 ]
 
-_HF_HINT = (
+HF_TOKENIZER_HINT = (
     "for a Hugging Face folder use torchtune_prefopt.models.hf.hf_tokenizer with "
     "model_dir=<folder> (its tokenizer.json and chat template)"
 )
@@ -25,9 +25,9 @@ _HF_HINT = (
 def build_tokenizer(node: Any, vocab_size: Optional[int]) -> Any:
     """The ``tokenizer`` component, checked to be usable: it loads (a tokenizer over the wrong
     kind of file, e.g. ``llama3_tokenizer`` on a ``tokenizer.json``, is one line, not
-    tiktoken's traceback), it renders conversations (``tokenize_messages``: torchtune's
-    ``HuggingFaceBaseTokenizer`` has none), and its special ids are rows of the model's
-    embedding (:func:`check_tokenizer_fits`)."""
+    tiktoken's traceback), it has a ``pad_id``, and its special ids are rows of the model's
+    embedding (:func:`check_tokenizer_fits`). Whether it renders conversations is checked
+    where that is needed, by the text datasets (``data._common.tokenize_split``)."""
     from torchtune import config
 
     target = node.get("_component_", "?") if hasattr(node, "get") else "?"
@@ -38,19 +38,12 @@ def build_tokenizer(node: Any, vocab_size: Optional[int]) -> Any:
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad file or argument
         msg = " ".join(str(err).split())[:240]
         raise PrefOptUserError(
-            f"tokenizer: {target} could not be built ({type(err).__name__}: {msg}); {_HF_HINT}"
+            f"tokenizer: {target} could not be built ({type(err).__name__}: {msg}); {HF_TOKENIZER_HINT}"
         ) from err
-    for needed in ("tokenize_messages", "encode", "decode"):
-        if not callable(getattr(tokenizer, needed, None)):
-            raise PrefOptUserError(
-                f"tokenizer: {type(tokenizer).__name__} ({target}) has no {needed}(); the recipe "
-                f"renders chat conversations and needs a torchtune ModelTokenizer; {_HF_HINT}"
-            )
-    for needed in ("pad_id", "eos_id"):
-        if not isinstance(getattr(tokenizer, needed, None), int):
-            raise PrefOptUserError(
-                f"tokenizer: {type(tokenizer).__name__} ({target}) has no integer {needed}"
-            )
+    if not isinstance(getattr(tokenizer, "pad_id", None), int):
+        raise PrefOptUserError(
+            f"tokenizer: {type(tokenizer).__name__} ({target}) has no integer pad_id; {HF_TOKENIZER_HINT}"
+        )
     check_tokenizer_fits(tokenizer, vocab_size)
     return tokenizer
 

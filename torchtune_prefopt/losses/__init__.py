@@ -4,7 +4,7 @@ DPO, DPO-Positive, APO-zero, ORPO, SFT), weighted sums of them, and their regist
 See ``docs/ARCHITECTURE.md`` ("Losses") for the interface every loss follows.
 """
 
-from ._base import PairwiseLoss, PreferenceLoss, chosen_nll, loss_inputs
+from ._base import PairwiseLoss, PreferenceLoss, chosen_nll, loss_inputs, takes_sequence_logps
 from .apo import APOZeroLoss
 from .combined import WeightedSum
 from .dpo import DPOLoss, DPONormLoss, DPOPLoss, RobustDPOLoss
@@ -34,6 +34,7 @@ __all__ = [
     "WeightedSum",
     "chosen_nll",
     "loss_inputs",
+    "takes_sequence_logps",
     "build_loss",
     "available_losses",
     "get_loss_class",

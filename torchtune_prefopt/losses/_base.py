@@ -43,7 +43,7 @@ from torch import nn
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.modules.sequence_logprobs import SequenceLogProbs
 
-__all__ = ["PairwiseLoss", "PreferenceLoss", "chosen_nll", "loss_inputs"]
+__all__ = ["PairwiseLoss", "PreferenceLoss", "chosen_nll", "loss_inputs", "takes_sequence_logps"]
 
 # Hyper-parameter errors are PrefOptUserError (a ValueError): the recipe reports them as one
 # line, unchanged, so the message must start with the config key (``loss.beta ...``).
@@ -284,6 +284,19 @@ def chosen_nll(policy_chosen, tokens_per_pair: Optional[float] = None) -> torch.
     return -policy_chosen.sum / tokens_per_pair
 
 
+def takes_sequence_logps(loss) -> bool:
+    """``loss.sequence_logps``, unless a subclass overrides ``forward`` below the class that
+    declares the flag: a custom loss derived from, say, ``DPOLoss`` with its own tensor
+    ``forward`` keeps getting tensors (as before the flag existed) until it declares
+    ``sequence_logps = True`` itself."""
+    if not getattr(loss, "sequence_logps", False):
+        return False
+    mro = type(loss).__mro__
+    flag = next((i for i, k in enumerate(mro) if "sequence_logps" in k.__dict__), len(mro))
+    forward = next((i for i, k in enumerate(mro) if "forward" in k.__dict__), len(mro))
+    return flag <= forward
+
+
 def loss_inputs(loss, first, second):
     """What ``loss`` takes for the two halves of a batch (policy or reference): the
     ``SequenceLogProbs`` themselves (``loss.sequence_logps``), else their sums or per-token
@@ -291,7 +304,7 @@ def loss_inputs(loss, first, second):
     rule (recipe, evaluation, comparison)."""
     if first is None:
         return None, None
-    if getattr(loss, "sequence_logps", False):
+    if takes_sequence_logps(loss):
         return first, second
     average = bool(getattr(loss, "average_logps", False))
     return first.form(average), second.form(average)

@@ -9,7 +9,7 @@ import torch
 
 from torchtune_prefopt.errors import PrefOptUserError
 
-from ._base import PairwiseLoss, PreferenceLoss, _as_float
+from ._base import PairwiseLoss, PreferenceLoss, _as_float, loss_inputs, takes_sequence_logps
 from .registry import build_loss
 
 __all__ = ["WeightedSum"]
@@ -103,13 +103,14 @@ class WeightedSum(PreferenceLoss):
         total = None
         term_losses = {}
         for name, weight, term in zip(self.names, self.weights, self.terms):
-            losses, _, _ = term(
-                policy_chosen_logps,
-                policy_rejected_logps,
-                None if term.reference_free else reference_chosen_logps,
-                None if term.reference_free else reference_rejected_logps,
-                chosen_tokens_per_pair=chosen_tokens_per_pair,
-            )
+            pc, pr = loss_inputs(term, policy_chosen_logps, policy_rejected_logps)
+            rc, rr = (None, None)
+            if not term.reference_free:
+                rc, rr = loss_inputs(term, reference_chosen_logps, reference_rejected_logps)
+            extra = {}
+            if takes_sequence_logps(term):
+                extra["chosen_tokens_per_pair"] = chosen_tokens_per_pair
+            losses, _, _ = term(pc, pr, rc, rr, **extra)
             term_losses[name] = losses.detach()
             total = weight * losses if total is None else total + weight * losses
         self.term_losses = term_losses

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._base import takes_sequence_logps
+
 __all__ = ["pair_accuracy", "pair_rewards"]
 
 
@@ -41,7 +43,7 @@ def pair_rewards(
     collective, as in training).
     """
     with torch.no_grad():
-        if callable(getattr(loss_fn, "rewards", None)):  # PairwiseLoss, WeightedSum
+        if takes_sequence_logps(loss_fn) and callable(getattr(loss_fn, "rewards", None)):
             chosen, rejected = loss_fn.rewards(
                 policy_chosen, policy_rejected, reference_chosen, reference_rejected
             )
