@@ -157,9 +157,8 @@ class PrefOptRecipe:
         self.epochs_run = 0
         self._resume_micro = 0
         self._sigterm = False
-        self._step_token_mean: Optional[float] = (
-            None  # the SFT term: chosen tokens per pair of the step
-        )
+        # the SFT term's normaliser: chosen tokens per pair of the current step's global batch
+        self._step_token_mean: Optional[float] = None
         # Set in setup(); cleanup() must work (and not mask the real error) if setup fails early.
         self._metric_logger = None
         self._lock: Optional[OutputDirLock] = None
@@ -807,12 +806,9 @@ class PrefOptRecipe:
             and getattr(loss, "needs_step_token_mean", False)
         ):
             return None
-        counts = torch.zeros(2, dtype=torch.float64, device=self._device)
-        for batch in step_batches:
-            chosen = batch.label_counts()[: len(batch)]
-            counts += torch.tensor(
-                [float(chosen.sum()), float(len(batch))], dtype=torch.float64, device=self._device
-            )
+        tokens = sum(float(b.label_counts()[: len(b)].sum()) for b in step_batches)  # chosen half
+        pairs = sum(len(b) for b in step_batches)
+        counts = torch.tensor([tokens, pairs], dtype=torch.float64, device=self._device)
         all_reduce_sum(counts)
         return float(counts[0] / counts[1])
 

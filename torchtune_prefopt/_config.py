@@ -349,8 +349,9 @@ def _same_component(a: Any, b: str) -> bool:
 
 
 def components_from_working_directory() -> None:
-    """Put the working directory on ``sys.path`` (last: never shadowing an installed package), so a ``_component_`` in a local file
-    (``my_tokenizer.MyTokenizer`` next to the config) imports in every process.
+    """Put the working directory on ``sys.path`` (last: it never shadows an installed
+    package), so a ``_component_`` in a local file (``my_tokenizer.MyTokenizer`` next to the
+    config) imports in every process.
 
     A single ``tune run`` process runs the recipe with ``runpy`` and already has it; torchrun
     workers run the recipe file as a script, whose ``sys.path[0]`` is the recipe's folder, so

@@ -12,6 +12,12 @@ from torchtune_prefopt.errors import PrefOptUserError
 
 # CROSS_ENTROPY_IGNORE_IDX (torchtune's -100): the one label value that is not scored.
 
+#: what a tokenizer error suggests instead
+HF_TOKENIZER_HINT = (
+    "for a Hugging Face folder use torchtune_prefopt.models.hf.hf_tokenizer with "
+    "model_dir=<folder> (its tokenizer.json and chat template)"
+)
+
 
 def untruncated(tokenizer):
     """A shallow copy of ``tokenizer`` that does not truncate (we truncate ourselves).
@@ -53,9 +59,7 @@ def tokenize_split(tokenizer, messages: Sequence[Message]) -> Tuple[List[int], L
     if not callable(getattr(tokenizer, "tokenize_messages", None)):
         raise PrefOptUserError(
             f"tokenizer: {type(tokenizer).__name__} has no tokenize_messages(): the datasets "
-            "render chat conversations and need a torchtune ModelTokenizer; for a Hugging Face "
-            "folder use torchtune_prefopt.models.hf.hf_tokenizer with model_dir=<folder> (its "
-            "tokenizer.json and chat template)"
+            f"render chat conversations and need a torchtune ModelTokenizer; {HF_TOKENIZER_HINT}"
         )
     ids, mask = tokenizer.tokenize_messages(list(messages))
     last = messages[-1]

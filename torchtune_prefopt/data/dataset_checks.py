@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from torchtune_prefopt.data._batch import is_paired_row
+from torchtune_prefopt.data._common import HF_TOKENIZER_HINT
 from torchtune_prefopt.errors import PrefOptUserError
 
 __all__ = [
@@ -15,11 +16,6 @@ __all__ = [
     "check_fits_context",
     "check_tokenizer_fits",
 ]
-
-HF_TOKENIZER_HINT = (
-    "for a Hugging Face folder use torchtune_prefopt.models.hf.hf_tokenizer with "
-    "model_dir=<folder> (its tokenizer.json and chat template)"
-)
 
 
 def build_tokenizer(node: Any, vocab_size: Optional[int]) -> Any:

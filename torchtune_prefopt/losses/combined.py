@@ -102,7 +102,8 @@ class WeightedSum(PreferenceLoss):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         total = None
         term_losses = {}
-        for name, weight, term in zip(self.names, self.weights, self.terms):
+        rewards = None
+        for i, (name, weight, term) in enumerate(zip(self.names, self.weights, self.terms)):
             pc, pr = loss_inputs(term, policy_chosen_logps, policy_rejected_logps)
             rc, rr = (None, None)
             if not term.reference_free:
@@ -110,14 +111,10 @@ class WeightedSum(PreferenceLoss):
             extra = {}
             if takes_sequence_logps(term):
                 extra["chosen_tokens_per_pair"] = chosen_tokens_per_pair
-            losses, _, _ = term(pc, pr, rc, rr, **extra)
+            losses, chosen, rejected = term(pc, pr, rc, rr, **extra)
+            if i == self._reward_index:
+                rewards = (chosen, rejected)
             term_losses[name] = losses.detach()
             total = weight * losses if total is None else total + weight * losses
         self.term_losses = term_losses
-        chosen, rejected = self.rewards(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            reference_chosen_logps,
-            reference_rejected_logps,
-        )
-        return total, chosen, rejected
+        return total, rewards[0], rewards[1]
