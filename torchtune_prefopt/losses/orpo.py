@@ -38,6 +38,11 @@ class ORPOLoss(PairwiseLoss):
     token probability above 0.999999), where ``log(1 − e^m)`` would be ``-inf`` (``m = 0``)
     and the odds ratio undefined; below that the values are exact.
 
+    The NLL is on the completion tokens, as the paper's equation has it; TRL's ORPO trainer
+    (and the ORPO authors' code) also put it on the prompt tokens (trl #1516, #2527). On rows
+    whose prompt is one token the two agree, and there the steps equal TRL's
+    (``tests/test_trl_equality.py``).
+
     Args:
         lambda_ (float): λ > 0, the odds-ratio weight (the paper's λ, TRL's ``beta``; 0.1 by
             default, the paper uses 0.1–0.25).
