@@ -290,10 +290,28 @@ def test_expand_sweep_names_and_configs():
     assert expand_sweep(["kto"], configs, {"dpo": {"beta": [0.3]}})[0] == ["kto"]
 
 
+def test_expand_sweep_registered_losses_run_with_their_defaults():
+    """A registered loss name without a compare.loss_configs entry is that loss with its own
+    defaults, swept or not; its sweep is ignored when compare.losses leaves it out; a name
+    that is neither configured nor registered is one line."""
+    names, cfgs, points = expand_sweep(
+        ["dpo_norm", "orpo"], {}, {"orpo": {"lambda_": [0.1, 0.3]}, "apo_zero": {"beta": [1]}}
+    )
+    assert names == ["dpo_norm", "orpo-lambda_0.1", "orpo-lambda_0.3"]
+    assert cfgs["dpo_norm"] == {"_component_": "torchtune_prefopt.losses.dpo.DPONormLoss"}
+    assert cfgs["orpo-lambda_0.3"] == {
+        "_component_": "torchtune_prefopt.losses.orpo.ORPOLoss",
+        "lambda_": 0.3,
+    }
+    assert points["orpo-lambda_0.1"] == SweepPoint("orpo", ("lambda_", 0.1), None)
+    with pytest.raises(PrefOptUserError, match="'dpo_nrom' is not a registered loss"):
+        expand_sweep(["dpo_nrom"], {}, {"dpo_nrom": {"beta": [1]}})
+
+
 @pytest.mark.parametrize(
     "sweep, message",
     [
-        ({"ipo": {"tau": [0.1]}}, "compare.sweep.ipo: not a loss of compare.losses"),
+        ({"ipo2": {"tau": [0.1]}}, "compare.sweep.ipo2: not a loss of compare.losses"),
         ({"dpo": {"beta": []}}, "non-empty list"),
         ({"dpo": {"beta": [0.1, -1]}}, "-1 is not a positive number"),
         ({"dpo": {"beta": [0.1, 0.1]}}, "listed twice"),
@@ -522,9 +540,14 @@ def test_e2e_small_frontier(tmp_path):
         "compare.task.sft_examples=2400",
         "compare.task.train_pairs=64",
         "compare.task.heldout_pairs=16",
-        "compare.losses=[dpo,simpo]",
+        # the registered losses without a compare.loss_configs entry: their own defaults
+        "compare.losses=[dpo,simpo,dpo_norm,orpo,apo_zero,dpop]",
         "compare.sweep.dpo.beta=[0.1,0.5]",
         "compare.sweep.simpo.beta=[2.0,4.0]",
+        "compare.sweep.dpo_norm.beta=[5.0]",
+        "compare.sweep.orpo.lambda_=[0.1]",
+        "compare.sweep.apo_zero.beta=[0.1]",
+        "compare.sweep.dpop.beta=[0.1]",
         "compare.seeds=[0,1]",
         "compare.train_overrides.max_steps_per_epoch=6",
         "compare.kl.samples_per_prompt=4",
@@ -537,10 +560,20 @@ def test_e2e_small_frontier(tmp_path):
     assert report["matched"]["ok"], report["matched"]  # seeds differ on purpose only
     frontier = report["frontier"]
     points = {p["name"]: p for p in frontier["points"]}
-    assert set(points) == {"reference", "dpo-beta0.1", "dpo-beta0.5", "simpo-beta2", "simpo-beta4"}
+    new = {"dpo_norm-beta5", "orpo-lambda_0.1", "apo_zero-beta0.1", "dpop-beta0.1"}
+    assert set(points) == {
+        "reference",
+        "dpo-beta0.1",
+        "dpo-beta0.5",
+        "simpo-beta2",
+        "simpo-beta4",
+        *new,
+    }
     assert points["reference"]["kl"] == 0.0
     runs = {p["name"]: p for p in frontier["runs"]}
-    assert len(runs) == 1 + 8 and runs["dpo-beta0.5-seed1"]["seed"] == 1
+    assert len(runs) == 1 + 8 + 2 * len(new) and runs["dpo-beta0.5-seed1"]["seed"] == 1
+    report_md = (out / "report.md").read_text()
+    assert all(name in report_md for name in new), report_md[:3000]
     saved = yaml_seed(out / "dpo-beta0.5-seed1" / "torchtune_config.yaml")
     assert saved == 1
     task = ListTask()

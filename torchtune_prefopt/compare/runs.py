@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_LOSSES",
     "RunSpec",
     "SweepPoint",
+    "loss_config",
     "dotlist",
     "expand_sweep",
     "kto_dataset_overrides",
@@ -201,6 +202,20 @@ def _strength_text(value: float) -> str:
     return f"{float(value):g}"
 
 
+def loss_config(name: str, loss_configs: Mapping[str, Any]) -> Any:
+    """The loss config of the ``compare.losses`` entry ``name``: ``compare.loss_configs.<name>``,
+    else, for a registered loss name (built-in or entry point), that loss with its own
+    defaults (``{"_component_": <its class>}``); ``None`` for neither."""
+    if name in loss_configs:
+        return to_plain(loss_configs.get(name), resolve=False)
+    from torchtune_prefopt.losses.registry import available_losses
+
+    cls = available_losses().get(name.lower()) if isinstance(name, str) else None
+    if cls is None:
+        return None
+    return {"_component_": f"{cls.__module__}.{cls.__qualname__}"}
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """Where a run sits in a comparison: its loss (the ``compare.losses`` entry), the swept
@@ -221,7 +236,8 @@ def expand_sweep(
     """``compare.sweep`` (``{loss: {argument: [values]}}``, one argument per loss) and
     ``compare.seeds`` -> the run names, their loss configs and each run's :class:`SweepPoint`.
 
-    Run ``<loss>-<argument><value>`` (e.g. ``dpo-beta0.1``) trains ``compare.loss_configs.<loss>``
+    Run ``<loss>-<argument><value>`` (e.g. ``dpo-beta0.1``) trains the loss's config
+    (:func:`loss_config`: ``compare.loss_configs.<loss>`` or the registered loss's defaults)
     with ``argument`` set to ``value``; losses not in the sweep keep one run named after
     the loss; sweeps of losses that ``losses`` leaves out are ignored. Values must be
     positive numbers, at least one per swept loss. With ``seeds``, every run is trained once
@@ -232,13 +248,15 @@ def expand_sweep(
         raise PrefOptUserError(
             f"compare.sweep must be a mapping loss -> {{argument: [values]}}, got {sweep!r}"
         )
-    # a sweep of a configured loss that compare.losses leaves out is ignored (as its
-    # loss_configs entry is); a name that is neither is a typo
-    unknown = sorted(set(sweep) - set(losses) - set(loss_configs))
+    # a sweep of a configured or registered loss that compare.losses leaves out is ignored
+    # (as its loss_configs entry is); a name that is neither is a typo
+    unknown = sorted(
+        n for n in set(sweep) - set(losses) if loss_config(str(n), loss_configs) is None
+    )
     if unknown:
         raise PrefOptUserError(
-            f"compare.sweep.{unknown[0]}: not a loss of compare.losses {list(losses)} or "
-            f"compare.loss_configs {sorted(loss_configs)}"
+            f"compare.sweep.{unknown[0]}: not a loss of compare.losses {list(losses)}, "
+            f"compare.loss_configs {sorted(loss_configs)} or the registered losses"
         )
     seeds = to_plain(seeds, resolve=True)
     if seeds is not None:
@@ -265,7 +283,7 @@ def expand_sweep(
             points[run] = SweepPoint(point.family, point.strength, seed)
 
     for loss in losses:
-        base = to_plain(loss_configs.get(loss), resolve=False) if loss in loss_configs else None
+        base = loss_config(loss, loss_configs)
         if loss not in sweep:
             add(loss, base, SweepPoint(loss))
             continue
@@ -282,7 +300,8 @@ def expand_sweep(
             )
         if base is None:
             raise PrefOptUserError(
-                f"compare.losses: no compare.loss_configs.{loss} (have {sorted(loss_configs)})"
+                f"compare.losses: {loss!r} is not a registered loss and has no "
+                f"compare.loss_configs.{loss} (have {sorted(loss_configs)})"
             )
         if isinstance(base, str):
             base = {"_component_": base}
@@ -331,7 +350,8 @@ def plan_runs(
             raise PrefOptUserError(f"compare.losses: {name!r} is not a valid run name")
         if name not in loss_configs:
             raise PrefOptUserError(
-                f"compare.losses: no compare.loss_configs.{name} (have {sorted(loss_configs)})"
+                f"compare.losses: {name!r} is not a registered loss and has no "
+                f"compare.loss_configs.{name} (have {sorted(loss_configs)})"
             )
         spec = loss_configs[name]
         paired = True
