@@ -584,10 +584,13 @@ def test_dry_run_and_unfinished_runs(tmp_path, monkeypatch, capsys):
     assert _run_compare_in_process(monkeypatch, [f"output_dir={out}", "compare.lossses=[dpo]"]) == 2
     assert "did you mean 'losses'" in capsys.readouterr().err
     assert (
-        _run_compare_in_process(monkeypatch, [f"output_dir={out}", "compare.losses=[dpo,orpo]"])
+        _run_compare_in_process(monkeypatch, [f"output_dir={out}", "compare.losses=[dpo,orpoo]"])
         == 2
     )
-    assert "compare.loss_configs.orpo" in capsys.readouterr().err
+    # a registered name (orpo) would run with its own defaults; a typo is one line
+    assert "'orpoo' is not a registered loss and has no compare.loss_configs.orpoo" in (
+        capsys.readouterr().err
+    )
 
 
 def test_real_model_compare_config_plans_matched_runs(tmp_path, monkeypatch, capsys):
