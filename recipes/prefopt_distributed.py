@@ -95,6 +95,7 @@ from torchtune_prefopt.models.build import (
     context_length,
     is_lora_model,
     meta_model,
+    shards_model,
     vocab_size,
 )
 from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
@@ -311,6 +312,7 @@ class PrefOptRecipe:
             fsdp_cpu_offload=s.fsdp_cpu_offload,
             fsdp_reshard_after_forward=s.fsdp_reshard_after_forward,
             custom_sharded_layers=s.custom_sharded_layers,
+            shard=shards_model(self.world_size, s.fsdp_cpu_offload),
         )
 
     def _setup_policy(self, cfg_model: Any, base_sd: Dict[str, torch.Tensor]):

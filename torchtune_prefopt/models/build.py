@@ -28,6 +28,7 @@ __all__ = [
     "init_rope",
     "is_lora_model",
     "meta_model",
+    "shards_model",
     "vocab_size",
 ]
 
@@ -35,7 +36,12 @@ __all__ = [
 @dataclass(frozen=True)
 class ModelPlacement:
     """Where and how a model runs (the recipe's ``device``, ``dtype``, ``compile``,
-    ``enable_activation_checkpointing`` and FSDP2 keys)."""
+    ``enable_activation_checkpointing`` and FSDP2 keys).
+
+    ``shard``: wrap the model in FSDP2 (:func:`shards_model` decides it from the world size);
+    ``False``: a plain module whose weights live on ``device`` as they are, so no step pays for
+    FSDP2's all-gathers, reduce-scatters and the unsharded copies of the weights.
+    """
 
     device: torch.device
     dtype: torch.dtype
@@ -44,6 +50,17 @@ class ModelPlacement:
     fsdp_cpu_offload: bool = False
     fsdp_reshard_after_forward: bool = True
     custom_sharded_layers: Optional[Any] = None
+    shard: bool = True
+
+
+def shards_model(world_size: int, fsdp_cpu_offload: bool) -> bool:
+    """Whether the recipe wraps its models in FSDP2: on several processes (the weights,
+    gradients and optimizer state are split over them), or when the parameters are to live on
+    the CPU (``fsdp_cpu_offload``: an FSDP2 feature). One process without offload holds every
+    weight anyway: FSDP2 would only copy them (an all-gather per layer in forward and again in
+    backward, a reduce-scatter per gradient) and keep a second, unsharded copy. The numerics are
+    the same either way (a one-process all-gather / reduce-scatter is a copy)."""
+    return world_size > 1 or bool(fsdp_cpu_offload)
 
 
 def meta_model(model_cfg: Any, dtype: torch.dtype) -> nn.Module:
@@ -145,7 +162,8 @@ def build_model(
     trainable: bool,
     verbose: bool = False,
 ) -> nn.Module:
-    """A sharded model with ``state_dict``'s weights (checked against the builder first).
+    """A model (FSDP2-sharded if ``placement.shard``) with ``state_dict``'s weights (checked
+    against the builder first).
 
     Args:
         model_cfg: the ``model`` config node (a torchtune builder).
@@ -170,11 +188,16 @@ def build_model(
         training.set_activation_checkpointing(
             model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
         )
-    _shard(model, placement)
-    init_rope(model, placement)
-    training.load_from_full_model_state_dict(
-        model, state_dict, placement.device, strict=True, cpu_offload=placement.fsdp_cpu_offload
-    )
+    if placement.shard:
+        _shard(model, placement)
+        init_rope(model, placement)
+        training.load_from_full_model_state_dict(
+            model, state_dict, placement.device, strict=True, cpu_offload=placement.fsdp_cpu_offload
+        )
+    else:
+        model.to_empty(device=placement.device)  # uninitialised, in the builder's dtype
+        init_rope(model, placement)
+        model.load_state_dict(state_dict, strict=True)  # copies (and casts) every weight
     training.validate_no_params_on_meta_device(model)
     training.disable_dropout(model)
     if not trainable:

@@ -198,7 +198,7 @@ RECIPE_KEYS: Tuple[ConfigKey, ...] = (
     _K("device", "cpu", "cpu or cuda (one GPU per process under torchrun)", _device),
     _K("enable_activation_checkpointing", False, "recompute decoder layers in backward", _flag),
     _K("fsdp_cpu_offload", False, "FSDP2 parameters and gradients on the CPU", _flag),
-    _K("fsdp_reshard_after_forward", True, "FSDP2: free gathered parameters after forward", _flag),
+    _K("fsdp_reshard_after_forward", True, "FSDP2: free gathered parameters after forward (one process is not wrapped)", _flag),
     _K("custom_sharded_layers", None, "extra module names FSDP2 shards on their own"),
     _K("recipe_name", None, "set by torchtune's launcher"),
     _K("model_dir", None, "a Hugging Face model folder (hf/* configs build model, tokenizer and checkpointer from it)"),
