@@ -12,6 +12,8 @@ pairs everywhere), optimizer and number of steps:
               checkpointing off, no truncation), installed into its own directory
   torchtune   torchtune 0.6.1 ``full_dpo_distributed`` (``tune cp`` copy; on CPU the three
               patches of ``bench_vs_torchtune.py``, on a GPU unpatched)
+  plain       a plain transformers loop (``benchmarks/_plain_dpo.py``: HF model, full logits,
+              fp32 log-softmax, AdamW): the floor a user writes by hand
 
 Workloads (``_bench_components.WORKLOADS``): ``fixed`` (2 pairs, prompt 256 + 256 per
 completion: the earlier benchmark's rows), ``ultrafeedback`` (8 pairs, lognormal prompt median
@@ -19,6 +21,9 @@ completion: the earlier benchmark's rows), ``ultrafeedback`` (8 pairs, lognormal
 Model: the earlier benchmark's random-weight Llama-3-vocabulary model (``--vocab 128256``,
 2 layers, dim 256, MLP 1024, loaded from one HF checkpoint by every recipe), DPO beta 0.1,
 AdamW lr 1e-6, fp32, 1 process.
+
+Ratios: to ours padded and to the best peer (TRL, torchtune, plain loop: the most tokens/s,
+the least CPU per step, the least memory of the three, each column on its own).
 
 Real tokens/s: tokens of the step's chosen + rejected sequences (no padding; a shared prompt
 counted twice, as every layout must compute the same log-probs) / the step's wall time,
@@ -57,21 +62,23 @@ from _bench_components import WORKLOADS, workload_pairs  # noqa: E402
 from _markdown import write_section  # noqa: E402
 
 SECTION = "## Packed and prompt-shared batches on realistic lengths"
-CONFIGS = ["padded", "packed", "shared", "trl", "torchtune"]
+CONFIGS = ["padded", "packed", "shared", "trl", "torchtune", "plain"]
 LABELS = {
-    "padded": "ours, padded (today)",
+    "padded": "ours, padded",
     "packed": "ours, packed",
     "shared": "ours, packed + shared prompt",
     "trl": "TRL 1.16 DPOTrainer",
     "torchtune": "torchtune 0.6.1 full_dpo_distributed",
+    "plain": "plain transformers loop",
 }
+PEERS = ("trl", "torchtune", "plain")
 TRL_PACKAGES = ["trl==1.16.0", "accelerate"]
 
 
 def rows_for(a, workload: str):
     """``(label, pairs per step, rows)`` of a workload at ``--scale-lengths``."""
     label = workload if a.scale_lengths == 1 else f"{workload} (lengths x{a.scale_lengths:g})"
-    pairs = WORKLOADS[workload]["pairs"]
+    pairs = a.pairs or WORKLOADS[workload]["pairs"]
     total = a.warmup + a.steps
     rows = workload_pairs(None, workload, total * pairs, a.vocab, seed=0, scale=a.scale_lengths)
     return label, pairs, rows
@@ -91,6 +98,19 @@ def our_config(name: str, a, workload: str, pairs: int, ckpt: Path, files, out: 
     }
     c.update(shuffle=False, batch_size=pairs, max_steps_per_epoch=total)
     c["metric_logger"]["hold_after_step"] = total
+    if a.model == "smollm2":
+        # the real model through the HF-family builder (tied embeddings, RoPE from config.json);
+        # the reference defaults to the checkpointer's weights
+        c["model"] = {
+            "_component_": "torchtune_prefopt.models.hf.hf_decoder",
+            "model_dir": str(ckpt),
+        }
+        c["checkpointer"] = {
+            "_component_": "torchtune_prefopt.models.hf.hf_checkpointer",
+            "model_dir": str(ckpt),
+            "output_dir": str(out / "ckpt"),
+        }
+        c.pop("ref_checkpointer", None)
     if name == "torchtune":
         return bvt.as_torchtune_dpo(c)
     bvt.as_ours(c, a)
@@ -125,15 +145,21 @@ def ensure_trl(a) -> Optional[str]:
 
 
 def run(name: str, a, workload: str, pairs: int, ckpt: Path, files, tt_recipe: Path) -> Dict:
-    out = Path(a.workdir) / "runs" / f"{workload}.{name}"
+    if name == "torchtune" and a.model == "smollm2":
+        # torchtune 0.6.1's Llama builders: llama3 unties the head, llama3_2 scales RoPE
+        return {
+            "name": name,
+            "status": "no torchtune builder for SmolLM2 (tied head, unscaled RoPE)",
+        }
+    out = Path(a.workdir) / "runs" / f"{a.model}.{workload}.{name}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     clock = out / "step_clock.jsonl"
     total = a.warmup + a.steps
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
-    if name == "trl":
-        site = ensure_trl(a)
+    if name in ("trl", "plain"):
+        site = ensure_trl(a) if name == "trl" else ""
         if site is None:
             return {"name": name, "status": "TRL could not be installed"}
         if site:
@@ -145,8 +171,8 @@ def run(name: str, a, workload: str, pairs: int, ckpt: Path, files, tt_recipe: P
             "steps": total, "clock_file": str(clock), "hold_after_step": total,
             "device": a.device, "dtype": a.dtype,
         }  # fmt: skip
-        (out / "trl.json").write_text(json.dumps(cfg))
-        cmd = [sys.executable, str(HERE / "_trl_dpo.py"), str(out / "trl.json")]
+        (out / f"{name}.json").write_text(json.dumps(cfg))
+        cmd = [sys.executable, str(HERE / f"_{name}_dpo.py"), str(out / f"{name}.json")]
     else:
         cfg = our_config(name, a, workload, pairs, ckpt, files, out)
         (out / "config.yaml").write_text(bvt._yaml(cfg))
@@ -221,15 +247,22 @@ def layout_stats(rows, pairs: int, a) -> Dict[str, float]:
 def render(all_results: Dict[str, Dict], a) -> str:
     lines = []
     for workload, (summ, positions) in all_results.items():
-        pad, trl = summ.get("padded", {}), summ.get("trl", {})
+        pad = summ.get("padded", {})
+        peers = [summ[p] for p in PEERS if p in summ and "error" not in summ[p]]
+        # the best peer: the most real tokens/s, the least CPU per step, the least memory
+        best = {
+            "tokens_per_s": max((p["tokens_per_s"] for p in peers), default=None),
+            "cpu_s": min((p["cpu_s"] for p in peers), default=None),
+            "mem": min((p["mem"] for p in peers if p.get("mem")), default=None),
+        }
         lines += [
             f"**{workload}** ({summ.get('_pairs')} pairs per step; real tokens per step "
             f"{positions['real']:.0f}; positions computed per step: padded {positions['padded']:.0f}, "
             f"packed {positions['packed']:.0f}, packed + shared {positions['shared']:.0f})",
             "",
-            "| configuration | real tokens/s | vs ours padded | vs TRL | CPU s/step | CPU vs ours "
-            f"padded | CPU vs TRL | {'CUDA peak' if a.device == 'cuda' else 'peak RSS'} GiB | "
-            "memory vs ours padded | memory vs TRL |",
+            "| configuration | real tokens/s | vs ours padded | vs best peer | CPU s/step | CPU vs "
+            f"ours padded | CPU vs best peer | {'CUDA peak' if a.device == 'cuda' else 'peak RSS'} "
+            "GiB | memory vs ours padded | memory vs best peer |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name in CONFIGS:
@@ -248,8 +281,9 @@ def render(all_results: Dict[str, Dict], a) -> str:
             mem = s["mem"]
             lines.append(
                 f"| {LABELS[name]} | {s['tokens_per_s']:.0f} | {ratio('tokens_per_s', pad)} | "
-                f"{ratio('tokens_per_s', trl)} | {s['cpu_s']:.2f} | {ratio('cpu_s', pad)} | "
-                f"{ratio('cpu_s', trl)} | {bvt._gib(mem)} | {ratio('mem', pad)} | {ratio('mem', trl)} |"
+                f"{ratio('tokens_per_s', best)} | {s['cpu_s']:.2f} | {ratio('cpu_s', pad)} | "
+                f"{ratio('cpu_s', best)} | {bvt._gib(mem)} | {ratio('mem', pad)} | "
+                f"{ratio('mem', best)} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -305,6 +339,18 @@ def profile_step(a, workload: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_text(a) -> str:
+    if a.model == "smollm2":
+        return (
+            "SmolLM2-135M-Instruct (`torchtune_prefopt.models.smollm2`: 30 layers, dim 576, 9/3 "
+            "heads, MLP 1536, vocab 49152, tied head)"
+        )
+    return (
+        f"random weights, llama3 builder, vocab {a.vocab}, {a.layers} layers, dim {a.embed_dim}, "
+        f"{a.heads} heads / {a.kv_heads} KV heads, MLP {a.intermediate}"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -312,6 +358,13 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/prefopt_bench_packing")
     p.add_argument("--workloads", default="fixed,ultrafeedback,hh")
     p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument(
+        "--model",
+        choices=("random", "smollm2"),
+        default="random",
+        help="random: a random-weight Llama of the --vocab/--layers/... shape; smollm2: the real "
+        "SmolLM2-135M-Instruct (offline, from the package index; the shape flags are ignored)",
+    )
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
@@ -323,6 +376,9 @@ def main() -> None:
         "--scale-lengths", type=float, default=1.0, help="multiply every workload length"
     )
     p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument(
+        "--pairs", type=int, default=None, help="pairs per step (default: the workload's)"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1200)
@@ -339,8 +395,15 @@ def main() -> None:
         return
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / "ckpt"
-    files = bvt.make_checkpoint(a, ckpt)
+    if a.model == "smollm2":
+        from torchtune_prefopt.models.smollm2 import smollm2_135m_instruct
+
+        ckpt = smollm2_135m_instruct()  # cached once per machine
+        files = sorted(p.name for p in ckpt.glob("*.safetensors"))
+        a.vocab = 49152
+    else:
+        ckpt = work / "ckpt"
+        files = bvt.make_checkpoint(a, ckpt)
     tt_recipe, _ = bvt.prepare_torchtune_recipe(work, patch=a.device == "cpu")
     started = time.time()
     all_results: Dict[str, tuple] = {}
@@ -367,9 +430,8 @@ def main() -> None:
     minutes = (time.time() - started) / 60
     header = (
         f"Machine: {bvt.machine()}. Command: `python benchmarks/{Path(__file__).name} "
-        f"{' '.join(sys.argv[1:])}` ({minutes:.1f} min). Model: llama3 builder, vocab {a.vocab}, "
-        f"{a.layers} layers, dim {a.embed_dim}, {a.heads} heads / {a.kv_heads} KV heads, MLP "
-        f"{a.intermediate}, {a.dtype} on {a.device}; DPO beta 0.1, AdamW lr 1e-6, 1 process; "
+        f"{' '.join(sys.argv[1:])}` ({minutes:.1f} min). Model: {model_text(a)}, "
+        f"{a.dtype} on {a.device}; DPO beta 0.1, AdamW lr 1e-6, 1 process; "
         f"{a.warmup} warm-up + {a.steps} measured steps per configuration, rows in the same "
         "order everywhere."
     )
