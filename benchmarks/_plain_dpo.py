@@ -6,15 +6,14 @@ rows then rejected), the HF model's full logits, ``log_softmax`` in fp32, the co
 log-probs summed per sequence, the reference model's the same under ``torch.no_grad``, DPO
 (beta 0.1), ``backward``, ``torch.optim.AdamW`` (lr 1e-6), no clipping, no scheduler. Nothing
 clever: no chunking, no packing, no prompt sharing. Steps are stamped into the same JSONL clock
-file as the other recipes (``t``, ``cpu``, ``rss``, ``hwm``, ``cuda_peak``); after
-``hold_after_step`` it writes ``{"hold": true}`` and sleeps so the harness reads the peak RSS.
+file as our recipe (``_bench_components.StepClockLogger``: ``t``, ``cpu``, ``rss``, ``hwm``,
+``cuda_peak``; after ``hold_after_step`` it holds so the harness reads the peak RSS).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench_components import _cuda_peak, _vm, workload_pairs  # noqa: E402
+from _bench_components import StepClockLogger, workload_pairs  # noqa: E402
 
 
 def _batch(items, pad_id: int, device):
@@ -68,22 +67,14 @@ def main() -> None:
     policy.train()
     reference.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.0)
-    clock = open(cfg["clock_file"], "a")
-
-    def stamp(step: int) -> None:
-        rec = {
-            "step": step,
-            "t": time.monotonic(),
-            "cpu": time.process_time(),
-            "rss": _vm("VmRSS"),
-            "hwm": _vm("VmHWM"),
-            "cuda_peak": _cuda_peak(),
-        }
-        clock.write(json.dumps(rec) + "\n")
-        clock.flush()
-
+    clock = StepClockLogger(
+        log_dir=str(Path(cfg["clock_file"]).parent),
+        clock_file=cfg["clock_file"],
+        hold_after_step=cfg["hold_after_step"],
+        hold_s=cfg.get("hold_s", 120),
+    )
     batch, beta = cfg["batch"], 0.1
-    stamp(0)
+    clock.log_dict({"loss": float("nan")}, 0)  # the clock's start
     for step in range(1, cfg["steps"] + 1):
         items = [rows[i] for i in range((step - 1) * batch, step * batch)]
         ids, mask, labels = _batch(items, 0, device)
@@ -97,11 +88,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        stamp(step)
-        if step >= cfg["hold_after_step"]:
-            clock.write(json.dumps({"hold": True, "t": time.monotonic()}) + "\n")
-            clock.flush()
-            time.sleep(cfg.get("hold_s", 120))
+        clock.log_dict({"loss": loss.item()}, step)  # holds after hold_after_step
 
 
 if __name__ == "__main__":

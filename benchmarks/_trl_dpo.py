@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench_components import _cuda_peak, _vm, workload_pairs  # noqa: E402
+from _bench_components import StepClockLogger, workload_pairs  # noqa: E402
 
 
 def _tokenizer():
@@ -73,24 +72,17 @@ def main() -> None:
         cols["rejected_ids"].append(it["rejected_input_ids"][n:])
     dataset = Dataset.from_dict(cols)
 
-    clock = open(cfg["clock_file"], "a")
+    clock = StepClockLogger(
+        log_dir=str(Path(cfg["clock_file"]).parent),
+        clock_file=cfg["clock_file"],
+        hold_after_step=cfg["hold_after_step"],
+        hold_s=cfg.get("hold_s", 120),
+    )
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            rec = {
-                "step": int(state.global_step),
-                "t": time.monotonic(),
-                "cpu": time.process_time(),
-                "rss": _vm("VmRSS"),
-                "hwm": _vm("VmHWM"),
-                "cuda_peak": _cuda_peak(),
-            }
-            clock.write(json.dumps(rec) + "\n")
-            clock.flush()
-            if state.global_step >= cfg["hold_after_step"]:
-                clock.write(json.dumps({"hold": True, "t": time.monotonic()}) + "\n")
-                clock.flush()
-                time.sleep(cfg.get("hold_s", 120))
+            # the loss is not known here (TRL logs it later): the clock needs only the time
+            clock.log_dict({"loss": float("nan")}, int(state.global_step))
 
     DPOTrainer._prepare_dataset = lambda self, dataset, *a, **k: dataset  # token ids already
     DPOTrainer._get_train_sampler = lambda self, *a, **k: SequentialSampler(self.train_dataset)
