@@ -269,3 +269,27 @@ def workload_pairs(
         items.append(paired_row(prompt, chosen, rejected, len(items)))
     real = sum(len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in items)
     return _Rows(items, {"rows": len(items), "workload": workload, "real_tokens": real})
+
+
+# --------------------------------------------------------------------------- peer scripts
+def peer_rows(cfg: Mapping[str, Any]):
+    """The rows of a peer script's run (``_trl_dpo.py``, ``_plain_dpo.py``): its JSON config's
+    workload, as :func:`workload_pairs` gives them to our recipe."""
+    return workload_pairs(
+        None,
+        cfg["workload"],
+        cfg["num_pairs"],
+        vocab_size=cfg["vocab"],
+        seed=cfg["seed"],
+        scale=cfg.get("scale", 1.0),
+    )
+
+
+def peer_clock(cfg: Mapping[str, Any]) -> "StepClockLogger":
+    """The step clock of a peer script's run: the clock file and hold of its JSON config."""
+    return StepClockLogger(
+        log_dir=os.path.dirname(cfg["clock_file"]),
+        clock_file=cfg["clock_file"],
+        hold_after_step=cfg["hold_after_step"],
+        hold_s=cfg.get("hold_s", 120),
+    )

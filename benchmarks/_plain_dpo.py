@@ -22,7 +22,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench_components import StepClockLogger, workload_pairs  # noqa: E402
+from _bench_components import peer_clock, peer_rows  # noqa: E402
 
 
 def _batch(items, pad_id: int, device):
@@ -54,25 +54,13 @@ def main() -> None:
 
     device = torch.device(cfg["device"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
-    rows = workload_pairs(
-        None,
-        cfg["workload"],
-        cfg["num_pairs"],
-        vocab_size=cfg["vocab"],
-        seed=cfg["seed"],
-        scale=cfg.get("scale", 1.0),
-    )
+    rows = peer_rows(cfg)
     policy = LlamaForCausalLM.from_pretrained(cfg["checkpoint_dir"], dtype=dtype).to(device)
     reference = LlamaForCausalLM.from_pretrained(cfg["checkpoint_dir"], dtype=dtype).to(device)
     policy.train()
     reference.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.0)
-    clock = StepClockLogger(
-        log_dir=str(Path(cfg["clock_file"]).parent),
-        clock_file=cfg["clock_file"],
-        hold_after_step=cfg["hold_after_step"],
-        hold_s=cfg.get("hold_s", 120),
-    )
+    clock = peer_clock(cfg)
     batch, beta = cfg["batch"], 0.1
     clock.log_dict({"loss": float("nan")}, 0)  # the clock's start
     for step in range(1, cfg["steps"] + 1):

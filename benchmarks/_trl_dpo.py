@@ -34,7 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _bench_components import StepClockLogger, workload_pairs  # noqa: E402
+from _bench_components import peer_clock, peer_rows  # noqa: E402
 
 
 def _tokenizer():
@@ -55,14 +55,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    rows = workload_pairs(
-        None,
-        cfg["workload"],
-        cfg["num_pairs"],
-        vocab_size=cfg["vocab"],
-        seed=cfg["seed"],
-        scale=cfg.get("scale", 1.0),
-    )
+    rows = peer_rows(cfg)
     cols = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for i in range(len(rows)):
         it = rows[i]
@@ -72,12 +65,7 @@ def main() -> None:
         cols["rejected_ids"].append(it["rejected_input_ids"][n:])
     dataset = Dataset.from_dict(cols)
 
-    clock = StepClockLogger(
-        log_dir=str(Path(cfg["clock_file"]).parent),
-        clock_file=cfg["clock_file"],
-        hold_after_step=cfg["hold_after_step"],
-        hold_s=cfg.get("hold_s", 120),
-    )
+    clock = peer_clock(cfg)
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
