@@ -28,6 +28,7 @@ def _fsdp_modules(model):
 
 def test_plain_model_equals_the_fsdp2_model_bitwise(tmp_path):
     import torch.distributed as dist
+    from omegaconf import OmegaConf
     from torch.distributed.tensor import DTensor
 
     from torchtune_prefopt.data import PreferenceCollator, preference_dataset
@@ -43,10 +44,7 @@ def test_plain_model_equals_the_fsdp2_model_bitwise(tmp_path):
     batch = PreferenceCollator(paired=True, pad_id=tok.pad_id, packing=None)(
         [ds[i] for i in range(4)]
     )
-    model_cfg = {"_component_": "torchtune_prefopt.models.tiny.tiny_qwen2"}
-    from omegaconf import OmegaConf
-
-    model_cfg = OmegaConf.create(model_cfg)
+    model_cfg = OmegaConf.create({"_component_": "torchtune_prefopt.models.tiny.tiny_qwen2"})
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         results = {}

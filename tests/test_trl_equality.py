@@ -141,7 +141,7 @@ def _items(case: str, data: Path):
     return [ds[i] for i in range(len(ds))], tok
 
 
-def _trl(case: str, ckpt: Path, items, tok, out: Path, **overrides):
+def _trl(case: str, ckpt: Path, items, tok, out: Path):
     trainer, _, trl_args = CASES[case]
     return run_trl(
         trainer,
@@ -154,7 +154,7 @@ def _trl(case: str, ckpt: Path, items, tok, out: Path, **overrides):
         lr=LR,
         output_dir=out,
         beta=BETA,
-        **{**trl_args, **overrides},
+        **trl_args,
     )
 
 

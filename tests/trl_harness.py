@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-CROSS_ENTROPY_IGNORE_IDX = -100
+from torchtune_prefopt.data import CROSS_ENTROPY_IGNORE_IDX
 
 
 def split_rows(items: Sequence[Dict[str, List[int]]]) -> Dict[str, List[List[int]]]:
@@ -90,8 +90,9 @@ def build_trl(
     lr: float,
     output_dir: Path,
     **loss_args: Any,
-) -> Tuple[Dict[int, Dict[str, float]], Dict[str, torch.Tensor]]:
-    """Train TRL's ``"dpo"`` or ``"orpo"`` trainer ``steps`` steps on ``items`` (in order).
+) -> Tuple[Any, Dict[int, Dict[str, float]]]:
+    """TRL's ``"dpo"`` or ``"orpo"`` trainer, set up to train ``steps`` steps on ``items`` (in
+    order), not yet trained.
 
     ``loss_args`` go to ``DPOConfig`` / ``ORPOConfig`` (``beta``, ``loss_type``,
     ``loss_weights``). Returns ``(TRL's trainer, {step: its logged metrics}: filled by

@@ -208,12 +208,22 @@ def loss_config(name: str, loss_configs: Mapping[str, Any]) -> Any:
     defaults (``{"_component_": <its class>}``); ``None`` for neither."""
     if name in loss_configs:
         return to_plain(loss_configs.get(name), resolve=False)
-    from torchtune_prefopt.losses.registry import available_losses
+    from torchtune_prefopt.losses.registry import get_loss_class
 
-    cls = available_losses().get(name.lower()) if isinstance(name, str) else None
-    if cls is None:
+    if not isinstance(name, str) or "." in name or ":" in name:
+        return None  # a run name, not a registered short name
+    try:
+        cls = get_loss_class(name)  # the registry's own lookup (case-insensitive)
+    except ValueError:  # unknown name (an entry point that fails to load raises ImportError)
         return None
     return {"_component_": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _no_loss_config(name: str, loss_configs: Mapping[str, Any]) -> PrefOptUserError:
+    return PrefOptUserError(
+        f"compare.losses: {name!r} is not a registered loss and has no "
+        f"compare.loss_configs.{name} (have {sorted(loss_configs)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -299,10 +309,7 @@ def expand_sweep(
                 f"compare.sweep.{loss}.{arg} must be a non-empty list of numbers"
             )
         if base is None:
-            raise PrefOptUserError(
-                f"compare.losses: {loss!r} is not a registered loss and has no "
-                f"compare.loss_configs.{loss} (have {sorted(loss_configs)})"
-            )
+            raise _no_loss_config(loss, loss_configs)
         if isinstance(base, str):
             base = {"_component_": base}
         seen = set()
@@ -349,10 +356,7 @@ def plan_runs(
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise PrefOptUserError(f"compare.losses: {name!r} is not a valid run name")
         if name not in loss_configs:
-            raise PrefOptUserError(
-                f"compare.losses: {name!r} is not a registered loss and has no "
-                f"compare.loss_configs.{name} (have {sorted(loss_configs)})"
-            )
+            raise _no_loss_config(name, loss_configs)
         spec = loss_configs[name]
         paired = True
         if build_loss is not None:
