@@ -13,7 +13,7 @@ the same step clock.
   ``index`` (ours); ``unpaired=True`` gives KTO rows (``prompt_ids``, ``completion_ids``,
   ``label``, ``index``): each pair becomes a desirable and an undesirable row.
 * :class:`StepClockLogger`: a metric logger that appends ``{"step", "t"}`` (monotonic clock,
-  plus CPU time, RSS and, on a GPU, the CUDA peak) per training-step ``log_dict`` to a JSONL file, and after ``hold_after_step`` writes
+  plus CPU time (``cpu_workers``: summed over torchrun's workers), RSS and, on a GPU, the CUDA peak) per training-step ``log_dict`` to a JSONL file, and after ``hold_after_step`` writes
   ``{"hold": true}`` and sleeps so the harness can read the process's memory high-water mark
   from outside and stop it before the end-of-training checkpoint (which neither step needs).
 """
@@ -128,6 +128,30 @@ def _vm(key: str) -> Optional[int]:
     return None
 
 
+def _workers_cpu() -> Optional[float]:
+    """CPU seconds (user + system, all threads) of this process and its sibling workers under
+    torchrun (the launcher's children), or None with one process: a step's CPU cost on N
+    processes is the sum over them, which rank 0's own ``time.process_time()`` is not."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            pids = [int(x) for x in f.read().split()]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a worker that has exited
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def _cuda_peak() -> Optional[int]:
     """Peak CUDA memory allocated by this process so far (bytes), if it uses CUDA."""
     import sys
@@ -170,13 +194,15 @@ class StepClockLogger:
         if "loss" not in payload:  # eval dicts etc.: not a training step
             return
         # t: wall clock; cpu: this process's CPU time (all threads), less sensitive to other
-        # processes on a shared machine; rss/hwm: diagnostics only
+        # processes on a shared machine; cpu_workers: every torchrun worker's (N processes);
+        # rss/hwm: diagnostics only
         rec = {
             "step": int(step),
             "t": t,
             "cpu": time.process_time(),
             "rss": _vm("VmRSS"),
             "hwm": _vm("VmHWM"),
+            "cpu_workers": _workers_cpu(),
         }
         try:
             rec["loss"] = float(payload["loss"])
@@ -244,14 +270,30 @@ def workload_pairs(
     vocab_size: int = 128256,
     seed: int = 0,
     scale: float = 1.0,
+    chat_model_dir: Optional[str] = None,
+    unpaired: bool = False,
 ) -> Dataset:
-    """Random token-id preference pairs whose prompt / chosen / rejected lengths follow
-    :data:`WORKLOADS` ``[workload]`` (chosen and rejected lengths drawn independently; every
-    length times ``scale``); keys as :func:`synthetic_token_pairs`. ``stats["real_tokens"]``:
-    tokens of every chosen + rejected sequence."""
+    """Preference pairs whose prompt / chosen / rejected lengths follow :data:`WORKLOADS`
+    ``[workload]`` (chosen and rejected lengths drawn independently; every length times
+    ``scale``); keys as :func:`synthetic_token_pairs`. ``stats["real_tokens"]``: tokens of
+    every chosen + rejected sequence.
+
+    Without ``chat_model_dir`` the tokens are random ids below ``vocab_size``. With it, the
+    rows are conversations rendered with that Hugging Face folder's own chat template
+    (``transformers``' ``apply_chat_template``): each message's content is English text (the
+    bundled synthetic data's sentences, drawn at random) of at least the drawn number of
+    tokens; the prompt is the template up to the assistant's turn (``add_generation_prompt``;
+    SmolLM2's adds its default system prompt), a completion is the rest of the conversation
+    (its end-of-turn tokens included). ``hh`` prompts are multi-turn (user, assistant, user:
+    the drawn prompt length split in three), as hh-rlhf's are.
+
+    ``unpaired=True``: KTO rows of the same conversations (keys as :func:`synthetic_token_pairs`
+    gives them): each pair a desirable row (prompt + chosen) and an undesirable one (prompt +
+    rejected), in that order."""
     spec = scaled_workload(workload, scale)
-    pad = int(getattr(tokenizer, "pad_id", 0))
     rng = random.Random(seed)
+    render = _chat_renderer(chat_model_dir, workload, rng) if chat_model_dir else None
+    pad = int(getattr(tokenizer, "pad_id", 0))
 
     def draw(n: int) -> List[int]:
         out = []
@@ -263,12 +305,76 @@ def workload_pairs(
 
     items: List[Dict[str, Any]] = []
     for _ in range(num_pairs):
-        prompt = draw(_draw_length(rng, spec["prompt"]))
-        chosen = draw(_draw_length(rng, spec["completion"]))
-        rejected = draw(_draw_length(rng, spec["completion"]))
-        items.append(paired_row(prompt, chosen, rejected, len(items)))
-    real = sum(len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in items)
-    return _Rows(items, {"rows": len(items), "workload": workload, "real_tokens": real})
+        if render is None:  # each length drawn just before its ids (the published rows)
+            prompt, chosen, rejected = (
+                draw(_draw_length(rng, spec[k])) for k in ("prompt", "completion", "completion")
+            )
+        else:
+            lengths = [_draw_length(rng, spec[k]) for k in ("prompt", "completion", "completion")]
+            prompt, chosen, rejected = render(*lengths)
+        if unpaired:
+            for completion, label in ((chosen, True), (rejected, False)):
+                items.append(
+                    {"prompt_ids": prompt, "completion_ids": completion, "label": label,
+                     "index": len(items)}
+                )  # fmt: skip
+        else:
+            items.append(paired_row(prompt, chosen, rejected, len(items)))
+    if unpaired:
+        real = sum(len(it["prompt_ids"]) + len(it["completion_ids"]) for it in items)
+    else:
+        real = sum(len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in items)
+    stats = {"rows": len(items), "workload": workload, "real_tokens": real}
+    if unpaired:
+        stats.update(n_desirable=num_pairs, n_undesirable=num_pairs)
+    if chat_model_dir:
+        stats["chat_template"] = str(chat_model_dir)
+    return _Rows(items, stats)
+
+
+def _chat_renderer(model_dir: str, workload: str, rng: random.Random):
+    """``render(prompt_len, chosen_len, rejected_len) -> (prompt, chosen, rejected)`` token ids
+    of one conversation in ``model_dir``'s chat template (see :func:`workload_pairs`)."""
+    from importlib import resources
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = resources.files("torchtune_prefopt.data") / "assets" / "synthetic" / "train.jsonl"
+    sentences = sorted(
+        {text for line in data.read_text().splitlines() for text in json.loads(line).values()
+         if isinstance(text, str) and " " in text}
+    )  # fmt: skip
+
+    def text(n_tokens: int) -> str:
+        words: List[str] = []
+        while len(tok(" ".join(words), add_special_tokens=False).input_ids) < n_tokens:
+            words.append(rng.choice(sentences))
+        return " ".join(words)
+
+    def ids(messages, generation_prompt: bool) -> List[int]:
+        rendered = tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return list(tok(rendered, add_special_tokens=False).input_ids)
+
+    def render(prompt_len: int, chosen_len: int, rejected_len: int):
+        if workload == "hh":
+            third = max(1, prompt_len // 3)
+            turns = [("user", third), ("assistant", third), ("user", prompt_len - 2 * third)]
+        else:
+            turns = [("user", prompt_len)]
+        messages = [{"role": role, "content": text(n)} for role, n in turns]
+        prompt = ids(messages, True)
+        completions = []
+        for n in (chosen_len, rejected_len):
+            full = ids(messages + [{"role": "assistant", "content": text(n)}], False)
+            if full[: len(prompt)] != prompt:
+                raise ValueError(f"{model_dir}: the chat template's prompt is not a prefix")
+            completions.append(full[len(prompt) :])
+        return prompt, completions[0], completions[1]
+
+    return render
 
 
 # --------------------------------------------------------------------------- peer scripts
@@ -282,6 +388,7 @@ def peer_rows(cfg: Mapping[str, Any]):
         vocab_size=cfg["vocab"],
         seed=cfg["seed"],
         scale=cfg.get("scale", 1.0),
+        chat_model_dir=cfg.get("chat_model_dir"),
     )
 
 

@@ -5,7 +5,8 @@ as ``_trl_dpo.py``). Per step: the step's pairs as one right-padded ``[2B, S]`` 
 rows then rejected), the HF model's full logits, ``log_softmax`` in fp32, the completion tokens'
 log-probs summed per sequence, the reference model's the same under ``torch.no_grad``, DPO
 (beta 0.1), ``backward``, ``torch.optim.AdamW`` (lr 1e-6), no clipping, no scheduler. Nothing
-clever: no chunking, no packing, no prompt sharing. Steps are stamped into the same JSONL clock
+clever: no chunking, no packing, no prompt sharing; under torchrun, DDP with each rank its
+``batch`` pairs of the step. Steps are stamped into the same JSONL clock
 file as our recipe (``_bench_components.StepClockLogger``: ``t``, ``cpu``, ``rss``, ``hwm``,
 ``cuda_peak``; after ``hold_after_step`` it holds so the harness reads the peak RSS).
 """
@@ -13,6 +14,7 @@ file as our recipe (``_bench_components.StepClockLogger``: ``t``, ``cpu``, ``rss
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,12 +61,21 @@ def main() -> None:
     reference = LlamaForCausalLM.from_pretrained(cfg["checkpoint_dir"], dtype=dtype).to(device)
     policy.train()
     reference.eval().requires_grad_(False)
+    # several processes (torchrun): DDP, as a hand-written loop would; each rank its part of
+    # the step's pairs (cfg["batch"] per rank)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        policy = torch.nn.parallel.DistributedDataParallel(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.0)
-    clock = peer_clock(cfg)
+    clock = peer_clock(cfg) if rank == 0 else None
     batch, beta = cfg["batch"], 0.1
-    clock.log_dict({"loss": float("nan")}, 0)  # the clock's start
+    if clock:
+        clock.log_dict({"loss": float("nan")}, 0)  # the clock's start
     for step in range(1, cfg["steps"] + 1):
-        items = [rows[i] for i in range((step - 1) * batch, step * batch)]
+        first = ((step - 1) * world + rank) * batch
+        items = [rows[i] for i in range(first, first + batch)]
         ids, mask, labels = _batch(items, 0, device)
         pol = _sequence_logps(policy, ids, mask, labels)
         with torch.no_grad():
@@ -76,7 +87,8 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        clock.log_dict({"loss": loss.item()}, step)  # holds after hold_after_step
+        if clock:
+            clock.log_dict({"loss": loss.item()}, step)  # holds after hold_after_step
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ Steps are stamped by a ``TrainerCallback`` into the same JSONL clock file format
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,12 +66,15 @@ def main() -> None:
         cols["rejected_ids"].append(it["rejected_input_ids"][n:])
     dataset = Dataset.from_dict(cols)
 
-    clock = peer_clock(cfg)
+    # rank 0's clock (under torchrun, every worker runs this script; accelerate gives each its
+    # part of the global batch)
+    clock = peer_clock(cfg) if int(os.environ.get("RANK", "0")) == 0 else None
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             # the loss is not known here (TRL logs it later): the clock needs only the time
-            clock.log_dict({"loss": float("nan")}, int(state.global_step))
+            if clock is not None:
+                clock.log_dict({"loss": float("nan")}, int(state.global_step))
 
     DPOTrainer._prepare_dataset = lambda self, dataset, *a, **k: dataset  # token ids already
     DPOTrainer._get_train_sampler = lambda self, *a, **k: SequentialSampler(self.train_dataset)

@@ -15,12 +15,22 @@ pairs everywhere), optimizer and number of steps:
   plain       a plain transformers loop (``benchmarks/_plain_dpo.py``: HF model, full logits,
               fp32 log-softmax, AdamW): the floor a user writes by hand
 
+``<layout>-<variant>`` (layout padded / packed / shared) runs ours with another loss or setting
+on the same pairs: ``kto`` (each pair a desirable and an undesirable row, with their KL rows),
+``simpo``, ``cached`` (``reference.precompute=true``), ``floor`` (``_floor_loss.SFTFloorLoss``:
+one policy forward + backward, the least any preference step costs) and ``compiled``
+(``compile=true``); a second table sets each against its layout's DPO row and SFT floor.
+
 Workloads (``_bench_components.WORKLOADS``): ``fixed`` (2 pairs, prompt 256 + 256 per
 completion: the earlier benchmark's rows), ``ultrafeedback`` (8 pairs, lognormal prompt median
 150 and completions median 250) and ``hh`` (8 pairs, prompts 200-400, completions 60-100).
 Model: the earlier benchmark's random-weight Llama-3-vocabulary model (``--vocab 128256``,
 2 layers, dim 256, MLP 1024, loaded from one HF checkpoint by every recipe), DPO beta 0.1,
-AdamW lr 1e-6, fp32, 1 process.
+AdamW lr 1e-6, fp32, 1 process. ``--model smollm2``: the real SmolLM2-135M-Instruct
+(``torchtune_prefopt.models.smollm2``), with ``--rows chat`` conversations rendered with its
+own chat template (``_bench_components.workload_pairs``). ``--nproc 2``: every configuration
+on 2 processes (torchrun; ours and torchtune FSDP2, TRL through accelerate, the plain loop
+DDP), the step's pairs split between them.
 
 Ratios: to ours padded and to the best peer (TRL, torchtune, plain loop: the most tokens/s,
 the least CPU per step, the least memory of the three, each column on its own).
@@ -36,6 +46,9 @@ Usage:
   python benchmarks/bench_packing.py --write BENCHMARKS.md          # + update its section
   python benchmarks/bench_packing.py --workloads hh --configs padded,shared --steps 1
   python benchmarks/bench_packing.py --profile ultrafeedback     # where a step's time goes
+  python benchmarks/bench_packing.py --model smollm2 --rows chat --pairs 2 \
+      --configs padded,shared,shared-kto,shared-cached,shared-floor,trl,plain
+  python benchmarks/bench_packing.py --nproc 2 --pairs 4 --configs padded,shared,trl,plain
   python benchmarks/bench_packing.py --device cuda --dtype bf16 --layers 16 --embed-dim 2048 \\
       --heads 32 --kv-heads 8 --intermediate 8192 --scale-lengths 4   # GPU: Llama-3.2-1B shapes
 """
@@ -72,21 +85,53 @@ LABELS = {
     "plain": "plain transformers loop",
 }
 PEERS = ("trl", "torchtune", "plain")
+LAYOUTS = ("padded", "packed", "shared")
+#: ``<layout>-<variant>`` runs ours with another loss or setting on the same rows (e.g.
+#: ``shared-kto``): compared with the layout's DPO row and its SFT floor (``<layout>-floor``)
+VARIANTS = {
+    "kto": "KTO",  # each pair a desirable and an undesirable row (+ their KL rows)
+    "simpo": "SimPO",
+    "cached": "DPO, cached reference",  # reference.precompute=true
+    "floor": "SFT floor",  # _floor_loss.SFTFloorLoss: one policy forward + backward
+    "compiled": "DPO, compile=true",
+}
+
+
+def split_config(name: str):
+    """``(base, variant)`` of a configuration name: ``shared-kto`` -> ``("shared", "kto")``."""
+    base, _, variant = name.partition("-")
+    if base not in CONFIGS or (variant and (base not in LAYOUTS or variant not in VARIANTS)):
+        raise SystemExit(
+            f"--configs: unknown configuration {name!r} (one of {', '.join(CONFIGS)}, or "
+            f"<{'|'.join(LAYOUTS)}>-<{'|'.join(VARIANTS)}>)"
+        )
+    return base, variant or None
+
+
+def label(name: str) -> str:
+    base, variant = split_config(name)
+    return LABELS[base] + (f", {VARIANTS[variant]}" if variant else "")
+
+
 TRL_PACKAGES = ["trl==1.16.0", "accelerate"]
 
 
 def rows_for(a, workload: str):
     """``(label, pairs per step, rows)`` of a workload at ``--scale-lengths``."""
-    label = workload if a.scale_lengths == 1 else f"{workload} (lengths x{a.scale_lengths:g})"
+    name = workload if a.scale_lengths == 1 else f"{workload} (lengths x{a.scale_lengths:g})"
     pairs = a.pairs or WORKLOADS[workload]["pairs"]
     total = a.warmup + a.steps
-    rows = workload_pairs(None, workload, total * pairs, a.vocab, seed=0, scale=a.scale_lengths)
-    return label, pairs, rows
+    rows = workload_pairs(
+        None, workload, total * pairs, a.vocab, seed=0, scale=a.scale_lengths,
+        chat_model_dir=a.chat_model_dir,
+    )  # fmt: skip
+    return name, pairs, rows
 
 
 def our_config(name: str, a, workload: str, pairs: int, ckpt: Path, files, out: Path) -> Dict:
     a.seq_len = a.max_seq_len  # model max_seq_len / tokenizer limit in bench_vs_torchtune
     a.batch = pairs
+    base, variant = split_config(name)
     c = bvt.common_cfg(a, ckpt, files, out)
     total = a.warmup + a.steps
     c["dataset"] = {
@@ -95,8 +140,12 @@ def our_config(name: str, a, workload: str, pairs: int, ckpt: Path, files, out: 
         "num_pairs": total * pairs,
         "vocab_size": a.vocab,
         "scale": a.scale_lengths,
+        "chat_model_dir": a.chat_model_dir,
+        "unpaired": variant == "kto",
     }
-    c.update(shuffle=False, batch_size=pairs, max_steps_per_epoch=total)
+    # KTO: the pairs' 2 rows each, the same tokens per step
+    rows = pairs * (2 if variant == "kto" else 1)
+    c.update(shuffle=False, batch_size=rows // a.nproc, max_steps_per_epoch=total)
     c["metric_logger"]["hold_after_step"] = total
     if a.model == "smollm2":
         # the real model through the HF-family builder (tied embeddings, RoPE from config.json);
@@ -116,9 +165,21 @@ def our_config(name: str, a, workload: str, pairs: int, ckpt: Path, files, out: 
     bvt.as_ours(c, a)
     c.update(
         loss={"_component_": "torchtune_prefopt.losses.DPOLoss", "beta": 0.1},
-        packed=name in ("packed", "shared"),
-        share_prompt=name == "shared",
+        packed=base in ("packed", "shared"),
+        share_prompt=base == "shared",
     )
+    if variant == "kto":
+        c["loss"] = {"_component_": "torchtune_prefopt.losses.KTOLoss", "beta": 0.1}
+    elif variant == "simpo":
+        c["loss"] = {"_component_": "torchtune_prefopt.losses.SimPOLoss", "beta": 2.0, "gamma": 1.0}
+    elif variant == "floor":
+        c["loss"] = {"_component_": "_floor_loss.SFTFloorLoss"}
+    elif variant == "cached":
+        c["reference"]["precompute"] = True
+    elif variant == "compiled":
+        c["compile"] = True
+    if variant in ("simpo", "floor"):
+        c.pop("ref_checkpointer", None)  # reference-free: nothing to load
     return c
 
 
@@ -166,18 +227,22 @@ def run(name: str, a, workload: str, pairs: int, ckpt: Path, files, tt_recipe: P
             env["PYTHONPATH"] = os.pathsep.join([site, env["PYTHONPATH"]])
         cfg = {
             "workload": workload, "num_pairs": total * pairs, "vocab": a.vocab, "seed": 0,
-            "scale": a.scale_lengths,
-            "checkpoint_dir": str(ckpt), "output_dir": str(out / "trl"), "batch": pairs,
+            "scale": a.scale_lengths, "chat_model_dir": a.chat_model_dir,
+            "checkpoint_dir": str(ckpt), "output_dir": str(out / "trl"),
+            "batch": pairs // a.nproc,  # per process
             "steps": total, "clock_file": str(clock), "hold_after_step": total,
             "device": a.device, "dtype": a.dtype,
         }  # fmt: skip
         (out / f"{name}.json").write_text(json.dumps(cfg))
         cmd = [sys.executable, str(HERE / f"_{name}_dpo.py"), str(out / f"{name}.json")]
+        if a.nproc > 1:
+            cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
+                        "--standalone"]  # fmt: skip
     else:
         cfg = our_config(name, a, workload, pairs, ckpt, files, out)
         (out / "config.yaml").write_text(bvt._yaml(cfg))
         recipe = tt_recipe if name == "torchtune" else bvt.OUR_RECIPE
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
                "--standalone", str(recipe), "--config", str(out / "config.yaml")]  # fmt: skip
     env.setdefault("TORCHTUNE_PREFOPT_QUIET", "1")
     t0 = time.monotonic()
@@ -193,8 +258,10 @@ def run(name: str, a, workload: str, pairs: int, ckpt: Path, files, tt_recipe: P
         return res
     # TRL's first callback is step 1; the clock of step 0 is its train start: use consecutive
     res["step_s"] = {s: steps[s]["t"] - steps[s - 1]["t"] for s in steps if s - 1 in steps}
-    res["cpu_s"] = {s: steps[s]["cpu"] - steps[s - 1]["cpu"] for s in steps if s - 1 in steps}
-    res["hwm"] = max(hwm.values()) if hwm else None
+    # CPU: summed over the workers on several processes (rank 0's clock reads them all)
+    cpu = "cpu_workers" if all(r.get("cpu_workers") is not None for r in steps.values()) else "cpu"
+    res["cpu_s"] = {s: steps[s][cpu] - steps[s - 1][cpu] for s in steps if s - 1 in steps}
+    res["hwm"] = max(hwm.values()) if hwm else None  # the largest process's peak RSS
     res["cuda_peak"] = max((r.get("cuda_peak") or 0 for r in steps.values()), default=0) or None
     return res
 
@@ -265,12 +332,10 @@ def render(all_results: Dict[str, Dict], a) -> str:
             "GiB | memory vs ours padded | memory vs best peer |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for name in CONFIGS:
-            s = summ.get(name)
-            if s is None:
-                continue
+        for name in [k for k in summ if not k.startswith("_")]:
+            s = summ[name]
             if "error" in s:
-                lines.append(f"| {LABELS[name]} | not measured: {s['error']} | | | | | | | | |")
+                lines.append(f"| {label(name)} | not measured: {s['error']} | | | | | | | | |")
                 continue
 
             def ratio(key, ref, s=s, inverse=False):
@@ -280,13 +345,45 @@ def render(all_results: Dict[str, Dict], a) -> str:
 
             mem = s["mem"]
             lines.append(
-                f"| {LABELS[name]} | {s['tokens_per_s']:.0f} | {ratio('tokens_per_s', pad)} | "
+                f"| {label(name)} | {s['tokens_per_s']:.0f} | {ratio('tokens_per_s', pad)} | "
                 f"{ratio('tokens_per_s', best)} | {s['cpu_s']:.2f} | {ratio('cpu_s', pad)} | "
                 f"{ratio('cpu_s', best)} | {bvt._gib(mem)} | {ratio('mem', pad)} | "
                 f"{ratio('mem', best)} |"
             )
         lines.append("")
+        lines += variant_table(summ)
     return "\n".join(lines)
+
+
+def variant_table(summ: Dict) -> List[str]:
+    """Each ``<layout>-<variant>`` row's step against its layout's DPO row and SFT floor."""
+    rows = []
+    for name, s in summ.items():
+        if name.startswith("_") or "error" in s or split_config(name)[1] is None:
+            continue
+        base = split_config(name)[0]
+        cells = []
+        for ref_name in (base, f"{base}-floor"):
+            ref = summ.get(ref_name)
+            if ref_name == name or not ref or "error" in ref:
+                cells += ["—", "—"]
+            else:
+                cells += [
+                    f"{s['step_s'] / ref['step_s']:.2f}x",
+                    f"{s['cpu_s'] / ref['cpu_s']:.2f}x",
+                ]
+        rows.append(
+            f"| {label(name)} | {s['step_s']:.2f} | {s['cpu_s']:.2f} | " + " | ".join(cells) + " |"
+        )
+    if not rows:
+        return []
+    return [
+        "| configuration | step s | CPU s/step | step vs the layout's DPO | CPU vs the layout's "
+        "DPO | step vs the layout's SFT floor | CPU vs the layout's SFT floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 def profile_step(a, workload: str) -> str:
@@ -308,8 +405,9 @@ def profile_step(a, workload: str) -> str:
         f"**profile, {name}** (one micro-batch of {pairs} pairs: policy forward + backward and "
         "a no-grad reference forward, the same weights; self CPU time, `torch.profiler`)",
         "",
-        "| layout | positions | total CPU s | vocabulary projection CPU s | share |",
-        "|---|---:|---:|---:|---:|",
+        "| layout | positions | total CPU s | vocabulary projection CPU s | share | matrix "
+        "products + attention kernels (self CPU) | everything else (what compile can fuse) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, packing in (
         ("padded", None),
@@ -333,10 +431,31 @@ def profile_step(a, workload: str) -> str:
             e.cpu_time_total for e in events if e.key in (
                 "_FusedLinearTargetLogProb", "_FusedLinearTargetLogProbBackward")
         ) / 1e6  # fmt: skip
+        # GEMMs and attention kernels: what torch.compile on CPU leaves to the same
+        # mkldnn/BLAS kernels; the rest (norms, RoPE, activations, copies, the optimizer-free
+        # step's autograd glue) is the most compile can remove
+        kernels = sum(e.self_cpu_time_total for e in events if _is_kernel(e.key)) / 1e6
         lines.append(
-            f"| {label} | {batch.computed_tokens()} | {total:.2f} | {head:.2f} | {head / total:.0%} |"
+            f"| {label} | {batch.computed_tokens()} | {total:.2f} | {head:.2f} | {head / total:.0%} "
+            f"| {kernels / total:.0%} | {1 - kernels / total:.0%} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def processes(a) -> str:
+    if a.nproc == 1:
+        return "1 process"
+    return (
+        f"{a.nproc} processes (torchrun, gloo; each the step's pairs / {a.nproc}; CPU s/step "
+        "summed over the workers; peak RSS of the largest process)"
+    )
+
+
+def _is_kernel(op: str) -> bool:
+    """A matrix product or attention kernel in a ``torch.profiler`` op name."""
+    return op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm") or (
+        "scaled_dot_product" in op or "flash_attention" in op
+    )
 
 
 def model_text(a) -> str:
@@ -365,6 +484,13 @@ def main() -> None:
         help="random: a random-weight Llama of the --vocab/--layers/... shape; smollm2: the real "
         "SmolLM2-135M-Instruct (offline, from the package index; the shape flags are ignored)",
     )
+    p.add_argument(
+        "--rows",
+        choices=("random", "chat"),
+        default="random",
+        help="random: random token ids of the workload's lengths; chat: conversations rendered "
+        "with the model's own chat template (--model smollm2)",
+    )
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
@@ -379,6 +505,9 @@ def main() -> None:
     p.add_argument(
         "--pairs", type=int, default=None, help="pairs per step (default: the workload's)"
     )
+    p.add_argument(
+        "--nproc", type=int, default=1, help="processes per run (torchrun; pairs split between)"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1200)
@@ -390,6 +519,11 @@ def main() -> None:
     p.add_argument("--write", metavar="MARKDOWN", help=f"update the '{SECTION}' section")
     a = p.parse_args()
     a.seq_len = a.max_seq_len
+    a.chat_model_dir = None
+    for name in a.configs.split(","):
+        split_config(name)
+    if a.pairs and a.pairs % a.nproc:
+        raise SystemExit(f"--pairs {a.pairs}: not divisible by --nproc {a.nproc}")
     if a.profile:
         print(profile_step(a, a.profile))
         return
@@ -401,7 +535,10 @@ def main() -> None:
         ckpt = smollm2_135m_instruct()  # cached once per machine
         files = sorted(p.name for p in ckpt.glob("*.safetensors"))
         a.vocab = 49152
+        a.chat_model_dir = str(ckpt) if a.rows == "chat" else None
     else:
+        if a.rows == "chat":
+            raise SystemExit("--rows chat: a random model has no chat template (--model smollm2)")
         ckpt = work / "ckpt"
         files = bvt.make_checkpoint(a, ckpt)
     tt_recipe, _ = bvt.prepare_torchtune_recipe(work, patch=a.device == "cpu")
@@ -431,7 +568,8 @@ def main() -> None:
     header = (
         f"Machine: {bvt.machine()}. Command: `python benchmarks/{Path(__file__).name} "
         f"{' '.join(sys.argv[1:])}` ({minutes:.1f} min). Model: {model_text(a)}, "
-        f"{a.dtype} on {a.device}; DPO beta 0.1, AdamW lr 1e-6, 1 process; "
+        f"{a.dtype} on {a.device}; DPO beta 0.1, AdamW lr 1e-6, {processes(a)}; rows: "
+        f"{'the model chat template' if a.chat_model_dir else 'random token ids'}; "
         f"{a.warmup} warm-up + {a.steps} measured steps per configuration, rows in the same "
         "order everywhere."
     )
