@@ -106,14 +106,18 @@ class PackedAttention:
         for row, start, end, shared in self.spans:
             if start > filled[row]:
                 out[row].append(q.new_zeros(heads, start - filled[row], head_dim))
-            qd, kd, vd = q[row, :, start:end], k[row, :, start:end], v[row, :, start:end]
+            # [1, H, d, hd]: SDPA takes its fused CPU (flash) kernel only for 4-D inputs; a
+            # 3-D [H, d, hd] slice falls back to the math path, which materialises [H, d, d]
+            # scores and their softmax for backward
+            rows_ = slice(row, row + 1)
+            qd, kd, vd = (t[rows_, :, start:end] for t in (q, k, v))
             if shared:
                 o = F.scaled_dot_product_attention(
                     qd, kd, vd, attn_mask=self._tree_mask(row, start, end)
                 )
             else:
                 o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
-            out[row].append(o)
+            out[row].append(o[0])
             filled[row] = end
         for row in range(rows):
             if filled[row] < length:
