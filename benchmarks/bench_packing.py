@@ -163,22 +163,17 @@ def our_config(name: str, a, workload: str, pairs: int, ckpt: Path, files, out: 
     if name == "torchtune":
         return bvt.as_torchtune_dpo(c)
     bvt.as_ours(c, a)
+    loss = variant if variant in bvt.LOSSES else "dpo"
     c.update(
-        loss={"_component_": "torchtune_prefopt.losses.DPOLoss", "beta": 0.1},
+        loss=dict(bvt.LOSSES[loss]),
         packed=base in ("packed", "shared"),
         share_prompt=base == "shared",
     )
-    if variant == "kto":
-        c["loss"] = {"_component_": "torchtune_prefopt.losses.KTOLoss", "beta": 0.1}
-    elif variant == "simpo":
-        c["loss"] = {"_component_": "torchtune_prefopt.losses.SimPOLoss", "beta": 2.0, "gamma": 1.0}
-    elif variant == "floor":
-        c["loss"] = {"_component_": "_floor_loss.SFTFloorLoss"}
-    elif variant == "cached":
+    if variant == "cached":
         c["reference"]["precompute"] = True
     elif variant == "compiled":
         c["compile"] = True
-    if variant in ("simpo", "floor"):
+    if loss in bvt.REFERENCE_FREE:
         c.pop("ref_checkpointer", None)  # reference-free: nothing to load
     return c
 

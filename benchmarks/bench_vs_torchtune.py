@@ -274,6 +274,17 @@ LABELS = {
 }
 
 
+#: our recipe's ``loss`` node of each benchmark loss (``bench_packing.py``'s variants too)
+LOSSES = {
+    "dpo": {"_component_": "torchtune_prefopt.losses.DPOLoss", "beta": 0.1},
+    "simpo": {"_component_": "torchtune_prefopt.losses.SimPOLoss", "beta": 2.0, "gamma": 1.0},
+    "kto": {"_component_": "torchtune_prefopt.losses.KTOLoss", "beta": 0.1},
+    "floor": {"_component_": "_floor_loss.SFTFloorLoss"},
+}
+#: reference-free: the recipe loads no reference (their configs drop ``ref_checkpointer``)
+REFERENCE_FREE = ("simpo", "floor")
+
+
 def as_torchtune_dpo(c: Dict) -> Dict:
     """``c`` for torchtune's ``full_dpo_distributed``: its own DPO loss, and no peak-memory
     logging (CUDA only there)."""
@@ -304,21 +315,15 @@ def config_for(
     if name == "tt_dpo":
         return as_torchtune_dpo(c)
     as_ours(c, a)
-    if name in ("dpo", "dpo_int8", "dpo_cached"):
-        c["loss"] = {"_component_": "torchtune_prefopt.losses.DPOLoss", "beta": 0.1}
-        if name == "dpo_int8":
-            c["reference"]["quantization"] = "int8"
-        if name == "dpo_cached":
-            c["reference"]["precompute"] = True
-    elif name == "simpo":
-        c["loss"] = {"_component_": "torchtune_prefopt.losses.SimPOLoss", "beta": 2.0, "gamma": 1.0}
-    elif name == "kto":
-        c["loss"] = {"_component_": "torchtune_prefopt.losses.KTOLoss", "beta": 0.1}
-    elif name == "floor":
-        c["loss"] = {"_component_": "_floor_loss.SFTFloorLoss"}
-    else:
+    loss = "dpo" if name in ("dpo", "dpo_int8", "dpo_cached") else name
+    if loss not in LOSSES:
         raise ValueError(name)
-    if name in ("simpo", "floor"):
+    c["loss"] = dict(LOSSES[loss])
+    if name == "dpo_int8":
+        c["reference"]["quantization"] = "int8"
+    if name == "dpo_cached":
+        c["reference"]["precompute"] = True
+    if loss in REFERENCE_FREE:
         c.pop("ref_checkpointer")  # reference-free: nothing to load
     return c
 
