@@ -67,6 +67,19 @@ def paired_row(prompt: List[int], chosen: List[int], rejected: List[int], index:
     }
 
 
+def pair_items(
+    prompt: List[int], chosen: List[int], rejected: List[int], index: int, unpaired: bool
+) -> List[Dict]:
+    """One pair as dataset items from ``index`` on: a paired row, or (``unpaired``) KTO's
+    desirable row (prompt + chosen) then its undesirable one (prompt + rejected)."""
+    if not unpaired:
+        return [paired_row(prompt, chosen, rejected, index)]
+    return [
+        {"prompt_ids": prompt, "completion_ids": completion, "label": label, "index": index + k}
+        for k, (completion, label) in enumerate(((chosen, True), (rejected, False)))
+    ]
+
+
 def synthetic_token_pairs(
     tokenizer: Any,
     num_pairs: int = 64,
@@ -99,18 +112,7 @@ def synthetic_token_pairs(
     items: List[Dict[str, Any]] = []
     for _ in range(num_pairs):
         prompt, chosen, rejected = draw(prompt_len), draw(comp_len), draw(comp_len)
-        if unpaired:
-            for completion, label in ((chosen, True), (rejected, False)):
-                items.append(
-                    {
-                        "prompt_ids": prompt,
-                        "completion_ids": completion,
-                        "label": label,
-                        "index": len(items),
-                    }
-                )
-        else:
-            items.append(paired_row(prompt, chosen, rejected, len(items)))
+        items.extend(pair_items(prompt, chosen, rejected, len(items), unpaired))
     stats = {"rows": len(items), "seq_len": seq_len, "prompt_len": prompt_len}
     if unpaired:
         stats.update(n_desirable=num_pairs, n_undesirable=num_pairs)
@@ -312,14 +314,7 @@ def workload_pairs(
         else:
             lengths = [_draw_length(rng, spec[k]) for k in ("prompt", "completion", "completion")]
             prompt, chosen, rejected = render(*lengths)
-        if unpaired:
-            for completion, label in ((chosen, True), (rejected, False)):
-                items.append(
-                    {"prompt_ids": prompt, "completion_ids": completion, "label": label,
-                     "index": len(items)}
-                )  # fmt: skip
-        else:
-            items.append(paired_row(prompt, chosen, rejected, len(items)))
+        items.extend(pair_items(prompt, chosen, rejected, len(items), unpaired))
     if unpaired:
         real = sum(len(it["prompt_ids"]) + len(it["completion_ids"]) for it in items)
     else:

@@ -354,9 +354,11 @@ def variant_table(summ: Dict) -> List[str]:
     """Each ``<layout>-<variant>`` row's step against its layout's DPO row and SFT floor."""
     rows = []
     for name, s in summ.items():
-        if name.startswith("_") or "error" in s or split_config(name)[1] is None:
+        if name.startswith("_") or "error" in s:
             continue
-        base = split_config(name)[0]
+        base, variant = split_config(name)
+        if variant is None:
+            continue
         cells = []
         for ref_name in (base, f"{base}-floor"):
             ref = summ.get(ref_name)
