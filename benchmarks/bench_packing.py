@@ -519,8 +519,12 @@ def main() -> None:
     a.chat_model_dir = None
     for name in a.configs.split(","):
         split_config(name)
-    if a.pairs and a.pairs % a.nproc:
-        raise SystemExit(f"--pairs {a.pairs}: not divisible by --nproc {a.nproc}")
+    for workload in a.workloads.split(","):
+        pairs = a.pairs or WORKLOADS[workload]["pairs"]
+        if pairs % a.nproc:
+            raise SystemExit(
+                f"{workload}: {pairs} pairs per step not divisible by --nproc {a.nproc}"
+            )
     if a.profile:
         print(profile_step(a, a.profile))
         return
