@@ -351,7 +351,6 @@ class CompareRecipe:
             base.ref_checkpointer if own_ref else base.checkpointer,
             "ref_checkpointer" if own_ref else "checkpointer",
         )
-        model_type = ref_ck.model_type
         log.info(f"[compare] reference: {ref_ck.checkpoint_dir}")
         reference = ev.build_eval_model(base.model, ref_ck.load(), device, dtype)
 
@@ -392,9 +391,9 @@ class CompareRecipe:
                 state = ckpt.load_recipe_state(final)
             except PrefOptUserError:
                 pass
-            policy = ev.build_eval_model(
-                saved.model, ev.load_hf_weights(final, model_type, scratch), device, dtype
-            )
+            # the run's final/ is read by a checkpointer of the base's kind (its model type)
+            weights = ref_ck.reader(final, scratch).load()
+            policy = ev.build_eval_model(saved.model, weights, device, dtype)
             result = evaluator.evaluate(policy, loss_fn)
             del policy
             log_dir = Path(

@@ -85,9 +85,9 @@ from torchtune_prefopt.errors import (
 from torchtune_prefopt.losses import (
     build_loss,
     loss_inputs,
+    loss_traits,
     pair_accuracy,
     pair_rewards,
-    takes_sequence_logps,
 )
 from torchtune_prefopt.models.build import (
     ModelPlacement,
@@ -176,7 +176,7 @@ class PrefOptRecipe:
         del model_facts
         self._ref_plan = self._setup_reference_plan(s)
         self._tokenizer = build_tokenizer(cfg.tokenizer, fits[1])
-        self._dataset = self._setup_dataset(cfg.dataset, "dataset", self._paired, fits)
+        self._dataset = self._setup_dataset(cfg.dataset, "dataset", self._traits.paired, fits)
         self._eval_dataset = None
         if s.eval_dataset is not None:
             self._eval_dataset = self._setup_dataset(s.eval_dataset, "eval_dataset", True, fits)
@@ -255,9 +255,9 @@ class PrefOptRecipe:
         except (ValueError, TypeError, ImportError) as err:
             raise PrefOptUserError(f"loss: {err}") from err
         self._loss_module = loss  # uncompiled: held-out evaluation asks it for rewards
-        self._paired = bool(getattr(loss, "paired", True))
+        self._traits = loss_traits(loss)  # what the loss needs: one frozen object
         global_batch = self.batch_size * self.world_size
-        if not self._paired and global_batch < 2:
+        if not self._traits.paired and global_batch < 2:
             raise PrefOptUserError(
                 f"batch_size: {type(loss).__name__} builds its KL reference point from "
                 "mismatched pairs of the global micro-batch and needs batch_size x processes >= 2, "
@@ -291,7 +291,7 @@ class PrefOptRecipe:
             )
         stats = getattr(ds, "stats", None) or {}
         n_d, n_u = stats.get("n_desirable"), stats.get("n_undesirable")
-        if not self._paired and n_d is not None and n_u is not None:
+        if not self._traits.paired and n_d is not None and n_u is not None:
             utils.log_rank_zero(log, f"KTO data: {n_d} desirable, {n_u} undesirable rows")
             warning = kto_balance_warning(
                 n_d, n_u, self._loss_module.desirable_weight, self._loss_module.undesirable_weight
@@ -362,7 +362,7 @@ class PrefOptRecipe:
                 multiple_of=128 if s.compile else 8,
             )
         self._collate = PreferenceCollator(
-            paired=self._paired,
+            paired=self._traits.paired,
             pad_id=self._tokenizer.pad_id,
             # KTO's KL rows are truncated like the dataset truncated its rows
             max_seq_len=getattr(self._dataset, "max_seq_len", self._tokenizer.max_seq_len),
@@ -425,11 +425,11 @@ class PrefOptRecipe:
             )  # fmt: skip
 
         pairs = None
-        if not self._paired:
+        if not self._traits.paired:
             pairs = kto_kl_pairs(
                 self._sampler, self.total_epochs, self._steps_per_epoch * self.accum
             )
-        jobs = {"train": (job(self._dataset, self._paired, self._collate.max_seq_len, pairs, "the training rows"), root)}  # fmt: skip
+        jobs = {"train": (job(self._dataset, self._traits.paired, self._collate.max_seq_len, pairs, "the training rows"), root)}  # fmt: skip
         if self._eval_dataset is not None:
             jobs["eval"] = (job(self._eval_dataset, True, None, None, "the held-out rows"), root / "eval")  # fmt: skip
         sources = precompute_reference(
@@ -599,7 +599,7 @@ class PrefOptRecipe:
 
     def _micro_step(self, batch) -> bool:
         """Forward and backward of one micro-batch; True if its loss is non-finite (skipped)."""
-        step_fn = self._paired_step if self._paired else self._kto_step
+        step_fn = self._paired_step if self._traits.paired else self._kto_step
         losses, stats, counts = step_fn(batch)
         self._metrics.count(tokens=batch.real_tokens())
         if any_rank(not bool(torch.isfinite(losses.detach()).all()), self._device):
@@ -801,11 +801,10 @@ class PrefOptRecipe:
     def _global_token_mean(self, step_batches) -> Optional[float]:
         """Chosen completion tokens per pair over the step's global batch (every rank and
         micro-batch: one all-reduce), for a loss that ``needs_step_token_mean``; else None."""
-        loss = self._loss_module
         if not (
-            self._paired
-            and takes_sequence_logps(loss)
-            and getattr(loss, "needs_step_token_mean", False)
+            self._traits.paired
+            and self._traits.sequence_logps
+            and self._traits.needs_step_token_mean
         ):
             return None
         tokens = sum(float(b.label_counts()[: len(b)].sum()) for b in step_batches)  # chosen half

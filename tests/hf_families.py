@@ -177,3 +177,37 @@ def make_family_folder(family: str, folder: Path, seed: int = 0) -> Path:
     hf_model(family, seed).save_pretrained(str(folder))
     write_tokenizer_folder(family, folder)
     return folder
+
+
+def template_ids(hf_tok, messages, **kw):
+    """``apply_chat_template``'s token ids (a list, whatever transformers returns)."""
+    out = hf_tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def completion_logps_by_transformers(folder: Path, rows, column: str = "chosen") -> list:
+    """Summed log-prob of each row's ``column`` completion, by transformers alone (float64):
+    the pair tokenized with apply_chat_template, the completion = what follows the generation
+    prompt up to the end-of-turn token (trailing whitespace tokens are not scored)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64).eval()
+    out = []
+    for row in rows:
+        conv = [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row[column]},
+        ]
+        prompt = template_ids(tok, conv[:1], add_generation_prompt=True)
+        full = template_ids(tok, conv)
+        while tok.decode(full[-1:]).strip() == "":
+            full = full[:-1]
+        ids = torch.tensor([full])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1], dim=-1)
+        targets = ids[0, 1:]
+        token_logps = logp.gather(-1, targets[:, None])[:, 0]
+        out.append(token_logps[len(prompt) - 1 :].sum().item())
+    return out

@@ -33,13 +33,14 @@ from torchtune_prefopt.compare import (
     read_run_logs,
     write_report,
 )
-from torchtune_prefopt.compare.evaluation import build_eval_model, load_hf_weights
+from torchtune_prefopt.compare.evaluation import build_eval_model
 from torchtune_prefopt.compare.generation import completion_logps, generate_completions
 from torchtune_prefopt.compare.judges import judge_win_rate
 from torchtune_prefopt.compare.metrics import kl_estimate
 from torchtune_prefopt.compare.report import matplotlib_available
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.losses import DPOLoss, IPOLoss, KTOLoss, SimPOLoss, build_loss
+from torchtune_prefopt.models.hf_checkpoint import TorchtuneCheckpoint
 from torchtune_prefopt.models.tiny import make_tiny_hf_checkpoint, tiny_tokenizer
 from tune_harness import tune
 
@@ -84,7 +85,7 @@ def _logps(n=6, seed=0):
     tc = torch.randint(3, 9, (n,), generator=g).double()
     tr = torch.randint(3, 9, (n,), generator=g).double()
     cs, rs = s(), s()
-    return HeldoutLogps(cs, rs, cs / tc, rs / tr, tc, tr)
+    return HeldoutLogps.of_columns(cs, rs, cs / tc, rs / tr, tc, tr)
 
 
 def test_loss_rewards_are_each_losses_own_implicit_reward():
@@ -106,7 +107,7 @@ def test_loss_rewards_are_each_losses_own_implicit_reward():
 
 
 def test_heldout_metrics_definitions():
-    ref = HeldoutLogps(
+    ref = HeldoutLogps.of_columns(
         *(
             torch.tensor(v, dtype=torch.float64)
             for v in (
@@ -119,7 +120,7 @@ def test_heldout_metrics_definitions():
             )
         )
     )
-    pol = HeldoutLogps(
+    pol = HeldoutLogps.of_columns(
         *(
             torch.tensor(v, dtype=torch.float64)
             for v in (
@@ -288,7 +289,7 @@ def tiny_models(tmp_path_factory):
     """(tokenizer, reference, perturbed policy) on CPU, fp32."""
     d = tmp_path_factory.mktemp("cmp_models")
     ckpt = make_tiny_hf_checkpoint(d / "base", seed=3)
-    sd = load_hf_weights(ckpt, "QWEN2", d / "scratch")
+    sd = TorchtuneCheckpoint.over(ckpt, "QWEN2", d / "scratch").load()
     ref = build_eval_model(OmegaConf.create(TINY_MODEL), sd, torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(0)
     pert = {
@@ -626,3 +627,63 @@ def test_real_model_compare_config_plans_matched_runs(tmp_path, monkeypatch, cap
     kto = next(ln for ln in lines if "/kto" in ln)
     assert "dataset.unpaired=true" in kto and "batch_size=8" in kto
     assert "loss.gamma=1.375" in next(ln for ln in lines if "/simpo" in ln)
+
+
+# ----------------------------------------------------------------------------- HF folders
+@pytest.mark.slow
+@pytest.mark.parametrize("base_config", ["hf/dpo", "hf/dpo_lora"])
+def test_compare_evaluates_runs_that_train_an_hf_folder(base_config, tmp_path):
+    """``prefopt_compare`` over an ``hf/*`` base config (full and LoRA): every run's ``final/``
+    and the reference are read through the base's own checkpointer kind, so the held-out
+    log-probs of each model equal transformers' on that model's folder."""
+    from hf_families import completion_logps_by_transformers, make_family_folder
+
+    from tune_harness import synthetic_rows, write_jsonl
+
+    folder = make_family_folder("qwen3", tmp_path / "model")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_rows(4))
+    heldout_rows = synthetic_rows(3, "heldout")
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", heldout_rows)
+    lora = {"model": {"lora_rank": 4, "lora_alpha": 8}} if base_config.endswith("lora") else {}
+    cfg = {
+        "output_dir": str(tmp_path / "cmp"),
+        "compare": {
+            "base_config": base_config,
+            "losses": ["dpo"],
+            "train_overrides": {
+                "model_dir": str(folder),
+                "device": "cpu",
+                "dtype": "fp32",
+                "optimizer": {"fused": False, "lr": 1e-2},
+                "dataset": {"source": "json", "data_files": str(pairs), "split": "train"},
+                "eval_dataset": {"source": "json", "data_files": str(heldout), "split": "train"},
+                "eval_every_n_steps": None,
+                "shuffle": False,
+                "batch_size": 2,
+                "gradient_accumulation_steps": 1,
+                "lr_scheduler": None,
+                "save_every_n_steps": None,
+                "max_steps_per_epoch": 2,
+                **lora,
+            },
+            "heldout": {"max_rows": 3, "batch_size": 2},
+            "generation": {"max_new_tokens": 4},
+            "kl": {"samples_per_prompt": 0},
+        },
+    }
+    config = tmp_path / "compare.yaml"
+    OmegaConf.save(OmegaConf.create(cfg), config)
+    proc = tune(["run", "prefopt_compare", "--config", str(config)], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = tmp_path / "cmp"
+    report = json.loads((out / "report.json").read_text())
+    final = Path(report["runs"][0]["checkpoint"])
+    for name, model_folder in (("reference", folder), ("dpo", final)):
+        rows = [
+            json.loads(x) for x in (out / "eval" / name / "heldout.jsonl").read_text().splitlines()
+        ]
+        expected = completion_logps_by_transformers(model_folder, heldout_rows)
+        got = [r["chosen_sum"] for r in rows]
+        assert got == pytest.approx(expected, rel=1e-4), name
+    ref_rows = (out / "eval" / "reference" / "heldout.jsonl").read_text()
+    assert ref_rows != (out / "eval" / "dpo" / "heldout.jsonl").read_text()  # it trained

@@ -26,7 +26,13 @@ from typing import List
 
 import pytest
 import torch
-from hf_families import DIMS, FAMILIES, make_family_folder
+from hf_families import (
+    DIMS,
+    FAMILIES,
+    completion_logps_by_transformers,
+    make_family_folder,
+    template_ids,
+)
 
 from tune_harness import (
     RunPool,
@@ -148,6 +154,30 @@ def test_logits_equal_transformers(folders, family):
     assert (packed_second - expected[:, 40:]).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generation_with_kv_cache_equals_transformers(folders, family):
+    """The comparison's generation (torchtune's ``generate``, with and without the KV cache)
+    on our model equals greedy decoding by transformers' own forward, token for token."""
+    from transformers import AutoModelForCausalLM
+
+    from torchtune_prefopt.compare.generation import generate_completions
+
+    prompt = [5, 17, 42, 9, 33, 2, 71]
+    hf = AutoModelForCausalLM.from_pretrained(str(folders[family]), dtype=torch.float32).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    expected = ids[len(prompt) :]
+    model = _our_model(folders[family], max_seq_len=64)
+    for kv_cache in (True, False):
+        got = generate_completions(
+            model, [prompt], max_new_tokens=6, stop_tokens=[], pad_id=0, device=torch.device("cpu"),
+            dtype=torch.float32, kv_cache=kv_cache,
+        )  # fmt: skip
+        assert got == [expected], (family, kv_cache)
+
+
 def test_wrong_rope_setting_would_be_caught(folders):
     """Negative control: the llama3 family with its rope_scaling dropped (the silent mistake
     of picking a builder by hand) differs from transformers by far more than 1e-5."""
@@ -264,11 +294,6 @@ CONVERSATIONS = [
 ]
 
 
-def _template_ids(hf_tok, messages, **kw):
-    out = hf_tok.apply_chat_template(messages, tokenize=True, **kw)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_prompt_and_completion_equal_apply_chat_template(folders, family):
     from torchtune.data import Message
@@ -282,8 +307,8 @@ def test_prompt_and_completion_equal_apply_chat_template(folders, family):
         prompt, completion = ours.tokenize_prompt_completion(
             [Message(role=m["role"], content=m["content"]) for m in conv]
         )
-        assert prompt == _template_ids(ref, conv[:-1], add_generation_prompt=True)
-        full = _template_ids(ref, conv)
+        assert prompt == template_ids(ref, conv[:-1], add_generation_prompt=True)
+        full = template_ids(ref, conv)
         assert prompt + completion == full[: len(prompt) + len(completion)]
         # what is left unscored is whitespace the template puts after the end of turn
         assert ref.decode(full[len(prompt) + len(completion) :]).strip() == ""
@@ -358,40 +383,13 @@ def test_tokenizer_without_chat_support_is_one_line(folders):
 
 
 # ----------------------------------------------------------------------------- the recipe
-def _hf_completion_logps(folder: Path, rows) -> List[float]:
-    """Summed log-prob of each row's chosen completion, by transformers alone: the pair
-    tokenized with apply_chat_template, the completion = what follows the generation prompt
-    up to the end-of-turn token (trailing whitespace tokens are not scored)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64).eval()
-    out = []
-    for row in rows:
-        conv = [
-            {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": row["chosen"]},
-        ]
-        prompt = _template_ids(tok, conv[:1], add_generation_prompt=True)
-        full = _template_ids(tok, conv)
-        while tok.decode(full[-1:]).strip() == "":
-            full = full[:-1]
-        ids = torch.tensor([full])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0, :-1], dim=-1)
-        targets = ids[0, 1:]
-        token_logps = logp.gather(-1, targets[:, None])[:, 0]
-        out.append(token_logps[len(prompt) - 1 :].sum().item())
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 @uses_runs(lambda family: [f"{family}-1p"])
 def test_step_one_logps_equal_transformers(runs, folders, family):
     run = runs.get(f"{family}-1p").check()
     steps = run.steps()
-    expected = _hf_completion_logps(folders[family], synthetic_rows(ROWS)[:BATCH])
+    expected = completion_logps_by_transformers(folders[family], synthetic_rows(ROWS)[:BATCH])
     assert steps[1]["logps/chosen"] == pytest.approx(sum(expected) / BATCH, rel=1e-5)
     assert steps[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
 

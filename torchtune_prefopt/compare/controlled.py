@@ -218,8 +218,9 @@ class ControlledListTask:
         import torch
         from torchtune import training
 
-        from torchtune_prefopt.compare.evaluation import build_eval_model, load_hf_weights
+        from torchtune_prefopt.compare.evaluation import build_eval_model
         from torchtune_prefopt.compare.generation import decode_completion, generate_completions
+        from torchtune_prefopt.models.hf_checkpoint import TorchtuneCheckpoint
         from torchtune_prefopt.models.tiny import tiny_tokenizer
 
         p = self.params
@@ -230,7 +231,9 @@ class ControlledListTask:
 
         model = build_eval_model(
             OmegaConf.create({"_component_": "torchtune_prefopt.models.tiny.tiny_qwen2"}),
-            load_hf_weights(task_dir / "sft" / "epoch_0", "QWEN2", task_dir / ".scratch"),
+            TorchtuneCheckpoint.over(
+                task_dir / "sft" / "epoch_0", "QWEN2", task_dir / ".scratch"
+            ).load(),
             device,
             dtype,
         )

@@ -15,7 +15,6 @@ non-LoRA builder has to be named.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -42,7 +41,6 @@ __all__ = [
     "EvalSettings",
     "HeldoutEvaluator",
     "build_eval_model",
-    "load_hf_weights",
 ]
 
 
@@ -96,23 +94,10 @@ def build_eval_model(
     return model
 
 
-def load_hf_weights(checkpoint_dir, model_type: str, scratch_dir) -> Dict[str, torch.Tensor]:
-    """torchtune-format weights of an HF checkpoint directory (e.g. a run's ``final``)."""
-    from torchtune import training
+def _float64_cpu(lp):
+    from torchtune_prefopt.modules.sequence_logprobs import SequenceLogProbs
 
-    from torchtune_prefopt.training.checkpoints import hf_weight_files
-
-    checkpoint_dir = Path(checkpoint_dir).resolve()
-    files = hf_weight_files(checkpoint_dir)
-    if not files:
-        raise FileNotFoundError(f"no model weight files in {checkpoint_dir}")
-    ck = training.FullModelHFCheckpointer(
-        checkpoint_dir=str(checkpoint_dir),
-        checkpoint_files=files,
-        model_type=model_type,
-        output_dir=str(scratch_dir),
-    )
-    return ck.load_checkpoint()[training.MODEL_KEY]
+    return SequenceLogProbs(lp.sum.double().cpu(), lp.mean.double().cpu(), lp.num_tokens.cpu())
 
 
 class HeldoutEvaluator:
@@ -170,8 +155,7 @@ class HeldoutEvaluator:
                 self.device
             )
             c, r = batch.logps(model, self.settings.chunk_size).halves()
-            fields = (c.sum, r.sum, c.mean, r.mean, c.num_tokens, r.num_tokens)
-            parts.append(HeldoutLogps(*(x.double().cpu() for x in fields)))
+            parts.append(HeldoutLogps(*(_float64_cpu(x) for x in (c, r))))
         return HeldoutLogps.cat(parts)
 
     def generate(

@@ -10,6 +10,7 @@ an exact tie and 0 otherwise (the training recipe's convention).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from torchtune_prefopt.losses import pair_accuracy, pair_rewards
+from torchtune_prefopt.losses import loss_inputs, loss_traits, pair_accuracy, pair_rewards
+from torchtune_prefopt.modules.sequence_logprobs import SequenceLogProbs
 
 __all__ = [
     "DEFINITIONS",
@@ -143,30 +145,46 @@ def read_run_logs(log_dir) -> Tuple[Dict[str, List[Tuple[int, float]]], List[Pat
 
 @dataclass
 class HeldoutLogps:
-    """Per-pair completion log-probs of one model on the held-out pairs (float64, ``[N]``)."""
+    """One model's completion log-probs on the held-out pairs: the chosen and the rejected
+    completions' :class:`~torchtune_prefopt.modules.SequenceLogProbs` (float64, ``[N]``), the
+    same object training scores with, so the loss takes them through the one form rule
+    (:func:`~torchtune_prefopt.losses.loss_inputs`)."""
 
-    chosen_sum: torch.Tensor
-    rejected_sum: torch.Tensor
-    chosen_mean: torch.Tensor
-    rejected_mean: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
+    chosen: SequenceLogProbs
+    rejected: SequenceLogProbs
 
-    def pick(self, average: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        return (
-            (self.chosen_mean, self.rejected_mean)
-            if average
-            else (self.chosen_sum, self.rejected_sum)
+    #: the per-row fields (``<chosen|rejected>_<sum|mean|tokens>``) of :meth:`to_rows`
+    COLUMNS = ("sum", "mean", "tokens")
+
+    @staticmethod
+    def of_columns(chosen_sum, rejected_sum, chosen_mean, rejected_mean, chosen_tokens, rejected_tokens) -> "HeldoutLogps":  # fmt: skip
+        return HeldoutLogps(
+            SequenceLogProbs(chosen_sum, chosen_mean, chosen_tokens),
+            SequenceLogProbs(rejected_sum, rejected_mean, rejected_tokens),
         )
 
-    @classmethod
-    def cat(cls, parts: Sequence["HeldoutLogps"]) -> "HeldoutLogps":
-        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
+    chosen_sum = property(lambda self: self.chosen.sum)
+    rejected_sum = property(lambda self: self.rejected.sum)
+    chosen_mean = property(lambda self: self.chosen.mean)
+    rejected_mean = property(lambda self: self.rejected.mean)
+
+    @staticmethod
+    def cat(parts: Sequence["HeldoutLogps"]) -> "HeldoutLogps":
+        return HeldoutLogps(
+            functools.reduce(SequenceLogProbs.cat, [p.chosen for p in parts]),
+            functools.reduce(SequenceLogProbs.cat, [p.rejected for p in parts]),
+        )
 
     def to_rows(self) -> List[Dict[str, float]]:
-        keys = list(self.__dataclass_fields__)
-        cols = [getattr(self, k).tolist() for k in keys]
-        return [dict(zip(keys, vals)) for vals in zip(*cols)]
+        cols = {}
+        for side in ("chosen", "rejected"):
+            lp = getattr(self, side)
+            cols.update(
+                {f"{side}_sum": lp.sum, f"{side}_mean": lp.mean, f"{side}_tokens": lp.num_tokens}
+            )
+        keys = [f"{side}_{c}" for c in self.COLUMNS for side in ("chosen", "rejected")]
+        values = [cols[k].tolist() for k in keys]
+        return [dict(zip(keys, vals)) for vals in zip(*values)]
 
 
 def loss_rewards(
@@ -174,14 +192,13 @@ def loss_rewards(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The loss's own implicit rewards ``(r(y_w), r(y_l))`` (float64), from its ``forward``
     (:func:`torchtune_prefopt.losses.pair_rewards`) on the held-out log-probs in the loss's own
-    form (mean if ``loss_fn.average_logps`` else sum)."""
-    average = bool(getattr(loss_fn, "average_logps", False))
-    pc, pr = pol.pick(average)
+    form (:func:`~torchtune_prefopt.losses.loss_inputs`, as in training)."""
+    pc, pr = loss_inputs(loss_fn, pol.chosen, pol.rejected)
     rc = rr = None
-    if not bool(getattr(loss_fn, "reference_free", False)):
+    if not loss_traits(loss_fn).reference_free:
         if ref is None:
             raise ValueError(f"{type(loss_fn).__name__} needs reference log-probs")
-        rc, rr = ref.pick(average)
+        rc, rr = loss_inputs(loss_fn, ref.chosen, ref.rejected)
     c, r = pair_rewards(loss_fn, pc, pr, rc, rr)
     return c.double(), r.double()
 

@@ -44,6 +44,7 @@ from torchtune_prefopt.compare.tables import (
     setup_lines,
     training_table,
 )
+from torchtune_prefopt.losses import loss_traits
 
 __all__ = [
     "assemble_report",
@@ -127,7 +128,7 @@ def run_record(
     per_step = None
     if state:
         rows = state["batch_size"] * state["world_size"] * state["gradient_accumulation_steps"]
-        per_step = rows * (2 if getattr(loss_fn, "paired", True) else 1)
+        per_step = rows * (2 if loss_traits(loss_fn).paired else 1)
     loss_cfg = saved_cfg.get("loss")
     return {
         "name": run.name,

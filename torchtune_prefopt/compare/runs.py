@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torchtune_prefopt.errors import PrefOptUserError
+from torchtune_prefopt.losses import loss_traits
 from torchtune_prefopt.plain import to_plain
 from torchtune_prefopt.training.distributed import LAUNCHER_ENV
 
@@ -364,7 +365,7 @@ def plan_runs(
                 loss_obj = build_loss(to_plain(spec, resolve=False))
             except (ValueError, TypeError, ImportError) as e:
                 raise PrefOptUserError(f"compare.loss_configs.{name}: {e}") from e
-            paired = bool(getattr(loss_obj, "paired", True))
+            paired = loss_traits(loss_obj).paired
         run_dir = Path(output_dir) / name
         ov = [f"output_dir={run_dir}"] + _loss_overrides(spec, base_cfg.get("loss"))
         if not paired:

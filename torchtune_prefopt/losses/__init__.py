@@ -4,7 +4,15 @@ DPO, DPO-Positive, APO-zero, ORPO, SFT), weighted sums of them, and their regist
 See ``docs/ARCHITECTURE.md`` ("Losses") for the interface every loss follows.
 """
 
-from ._base import PairwiseLoss, PreferenceLoss, chosen_nll, loss_inputs, takes_sequence_logps
+from ._base import (
+    LossTraits,
+    PairwiseLoss,
+    PreferenceLoss,
+    chosen_nll,
+    loss_inputs,
+    loss_traits,
+    takes_sequence_logps,
+)
 from .apo import APOZeroLoss
 from .combined import WeightedSum
 from .dpo import DPOLoss, DPONormLoss, DPOPLoss, RobustDPOLoss
@@ -35,6 +43,8 @@ __all__ = [
     "chosen_nll",
     "loss_inputs",
     "takes_sequence_logps",
+    "LossTraits",
+    "loss_traits",
     "build_loss",
     "available_losses",
     "get_loss_class",

@@ -28,12 +28,16 @@ and optionally
     independent of the number of processes (see :func:`chosen_nll`).
 
 The attributes are class defaults and may be overridden per instance (e.g.
-``IPOLoss(average_logps=False)``).
+``IPOLoss(average_logps=False)``). Nothing reads them directly: :func:`loss_traits` is the one
+reader (it checks them and applies the ``sequence_logps`` rule of :func:`takes_sequence_logps`)
+and every caller (recipe, reference planner, evaluation, comparison) reads its frozen
+:class:`LossTraits`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Real
 from typing import Optional, Tuple
 
@@ -43,7 +47,15 @@ from torch import nn
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.modules.sequence_logprobs import SequenceLogProbs
 
-__all__ = ["PairwiseLoss", "PreferenceLoss", "chosen_nll", "loss_inputs", "takes_sequence_logps"]
+__all__ = [
+    "LossTraits",
+    "PairwiseLoss",
+    "PreferenceLoss",
+    "chosen_nll",
+    "loss_inputs",
+    "loss_traits",
+    "takes_sequence_logps",
+]
 
 # Hyper-parameter errors are PrefOptUserError (a ValueError): the recipe reports them as one
 # line, unchanged, so the message must start with the config key (``loss.beta ...``).
@@ -284,17 +296,69 @@ def chosen_nll(policy_chosen, tokens_per_pair: Optional[float] = None) -> torch.
     return -policy_chosen.sum / tokens_per_pair
 
 
+@dataclass(frozen=True)
+class LossTraits:
+    """What callers need to know of a loss before any model runs (see the module docstring).
+
+    Attributes:
+        reference_free: no reference log-probs (no reference model is loaded).
+        average_logps: tensor inputs are per-token means (else sums) over the completion.
+        paired: chosen/rejected pairs (else unpaired rows: KTO).
+        sequence_logps: ``forward`` takes ``SequenceLogProbs`` (the effective rule of
+            :func:`takes_sequence_logps`, not just the declared flag).
+        needs_step_token_mean: ``forward`` takes ``chosen_tokens_per_pair``.
+    """
+
+    reference_free: bool
+    average_logps: bool
+    paired: bool
+    sequence_logps: bool
+    needs_step_token_mean: bool
+
+
+#: the attributes a loss declares, with the default of a loss that leaves one out
+_TRAIT_DEFAULTS = {
+    "reference_free": False,
+    "average_logps": False,
+    "paired": True,
+    "sequence_logps": False,
+    "needs_step_token_mean": False,
+}
+
+
+def _unwrapped(loss):
+    """The loss module itself (``torch.compile`` wraps it in an ``OptimizedModule``)."""
+    return getattr(loss, "_orig_mod", loss)
+
+
+def loss_traits(loss) -> LossTraits:
+    """The one reader of a loss's declared attributes: checked (each a ``bool``, else one line
+    naming it) and frozen. ``loss`` may be compiled."""
+    loss = _unwrapped(loss)
+    values = {}
+    for name, default in _TRAIT_DEFAULTS.items():
+        value = getattr(loss, name, default)
+        if not isinstance(value, bool):
+            raise PrefOptUserError(
+                f"loss: {type(loss).__name__}.{name} must be True or False, got {value!r}"
+            )
+        values[name] = value
+    if values["sequence_logps"]:
+        # a subclass that overrides ``forward`` below the class that declares the flag keeps
+        # getting tensors (as before the flag existed) until it declares the flag itself
+        mro = type(loss).__mro__
+        flag = next((i for i, k in enumerate(mro) if "sequence_logps" in k.__dict__), len(mro))
+        forward = next((i for i, k in enumerate(mro) if "forward" in k.__dict__), len(mro))
+        values["sequence_logps"] = flag <= forward
+    return LossTraits(**values)
+
+
 def takes_sequence_logps(loss) -> bool:
     """``loss.sequence_logps``, unless a subclass overrides ``forward`` below the class that
     declares the flag: a custom loss derived from, say, ``DPOLoss`` with its own tensor
     ``forward`` keeps getting tensors (as before the flag existed) until it declares
-    ``sequence_logps = True`` itself."""
-    if not getattr(loss, "sequence_logps", False):
-        return False
-    mro = type(loss).__mro__
-    flag = next((i for i, k in enumerate(mro) if "sequence_logps" in k.__dict__), len(mro))
-    forward = next((i for i, k in enumerate(mro) if "forward" in k.__dict__), len(mro))
-    return flag <= forward
+    ``sequence_logps = True`` itself (:attr:`LossTraits.sequence_logps`)."""
+    return loss_traits(loss).sequence_logps
 
 
 def loss_inputs(loss, first, second):
@@ -304,10 +368,10 @@ def loss_inputs(loss, first, second):
     rule (recipe, evaluation, comparison)."""
     if first is None:
         return None, None
-    if takes_sequence_logps(loss):
+    traits = loss_traits(loss)
+    if traits.sequence_logps:
         return first, second
-    average = bool(getattr(loss, "average_logps", False))
-    return first.form(average), second.form(average)
+    return first.form(traits.average_logps), second.form(traits.average_logps)
 
 
 def _check_same_shape(owner: str, named: dict) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from torchtune_prefopt.errors import PrefOptUserError
 
-from ._base import PairwiseLoss, PreferenceLoss, _as_float, loss_inputs, takes_sequence_logps
+from ._base import PairwiseLoss, PreferenceLoss, _as_float, loss_inputs, loss_traits
 from .registry import build_loss
 
 __all__ = ["WeightedSum"]
@@ -80,9 +80,10 @@ class WeightedSum(PreferenceLoss):
         self.names = [n for n, _, _ in built]
         self.weights = [w for _, w, _ in built]
         self.terms = torch.nn.ModuleList([t for _, _, t in built])
-        self.reference_free = all(t.reference_free for t in self.terms)
-        self.needs_step_token_mean = any(t.needs_step_token_mean for t in self.terms)
-        rewarded = [i for i, t in enumerate(self.terms) if not t.reference_free]
+        traits = [loss_traits(t) for t in self.terms]
+        self.reference_free = all(t.reference_free for t in traits)
+        self.needs_step_token_mean = any(t.needs_step_token_mean for t in traits)
+        rewarded = [i for i, t in enumerate(traits) if not t.reference_free]
         self._reward_index = (rewarded or [0])[0]
         self.term_losses: Dict[str, torch.Tensor] = {}
 
@@ -105,11 +106,12 @@ class WeightedSum(PreferenceLoss):
         rewards = None
         for i, (name, weight, term) in enumerate(zip(self.names, self.weights, self.terms)):
             pc, pr = loss_inputs(term, policy_chosen_logps, policy_rejected_logps)
+            traits = loss_traits(term)
             rc, rr = (None, None)
-            if not term.reference_free:
+            if not traits.reference_free:
                 rc, rr = loss_inputs(term, reference_chosen_logps, reference_rejected_logps)
             extra = {}
-            if takes_sequence_logps(term):
+            if traits.sequence_logps:
                 extra["chosen_tokens_per_pair"] = chosen_tokens_per_pair
             losses, chosen, rejected = term(pc, pr, rc, rr, **extra)
             if i == self._reward_index:

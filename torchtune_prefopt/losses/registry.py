@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional
 
 from torchtune_prefopt.errors import PrefOptUserError
 
-from ._base import PreferenceLoss
+from ._base import PreferenceLoss, loss_traits
 from .apo import APOZeroLoss
 from .dpo import DPOLoss, DPONormLoss, DPOPLoss, RobustDPOLoss
 from .hinge import HingeLoss
@@ -252,4 +252,6 @@ def _instantiate(cls: type, kwargs: Dict[str, Any], target: str) -> PreferenceLo
                     f"{', '.join(repr(u) for u in unknown)}; accepted: "
                     f"{', '.join(accepted) or '(none)'}"
                 )
-    return cls(**kwargs)
+    loss = cls(**kwargs)
+    loss_traits(loss)  # checked once here: every attribute a bool
+    return loss

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._base import takes_sequence_logps
+from ._base import loss_traits
 
 __all__ = ["pair_accuracy", "pair_rewards"]
 
@@ -42,12 +42,13 @@ def pair_rewards(
     the reference point ``z0`` (with ``torch.distributed`` initialised each call is a
     collective, as in training).
     """
+    traits = loss_traits(loss_fn)
     with torch.no_grad():
-        if takes_sequence_logps(loss_fn) and callable(getattr(loss_fn, "rewards", None)):
+        if traits.sequence_logps and callable(getattr(loss_fn, "rewards", None)):
             chosen, rejected = loss_fn.rewards(
                 policy_chosen, policy_rejected, reference_chosen, reference_rejected
             )
-        elif getattr(loss_fn, "paired", True):
+        elif traits.paired:
             _, chosen, rejected = loss_fn(
                 policy_chosen, policy_rejected, reference_chosen, reference_rejected
             )

@@ -1,12 +1,18 @@
-"""The one wrapper around the recipe's HF checkpointers: torchtune's
-``FullModelHFCheckpointer`` and our :class:`~torchtune_prefopt.models.hf.checkpointer.HFFolderCheckpointer`
-(``hf_checkpointer``: any architecture ``models.hf`` builds, names mapped by one table).
+"""The one owner of weight reads and writes: every HF checkpoint the recipes touch (the base,
+the reference, a step checkpoint on resume, a finished run's ``final/`` that the comparison
+evaluates, the controlled task's SFT start) is read and written through :class:`HFCheckpoint`.
+
+Two kinds of checkpointer exist, each wrapped by one small class with the same interface:
+
+* :class:`FolderCheckpoint`: our :class:`~torchtune_prefopt.models.hf.checkpointer.HFFolderCheckpointer`
+  (``hf_checkpointer``: any architecture ``models.hf`` builds, names mapped by one table);
+* :class:`TorchtuneCheckpoint`: torchtune's ``FullModelHFCheckpointer`` (torchtune's model
+  builders, names mapped by its per-``model_type`` code).
 
 torchtune 0.6.1 keeps what a recipe needs to know about a checkpoint in private attributes
-(``_checkpoint_dir``, ``_checkpoint_paths``, ``_model_type``) and can only write to
-``<_output_dir>/epoch_<n>``; it is torchtune's final release, so these will not change.
-:class:`HFCheckpoint` reads them here, and only here, so that the recipe and the reference
-code never touch them.
+(``_checkpoint_dir``, ``_checkpoint_paths``, ``_model_type``, ``_output_dir``) and can only
+write to ``<output_dir>/epoch_<n>``; it is torchtune's final release, so these will not
+change. :class:`TorchtuneCheckpoint` reads them here, and only here.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.models.hf.checkpointer import HFFolderCheckpointer, hf_weight_files
 
-__all__ = ["HFCheckpoint", "hf_weight_files"]
+__all__ = ["FolderCheckpoint", "HFCheckpoint", "TorchtuneCheckpoint", "hf_weight_files"]
 
 
 @contextlib.contextmanager
@@ -40,47 +46,58 @@ def _quiet_torchtune():
 
 class HFCheckpoint:
     """A configured HF checkpointer (``checkpointer`` / ``ref_checkpointer``) and what the
-    recipe needs from it.
+    recipes need from it: :meth:`load`, :meth:`write`, :meth:`reader` (the same kind over
+    another folder), :meth:`content_files` (what a run's identity hashes).
 
-    Args:
-        checkpointer: the instantiated component.
-        key: its config key, for error messages.
+    Build one with :meth:`of` (an instantiated checkpointer) or :meth:`from_config` (its
+    config node); the subclass is chosen by the checkpointer's type.
     """
 
     def __init__(self, checkpointer: Any, key: str):
-        from torchtune import training
-
-        self.folder = isinstance(checkpointer, HFFolderCheckpointer)
-        if not self.folder and not isinstance(checkpointer, training.FullModelHFCheckpointer):
-            raise PrefOptUserError(
-                f"{key}: this recipe reads and writes Hugging Face checkpoints; use "
-                "torchtune_prefopt.models.hf.hf_checkpointer (with model_dir) or "
-                "torchtune.training.FullModelHFCheckpointer (or a function returning one)"
-            )
         self.checkpointer, self.key = checkpointer, key
 
-    @classmethod
-    def from_config(cls, node: Any, key: str) -> "HFCheckpoint":
+    @staticmethod
+    def of(checkpointer: Any, key: str) -> "HFCheckpoint":
+        """The wrapper of an instantiated checkpointer; anything else is one line naming
+        ``key``."""
+        from torchtune import training
+
+        if isinstance(checkpointer, HFFolderCheckpointer):
+            return FolderCheckpoint(checkpointer, key)
+        if isinstance(checkpointer, training.FullModelHFCheckpointer):
+            return TorchtuneCheckpoint(checkpointer, key)
+        raise PrefOptUserError(
+            f"{key}: this recipe reads and writes Hugging Face checkpoints; use "
+            "torchtune_prefopt.models.hf.hf_checkpointer (with model_dir) or "
+            "torchtune.training.FullModelHFCheckpointer (or a function returning one)"
+        )
+
+    @staticmethod
+    def from_config(node: Any, key: str) -> "HFCheckpoint":
         from torchtune import config
 
-        return cls(config.instantiate(node), key)
+        return HFCheckpoint.of(config.instantiate(node), key)
 
+    # ------------------------------------------------------------------ per kind
     @property
     def checkpoint_dir(self) -> Path:
-        if self.folder:
-            return self.checkpointer.checkpoint_dir
-        return Path(self.checkpointer._checkpoint_dir)
+        raise NotImplementedError
 
-    @property
-    def model_type(self) -> str:
-        """torchtune's ``model_type`` name (``"HF"`` for ``hf_checkpointer``)."""
-        return "HF" if self.folder else self.checkpointer._model_type.name
+    def _weight_paths(self) -> List[Path]:
+        raise NotImplementedError
 
+    def reader(self, checkpoint_dir: Path, output_dir: Path) -> "HFCheckpoint":
+        """A checkpointer of the same kind (and model type) over another HF folder: a step
+        checkpoint, a finished run's ``final/``."""
+        raise NotImplementedError
+
+    def _output_dir_attr(self) -> str:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
     def content_files(self) -> List[Path]:
         """The files whose bytes are the weights: the weight files and ``config.json``."""
-        ck = self.checkpointer
-        paths = ck.checkpoint_paths if self.folder else ck._checkpoint_paths
-        return [*paths, self.checkpoint_dir / "config.json"]
+        return [*self._weight_paths(), self.checkpoint_dir / "config.json"]
 
     def load(self) -> Dict[str, torch.Tensor]:
         """The full state dict in torchtune names; a missing, truncated or damaged file is one
@@ -94,34 +111,15 @@ class HFCheckpoint:
             cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
             raise PrefOptUserError(f"{self.key}: {' '.join(str(err).split())}{cause}") from err
 
-    def reader(self, checkpoint_dir: Path, output_dir: Path) -> "HFCheckpoint":
-        """A checkpointer of the same model type over another HF folder (a step checkpoint)."""
-        from torchtune import training
-
-        if self.folder:
-            return HFCheckpoint(
-                self.checkpointer.reader(checkpoint_dir, output_dir), str(checkpoint_dir)
-            )
-        return HFCheckpoint(
-            training.FullModelHFCheckpointer(
-                checkpoint_dir=str(checkpoint_dir),
-                checkpoint_files=hf_weight_files(checkpoint_dir),
-                model_type=self.model_type,
-                output_dir=str(output_dir),
-            ),
-            str(checkpoint_dir),
-        )
-
     def write(self, state_dict: Dict[str, Any], dest: Path, adapter_only: bool = False) -> None:
         """Write a torchtune checkpoint dict (MODEL_KEY, optional ADAPTER_KEY/ADAPTER_CONFIG)
         as HF files into ``dest``.
 
-        torchtune 0.6.1 always writes to ``<checkpointer._output_dir>/epoch_<n>``: its output
-        dir points at a scratch folder inside ``dest`` for the call and the files move up.
+        Both checkpointers write to ``<output_dir>/epoch_<n>``: their output dir points at a
+        scratch folder inside ``dest`` for the call and the files move up.
         """
-        ck = self.checkpointer
+        ck, attr = self.checkpointer, self._output_dir_attr()
         scratch = dest / ".hf_scratch"
-        attr = "output_dir" if self.folder else "_output_dir"
         original_output_dir = getattr(ck, attr)
         setattr(ck, attr, scratch)
         try:
@@ -138,3 +136,63 @@ class HFCheckpoint:
         for f in written.iterdir():
             shutil.move(str(f), str(dest / f.name))
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+class FolderCheckpoint(HFCheckpoint):
+    """``models.hf.hf_checkpointer``: an HF folder of any architecture ``models.hf`` builds."""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.checkpointer.checkpoint_dir
+
+    def _weight_paths(self) -> List[Path]:
+        return list(self.checkpointer.checkpoint_paths)
+
+    def _output_dir_attr(self) -> str:
+        return "output_dir"
+
+    def reader(self, checkpoint_dir: Path, output_dir: Path) -> HFCheckpoint:
+        return FolderCheckpoint(
+            self.checkpointer.reader(checkpoint_dir, output_dir), str(checkpoint_dir)
+        )
+
+
+class TorchtuneCheckpoint(HFCheckpoint):
+    """torchtune's ``FullModelHFCheckpointer`` (a torchtune ``model_type``)."""
+
+    @staticmethod
+    def over(checkpoint_dir: Path, model_type: str, output_dir: Path) -> "TorchtuneCheckpoint":
+        """torchtune's checkpointer over every weight file of ``checkpoint_dir``."""
+        from torchtune import training
+
+        checkpoint_dir = Path(checkpoint_dir).resolve()
+        files = hf_weight_files(checkpoint_dir)
+        if not files:
+            raise PrefOptUserError(f"{checkpoint_dir}: no *.safetensors or *.bin weight files")
+        return TorchtuneCheckpoint(
+            training.FullModelHFCheckpointer(
+                checkpoint_dir=str(checkpoint_dir),
+                checkpoint_files=files,
+                model_type=model_type,
+                output_dir=str(output_dir),
+            ),
+            str(checkpoint_dir),
+        )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpointer._checkpoint_dir)
+
+    @property
+    def model_type(self) -> str:
+        """torchtune's ``model_type`` name (``QWEN2``, ``LLAMA3``...)."""
+        return self.checkpointer._model_type.name
+
+    def _weight_paths(self) -> List[Path]:
+        return list(self.checkpointer._checkpoint_paths)
+
+    def _output_dir_attr(self) -> str:
+        return "_output_dir"
+
+    def reader(self, checkpoint_dir: Path, output_dir: Path) -> HFCheckpoint:
+        return TorchtuneCheckpoint.over(checkpoint_dir, self.model_type, output_dir)

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from torchtune_prefopt.losses import loss_traits
 from torchtune_prefopt.models.build import (
     ModelPlacement,
     build_model,
@@ -71,7 +72,7 @@ def plan_reference(
     """The reference of a run with this loss (its ``reference_free`` flag), model kind and
     ``reference.*`` / ``ref_checkpointer`` settings."""
     name = type(loss).__name__
-    if getattr(loss, "reference_free", False):
+    if loss_traits(loss).reference_free:
         ignored = [
             key
             for key, on in (

@@ -93,7 +93,8 @@ class HFRotaryEmbedding(nn.Module):
 
 class PreRopeNormAttention(MultiHeadAttention):
     """``MultiHeadAttention`` with ``q_norm`` / ``k_norm`` applied per head *before* RoPE
-    (Qwen3). Self-attention only, no KV cache (training and scoring)."""
+    (Qwen3). Self-attention; the KV cache (generation) holds the normed, rotated keys, as
+    ``MultiHeadAttention``'s does."""
 
     def forward(
         self,
@@ -103,8 +104,6 @@ class PreRopeNormAttention(MultiHeadAttention):
         mask=None,
         input_pos: Optional[Tensor] = None,
     ) -> Tensor:
-        if self.kv_cache is not None and self.cache_enabled:
-            raise NotImplementedError("PreRopeNormAttention has no KV cache (training only)")
         y = x if y is None else y
         b, s_x, _ = x.shape
         s_y = y.shape[1]
@@ -115,6 +114,9 @@ class PreRopeNormAttention(MultiHeadAttention):
             q = self.pos_embeddings(q, input_pos=input_pos)
             k = self.pos_embeddings(k, input_pos=input_pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cached = self.kv_cache is not None and self.cache_enabled
+        if cached:  # [b, n_kv, cache_len, d]; the decoder's mask covers the cache
+            k, v = self.kv_cache.update(k, v)
         if self.num_heads != self.num_kv_heads:
             expand = (b, self.num_kv_heads, self.num_heads // self.num_kv_heads, -1, self.head_dim)
             k = k.unsqueeze(2).expand(expand).flatten(1, 2)
@@ -125,6 +127,6 @@ class PreRopeNormAttention(MultiHeadAttention):
             v,
             mask=mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=mask is None and self.is_causal,
+            is_causal=not cached and mask is None and self.is_causal,
         )
         return self.output_proj(out.transpose(1, 2).contiguous().view(b, s_x, -1))
