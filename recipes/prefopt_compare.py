@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -53,7 +52,6 @@ from torchtune_prefopt.compare.report import (
     write_report,
 )
 from torchtune_prefopt.compare.runs import (
-    DEFAULT_LOSSES,
     dotlist,
     expand_sweep,
     plan_runs,
@@ -61,104 +59,15 @@ from torchtune_prefopt.compare.runs import (
     runs_to_train,
     train_runs,
 )
+from torchtune_prefopt.compare.settings import eval_settings, validate_compare_config
 from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
 from torchtune_prefopt.losses import build_loss
 from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
 from torchtune_prefopt.training import checkpoints as ckpt
-from torchtune_prefopt.training.recipe_config import configured, unknown_key_error
+from torchtune_prefopt.training.recipe_config import configured, read_settings
 from torchtune_prefopt.training.recipe_config import validate_config as validate_recipe_config
 
 log = utils.get_logger("INFO")
-
-TOP_KEYS = {"output_dir", "compare"}
-COMPARE_KEYS = {
-    "base_config",
-    "losses",
-    "loss_configs",
-    "train_overrides",
-    "loss_overrides",
-    "kto_dataset",
-    "kto_rows_per_pair",
-    "nproc_per_node",
-    "max_parallel",
-    "skip_training",
-    "skip_existing",
-    "resume",
-    "dry_run",
-    "device",
-    "heldout",
-    "generation",
-    "kl",
-    "judge",
-    "judge_kind",
-    "title",
-    "task",
-    "sweep",
-    "seeds",
-    "gold_reward",
-}
-SECTION_KEYS = {
-    "heldout": {"dataset", "max_rows", "batch_size", "logprobs_chunk_size"},
-    "generation": {"max_new_tokens", "temperature", "top_k", "seed", "batch_size", "kv_cache"},
-    "kl": {"samples_per_prompt", "max_new_tokens", "seed"},
-}
-
-
-def _unknown(keys, known, where: str) -> None:
-    bad = sorted(set(keys) - set(known))
-    if bad:
-        raise unknown_key_error(bad[0], known, where)
-
-
-def validate_config(cfg: DictConfig) -> None:
-    _unknown(cfg.keys(), TOP_KEYS, "")
-    if not cfg.get("output_dir"):
-        raise PrefOptUserError("config key 'output_dir' is required")
-    c = cfg.get("compare")
-    if c is None or not c.get("base_config"):
-        raise PrefOptUserError(
-            "config key 'compare.base_config' is required (a prefopt_distributed config)"
-        )
-    _unknown(c.keys(), COMPARE_KEYS, "compare.")
-    for section, known in SECTION_KEYS.items():
-        if c.get(section) is not None:
-            _unknown(c[section].keys(), known, f"compare.{section}.")
-    for key in ("train_overrides", "loss_overrides", "loss_configs"):
-        if c.get(key) is not None and not isinstance(c.get(key), DictConfig):
-            raise PrefOptUserError(
-                f"compare.{key} must be a mapping (key: value), got {c.get(key)!r}"
-            )
-    n = c.get("nproc_per_node", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise PrefOptUserError(f"compare.nproc_per_node must be an integer >= 1, got {n!r}")
-    m = c.get("max_parallel", 1)
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise PrefOptUserError(f"compare.max_parallel must be an integer >= 1, got {m!r}")
-    r = c.get("kto_rows_per_pair", 2)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise PrefOptUserError(f"compare.kto_rows_per_pair must be an integer >= 1, got {r!r}")
-    if "WORLD_SIZE" in os.environ and os.environ.get("WORLD_SIZE") != "1":
-        raise PrefOptUserError(
-            "prefopt_compare runs as one process; give the training runs several with compare.nproc_per_node"
-        )
-
-
-def _settings(c: DictConfig, base_cfg: DictConfig) -> ev.EvalSettings:
-    h, g, k = c.get("heldout") or {}, c.get("generation") or {}, c.get("kl") or {}
-    return ev.EvalSettings(
-        max_rows=h.get("max_rows", 64),
-        batch_size=h.get("batch_size", 8),
-        chunk_size=h.get("logprobs_chunk_size") or base_cfg.get("logprobs_chunk_size") or 1024,
-        max_new_tokens=g.get("max_new_tokens", 32),
-        temperature=float(g.get("temperature", 0.0) or 0.0),
-        top_k=g.get("top_k"),
-        generation_seed=g.get("seed", 1234),
-        generation_batch_size=g.get("batch_size", 16),
-        kv_cache=bool(g.get("kv_cache", True)),
-        kl_samples_per_prompt=k.get("samples_per_prompt", 4),
-        kl_max_new_tokens=k.get("max_new_tokens", g.get("max_new_tokens", 32)),
-        kl_seed=k.get("seed", 4321),
-    )
 
 
 def _final_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -170,35 +79,31 @@ def _final_checkpoint(run_dir: Path) -> Optional[Path]:
 
 class CompareRecipe:
     def __init__(self, cfg: DictConfig):
-        validate_config(cfg)
+        self.s = validate_compare_config(cfg)  # every compare.* key with its default
         self.cfg = cfg
-        self.c = cfg.compare
         self.out = Path(str(cfg.output_dir)).expanduser().absolute()
-        raw = str(self.c.base_config)
+        raw = str(self.s.base_config)
         self.base_path = _config.resolve_config(raw)
         # Commands name the config as the user did (a name works on any machine with the
         # package installed); a file path is made absolute.
         self.base_ref = str(self.base_path) if Path(raw).expanduser().is_file() else raw
-        self.train_overrides = dotlist_all(self.c.get("train_overrides"))
+        self.train_overrides = dotlist_all(self.s.train_overrides)
         self.task = None
-        if self.c.get("task") is not None:
+        if self.s.task is not None:
             try:
-                self.task = config.instantiate(self.c.task)
+                self.task = config.instantiate(self.s.task)
             except (ValueError, TypeError) as e:
                 raise PrefOptUserError(f"compare.task: {e}") from e
         try:
-            self.gold_reward = build_gold_reward(self.c.get("gold_reward"))
+            self.gold_reward = build_gold_reward(self.s.gold_reward)
         except ValueError as e:
             raise PrefOptUserError(str(e)) from e
         if self.gold_reward is None and self.task is not None:
             self.gold_reward = self.task.gold_reward
         # the sweep is checked here, before the task's SFT or any training
-        self.losses = list(self.c.get("losses") or DEFAULT_LOSSES)
+        self.losses = self.s.losses
         self.sweep = expand_sweep(
-            self.losses,
-            self.c.get("loss_configs") or {},
-            self.c.get("sweep"),
-            self.c.get("seeds"),
+            self.losses, self.s.loss_configs or {}, self.s.sweep, self.s.seeds
         )
         self._load_base()
 
@@ -228,9 +133,9 @@ class CompareRecipe:
     def plan(self, local: Optional[bool] = None):
         """The runs, every run's config validated (``local``: also against this machine's
         files and devices; default: unless ``compare.dry_run``)."""
-        c = self.c
+        s = self.s
         losses = self.losses
-        loss_overrides = {k: dotlist_all(v) for k, v in (c.get("loss_overrides") or {}).items()}
+        loss_overrides = {k: dotlist_all(v) for k, v in (s.loss_overrides or {}).items()}
         unknown = sorted(set(loss_overrides) - set(losses))
         if unknown:
             raise PrefOptUserError(
@@ -249,9 +154,9 @@ class CompareRecipe:
                 + ([] if points[n].seed is None else [f"seed={points[n].seed}"])
                 for n in names
             },
-            kto_dataset=c.get("kto_dataset"),
-            kto_rows_per_pair=c.get("kto_rows_per_pair", 2),
-            nproc_per_node=c.get("nproc_per_node", 1),
+            kto_dataset=s.kto_dataset,
+            kto_rows_per_pair=s.kto_rows_per_pair,
+            nproc_per_node=s.nproc_per_node,
             build_loss=build_loss,
         )
         for run in runs:
@@ -262,11 +167,9 @@ class CompareRecipe:
             try:
                 merged = _config.load_config(["--config", str(self.base_path), *run.overrides])
                 # a dry run writes commands for another machine: no checks of this one
-                validate_recipe_config(
-                    merged, local=not c.get("dry_run") if local is None else local
-                )
+                validate_recipe_config(merged, local=not s.dry_run if local is None else local)
             except PrefOptUserError as e:
-                if "no CUDA device" in str(e) and (c.get("dry_run") or c.get("skip_training")):
+                if "no CUDA device" in str(e) and (s.dry_run or s.skip_training):
                     continue
                 raise PrefOptUserError(f"run '{run.name}': {e}") from e
             except ValueError as e:
@@ -292,23 +195,20 @@ class CompareRecipe:
     # ------------------------------------------------------------------ train
     def train(self, runs) -> None:
         """Train the runs that are not finished yet (see :func:`compare.runs.train_runs`)."""
-        c = self.c
-        todo = runs_to_train(
-            runs,
-            skip_existing=bool(c.get("skip_existing", False)),
-            resume=bool(c.get("resume", False)),
-        )
+        s = self.s
+        todo = runs_to_train(runs, skip_existing=s.skip_existing, resume=s.resume)
         train_runs(
             todo,
             self.out / "launch_logs",
-            max_parallel=int(c.get("max_parallel", 1) or 1),
-            nproc=int(c.get("nproc_per_node", 1)),
-            on_cuda=str(self.base_cfg.get("device", "cpu")).startswith("cuda"),
+            max_parallel=s.max_parallel,
+            nproc=s.nproc_per_node,
+            on_cuda=str(read_settings(self.base_cfg).device).startswith("cuda"),
         )
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, runs) -> Dict[str, Any]:
-        c, base = self.c, self.base_cfg
+        s, base = self.s, self.base_cfg
+        base_settings = read_settings(base)  # the base config's values with their defaults
         missing = [
             r
             for r in runs
@@ -321,16 +221,16 @@ class CompareRecipe:
                 f"run '{r.name}' has no finished training in {r.run_dir} (torchtune_config.yaml and a final "
                 f"checkpoint); train it with: {r.shell}"
             )
-        device = utils.get_device(device=str(c.get("device") or base.get("device", "cpu")))
-        dtype = training.get_dtype(base.get("dtype", "fp32"), device=device)
-        training.set_seed(seed=base.get("seed", 0))
-        settings = _settings(c, base)
+        device = utils.get_device(device=str(s.device or base_settings.device))
+        dtype = training.get_dtype(base_settings.dtype, device=device)
+        training.set_seed(seed=base_settings.seed)
+        settings = eval_settings(s, base)
         tokenizer = config.instantiate(base.tokenizer)
 
-        heldout_cfg = (c.get("heldout") or {}).get("dataset") or base.get("eval_dataset")
-        if heldout_cfg is None or (
-            isinstance(heldout_cfg, DictConfig) and heldout_cfg.get("_component_") is None
-        ):
+        heldout_cfg = (
+            s.heldout_dataset if configured(s.heldout_dataset) else base_settings.eval_dataset
+        )
+        if heldout_cfg is None:
             raise PrefOptUserError(
                 "compare.heldout.dataset: none given and the base config has no eval_dataset"
             )
@@ -346,7 +246,7 @@ class CompareRecipe:
             )
         ]
 
-        own_ref = configured(base.get("ref_checkpointer"))
+        own_ref = base_settings.ref_checkpointer is not None
         ref_ck = HFCheckpoint.from_config(
             base.ref_checkpointer if own_ref else base.checkpointer,
             "ref_checkpointer" if own_ref else "checkpointer",
@@ -355,10 +255,10 @@ class CompareRecipe:
         reference = ev.build_eval_model(base.model, ref_ck.load(), device, dtype)
 
         judge, judge_kind, judge_label = None, None, None
-        judge_cfg = c.get("judge")
+        judge_cfg = s.judge
         if judge_cfg is not None and judge_cfg.get("_component_"):
             try:
-                judge, judge_kind = build_judge(judge_cfg, c.get("judge_kind", "auto"))
+                judge, judge_kind = build_judge(judge_cfg, s.judge_kind)
             except ValueError as e:
                 raise PrefOptUserError(str(e)) from e
             judge_label = f"{judge_cfg._component_} ({judge_kind})"
@@ -422,7 +322,7 @@ class CompareRecipe:
             else f"sampled at temperature {settings.temperature}, top_k {settings.top_k}, seed {settings.generation_seed}"
         )
         return assemble_report(
-            title=c.get("title") or "Preference-loss comparison",
+            title=s.title or "Preference-loss comparison",
             output_dir=self.out,
             settings={
                 "base_config": self.base_ref,
@@ -436,7 +336,7 @@ class CompareRecipe:
                 "kl": f"{settings.kl_samples_per_prompt} samples per prompt (temperature 1, seed {settings.kl_seed}), "
                 f"max_new_tokens {settings.kl_max_new_tokens}",
                 "judge": judge_label,
-                "gold_reward": _describe(c.get("gold_reward"))
+                "gold_reward": _describe(s.gold_reward)
                 or ("the task's (compare.task)" if self.task is not None else None),
                 "task": getattr(self, "task_manifest", None),
                 "device": str(device),
@@ -484,10 +384,10 @@ def recipe_main(cfg: DictConfig) -> None:
     runs = recipe.plan()
     commands = recipe.write_commands(runs)
     log.info(f"[compare] {len(runs)} runs; commands: {commands}")
-    if recipe.c.get("dry_run", False):
+    if recipe.s.dry_run:
         print(commands.read_text(), flush=True)
         return
-    if not recipe.c.get("skip_training", False):
+    if not recipe.s.skip_training:
         recipe.train(runs)
     report = recipe.evaluate(runs)
     paths = write_report(report, recipe.out)

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 import torchtune_prefopt
 from torchtune_prefopt import _config
 from torchtune_prefopt.compare import (
+    DEFAULT_LOSSES,
     CourtesyJudge,
     HeldoutLogps,
     build_judge,
@@ -627,6 +628,59 @@ def test_real_model_compare_config_plans_matched_runs(tmp_path, monkeypatch, cap
     kto = next(ln for ln in lines if "/kto" in ln)
     assert "dataset.unpaired=true" in kto and "batch_size=8" in kto
     assert "loss.gamma=1.375" in next(ln for ln in lines if "/simpo" in ln)
+
+
+# ----------------------------------------------------------------------------- key table
+def test_compare_key_table_is_generated_from_the_table():
+    from torchtune_prefopt.compare import settings
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "compare.md").read_text()
+    table = text.split("<!-- compare-keys:begin -->\n", 1)[1].split("\n<!-- compare-keys:end -->")[
+        0
+    ]
+    assert table == settings.compare_key_table_markdown()
+    assert len(table.splitlines()) == 2 + len(settings.COMPARE_KEYS)
+    # every key the packaged compare configs use is a row of the table (no undocumented key)
+    for name in ("tiny/compare", "tiny/frontier", "qwen2_5/0.5B_compare"):
+        cfg = _config.load_config(["--config", name, "output_dir=/tmp/x"])
+        settings.check_known_keys(cfg, settings.COMPARE_KEYS)
+
+
+def test_compare_settings_defaults_come_from_the_table():
+    from torchtune_prefopt.compare import settings
+
+    base = OmegaConf.create({"logprobs_chunk_size": 256})
+    s = settings.read_compare_settings(OmegaConf.create({"compare": {"kl": {"seed": 7}}}))
+    ev = settings.eval_settings(s, base)
+    assert (ev.max_rows, ev.batch_size, ev.chunk_size, ev.kl_seed) == (64, 8, 256, 7)
+    assert ev.kl_max_new_tokens == ev.max_new_tokens == 32 and s.losses == list(DEFAULT_LOSSES)
+    # explicit null: all held-out rows (nullable), the base's chunk size
+    s = settings.read_compare_settings(
+        OmegaConf.create({"compare": {"heldout": {"max_rows": None}}})
+    )
+    assert settings.eval_settings(s, OmegaConf.create({})).max_rows is None
+    assert settings.eval_settings(s, OmegaConf.create({})).chunk_size == 1024
+    for bad, message in (
+        (
+            {"compare": {"base_config": "tiny/dpo", "generation": {"kv_cach": True}}},
+            "did you mean 'kv_cache'",
+        ),
+        (
+            {"compare": {"base_config": "tiny/dpo", "max_parallel": 0}},
+            "compare.max_parallel must be an integer >= 1",
+        ),
+        (
+            {"compare": {"base_config": "tiny/dpo", "dry_run": "yes"}},
+            "compare.dry_run must be true or false",
+        ),
+        (
+            {"compare": {"base_config": "tiny/dpo", "heldout": 3}},
+            "compare.heldout must be a mapping",
+        ),
+        ({"compare": {"losses": ["dpo"]}}, "config key 'compare.base_config' is required"),
+    ):
+        with pytest.raises(PrefOptUserError, match=message):
+            settings.validate_compare_config(OmegaConf.create({"output_dir": "/tmp/x", **bad}))
 
 
 # ----------------------------------------------------------------------------- HF folders

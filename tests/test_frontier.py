@@ -5,6 +5,7 @@ end-to-end frontier through `tune run prefopt_compare`."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -16,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from torchtune_prefopt.compare.controlled import ControlledListTask, chat_prompt_ids
-from torchtune_prefopt.compare.evaluation import EvalSettings, HeldoutEvaluator
+from torchtune_prefopt.compare.evaluation import HeldoutEvaluator
 from torchtune_prefopt.compare.frontier import frontier_reading
 from torchtune_prefopt.compare.generation import completion_logps
 from torchtune_prefopt.compare.gold import (
@@ -28,6 +29,7 @@ from torchtune_prefopt.compare.gold import (
 )
 from torchtune_prefopt.compare.metrics import kl_estimate
 from torchtune_prefopt.compare.runs import SweepPoint, _cpu_threads, expand_sweep
+from torchtune_prefopt.compare.settings import default_eval_settings
 from torchtune_prefopt.data import CROSS_ENTROPY_IGNORE_IDX, preference_dataset, sft_dataset
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.models.tiny import make_tiny_hf_checkpoint, tiny_tokenizer
@@ -167,7 +169,8 @@ def digit_setup():
         for i, p in enumerate(prompts)
     ]
     ref, pol = _digit_model(0), _digit_model(1)
-    settings = EvalSettings(
+    settings = dataclasses.replace(
+        default_eval_settings(),
         max_rows=None,
         batch_size=256,
         max_new_tokens=T,

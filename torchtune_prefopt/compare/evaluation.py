@@ -46,20 +46,22 @@ __all__ = [
 
 @dataclass
 class EvalSettings:
-    """What the comparison measures and how (``compare.heldout/generation/kl`` in the config)."""
+    """What the comparison measures and how: built from ``compare.heldout/generation/kl`` by
+    :func:`torchtune_prefopt.compare.settings.eval_settings` (the key table owns the
+    defaults; :func:`~torchtune_prefopt.compare.settings.default_eval_settings` has them all)."""
 
-    max_rows: Optional[int] = 64
-    batch_size: int = 8
-    chunk_size: int = 1024
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: Optional[int] = None
-    generation_seed: int = 1234
-    generation_batch_size: int = 16
-    kv_cache: bool = True
-    kl_samples_per_prompt: int = 4
-    kl_max_new_tokens: int = 32
-    kl_seed: int = 4321
+    max_rows: Optional[int]
+    batch_size: int
+    chunk_size: int
+    max_new_tokens: int
+    temperature: float
+    top_k: Optional[int]
+    generation_seed: int
+    generation_batch_size: int
+    kv_cache: bool
+    kl_samples_per_prompt: int
+    kl_max_new_tokens: int
+    kl_seed: int
 
 
 def build_eval_model(

@@ -12,7 +12,12 @@ which part of it) belongs to a run's identity, and one line of documentation. Fr
 * :func:`identity_keys` / :func:`identity_digests`: what a run's identity is made of
   (:class:`~torchtune_prefopt.training.checkpoints.RunIdentity`);
 * :func:`key_table_markdown`: the key table of docs/ARCHITECTURE.md (a test keeps it equal);
-* :func:`unknown_key_error`: the "did you mean" line, also for ``prefopt_compare``'s keys.
+* :func:`unknown_key_error`: the "did you mean" line.
+
+The same machinery serves ``prefopt_compare``'s table
+(:data:`torchtune_prefopt.compare.settings.COMPARE_KEYS`): :func:`check_known_keys`,
+:func:`check_values`, :func:`read_table` and :func:`table_markdown` take any table of
+:class:`ConfigKey` rows, with keys nested to any depth (``compare.heldout.max_rows``).
 
 In the spirit of torchtitan's typed ``Trainer.Config``, but for torchtune's YAML: the config
 stays an OmegaConf tree with ``_component_`` nodes, and this table is the schema of its top
@@ -26,12 +31,17 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.training import config_checks as checks
 
 __all__ = [
+    "REQUIRED",
+    "check_known_keys",
+    "check_values",
+    "read_table",
+    "table_markdown",
     "ConfigKey",
     "RECIPE_KEYS",
     "RecipeSettings",
@@ -78,14 +88,14 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _positive_int(key: str, v: Any) -> None:
+def positive_int(key: str, v: Any) -> None:
     if not _is_int(v) or v < 1:
         raise PrefOptUserError(f"{key} must be an integer >= 1, got {v!r}")
 
 
-def _optional_positive_int(key: str, v: Any) -> None:
+def optional_positive_int(key: str, v: Any) -> None:
     if v is not None:
-        _positive_int(key, v)
+        positive_int(key, v)
 
 
 def _seed(key: str, v: Any) -> None:
@@ -93,12 +103,12 @@ def _seed(key: str, v: Any) -> None:
         raise PrefOptUserError(f"{key} must be an integer >= 0 (or null: random), got {v!r}")
 
 
-def _flag(key: str, v: Any) -> None:
+def flag(key: str, v: Any) -> None:
     if not isinstance(v, bool):
         raise PrefOptUserError(f"{key} must be true or false, got {v!r}")
 
 
-def _choice(*options: str) -> Callable[[str, Any], None]:
+def choice(*options: str) -> Callable[[str, Any], None]:
     def check(key: str, v: Any) -> None:
         if v not in options:
             want = " or ".join(repr(o) for o in options)
@@ -174,31 +184,31 @@ _K = ConfigKey
 #: every key, in the order errors are looked for (scalars first, then components)
 RECIPE_KEYS: Tuple[ConfigKey, ...] = (
     _K("output_dir", REQUIRED, "where checkpoints, logs and caches go (one run per directory)"),
-    _K("batch_size", REQUIRED, "pairs (KTO: rows) per process per micro-batch", _positive_int),
-    _K("gradient_accumulation_steps", REQUIRED, "micro-batches per optimizer step", _positive_int),
-    _K("epochs", REQUIRED, "passes over the dataset", _positive_int, identity=True),
-    _K("max_steps_per_epoch", None, "cap on optimizer steps per epoch", _optional_positive_int, identity=True),
-    _K("log_every_n_steps", 1, "metrics every n steps", _optional_positive_int),
-    _K("save_every_n_steps", None, "a step checkpoint every n steps (and always at the end)", _optional_positive_int),
-    _K("keep_last_n_checkpoints", None, "delete older step checkpoints", _optional_positive_int),
-    _K("eval_every_n_steps", None, "held-out evaluation every n steps (and at start and end)", _optional_positive_int),
-    _K("logprobs_chunk_size", 1024, "completion tokens projected onto the vocabulary at once", _optional_positive_int),
+    _K("batch_size", REQUIRED, "pairs (KTO: rows) per process per micro-batch", positive_int),
+    _K("gradient_accumulation_steps", REQUIRED, "micro-batches per optimizer step", positive_int),
+    _K("epochs", REQUIRED, "passes over the dataset", positive_int, identity=True),
+    _K("max_steps_per_epoch", None, "cap on optimizer steps per epoch", optional_positive_int, identity=True),
+    _K("log_every_n_steps", 1, "metrics every n steps", optional_positive_int),
+    _K("save_every_n_steps", None, "a step checkpoint every n steps (and always at the end)", optional_positive_int),
+    _K("keep_last_n_checkpoints", None, "delete older step checkpoints", optional_positive_int),
+    _K("eval_every_n_steps", None, "held-out evaluation every n steps (and at start and end)", optional_positive_int),
+    _K("logprobs_chunk_size", 1024, "completion tokens projected onto the vocabulary at once", optional_positive_int),
     _K("seed", 0, "data order, LoRA init and dropout RNG (null: random)", _seed, identity=True, nullable=True),
-    _K("resume_from_checkpoint", False, "continue the newest complete checkpoint of output_dir", _flag),
-    _K("overwrite_output_dir", False, "delete another run's checkpoints in output_dir first", _flag),
-    _K("shuffle", True, "shuffle the data order each epoch", _flag, identity=True),
-    _K("compile", False, "torch.compile the decoder layers and the loss", _flag),
-    _K("packed", False, "sequences side by side without padding", _flag),
-    _K("share_prompt", False, "with packed: each prompt computed once for both completions", _flag),
-    _K("nonfinite", "stop", "a non-finite loss or gradient norm: stop or skip the step", _choice("stop", "skip")),
-    _K("dtype", "fp32", "parameter and compute dtype (log-softmax is always fp32)", _choice("fp32", "bf16"), identity=True),
+    _K("resume_from_checkpoint", False, "continue the newest complete checkpoint of output_dir", flag),
+    _K("overwrite_output_dir", False, "delete another run's checkpoints in output_dir first", flag),
+    _K("shuffle", True, "shuffle the data order each epoch", flag, identity=True),
+    _K("compile", False, "torch.compile the decoder layers and the loss", flag),
+    _K("packed", False, "sequences side by side without padding", flag),
+    _K("share_prompt", False, "with packed: each prompt computed once for both completions", flag),
+    _K("nonfinite", "stop", "a non-finite loss or gradient norm: stop or skip the step", choice("stop", "skip")),
+    _K("dtype", "fp32", "parameter and compute dtype (log-softmax is always fp32)", choice("fp32", "bf16"), identity=True),
     _K("clip_grad_norm", None, "clip the global gradient norm to this value", _clip, identity=True),
     _K("reference.quantization", None, "frozen reference in torchao int8 / fp8 / fp8_dynamic", identity=True),
-    _K("reference.precompute", False, "reference log-probs computed once and cached; the reference model is freed", _flag),
+    _K("reference.precompute", False, "reference log-probs computed once and cached; the reference model is freed", flag),
     _K("device", "cpu", "cpu or cuda (one GPU per process under torchrun)", _device),
-    _K("enable_activation_checkpointing", False, "recompute decoder layers in backward", _flag),
-    _K("fsdp_cpu_offload", False, "FSDP2 parameters and gradients on the CPU", _flag),
-    _K("fsdp_reshard_after_forward", True, "FSDP2: free gathered parameters after forward (one process is not wrapped)", _flag),
+    _K("enable_activation_checkpointing", False, "recompute decoder layers in backward", flag),
+    _K("fsdp_cpu_offload", False, "FSDP2 parameters and gradients on the CPU", flag),
+    _K("fsdp_reshard_after_forward", True, "FSDP2: free gathered parameters after forward (one process is not wrapped)", flag),
     _K("custom_sharded_layers", None, "extra module names FSDP2 shards on their own"),
     _K("recipe_name", None, "set by torchtune's launcher"),
     _K("model_dir", None, "a Hugging Face model folder (hf/* configs build model, tokenizer and checkpointer from it)"),
@@ -215,26 +225,59 @@ RECIPE_KEYS: Tuple[ConfigKey, ...] = (
 )  # fmt: skip
 
 _BY_NAME: Dict[str, ConfigKey] = {k.name: k for k in RECIPE_KEYS}
-#: the sub-keys of mapping keys (``reference``)
-_SECTIONS: Dict[str, Tuple[str, ...]] = {}
-for _k in RECIPE_KEYS:
-    if "." in _k.name:
-        _section, _sub = _k.name.split(".", 1)
-        _SECTIONS.setdefault(_section, ())
-        _SECTIONS[_section] += (_sub,)
+
+
+def _sections(keys: Sequence[ConfigKey]) -> Dict[str, Tuple[str, ...]]:
+    """``{prefix: its direct sub-keys}`` of the mapping keys of a table (``""``: the top
+    level; ``"reference"``: ``precompute``, ``quantization``)."""
+    out: Dict[str, Tuple[str, ...]] = {}
+    for k in keys:
+        parts = k.name.split(".")
+        for depth in range(len(parts)):
+            prefix, child = ".".join(parts[:depth]), parts[depth]
+            if child not in out.setdefault(prefix, ()):
+                out[prefix] += (child,)
+    return out
 
 
 def known_keys() -> List[str]:
-    """The top-level keys a config may have."""
-    top = [k.name.split(".", 1)[0] for k in RECIPE_KEYS]
-    return sorted(set(top))
+    """The top-level keys a ``prefopt_distributed`` config may have."""
+    return sorted(_sections(RECIPE_KEYS)[""])
+
+
+def check_known_keys(cfg: Any, keys: Sequence[ConfigKey]) -> None:
+    """Every key of ``cfg`` at every level the table describes is one of its rows (the
+    children of a key the table does not go into, a component or a free mapping, are not
+    checked here): else ``unknown config key '<a.b>' (did you mean '<a.c>'?)``."""
+    from omegaconf import DictConfig
+
+    for prefix, children in _sections(keys).items():
+        node = _raw(cfg, prefix) if prefix else cfg
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig):
+            listed = ", ".join(f"{prefix}.{c}" for c in children)
+            raise PrefOptUserError(f"{prefix} must be a mapping ({listed}), got {node!r}")
+        bad = sorted(set(node.keys()) - set(children))
+        if bad:
+            raise unknown_key_error(bad[0], children, f"{prefix}." if prefix else "")
+
+
+def check_values(cfg: Any, keys: Sequence[ConfigKey]) -> None:
+    """Each scalar key's own check on its value (an absent key: its default; an explicit null
+    is checked, so a null flag is an error)."""
+    for key in keys:
+        if key.check is None or key.component is not None:
+            continue
+        value = _raw(cfg, key.name, _ABSENT)
+        key.check(key.name, (None if key.required else key.default) if value is _ABSENT else value)
 
 
 # --------------------------------------------------------------------------- settings
 
 
 class RecipeSettings(dict):
-    """Every key of :data:`RECIPE_KEYS` with its default filled in; keys of a mapping read as
+    """Every key of a table with its default filled in; nested keys read as
     ``reference_quantization``. Components are the config's nodes (or ``None`` when not
     configured)."""
 
@@ -254,18 +297,26 @@ def _raw(cfg: Any, name: str, default: Any = None) -> Any:
     return OmegaConf.select(cfg, name, default=default)
 
 
-def read_settings(cfg: Any) -> RecipeSettings:
+def read_table(cfg: Any, keys: Sequence[ConfigKey], strip: str = "") -> RecipeSettings:
     """The config's values with the table's defaults (``None`` values of optional scalars
-    fall back to the default as well: ``log_every_n_steps: null`` logs every step)."""
+    fall back to the default as well, unless the key is ``nullable``); names lose the prefix
+    ``strip`` and read with ``_`` for ``.``."""
     out = RecipeSettings()
-    for key in RECIPE_KEYS:
+    for key in keys:
         value = _raw(cfg, key.name, _ABSENT)
         if key.component is not None:
             value = value if value is not _ABSENT and configured(value) else None
         elif value is _ABSENT or (value is None and not key.nullable):
             value = None if key.required else key.default
-        out[key.name.replace(".", "_")] = value
+        name = key.name[len(strip) :] if strip and key.name.startswith(strip) else key.name
+        out[name.replace(".", "_")] = value
     return out
+
+
+def read_settings(cfg: Any) -> RecipeSettings:
+    """A ``prefopt_distributed`` config's :func:`read_table` (``log_every_n_steps: null``
+    logs every step)."""
+    return read_table(cfg, RECIPE_KEYS)
 
 
 # --------------------------------------------------------------------------- identity
@@ -316,7 +367,7 @@ def validate_config(cfg: Any, local: bool = True) -> RecipeSettings:
     commands written here to run on a cluster.
     """
     import torch
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import ListConfig, OmegaConf
 
     from torchtune_prefopt.reference.quantize import check_quantization_supported
 
@@ -325,30 +376,12 @@ def validate_config(cfg: Any, local: bool = True) -> RecipeSettings:
             doc = f" ({_BY_NAME[name].doc})" if name in _BY_NAME else ""
             raise PrefOptUserError(f"config key '{name}' is required{doc}: pass {name}=<value>")
     checks.check_interpolations(cfg)  # first: reading any key resolves its interpolations
-    known = known_keys()
-    unknown = sorted(set(cfg.keys()) - set(known))
-    if unknown:
-        raise unknown_key_error(unknown[0], known)
+    check_known_keys(cfg, RECIPE_KEYS)
     for key in RECIPE_KEYS:
         if key.required and key.name not in ("batch_size", "gradient_accumulation_steps", "epochs"):
             if cfg.get(key.name) is None:
                 raise PrefOptUserError(f"config key '{key.name}' is required")
-    for section, subs in _SECTIONS.items():
-        node = cfg.get(section)
-        if node is not None and not isinstance(node, DictConfig):
-            listed = ", ".join(f"{section}.{s}" for s in subs)
-            raise PrefOptUserError(f"{section} must be a mapping ({listed}), got {node!r}")
-        bad = sorted(set((node or {}).keys()) - set(subs))
-        if bad:
-            raise PrefOptUserError(
-                f"unknown config key '{section}.{bad[0]}' (valid: {sorted(subs)})"
-            )
-    for key in RECIPE_KEYS:
-        if key.check is None or key.component is not None:
-            continue
-        # an absent key is its default; an explicit null is checked (null flags are errors)
-        value = _raw(cfg, key.name, _ABSENT)
-        key.check(key.name, (None if key.required else key.default) if value is _ABSENT else value)
+    check_values(cfg, RECIPE_KEYS)
     s = read_settings(cfg)
     if s.share_prompt and not s.packed:
         raise PrefOptUserError(
@@ -387,15 +420,16 @@ def validate_config(cfg: Any, local: bool = True) -> RecipeSettings:
 # --------------------------------------------------------------------------- docs
 
 
-def key_table_markdown() -> str:
-    """The key table of docs/ARCHITECTURE.md (and the README), derived from the table."""
+def table_markdown(keys: Sequence[ConfigKey], identity: bool = True) -> str:
+    """A table's rows as a markdown table, sorted by key (``identity=False``: without the
+    identity column)."""
 
     def default(k: ConfigKey) -> str:
         if k.required:
             return "required"
         return "null" if k.default is None else json.dumps(k.default)
 
-    def identity(k: ConfigKey) -> str:
+    def ident(k: ConfigKey) -> str:
         if k.identity is True:
             return "yes"
         if k.identity == "content":
@@ -404,12 +438,17 @@ def key_table_markdown() -> str:
             return ", ".join(k.identity)
         return ""
 
-    rows = ["| key | default | identity | what it is |", "| --- | --- | --- | --- |"]
-    rows += [
-        f"| `{k.name}` | {default(k)} | {identity(k)} | {k.doc} |"
-        for k in sorted(RECIPE_KEYS, key=lambda k: k.name)
-    ]
+    head = ["key", "default", *(["identity"] if identity else []), "what it is"]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for k in sorted(keys, key=lambda k: k.name):
+        cells = [f"`{k.name}`", default(k), *([ident(k)] if identity else []), k.doc]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def key_table_markdown() -> str:
+    """The key table of docs/ARCHITECTURE.md (and the README), derived from the table."""
+    return table_markdown(RECIPE_KEYS)
 
 
 if __name__ == "__main__":
