@@ -33,7 +33,14 @@ import pytest
 
 from torchtune_prefopt._config import load_config
 from torchtune_prefopt.errors import PrefOptUserError
-from tune_harness import JOBS, run_in_process, synthetic_rows, tiny_config, tune, write_jsonl
+from tune_harness import (
+    JOBS,
+    run_in_process,
+    run_recipe,
+    synthetic_rows,
+    tiny_config,
+    write_jsonl,
+)
 
 # ----------------------------------------------------------------------------- helpers
 _jsonl = write_jsonl
@@ -492,10 +499,8 @@ def cli_results(tmp_path_factory, base_checkpoint):
         case = _BY_ID[case_id]
         case_dir = root / f"{case_id}-{nproc}p"
         config = _prepare(case, case_dir, base_checkpoint)
-        launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
         before = _snapshot(case_dir / "out")
-        cmd = ["run", *launcher, "prefopt_distributed", "--config", config, *case.overrides]
-        return tune(cmd, case_dir), case_dir, before
+        return run_recipe(config, *case.overrides, cwd=case_dir, nproc=nproc), case_dir, before
 
     with ThreadPoolExecutor(max_workers=JOBS) as pool:
         futures = {key: pool.submit(launch, *key) for key in CLI_CASES}

@@ -43,7 +43,7 @@ from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.losses import DPOLoss, IPOLoss, KTOLoss, SimPOLoss, build_loss
 from torchtune_prefopt.models.hf_checkpoint import TorchtuneCheckpoint
 from torchtune_prefopt.models.tiny import make_tiny_hf_checkpoint, tiny_tokenizer
-from tune_harness import tune
+from tune_harness import run_recipe
 
 RECIPES = Path(torchtune_prefopt.__file__).parent / "recipes"
 SYNTHETIC_HELDOUT = (
@@ -460,7 +460,7 @@ def e2e(tmp_path_factory):
     heldout.write_text("".join(SYNTHETIC_HELDOUT.read_text().splitlines(keepends=True)[:E2E_ROWS]))
     out = root / "out"
     args = _tiny_compare_args(out, root / "base", heldout) + ["compare.max_parallel=2"]
-    proc = tune(["run", "prefopt_compare", "--config", "tiny/compare", *args], root)
+    proc = run_recipe("tiny/compare", *args, cwd=root, recipe="prefopt_compare")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"root": root, "out": out, "heldout": heldout, "stdout": proc.stdout, "args": args}
 
@@ -727,7 +727,7 @@ def test_compare_evaluates_runs_that_train_an_hf_folder(base_config, tmp_path):
     }
     config = tmp_path / "compare.yaml"
     OmegaConf.save(OmegaConf.create(cfg), config)
-    proc = tune(["run", "prefopt_compare", "--config", str(config)], tmp_path)
+    proc = run_recipe(config, cwd=tmp_path, recipe="prefopt_compare")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out = tmp_path / "cmp"
     report = json.loads((out / "report.json").read_text())

@@ -39,7 +39,15 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from tune_harness import TUNE, VOLATILE, clean_env, load_weights, log_rows, tiny_config
+from tune_harness import (
+    TUNE,
+    VOLATILE,
+    clean_env,
+    load_weights,
+    log_rows,
+    recipe_args,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +117,7 @@ def run_tune(
 ) -> Run:
     """Run the recipe; optionally send ``sig`` once step ``signal_after_step`` is logged (to the
     whole process group, or to the ``tune`` process only)."""
-    launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
-    cmd = [str(TUNE), "run", *launcher, "prefopt_distributed", "--config", str(config), *overrides]
+    cmd = [str(TUNE), *recipe_args(config, *overrides, nproc=nproc)]
     log = workdir / f"run_{time.time_ns()}.log"
     out = Path(config.parent / "out")
     start = time.perf_counter()

@@ -32,6 +32,7 @@ from tune_harness import (
     TUNE,
     clean_env,
     log_rows,
+    recipe_args,
     run_in_process,
     synthetic_rows,
     tiny_config,
@@ -435,7 +436,7 @@ def test_disk_full_message_through_the_cli(tmp_path, base, checkpoint_bytes):
     try:
         _config(tmp_path, base)
         config = tiny_config(tmp_path, "dpo", rows=8, batch_size=4, epochs=1, save_every_n_steps=1, output_dir=str(disk / "out"))  # fmt: skip
-        proc = subprocess.run([str(TUNE), "run", "prefopt_distributed", "--config", str(config)], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run([str(TUNE), *recipe_args(config)], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     finally:
         _umount(disk)
     assert proc.returncode == EXIT_WRITE_FAILED, proc.stderr[-3000:]
@@ -470,7 +471,7 @@ def test_second_sigterm_during_the_preemption_save_still_exits_0(tmp_path, base)
     _config(tmp_path, base)
     config = tiny_config(tmp_path, "dpo", rows=64, batch_size=2, epochs=4, save_every_n_steps=None)
     out = tmp_path / "out"
-    proc = subprocess.Popen([str(TUNE), "run", "prefopt_distributed", "--config", str(config)], cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen([str(TUNE), *recipe_args(config)], cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (out / "logs").exists() and log_rows(out):

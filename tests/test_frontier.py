@@ -33,7 +33,7 @@ from torchtune_prefopt.compare.settings import default_eval_settings
 from torchtune_prefopt.data import CROSS_ENTROPY_IGNORE_IDX, preference_dataset, sft_dataset
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.models.tiny import make_tiny_hf_checkpoint, tiny_tokenizer
-from tune_harness import tune
+from tune_harness import run_recipe
 
 IGNORE = CROSS_ENTROPY_IGNORE_IDX
 
@@ -556,7 +556,7 @@ def test_e2e_small_frontier(tmp_path):
         "compare.kl.samples_per_prompt=4",
         "compare.heldout.max_rows=16",
     ]
-    proc = tune(["run", "prefopt_compare", "--config", "tiny/frontier", *args], tmp_path)
+    proc = run_recipe("tiny/frontier", *args, cwd=tmp_path, recipe="prefopt_compare")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "Gold-reward frontier" in proc.stdout
     report = json.loads((out / "report.json").read_text())
@@ -646,9 +646,7 @@ def test_bundled_frontier_is_not_degenerate(tmp_path):
     4 losses x 4 strengths x 3 seeds): every loss's best point beats the SFT reference beyond
     its seed-to-seed error bars, and points of different losses differ beyond error bars."""
     out = tmp_path / "out"
-    proc = tune(
-        ["run", "prefopt_compare", "--config", "tiny/frontier", f"output_dir={out}"], tmp_path
-    )
+    proc = run_recipe("tiny/frontier", f"output_dir={out}", cwd=tmp_path, recipe="prefopt_compare")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads((out / "report.json").read_text())
     points = report["frontier"]["points"]
@@ -725,16 +723,12 @@ def test_bad_run_config_fails_before_the_task_is_prepared(tmp_path):
     """A run config error (here an unknown training key for one loss) is one line, exit 2,
     before the task's SFT: no task directory is written."""
     out = tmp_path / "out"
-    proc = tune(
-        [
-            "run",
-            "prefopt_compare",
-            "--config",
-            "tiny/frontier",
-            f"output_dir={out}",
-            "compare.loss_overrides.kto.no_such_key=1",
-        ],
-        tmp_path,
+    proc = run_recipe(
+        "tiny/frontier",
+        f"output_dir={out}",
+        "compare.loss_overrides.kto.no_such_key=1",
+        cwd=tmp_path,
+        recipe="prefopt_compare",
     )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -30,7 +30,14 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from tune_harness import describe, load_weights, log_rows, recipe_in_process, tiny_config, tune
+from tune_harness import (
+    describe,
+    load_weights,
+    log_rows,
+    recipe_in_process,
+    run_recipe,
+    tiny_config,
+)
 
 N_ROWS = 24  # batch 4: 6 steps
 BATCH = 4
@@ -75,11 +82,7 @@ def _config(workdir: Path, loss: Optional[dict] = None, **edits) -> Path:
 
 def _run(workdir: Path, config: Path) -> subprocess.CompletedProcess:
     (workdir / "guardloss.py").write_text(GUARDLOSS)
-    return tune(
-        ["run", "prefopt_distributed", "--config", config],
-        workdir,
-        env={"PYTHONPATH": str(workdir)},
-    )
+    return run_recipe(config, cwd=workdir, env={"PYTHONPATH": str(workdir)})
 
 
 def _metrics(out: Path) -> Dict[int, Dict[str, float]]:

@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 
 from tune_harness import (
     run_in_process,
+    run_recipe,
     step_metrics,
     synthetic_rows,
     tiny_config,
-    tune,
     write_jsonl,
 )
 
@@ -92,18 +92,7 @@ def runs(tmp_path_factory, base):
         two = root / f"{n}-2p"
         two.mkdir()
         config2 = _config(two, base, n)
-        proc = tune(
-            [
-                "run",
-                "--nproc_per_node",
-                "2",
-                "prefopt_distributed",
-                "--config",
-                config2,
-                "batch_size=2",
-            ],
-            two,
-        )
+        proc = run_recipe(config2, "batch_size=2", cwd=two, nproc=2)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[n] = (config, step_metrics(one / "out")[1][0], step_metrics(two / "out")[1][0])
     return out

@@ -35,13 +35,15 @@ from hf_families import (
 )
 
 from tune_harness import (
+    CPU_FP32,
+    NO_EVAL,
     RunPool,
     RunSpec,
     assert_same_training,
     assert_steps_match,
     load_weights,
+    run_recipe,
     synthetic_rows,
-    tune,
     uses_runs,
     wanted_runs,
     write_jsonl,
@@ -50,8 +52,7 @@ from tune_harness import (
 ROWS, BATCH = 4, 2  # two optimizer steps
 
 COMMON = (
-    "device=cpu",
-    "dtype=fp32",
+    *CPU_FP32,
     "optimizer.fused=false",
     "dataset.source=json",
     "dataset.split=train",
@@ -257,11 +258,9 @@ def test_unsupported_architecture_through_the_cli(folders, tmp_path):
     bad.mkdir()
     cfg = json.loads((folders["smollm2"] / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["Gemma3ForCausalLM"]}))
-    proc = tune(
-        ["run", "prefopt_distributed", "--config", "hf/dpo", f"model_dir={bad}", "device=cpu",
-         f"output_dir={tmp_path / 'out'}"],
-        tmp_path,
-    )  # fmt: skip
+    proc = run_recipe(
+        "hf/dpo", f"model_dir={bad}", "device=cpu", f"output_dir={tmp_path / 'out'}", cwd=tmp_path
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "Gemma3ForCausalLM" in errors[0] and "Traceback" not in proc.stderr
@@ -270,7 +269,7 @@ def test_unsupported_architecture_through_the_cli(folders, tmp_path):
 
 @pytest.mark.slow
 def test_missing_model_dir_is_one_line(tmp_path):
-    proc = tune(["run", "prefopt_distributed", "--config", "hf/dpo"], tmp_path)
+    proc = run_recipe("hf/dpo", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert (
         proc.stderr.strip().splitlines()[-1].startswith("error: config key 'model_dir' is required")
@@ -511,14 +510,13 @@ def test_local_component_under_torchrun_with_the_hf_tokenizer(folders, pairs_fil
         "    return hf_tokenizer(model_dir, max_seq_len=max_seq_len)\n"
     )
     out = tmp_path / "out"
-    proc = tune(
-        ["run", "--nproc_per_node", "2", "prefopt_distributed", "--config", "tiny/dpo",
-         "tokenizer._component_=my_tokenizers.chat_tokenizer", f"tokenizer.model_dir={folders['qwen2']}",
-         "dataset._component_=torchtune_prefopt.data.preference_dataset", "dataset.source=json",
-         f"dataset.data_files={pairs_file}", "eval_dataset=null",
-         "batch_size=1", "max_steps_per_epoch=2", f"output_dir={out}",
-         f"checkpointer.checkpoint_dir={tmp_path / 'base'}", "save_every_n_steps=1"],
-        tmp_path,
+    proc = run_recipe(
+        "tiny/dpo", "tokenizer._component_=my_tokenizers.chat_tokenizer", f"tokenizer.model_dir={folders['qwen2']}",
+        "dataset._component_=torchtune_prefopt.data.preference_dataset", "dataset.source=json",
+        f"dataset.data_files={pairs_file}", *NO_EVAL,
+        "batch_size=1", "max_steps_per_epoch=2", f"output_dir={out}",
+        f"checkpointer.checkpoint_dir={tmp_path / 'base'}", "save_every_n_steps=1",
+        cwd=tmp_path, nproc=2,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     both = proc.stdout + proc.stderr

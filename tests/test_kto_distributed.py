@@ -181,7 +181,7 @@ def test_a_step_without_undesirable_rows_logs_no_undesirable_metrics(tmp_path):
     ``rewards/undesirable`` (absent, not a fake 0.0); the next, all undesirable, has them and
     no desirable ones."""
 
-    from tune_harness import step_metrics, synthetic_rows, tiny_config, tune, write_jsonl
+    from tune_harness import run_recipe, step_metrics, synthetic_rows, tiny_config, write_jsonl
 
     rows = synthetic_rows(4)
     kto = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows[:2]]
@@ -197,7 +197,7 @@ def test_a_step_without_undesirable_rows_logs_no_undesirable_metrics(tmp_path):
             "batch_size": 2,
         },
     )
-    proc = tune(["run", "prefopt_distributed", "--config", str(config)], tmp_path)
+    proc = run_recipe(config, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = step_metrics(tmp_path / "out")[0]
     assert sorted(steps) == [1, 2]

@@ -25,10 +25,13 @@ from typing import Dict, List
 import pytest
 
 from tune_harness import (
+    CPU_FP32,
+    NO_EVAL,
     RunPool,
     RunSpec,
     assert_steps_match,
     load_weights,
+    short_run,
     synthetic_rows,
     uses_runs,
     wanted_runs,
@@ -46,13 +49,7 @@ SEQ_LEN = 64
 REL, ABS = 1e-5, 1e-6
 
 COMMON = (
-    f"max_steps_per_epoch={STEPS}",
-    "epochs=1",
-    "gradient_accumulation_steps=1",
-    "log_every_n_steps=1",
-    "save_every_n_steps=null",
-    f"tokenizer.max_seq_len={SEQ_LEN}",
-    "lr_scheduler.num_warmup_steps=0",
+    *short_run(STEPS, SEQ_LEN),
     # Adam divides by sqrt(v) + eps: a parameter whose gradient is rounding noise (the key
     # projection's bias: softmax ignores a shift shared by all keys, so its exact gradient is
     # 0) would get lr-sized steps of random sign at torch's eps=1e-8 and turn fp32 rounding
@@ -61,11 +58,10 @@ COMMON = (
     # and a step size at which 20 steps do not amplify fp32 rounding (~1e-7 at step 1) past
     # 1e-5: at the tiny configs' 3e-3 the trajectories separate to ~2e-5 by step 15
     "optimizer.lr=1e-3",
-    "eval_dataset=null",
+    *NO_EVAL,
     "dataset.source=json",
     "~dataset.split",
-    "device=cpu",
-    "dtype=fp32",
+    *CPU_FP32,
 )
 SHARED = ("packed=true", "share_prompt=true")
 _AOT = (("TORCH_COMPILE_BACKEND", "aot_eager"), ("TORCH_LOGS", "recompiles"))

@@ -33,6 +33,8 @@ import pytest
 
 from torchtune_prefopt._config import available_configs
 from tune_harness import (
+    CPU_FP32,
+    NO_EVAL,
     VOLATILE,
     RunPool,
     RunResult,
@@ -63,9 +65,8 @@ COMMON = (
     "log_every_n_steps=1",
     f"tokenizer.max_seq_len={SEQ_LEN}",
     "lr_scheduler.num_warmup_steps=0",
-    "eval_dataset=null",
-    "device=cpu",
-    "dtype=fp32",
+    *NO_EVAL,
+    *CPU_FP32,
     "compile=false",
 )
 

@@ -39,7 +39,16 @@ from typing import Dict, List
 
 import pytest
 
-from tune_harness import VOLATILE, RunPool, RunSpec, assert_steps_match, uses_runs, wanted_runs
+from tune_harness import (
+    CPU_FP32,
+    VOLATILE,
+    RunPool,
+    RunSpec,
+    assert_steps_match,
+    short_run,
+    uses_runs,
+    wanted_runs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -86,16 +95,9 @@ _EVAL = (
 )
 
 COMMON = (
-    f"max_steps_per_epoch={STEPS}",
-    "epochs=1",
-    "gradient_accumulation_steps=1",
-    "log_every_n_steps=1",
-    "save_every_n_steps=null",
+    *short_run(STEPS, SEQ_LEN),
     "keep_last_n_checkpoints=null",
-    f"tokenizer.max_seq_len={SEQ_LEN}",
-    "lr_scheduler.num_warmup_steps=0",  # step 1 would otherwise use lr 0
-    "device=cpu",
-    "dtype=fp32",
+    *CPU_FP32,
     "compile=false",
 )
 

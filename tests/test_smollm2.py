@@ -21,7 +21,15 @@ from typing import List
 import pytest
 import torch
 
-from tune_harness import RunPool, RunSpec, assert_steps_match, uses_runs, wanted_runs, write_jsonl
+from tune_harness import (
+    CPU_FP32,
+    RunPool,
+    RunSpec,
+    assert_steps_match,
+    uses_runs,
+    wanted_runs,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +71,7 @@ RUDE = [
 STEPS, BATCH = 8, 4
 
 COMMON = (
-    "device=cpu",
-    "dtype=fp32",
+    *CPU_FP32,
     "optimizer.fused=false",
     "optimizer.lr=1e-5",
     "lr_scheduler=null",

@@ -24,6 +24,7 @@ from tune_harness import (
     assert_same_training,
     load_weights,
     run_in_process,
+    run_recipe,
     step_metrics,
     synthetic_rows,
     tiny_config,
@@ -192,7 +193,7 @@ def test_sft_term_token_mean_is_global(base, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from tune_harness import describe, tune
+    from tune_harness import describe
 
     # the tiny checkpoint with its LM head scaled x30: peaked predictions, so the chosen
     # tokens' NLLs differ (at the random init they are all ~log(vocab) and every mean is one)
@@ -212,18 +213,8 @@ def test_sft_term_token_mean_is_global(base, tmp_path):
     run_in_process(cfg)
     one = step_metrics(Path(cfg.output_dir))[0]
     two_dir = tmp_path / "two"
-    proc = tune(
-        [
-            "run",
-            "--nproc_per_node",
-            "2",
-            "prefopt_distributed",
-            "--config",
-            path,
-            f"batch_size={BATCH // 2}",
-            f"output_dir={two_dir}",
-        ],
-        cwd=tmp_path,
+    proc = run_recipe(
+        path, f"batch_size={BATCH // 2}", f"output_dir={two_dir}", cwd=tmp_path, nproc=2
     )
     assert proc.returncode == 0, describe(proc)
     two = step_metrics(two_dir)[0]

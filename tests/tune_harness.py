@@ -3,6 +3,10 @@
 * :func:`clean_env` / :func:`tune`: a ``tune`` subprocess of the installed package with a clean
   environment (no inherited PYTHONPATH or torchrun variables, one intra-op thread: the same
   kernels on 1 and 2 processes, and the CI machine has 2 shared cores).
+* :func:`recipe_args` / :func:`run_recipe`: the one spelling of a recipe launch,
+  ``tune run [--nproc_per_node N] <recipe> --config <config> <overrides>``; every test (and
+  :class:`RunPool`) launches runs through it. :data:`CPU_FP32`, :data:`NO_EVAL` and
+  :func:`short_run` are the overrides test runs share.
 * :func:`tiny_config`: ``configs/tiny/<loss>.yaml`` made tiny (a few synthetic rows, 64
   tokens, no held-out eval) for one test's own directory.
 * :func:`log_rows` / :func:`step_metrics`: the DiskLogger metric lines, read with the library's
@@ -90,6 +94,48 @@ def tune(
     """``tune <args>`` (the installed CLI next to this interpreter) in ``cwd``."""
     assert TUNE.exists(), f"`tune` not found next to {sys.executable}"
     return run_process([TUNE, *args], cwd, env, timeout)
+
+
+def recipe_args(
+    config: object, *overrides: object, nproc: int = 1, recipe: str = "prefopt_distributed"
+) -> List[str]:
+    """``run [--nproc_per_node N] <recipe> --config <config> <overrides>``: ``tune``'s
+    arguments for one recipe launch (N > 1: torchrun)."""
+    launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return ["run", *launcher, recipe, "--config", str(config), *(str(o) for o in overrides)]
+
+
+def run_recipe(
+    config: object,
+    *overrides: object,
+    cwd: Path,
+    nproc: int = 1,
+    env: Optional[Dict[str, str]] = None,
+    timeout: float = RUN_TIMEOUT,
+    recipe: str = "prefopt_distributed",
+) -> subprocess.CompletedProcess:
+    """:func:`recipe_args` run by the installed ``tune`` in ``cwd`` (output captured)."""
+    return tune(recipe_args(config, *overrides, nproc=nproc, recipe=recipe), cwd, env, timeout)
+
+
+#: the device and dtype every CPU test run uses (the packaged real-model configs say cuda/bf16)
+CPU_FP32 = ("device=cpu", "dtype=fp32")
+#: no held-out evaluation
+NO_EVAL = ("eval_dataset=null",)
+
+
+def short_run(steps: int, seq_len: Optional[int] = None) -> tuple:
+    """A run of ``steps`` optimizer steps, one micro-batch each, a metric line per step, no
+    periodic save and no lr warm-up (step 1 would otherwise use lr 0)."""
+    return (
+        f"max_steps_per_epoch={steps}",
+        "epochs=1",
+        "gradient_accumulation_steps=1",
+        "log_every_n_steps=1",
+        "save_every_n_steps=null",
+        *(() if seq_len is None else (f"tokenizer.max_seq_len={seq_len}",)),
+        "lr_scheduler.num_warmup_steps=0",
+    )
 
 
 def describe(proc, n: int = 5000) -> str:
@@ -387,16 +433,7 @@ class RunPool:
                 json.dumps({"config": spec.config, "overrides": args}),
             ]
         else:
-            launcher = ["--nproc_per_node", str(spec.nproc)] if spec.nproc > 1 else []
-            cmd = [
-                str(TUNE),
-                "run",
-                *launcher,
-                "prefopt_distributed",
-                "--config",
-                spec.config,
-                *args,
-            ]
+            cmd = [str(TUNE), *recipe_args(spec.config, *args, nproc=spec.nproc)]
         start = time.perf_counter()
         # own process group: on a timeout, torchrun's workers are killed with it
         proc = subprocess.Popen(
