@@ -53,7 +53,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -134,24 +134,34 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class _DataOrder(NamedTuple):
+    """What :meth:`PrefOptRecipe._setup_data_order` builds."""
+
+    sampler: GlobalBatchSampler
+    collate: PreferenceCollator
+    loader: DataLoader
+    steps_per_epoch: int
+    eval_loader: Optional[DataLoader]
+
+
 class PrefOptRecipe:
     """DPO-family preference optimization with FSDP2; see the module docstring."""
 
     def __init__(self, cfg: DictConfig) -> None:
         # every key, with its default, from the one key table (training/recipe_config.py)
-        self.settings = s = validate_config(cfg)
+        self.settings = settings = validate_config(cfg)
         self.cfg = cfg
-        self._device = utils.get_device(device=s.device)
-        self._dtype = training.get_dtype(s.dtype, device=self._device)
+        self._device = utils.get_device(device=settings.device)
+        self._dtype = training.get_dtype(settings.dtype, device=self._device)
         self.world_size, self.rank = init_distributed(self._device)
         self._is_rank_zero = self.rank == 0
         self._output_dir = Path(cfg.output_dir)
         self._output_dir_existed = self._output_dir.exists()
-        self.seed = training.set_seed(seed=s.seed)
-        self.batch_size = s.batch_size
-        self.accum = s.gradient_accumulation_steps
-        self.total_epochs = s.epochs
-        self._chunk_size = s.logprobs_chunk_size
+        self.seed = training.set_seed(seed=settings.seed)
+        self.batch_size = settings.batch_size
+        self.accum = settings.gradient_accumulation_steps
+        self.total_epochs = settings.epochs
+        self._chunk_size = settings.logprobs_chunk_size
         self.global_step = 0
         self._last_metrics: Dict[str, float] = {}
         self._evals: List[tuple] = []
@@ -166,35 +176,47 @@ class PrefOptRecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        cfg, s = self.cfg, self.settings
+        cfg, settings = self.cfg, self.settings
         self._lock = self._setup_lock()  # one run per output_dir, for the run's lifetime
         # 1. Everything that can be wrong in the config or the data, before any weights load.
-        self._loss_fn = self._setup_loss(cfg.loss)
+        self._loss_module = self._setup_loss(cfg.loss)  # uncompiled: evaluation asks it for rewards
+        self._traits = loss_traits(self._loss_module)  # what the loss needs: one frozen object
+        self._loss_fn = self._loss_module  # compiled below with compile=true
         model_facts = meta_model(cfg.model, self._dtype)  # cheap (meta tensors): LoRA? context?
         self._lora = lora_settings(cfg.model) if is_lora_model(model_facts) else None
         fits = (context_length(model_facts), vocab_size(model_facts))  # what rows must fit
         del model_facts
-        self._ref_plan = self._setup_reference_plan(s)
+        self._ref_plan = self._setup_reference_plan(settings, self._loss_module)
         self._tokenizer = build_tokenizer(cfg.tokenizer, fits[1])
         self._dataset = self._setup_dataset(cfg.dataset, "dataset", self._traits.paired, fits)
         self._eval_dataset = None
-        if s.eval_dataset is not None:
-            self._eval_dataset = self._setup_dataset(s.eval_dataset, "eval_dataset", True, fits)
+        if settings.eval_dataset is not None:
+            self._eval_dataset = self._setup_dataset(
+                settings.eval_dataset, "eval_dataset", True, fits
+            )
 
         # 2. The run's identity: a fresh run never adopts another run's checkpoints; a resumed
         # run continues the newest complete checkpoint of a run with these settings.
         self._checkpointer = HFCheckpoint.from_config(cfg.checkpointer, "checkpointer")
         self._ref_checkpointer = None
         if self._ref_plan.own_checkpoint:
-            self._ref_checkpointer = HFCheckpoint.from_config(cfg.ref_checkpointer, "ref_checkpointer")  # fmt: skip
+            self._ref_checkpointer = HFCheckpoint.from_config(
+                cfg.ref_checkpointer, "ref_checkpointer"
+            )
         self._checkpoints = StepCheckpointer(
-            self._output_dir, self._checkpointer, rank=self.rank, world_size=self.world_size,
-            device=self._device, keep_last_n=s.keep_last_n_checkpoints, lora=self._lora, log=log,
-        )  # fmt: skip
+            self._output_dir,
+            self._checkpointer,
+            rank=self.rank,
+            world_size=self.world_size,
+            device=self._device,
+            keep_last_n=settings.keep_last_n_checkpoints,
+            lora=self._lora,
+            log=log,
+        )
         resume = self._checkpoints.start(
             cfg,
-            resume=s.resume_from_checkpoint,
-            overwrite=s.overwrite_output_dir,
+            resume=settings.resume_from_checkpoint,
+            overwrite=settings.overwrite_output_dir,
             global_batch=self.batch_size * self.world_size,
             accumulation=self.accum,
             effective={"reference.quantization": self._ref_plan.quantization},
@@ -204,7 +226,7 @@ class PrefOptRecipe:
         # 3. Models: the policy, and where the reference log-probs come from.
         base_sd = self._checkpointer.load()
         self._model = self._setup_policy(cfg.model, base_sd)
-        self._reference = self._setup_reference(base_sd)
+        self._reference, self._ref_files = self._setup_reference(base_sd)
         del base_sd
 
         # 4. Optimizer, data order, schedule.
@@ -212,14 +234,18 @@ class PrefOptRecipe:
             cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
         )
         self._checkpoints.attach(self._model, self._optimizer)
-        self._setup_data_order(s)
+        order = self._setup_data_order(settings)
+        self._sampler, self._collate, self._dataloader = order.sampler, order.collate, order.loader
+        self._steps_per_epoch, self._eval_dataloader = order.steps_per_epoch, order.eval_loader
         if resume is not None:
-            self._load_recipe_state(resume.state)
+            position = self._load_recipe_state(resume.state)
+            self.seed, self.global_step, self.epochs_run, self._resume_micro = position
+            self._sampler.seed = self.seed  # the checkpoint's data order
         self._eval_reference = self._reference
         if self._ref_plan.precompute:
-            self._setup_precompute()
-        self._lr_scheduler = self._setup_lr_scheduler(s.lr_scheduler, resume)
-        if s.compile:
+            self._reference, self._eval_reference = self._setup_precompute()
+        self._lr_scheduler = self._setup_lr_scheduler(settings.lr_scheduler, resume)
+        if settings.compile:
             # Attributes (reference_free, beta, ...) stay reachable through the compiled wrapper.
             self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
 
@@ -227,7 +253,7 @@ class PrefOptRecipe:
         self._metrics = StepMetrics(self._device)
         self._checkpoints.clear_previous_run()
         dist.barrier()
-        self._metric_logger = self._setup_metric_logger(s.metric_logger)
+        self._metric_logger = self._setup_metric_logger(settings.metric_logger)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         dist.barrier()
 
@@ -254,10 +280,8 @@ class PrefOptRecipe:
             raise
         except (ValueError, TypeError, ImportError) as err:
             raise PrefOptUserError(f"loss: {err}") from err
-        self._loss_module = loss  # uncompiled: held-out evaluation asks it for rewards
-        self._traits = loss_traits(loss)  # what the loss needs: one frozen object
         global_batch = self.batch_size * self.world_size
-        if not self._traits.paired and global_batch < 2:
+        if not loss_traits(loss).paired and global_batch < 2:
             raise PrefOptUserError(
                 f"batch_size: {type(loss).__name__} builds its KL reference point from "
                 "mismatched pairs of the global micro-batch and needs batch_size x processes >= 2, "
@@ -265,13 +289,13 @@ class PrefOptRecipe:
             )
         return loss
 
-    def _setup_reference_plan(self, s):
+    def _setup_reference_plan(self, settings, loss):
         plan = plan_reference(
-            self._loss_module,
+            loss,
             lora=self._lora is not None,
-            quantization=s.reference_quantization,
-            precompute=s.reference_precompute,
-            ref_checkpointer=s.ref_checkpointer is not None,
+            quantization=settings.reference_quantization,
+            precompute=settings.reference_precompute,
+            ref_checkpointer=settings.ref_checkpointer is not None,
         )
         for warning in plan.warnings:
             utils.log_rank_zero(log, f"WARNING: {warning}")
@@ -303,16 +327,16 @@ class PrefOptRecipe:
         return ds
 
     def _placement(self) -> ModelPlacement:
-        s = self.settings
+        settings = self.settings
         return ModelPlacement(
             device=self._device,
             dtype=self._dtype,
-            compile=s.compile,
-            activation_checkpointing=s.enable_activation_checkpointing,
-            fsdp_cpu_offload=s.fsdp_cpu_offload,
-            fsdp_reshard_after_forward=s.fsdp_reshard_after_forward,
-            custom_sharded_layers=s.custom_sharded_layers,
-            shard=shards_model(self.world_size, s.fsdp_cpu_offload),
+            compile=settings.compile,
+            activation_checkpointing=settings.enable_activation_checkpointing,
+            fsdp_cpu_offload=settings.fsdp_cpu_offload,
+            fsdp_reshard_after_forward=settings.fsdp_reshard_after_forward,
+            custom_sharded_layers=settings.custom_sharded_layers,
+            shard=shards_model(self.world_size, settings.fsdp_cpu_offload),
         )
 
     def _setup_policy(self, cfg_model: Any, base_sd: Dict[str, torch.Tensor]):
@@ -329,8 +353,12 @@ class PrefOptRecipe:
             verbose=self._is_rank_zero,
         )  # fmt: skip
 
-    def _setup_reference(self, base_sd: Dict[str, torch.Tensor]) -> ReferenceSource:
-        reference, self._ref_files = build_reference(
+    def _setup_reference(
+        self, base_sd: Dict[str, torch.Tensor]
+    ) -> Tuple[ReferenceSource, List[Path]]:
+        """Where the reference log-probs come from, and the weight files it was built from
+        (the precompute cache's fingerprint)."""
+        reference, files = build_reference(
             self._ref_plan,
             loss_name=type(self._loss_module).__name__,
             policy=self._model,
@@ -343,25 +371,25 @@ class PrefOptRecipe:
             log=lambda line: utils.log_rank_zero(log, line),
         )
         utils.log_rank_zero(log, f"reference model: {reference.describe()}")
-        return reference
+        return reference, files
 
-    def _setup_data_order(self, s) -> None:
+    def _setup_data_order(self, settings) -> "_DataOrder":
         """The global data order, the collator of this rank's part, the steps per epoch, and
         the held-out loader (every held-out row exactly once, whatever the world size)."""
         global_batch = self.batch_size * self.world_size
-        self._sampler = GlobalBatchSampler(
-            len(self._dataset), global_batch, seed=self.seed, shuffle=s.shuffle
+        sampler = GlobalBatchSampler(
+            len(self._dataset), global_batch, seed=self.seed, shuffle=settings.shuffle
         )
         packing = None
-        if s.packed:
+        if settings.packed:
             # rows as long as the model's context; lengths rounded to a multiple of 128 under
             # compile (a bounded number of shapes), else of 8
             packing = PackingLayout(
-                share_prompt=s.share_prompt,
+                share_prompt=settings.share_prompt,
                 capacity=int(self._model.max_seq_len),
-                multiple_of=128 if s.compile else 8,
+                multiple_of=128 if settings.compile else 8,
             )
-        self._collate = PreferenceCollator(
+        collate = PreferenceCollator(
             paired=self._traits.paired,
             pad_id=self._tokenizer.pad_id,
             # KTO's KL rows are truncated like the dataset truncated its rows
@@ -370,17 +398,17 @@ class PrefOptRecipe:
             rows_per_rank=self.batch_size,
             packing=packing,
         )
-        self._dataloader = self._loader(self._dataset, self._sampler)
-        micro_per_epoch = len(self._sampler)
-        self._steps_per_epoch = micro_per_epoch // self.accum
-        if s.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, s.max_steps_per_epoch)
-        if self._steps_per_epoch < 1:
+        loader = self._loader(self._dataset, sampler, collate)
+        micro_per_epoch = len(sampler)
+        steps_per_epoch = micro_per_epoch // self.accum
+        if settings.max_steps_per_epoch is not None:
+            steps_per_epoch = min(steps_per_epoch, settings.max_steps_per_epoch)
+        if steps_per_epoch < 1:
             raise PrefOptUserError(
                 f"gradient_accumulation_steps: {micro_per_epoch} micro-batches per epoch cannot fill one "
                 f"step of {self.accum} (lower gradient_accumulation_steps or batch_size)"
             )
-        self._eval_dataloader = None
+        eval_loader = None
         if self._eval_dataset is not None:
             # the last global batch may be partial: it is split evenly over the ranks
             # (PreferenceCollator.share)
@@ -389,14 +417,14 @@ class PrefOptRecipe:
                 drop_last=False,
             )  # fmt: skip
             share = PreferenceCollator(
-                paired=True, pad_id=self._collate.pad_id, rank=self.rank,
+                paired=True, pad_id=collate.pad_id, rank=self.rank,
                 rows_per_rank=self.batch_size, world_size=self.world_size, packing=packing,
             ).share  # fmt: skip
-            self._eval_dataloader = self._loader(self._eval_dataset, order, share)
+            eval_loader = self._loader(self._eval_dataset, order, share)
+        return _DataOrder(sampler, collate, loader, steps_per_epoch, eval_loader)
 
-    def _loader(self, dataset, order: GlobalBatchSampler, collate=None) -> DataLoader:
-        """Global micro-batches in ``order``, each collated into this rank's batch object
-        (``collate``: the training collator by default).
+    def _loader(self, dataset, order: GlobalBatchSampler, collate) -> DataLoader:
+        """Global micro-batches in ``order``, each collated into this rank's batch object.
 
         Own generator: iter(DataLoader) draws a base seed from its generator, which would
         otherwise be the global RNG (one extra draw per epoch or evaluation; a resumed run's
@@ -405,20 +433,23 @@ class PrefOptRecipe:
         return DataLoader(
             dataset,
             batch_sampler=order,
-            collate_fn=collate or self._collate,
+            collate_fn=collate,
             num_workers=0,
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def _setup_precompute(self) -> None:
+    def _setup_precompute(self) -> Tuple[ReferenceSource, ReferenceSource]:
         """``reference.precompute``: the reference log-probs of every training row (and KTO KL
         pair) and every held-out row, computed once (or loaded from a cache whose fingerprint
-        matches); the reference model is then freed and training runs without it."""
+        matches); the reference model is then freed and training runs without it. Returns
+        the training and the held-out reference sources."""
         root = self._output_dir / "reference_cache"
 
         def job(dataset, paired: bool, max_seq_len, kl_pairs, what: str) -> PrecomputeJob:
             # the padded layout, whatever training uses: a cache does not depend on it
-            padded = PreferenceCollator(paired=paired, pad_id=self._collate.pad_id, max_seq_len=max_seq_len)  # fmt: skip
+            padded = PreferenceCollator(
+                paired=paired, pad_id=self._collate.pad_id, max_seq_len=max_seq_len
+            )
             return PrecomputeJob(
                 dataset, padded, self.batch_size, self.world_size, self.rank, self._device,
                 kl_pairs, what,
@@ -429,9 +460,23 @@ class PrefOptRecipe:
             pairs = kto_kl_pairs(
                 self._sampler, self.total_epochs, self._steps_per_epoch * self.accum
             )
-        jobs = {"train": (job(self._dataset, self._traits.paired, self._collate.max_seq_len, pairs, "the training rows"), root)}  # fmt: skip
+        jobs = {
+            "train": (
+                job(
+                    self._dataset,
+                    self._traits.paired,
+                    self._collate.max_seq_len,
+                    pairs,
+                    "the training rows",
+                ),
+                root,
+            )
+        }
         if self._eval_dataset is not None:
-            jobs["eval"] = (job(self._eval_dataset, True, None, None, "the held-out rows"), root / "eval")  # fmt: skip
+            jobs["eval"] = (
+                job(self._eval_dataset, True, None, None, "the held-out rows"),
+                root / "eval",
+            )
         sources = precompute_reference(
             self._reference,
             jobs,
@@ -446,8 +491,7 @@ class PrefOptRecipe:
             memo_dir=root,
             log=lambda line: utils.log_rank_zero(log, line),
         )
-        self._reference = sources["train"]
-        self._eval_reference = sources.get("eval", self._reference)
+        return sources["train"], sources.get("eval", sources["train"])
 
     def _setup_lr_scheduler(self, node: Any, resume):
         """The schedule over the run's steps. torchtune's schedulers take the step count
@@ -498,20 +542,17 @@ class PrefOptRecipe:
             state["lr_scheduler"] = self._lr_scheduler.state_dict()
         return state
 
-    def _load_recipe_state(self, state: Dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
+    def _load_recipe_state(self, state: Dict[str, Any]) -> Tuple[int, int, int, int]:
+        """A resumed run: the RNG and optimizer state are loaded; returns where the run
+        continues, ``(seed, global step, epoch, micro-batches into that epoch)``."""
+        seed = state["seed"]
+        if seed != self.seed:
             utils.log_rank_zero(
-                log,
-                f"WARNING: using the checkpoint's seed {state['seed']} (config has {self.seed})",
+                log, f"WARNING: using the checkpoint's seed {seed} (config has {self.seed})"
             )
-            self.seed = state["seed"]
-            self._sampler.seed = self.seed
-        self.global_step = state["step"]
-        self.epochs_run = state["epoch"]
-        self._resume_micro = state["micro_in_epoch"]
-        if self._resume_micro >= self._steps_per_epoch * self.accum:
-            self.epochs_run += 1
-            self._resume_micro = 0
+        epoch, micro = state["epoch"], state["micro_in_epoch"]
+        if micro >= self._steps_per_epoch * self.accum:
+            epoch, micro = epoch + 1, 0
         rng = state["rng_states"]
         if len(rng) == self.world_size:
             torch.set_rng_state(rng[self.rank])
@@ -520,6 +561,7 @@ class PrefOptRecipe:
             training.load_from_full_optimizer_state_dict(
                 self._model, self._optimizer, opt_sd, self._device
             )
+        return seed, state["step"], epoch, micro
 
     def save_checkpoint(self, epoch: int, micro_in_epoch: int, reason: str) -> Optional[Path]:
         """A step checkpoint of the run now (collective)."""
@@ -533,29 +575,31 @@ class PrefOptRecipe:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     # ------------------------------------------------------------------ compute
-    def _forms(self, lp: Optional[SequenceLogProbs]):
+    def _forms(self, logps: Optional[SequenceLogProbs]):
         """The two halves of a ``[2B]`` result in the form the loss takes (mean, sum, or the
         SequenceLogProbs themselves: :func:`~torchtune_prefopt.losses.loss_inputs`)."""
-        return loss_inputs(self._loss_module, *(lp.halves() if lp is not None else (None, None)))
+        return loss_inputs(
+            self._loss_module, *(logps.halves() if logps is not None else (None, None))
+        )
 
     def _paired_step(self, batch: PairedBatch):
         """Loss of ``B`` pairs, and the metric sums ``{name: (sum over pairs, count name)}``."""
-        pol = batch.logps(self._model, self._chunk_size)
+        policy = batch.logps(self._model, self._chunk_size)
         ref = self._reference.logps(batch)
         extra = {}
         if self._step_token_mean is not None:  # the SFT term's global token mean
             extra["chosen_tokens_per_pair"] = self._step_token_mean
         losses, chosen_rewards, rejected_rewards = self._loss_fn(
-            *self._forms(pol), *self._forms(ref), **extra
+            *self._forms(policy), *self._forms(ref), **extra
         )
-        pol_chosen, pol_rejected = pol.detach().halves()
+        policy_chosen, policy_rejected = policy.detach().halves()
         stats = {
             "rewards/chosen": (chosen_rewards.detach().sum(), "rows"),
             "rewards/rejected": (rejected_rewards.detach().sum(), "rows"),
             "rewards/accuracies": (pair_accuracy(chosen_rewards, rejected_rewards).sum(), "rows"),
             "rewards/margins": ((chosen_rewards - rejected_rewards).detach().sum(), "rows"),
-            "logps/chosen": (pol_chosen.sum.sum(), "rows"),
-            "logps/rejected": (pol_rejected.sum.sum(), "rows"),
+            "logps/chosen": (policy_chosen.sum.sum(), "rows"),
+            "logps/rejected": (policy_rejected.sum.sum(), "rows"),
         }
         for name, term in getattr(self._loss_module, "term_losses", {}).items():
             stats[f"loss/{name}"] = (term.double().sum(), "rows")  # a WeightedSum's terms
@@ -564,23 +608,25 @@ class PrefOptRecipe:
     def _kto_step(self, batch: UnpairedBatch):
         """Loss of ``B`` unpaired rows (with their KL rows, detached in every layout: KTO's
         reference point is not trained through), and the metric sums."""
-        pol = batch.logps(self._model, self._chunk_size)
-        pol_rows, pol_kl = self._forms(pol)
+        policy = batch.logps(self._model, self._chunk_size)
+        policy_rows, policy_kl = self._forms(policy)
         ref_rows, ref_kl = self._forms(self._reference.logps(batch))
-        losses, rewards, kl = self._loss_fn(pol_rows, ref_rows, batch.is_desirable, pol_kl, ref_kl)
-        logps = pol.halves()[0].sum.detach()
-        d = batch.is_desirable.float()
+        losses, rewards, kl = self._loss_fn(
+            policy_rows, ref_rows, batch.is_desirable, policy_kl, ref_kl
+        )
+        row_logps = policy.halves()[0].sum.detach()
+        desirable = batch.is_desirable.float()
         stats = {
             "kl": (kl.detach().float() * len(batch), "rows"),  # z0 is global: the mean is z0
-            "rewards/desirable": ((rewards.detach() * d).sum(), "desirable"),
-            "rewards/undesirable": ((rewards.detach() * (1 - d)).sum(), "undesirable"),
-            "logps/desirable": ((logps * d).sum(), "desirable"),
-            "logps/undesirable": ((logps * (1 - d)).sum(), "undesirable"),
+            "rewards/desirable": ((rewards.detach() * desirable).sum(), "desirable"),
+            "rewards/undesirable": ((rewards.detach() * (1 - desirable)).sum(), "undesirable"),
+            "logps/desirable": ((row_logps * desirable).sum(), "desirable"),
+            "logps/undesirable": ((row_logps * (1 - desirable)).sum(), "undesirable"),
         }
         counts = {
             "rows": float(len(batch)),
-            "desirable": d.sum().item(),
-            "undesirable": (1 - d).sum().item(),
+            "desirable": desirable.sum().item(),
+            "undesirable": (1 - desirable).sum().item(),
         }
         return losses, stats, counts
 
@@ -645,31 +691,33 @@ class PrefOptRecipe:
     def evaluate(self) -> Dict[str, float]:
         """Held-out preference accuracy of the loss's own implicit reward (paired eval rows),
         through the same DataLoader path, reference source and loss as training."""
-        m = StepMetrics(self._device)
+        sums = StepMetrics(self._device)
         for batch, real in self._eval_dataloader:  # real: this rank's rows (0: a padding copy)
             batch = batch.to(self._device)
-            pol = batch.logps(self._model, self._chunk_size)
+            policy = batch.logps(self._model, self._chunk_size)
             ref = self._eval_reference.logps(batch)
             chosen_rewards, rejected_rewards = pair_rewards(
-                self._loss_module, *self._forms(pol), *self._forms(ref)
+                self._loss_module, *self._forms(policy), *self._forms(ref)
             )
-            pol_chosen, pol_rejected = pol.halves()
+            policy_chosen, policy_rejected = policy.halves()
             rows = slice(0, real)
-            m.add(
+            sums.add(
                 "eval/rewards/accuracies",
                 pair_accuracy(chosen_rewards, rejected_rewards)[rows].sum(),
             )
-            m.add("eval/rewards/margins", (chosen_rewards - rejected_rewards)[rows].double().sum())
-            m.add("eval/logps/chosen", pol_chosen.sum[rows].double().sum())
-            m.add("eval/logps/rejected", pol_rejected.sum[rows].double().sum())
+            sums.add(
+                "eval/rewards/margins", (chosen_rewards - rejected_rewards)[rows].double().sum()
+            )
+            sums.add("eval/logps/chosen", policy_chosen.sum[rows].double().sum())
+            sums.add("eval/logps/rejected", policy_rejected.sum[rows].double().sum())
             if ref is not None:
                 ref_chosen, ref_rejected = ref.halves()
-                m.add(
+                sums.add(
                     "eval/reference/accuracies",
                     pair_accuracy(ref_chosen.sum, ref_rejected.sum)[rows].sum(),
                 )
-            m.count(rows=real)
-        means, counts = m.reduce()
+            sums.count(rows=real)
+        means, counts = sums.reduce()
         means["eval/rows"] = counts.get("rows", 0.0)
         return means
 
@@ -702,7 +750,7 @@ class PrefOptRecipe:
             f"== prefopt_distributed: {type(self._loss_module).__name__} | {self.world_size} process(es) | "
             f"{self.global_step} steps in {seconds:.0f}s",
         ]
-        m = self._last_metrics
+        last = self._last_metrics
         keys = [
             "loss",
             "rewards/accuracies",
@@ -713,7 +761,7 @@ class PrefOptRecipe:
             "tokens_per_second",
             "peak_memory_gib",
         ]
-        shown = [f"{k}={m[k]:.4g}" for k in keys if k in m]
+        shown = [f"{k}={last[k]:.4g}" for k in keys if k in last]
         if shown:
             lines.append("   last step: " + "  ".join(shown))
         if self._evals:
@@ -735,7 +783,7 @@ class PrefOptRecipe:
     # ------------------------------------------------------------------ train
     def train(self) -> Optional[Path]:
         """The training loop; returns the final checkpoint (rank 0; ``None`` elsewhere)."""
-        s = self.settings
+        settings = self.settings
         self._optimizer.zero_grad(set_to_none=True)
         evaluating = self._eval_dataloader is not None
         if evaluating and self.global_step == 0:
@@ -750,14 +798,16 @@ class PrefOptRecipe:
             for epoch in range(self.epochs_run, self.total_epochs):
                 self._train_epoch(epoch, pbar)
                 self.epochs_run = epoch + 1
-        if evaluating and not (s.eval_every_n_steps and self.global_step % s.eval_every_n_steps == 0):  # fmt: skip
+        if evaluating and not (
+            settings.eval_every_n_steps and self.global_step % settings.eval_every_n_steps == 0
+        ):
             self._log(self.evaluate())
         return self._checkpoints.final(
             self.global_step, lambda: self._recipe_state(self.total_epochs, 0)
         )
 
     def _train_epoch(self, epoch: int, pbar) -> None:
-        s = self.settings
+        settings = self.settings
         # Only the first epoch of a resumed run starts mid-way (epochs_run is advanced at the
         # end of every epoch, so comparing epoch with it would skip the next epoch's start too).
         start_micro, self._resume_micro = self._resume_micro, 0
@@ -774,16 +824,20 @@ class PrefOptRecipe:
                 continue
             grad_norm, step_bad = self._optimizer_step(step_bad)
             pbar.update(1)
-            if self.global_step % s.log_every_n_steps == 0:
+            if self.global_step % settings.log_every_n_steps == 0:
                 self._log_step(grad_norm, step_bad, time.perf_counter() - self._t0, pbar, epoch)
                 self._t0 = time.perf_counter()
             step_bad = False
-            if self._eval_dataloader is not None and s.eval_every_n_steps and self.global_step % s.eval_every_n_steps == 0:  # fmt: skip
+            if (
+                self._eval_dataloader is not None
+                and settings.eval_every_n_steps
+                and self.global_step % settings.eval_every_n_steps == 0
+            ):
                 self._log(self.evaluate())
                 self._t0 = time.perf_counter()
             if any_rank(self._sigterm, self._device):
                 raise _Preempted(self.save_checkpoint(epoch, micro, reason="sigterm"))
-            if s.save_every_n_steps and self.global_step % s.save_every_n_steps == 0:
+            if settings.save_every_n_steps and self.global_step % settings.save_every_n_steps == 0:
                 self.save_checkpoint(epoch, micro, reason="periodic")
 
     def _step_groups(self):
