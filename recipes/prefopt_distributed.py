@@ -87,7 +87,7 @@ from torchtune_prefopt.losses import (
     loss_inputs,
     loss_traits,
     pair_accuracy,
-    pair_rewards,
+    pair_metrics,
 )
 from torchtune_prefopt.models.build import (
     ModelPlacement,
@@ -113,6 +113,7 @@ from torchtune_prefopt.training.data_order import GlobalBatchSampler
 from torchtune_prefopt.training.distributed import (
     all_reduce_sum,
     any_rank,
+    exit_after,
     init_distributed,
     rank_zero_check,
 )
@@ -689,33 +690,20 @@ class PrefOptRecipe:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Held-out preference accuracy of the loss's own implicit reward (paired eval rows),
-        through the same DataLoader path, reference source and loss as training."""
+        """The held-out metrics (:func:`~torchtune_prefopt.losses.pair_metrics`: the loss's own
+        implicit-reward accuracy and margins, log-probs, the reference's ranking accuracy) as
+        ``eval/<name>``, means over every held-out row, through the same DataLoader path,
+        reference source and loss as training."""
         sums = StepMetrics(self._device)
         for batch, real in self._eval_dataloader:  # real: this rank's rows (0: a padding copy)
             batch = batch.to(self._device)
             policy = batch.logps(self._model, self._chunk_size)
             ref = self._eval_reference.logps(batch)
-            chosen_rewards, rejected_rewards = pair_rewards(
-                self._loss_module, *self._forms(policy), *self._forms(ref)
+            per_pair = pair_metrics(
+                self._loss_module, policy.halves(), ref.halves() if ref is not None else None
             )
-            policy_chosen, policy_rejected = policy.halves()
-            rows = slice(0, real)
-            sums.add(
-                "eval/rewards/accuracies",
-                pair_accuracy(chosen_rewards, rejected_rewards)[rows].sum(),
-            )
-            sums.add(
-                "eval/rewards/margins", (chosen_rewards - rejected_rewards)[rows].double().sum()
-            )
-            sums.add("eval/logps/chosen", policy_chosen.sum[rows].double().sum())
-            sums.add("eval/logps/rejected", policy_rejected.sum[rows].double().sum())
-            if ref is not None:
-                ref_chosen, ref_rejected = ref.halves()
-                sums.add(
-                    "eval/reference/accuracies",
-                    pair_accuracy(ref_chosen.sum, ref_rejected.sum)[rows].sum(),
-                )
+            for name, values in per_pair.items():
+                sums.add(f"eval/{name}", values[:real].sum())
             sums.count(rows=real)
         means, counts = sums.reduce()
         means["eval/rows"] = counts.get("rows", 0.0)
@@ -970,4 +958,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    exit_after(recipe_main)  # several ranks: no interpreter teardown (see its docstring)

@@ -22,6 +22,7 @@
 #   PYTHON              interpreter that creates it (default: python3)
 #   PREFOPT_SETUP_ONLY  1: stop after the installs (scripts/demo.sh uses this)
 #   PREFOPT_NO_LINT     1: skip `ruff check` / `ruff format --check` (run before pytest)
+#   PREFOPT_TEST_WORKERS  pytest-xdist workers (default: auto, one per core; 0: serial)
 #
 # Note: this replaces an editable install in that venv with a regular one; developers who
 # want their edits live again run `pip install --no-deps --no-build-isolation -e .`.
@@ -76,6 +77,10 @@ if [ "${PREFOPT_NO_LINT:-0}" != "1" ]; then
     "$VENV/bin/ruff" format --check -q .
 fi
 
-echo "==> pytest $*"
+# One worker per core (pytest-xdist; tests/conftest.py keeps each worker on one thread and one
+# run at a time), whole modules per worker; the 15 slowest tests are printed at the end.
+# PREFOPT_TEST_WORKERS=0 runs serially; arguments after these win (e.g. -n 0).
+WORKERS="${PREFOPT_TEST_WORKERS:-auto}"
+echo "==> pytest -n $WORKERS --dist loadfile --durations=15 $*"
 export TORCHTUNE_PREFOPT_EXPECT_INSTALLED=1
-exec "$VENV/bin/pytest" "$@"
+exec "$VENV/bin/pytest" -n "$WORKERS" --dist loadfile --durations=15 "$@"

@@ -138,14 +138,14 @@ def test_heldout_metrics_definitions():
     # D = (S_w - S_l) - (S_ref_w - S_ref_l): [3-2, -0 - (-2), 0-0, -2-(-1)] = [1, 2, 0, -1]
     assert m["margin_improved"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)  # a tie counts 0.5
     assert m["margin_gain"] == pytest.approx(0.5)
-    assert m["pref_accuracy"] == pytest.approx(m["margin_improved"])  # DPO's reward is D-based
-    assert m["ranking_accuracy"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4)
-    assert m["ranking_accuracy_per_token"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4)
+    assert m["rewards/accuracies"] == pytest.approx(m["margin_improved"])  # DPO's reward is D-based
+    assert m["logps/accuracies"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4)
+    assert m["logps/accuracies_per_token"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4)
     assert m["chosen_logp_drift"] == pytest.approx(0.0)  # [-1, 1, 0, 0]
     assert m["chosen_logp_fell"] == pytest.approx(0.25)
     assert m["rejected_logp_drift"] == pytest.approx(-0.5)
     ref_row = heldout_metrics(None, ref, None)
-    assert "pref_accuracy" not in ref_row and ref_row["ranking_accuracy"] == pytest.approx(
+    assert "rewards/accuracies" not in ref_row and ref_row["logps/accuracies"] == pytest.approx(
         (1 + 0 + 0.5 + 0) / 4
     )
 
@@ -380,7 +380,7 @@ def test_monte_carlo_kl_matches_exact_one_token_kl(tiny_models):
 
 def test_write_report_minimal(tmp_path):
     res = {
-        "heldout": {"ranking_accuracy": 0.5, "pref_accuracy": float("nan")},
+        "heldout": {"logps/accuracies": 0.5, "rewards/accuracies": float("nan")},
         "generation": {"response_length": 3.0},
         "kl": {"kl": 0.1, "kl_stderr": 0.01},
         "rows": {},
@@ -398,7 +398,7 @@ def test_write_report_minimal(tmp_path):
         "matched": {"ok": False, "differences": ["seed differs: a=1, b=2"]},
         "reference": {
             "name": "reference",
-            "result": {"heldout": {"ranking_accuracy": 0.5}, "generation": {}},
+            "result": {"heldout": {"logps/accuracies": 0.5}, "generation": {}},
             "files": {},
         },
         "runs": [
@@ -421,7 +421,7 @@ def test_write_report_minimal(tmp_path):
     data = json.loads(
         paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")
     )
-    assert data["runs"][0]["result"]["heldout"]["pref_accuracy"] is None
+    assert data["runs"][0]["result"]["heldout"]["rewards/accuracies"] is None
     html = paths["html"].read_text()
     assert "<table>" in html and ("<svg" in html or "<img" in html)
     assert matplotlib_available()  # a test dependency (pyproject's `test` extra)
@@ -478,12 +478,17 @@ def test_e2e_report(e2e):
     assert report["settings"]["heldout_rows"] == E2E_ROWS
     assert "CourtesyJudge (pairwise)" in report["settings"]["judge"]
     ref = report["reference"]["result"]
-    assert 0 <= ref["heldout"]["ranking_accuracy"] <= 1
+    assert 0 <= ref["heldout"]["logps/accuracies"] <= 1
     for run in report["runs"]:
         h, g, k = run["result"]["heldout"], run["result"]["generation"], run["result"]["kl"]
-        for key in ("pref_accuracy", "margin_improved", "ranking_accuracy", "chosen_logp_fell"):
+        for key in (
+            "rewards/accuracies",
+            "margin_improved",
+            "logps/accuracies",
+            "chosen_logp_fell",
+        ):
             assert 0.0 <= h[key] <= 1.0, (run["name"], key, h[key])
-        for key in ("reward_margin", "margin_gain", "chosen_logp_drift", "rejected_logp_drift"):
+        for key in ("rewards/margins", "margin_gain", "chosen_logp_drift", "rejected_logp_drift"):
             assert math.isfinite(h[key])
         assert h["rows"] == E2E_ROWS
         assert 0 < g["response_length"] <= E2E_NEW_TOKENS and 0 <= g["win_rate"] <= 1
@@ -493,7 +498,9 @@ def test_e2e_report(e2e):
         assert h["margin_gain"] > 0, (run["name"], h)
         # every number traceable: the eval DiskLogger file holds the same numbers ...
         ev = parse_disk_log(Path(run["files"]["metrics"]))
-        assert ev["heldout/pref_accuracy"] == [(E2E_STEPS, pytest.approx(h["pref_accuracy"]))]
+        assert ev["heldout/rewards/accuracies"] == [
+            (E2E_STEPS, pytest.approx(h["rewards/accuracies"]))
+        ]
         assert ev["kl/kl"] == [(E2E_STEPS, pytest.approx(k["kl"]))]
         # ... and the training numbers are the run's own DiskLogger log
         logs, files = read_run_logs(Path(run["run_dir"]) / "logs")
@@ -517,7 +524,7 @@ def test_e2e_report(e2e):
         json.loads(line) for line in Path(by["simpo"]["files"]["heldout"]).read_text().splitlines()
     ]
     beta = by["simpo"]["loss_config"]["beta"]
-    assert by["simpo"]["result"]["heldout"]["reward_chosen"] == pytest.approx(
+    assert by["simpo"]["result"]["heldout"]["rewards/chosen"] == pytest.approx(
         sum(beta * r["chosen_mean"] for r in rows) / len(rows)
     )
     assert "kl" in report["curves"]["kto"] and "rewards/desirable" in report["curves"]["kto"]

@@ -38,8 +38,11 @@ PAIRED_TRAIN = {
 EVAL = {
     "eval/rewards/accuracies",
     "eval/rewards/margins",
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
     "eval/logps/chosen",
     "eval/logps/rejected",
+    "eval/logps/accuracies",
     "eval/rows",
     "eval/reference/accuracies",
 }

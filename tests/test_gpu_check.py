@@ -32,7 +32,7 @@ PARTS = (
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     proc = run_process(["bash", REPO / "scripts" / "gpu_check.sh", "--dry-run", "--out", out], REPO,
-                       env={"PYTHON": sys.executable}, timeout=600)  # fmt: skip
+                       env={"PYTHON": sys.executable}, timeout=1800)  # fmt: skip
     return proc, out
 
 

@@ -74,8 +74,11 @@ def _independent_step0(config: Path) -> dict:
         "eval/logps/chosen": c.mean().item(),
         "eval/logps/rejected": r.mean().item(),
         "eval/reference/accuracies": pair_accuracy(c, r).mean().item(),
+        "eval/logps/accuracies": pair_accuracy(c, r).mean().item(),  # the policy is the reference
         "eval/rewards/accuracies": 0.5,  # policy == reference: every reward is 0, a tie
         "eval/rewards/margins": 0.0,
+        "eval/rewards/chosen": 0.0,
+        "eval/rewards/rejected": 0.0,
     }
 
 

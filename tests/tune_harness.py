@@ -41,6 +41,7 @@ from torchtune_prefopt.training.distributed import LAUNCHER_ENV
 REPO = Path(__file__).resolve().parents[1]
 TUNE = Path(sys.executable).parent / "tune"
 RUN_TIMEOUT = 900  # seconds per run; generous because the CPUs are shared
+#: runs a module's pool starts at once (tests/conftest.py sets 1 on each parallel worker)
 JOBS = max(1, int(os.environ.get("PREFOPT_TEST_JOBS", "2")))
 
 #: variables of torchrun / a parent recipe that must not leak into a child run

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from torchtune_prefopt.losses import loss_inputs, loss_traits, pair_accuracy, pair_rewards
+from torchtune_prefopt.losses import PAIR_METRICS, pair_accuracy, pair_metrics
 from torchtune_prefopt.modules.sequence_logprobs import SequenceLogProbs
 
 __all__ = [
@@ -59,17 +59,13 @@ TRAIN_CURVE_METRICS = (
 )
 
 DEFINITIONS: Dict[str, str] = {
-    "pref_accuracy": "held-out preference accuracy of the loss's OWN implicit reward r(y), computed by calling "
-    "the loss object on the held-out log-probs (DPO/KTO: beta*(S - S_ref); IPO: tau*(A - A_ref) with "
-    "average_logps, tau*(S - S_ref) without; SimPO: beta*A): pair accuracy of r(y_w) vs r(y_l)",
-    "reward_margin": "mean of r(y_w) - r(y_l) in the loss's own reward units (not comparable across losses)",
+    **PAIR_METRICS,
     "margin_improved": "loss-independent: fraction of pairs whose summed log-prob margin grew vs the reference, "
     "i.e. D = [S(y_w) - S(y_l)] - [S_ref(y_w) - S_ref(y_l)] > 0 (ties 0.5); the DPO implicit-reward "
     "accuracy of every policy, whatever its loss",
     "margin_gain": "mean of D (nats per pair)",
-    "ranking_accuracy": "pair accuracy of the policy's own summed log-probs, S(y_w) vs S(y_l) (for the reference "
-    "row: the reference's); does the model assign the chosen answer more probability?",
-    "ranking_accuracy_per_token": "the same with per-token mean log-probs A(y_w) vs A(y_l) (length-normalised)",
+    "logps/accuracies_per_token": "the same with per-token mean log-probs A(y_w) vs A(y_l) "
+    "(length-normalised)",
     "chosen_logp_drift": "mean of S(y_w) - S_ref(y_w) (nats per sequence); negative = the chosen answer became "
     "LESS likely than under the reference",
     "rejected_logp_drift": "mean of S(y_l) - S_ref(y_l) (nats per sequence)",
@@ -187,20 +183,17 @@ class HeldoutLogps:
         return [dict(zip(keys, vals)) for vals in zip(*values)]
 
 
+def _pairs(lp: Optional[HeldoutLogps]):
+    return None if lp is None else (lp.chosen, lp.rejected)
+
+
 def loss_rewards(
     loss_fn, pol: HeldoutLogps, ref: Optional[HeldoutLogps]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The loss's own implicit rewards ``(r(y_w), r(y_l))`` (float64), from its ``forward``
-    (:func:`torchtune_prefopt.losses.pair_rewards`) on the held-out log-probs in the loss's own
-    form (:func:`~torchtune_prefopt.losses.loss_inputs`, as in training)."""
-    pc, pr = loss_inputs(loss_fn, pol.chosen, pol.rejected)
-    rc = rr = None
-    if not loss_traits(loss_fn).reference_free:
-        if ref is None:
-            raise ValueError(f"{type(loss_fn).__name__} needs reference log-probs")
-        rc, rr = loss_inputs(loss_fn, ref.chosen, ref.rejected)
-    c, r = pair_rewards(loss_fn, pc, pr, rc, rr)
-    return c.double(), r.double()
+    """The loss's own implicit rewards ``(r(y_w), r(y_l))`` (float64), as the held-out
+    evaluator computes them (:func:`torchtune_prefopt.losses.pair_metrics`)."""
+    per_pair = pair_metrics(loss_fn, _pairs(pol), _pairs(ref))
+    return per_pair["rewards/chosen"], per_pair["rewards/rejected"]
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -208,23 +201,16 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def heldout_metrics(loss_fn, pol: HeldoutLogps, ref: Optional[HeldoutLogps]) -> Dict[str, float]:
-    """All held-out log-prob metrics of one policy (see :data:`DEFINITIONS`).
+    """All held-out log-prob metrics of one policy (see :data:`DEFINITIONS`): the means of the
+    held-out evaluator's per-pair metrics (:func:`torchtune_prefopt.losses.pair_metrics`, the
+    names training logs as ``eval/<name>``) and the comparison's own drift measures.
 
-    ``loss_fn=None`` (the reference row) gives only the loss-independent ranking accuracies.
+    ``loss_fn=None`` (the reference row) gives only the loss-independent log-prob metrics.
     """
-    out: Dict[str, float] = {
-        "rows": float(pol.chosen_sum.numel()),
-        "ranking_accuracy": _mean(pair_accuracy(pol.chosen_sum, pol.rejected_sum)),
-        "ranking_accuracy_per_token": _mean(pair_accuracy(pol.chosen_mean, pol.rejected_mean)),
-        "logp_chosen": _mean(pol.chosen_sum),
-        "logp_rejected": _mean(pol.rejected_sum),
-    }
-    if loss_fn is not None:
-        c, r = loss_rewards(loss_fn, pol, ref)
-        out["pref_accuracy"] = _mean(pair_accuracy(c, r))
-        out["reward_margin"] = _mean(c - r)
-        out["reward_chosen"] = _mean(c)
-        out["reward_rejected"] = _mean(r)
+    out: Dict[str, float] = {"rows": float(pol.chosen_sum.numel())}
+    for name, values in pair_metrics(loss_fn, _pairs(pol), _pairs(ref)).items():
+        out[name] = _mean(values)
+    out["logps/accuracies_per_token"] = _mean(pair_accuracy(pol.chosen_mean, pol.rejected_mean))
     if ref is not None and loss_fn is not None:
         d = (pol.chosen_sum - pol.rejected_sum) - (ref.chosen_sum - ref.rejected_sum)
         out["margin_improved"] = _mean(pair_accuracy(d, torch.zeros_like(d)))

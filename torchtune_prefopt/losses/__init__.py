@@ -21,7 +21,7 @@ from .ipo import IPOLoss
 from .kto import KTOLoss
 from .orpo import ORPOLoss
 from .registry import ENTRY_POINT_GROUP, available_losses, build_loss, get_loss_class
-from .rewards import pair_accuracy, pair_rewards
+from .rewards import PAIR_METRICS, pair_accuracy, pair_metrics, pair_rewards
 from .sft import SFTLoss
 from .simpo import SimPOLoss
 
@@ -45,6 +45,8 @@ __all__ = [
     "takes_sequence_logps",
     "LossTraits",
     "loss_traits",
+    "PAIR_METRICS",
+    "pair_metrics",
     "build_loss",
     "available_losses",
     "get_loss_class",

@@ -4,18 +4,40 @@ Every loss returns its own detached implicit rewards from ``forward`` (DPO/KTO:
 ``β·(log π − log π_ref)`` on summed log-probs; IPO: ``τ·(...)``; SimPO: ``β·mean log π``). The
 recipe's held-out evaluation and the comparison's metrics both use :func:`pair_rewards` so the
 "reward accuracy" of a run is always the loss's own definition, never a copy of it.
+
+:func:`pair_metrics` is the one held-out evaluator of a batch of pairs: training's evaluation
+logs its values as ``eval/<name>`` (means over the held-out rows of every rank) and the
+comparison reports them as ``heldout/<name>`` (means over its held-out rows): one set of
+names, one definition.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._base import loss_traits
+from torchtune_prefopt.modules.sequence_logprobs import SequenceLogProbs
 
-__all__ = ["pair_accuracy", "pair_rewards"]
+from ._base import loss_inputs, loss_traits
+
+__all__ = ["PAIR_METRICS", "pair_accuracy", "pair_metrics", "pair_rewards"]
+
+#: what :func:`pair_metrics` returns (per pair), and what each value is
+PAIR_METRICS = {
+    "rewards/accuracies": "pair accuracy of the loss's OWN implicit reward r(y_w) vs r(y_l) (a tie is "
+    "0.5), r computed by the loss object (DPO/KTO: beta*(S - S_ref); IPO: tau*(A - A_ref) with "
+    "average_logps, tau*(S - S_ref) without; SimPO: beta*A)",
+    "rewards/margins": "r(y_w) - r(y_l), in the loss's own reward units (not comparable across losses)",
+    "rewards/chosen": "r(y_w)",
+    "rewards/rejected": "r(y_l)",
+    "logps/chosen": "S(y_w), the policy's summed log-prob of the chosen completion (nats)",
+    "logps/rejected": "S(y_l)",
+    "logps/accuracies": "pair accuracy of the policy's own summed log-probs, S(y_w) vs S(y_l): does the "
+    "model assign the chosen answer more probability?",
+    "reference/accuracies": "the same for the reference, S_ref(y_w) vs S_ref(y_l)",
+}
 
 
 def pair_accuracy(chosen: Tensor, rejected: Tensor) -> Tensor:
@@ -60,3 +82,40 @@ def pair_rewards(
             _, chosen, _ = loss_fn(policy_chosen, reference_chosen, desirable, empty, empty)
             _, rejected, _ = loss_fn(policy_rejected, reference_rejected, ~desirable, empty, empty)
     return chosen.detach(), rejected.detach()
+
+
+def pair_metrics(
+    loss_fn,
+    policy: Tuple[SequenceLogProbs, SequenceLogProbs],
+    reference: Optional[Tuple[SequenceLogProbs, SequenceLogProbs]],
+) -> Dict[str, Tensor]:
+    """The held-out metrics of ``B`` pairs (:data:`PAIR_METRICS`), each ``[B]`` float64, not
+    yet averaged (the caller sums over its rows, ranks and batches).
+
+    Args:
+        loss_fn: the loss whose implicit rewards are asked (``None``: no ``rewards/*``, e.g.
+            for the reference itself).
+        policy: ``(chosen, rejected)`` log-probs of the model evaluated.
+        reference: the reference's, or ``None`` (a reference-free loss, or the reference
+            itself): no ``reference/accuracies``.
+    """
+    chosen, rejected = policy
+    out = {
+        "logps/chosen": chosen.sum.detach().double(),
+        "logps/rejected": rejected.sum.detach().double(),
+        "logps/accuracies": pair_accuracy(chosen.sum, rejected.sum),
+    }
+    if reference is not None:
+        out["reference/accuracies"] = pair_accuracy(reference[0].sum, reference[1].sum)
+    if loss_fn is not None:
+        pc, pr = loss_inputs(loss_fn, chosen, rejected)
+        rc, rr = loss_inputs(loss_fn, *(reference or (None, None)))
+        if rc is None and not loss_traits(loss_fn).reference_free:
+            raise ValueError(f"{type(loss_fn).__name__} needs reference log-probs")
+        c, r = pair_rewards(loss_fn, pc, pr, rc, rr)
+        c, r = c.double(), r.double()
+        out["rewards/accuracies"] = pair_accuracy(c, r)
+        out["rewards/margins"] = c - r
+        out["rewards/chosen"] = c
+        out["rewards/rejected"] = r
+    return out
