@@ -489,7 +489,6 @@ class PrefOptRecipe:
                 "dtype": self.settings.dtype,
                 "lora": self._lora is not None,
             },  # fmt: skip
-            memo_dir=root,
             log=lambda line: utils.log_rank_zero(log, line),
         )
         return sources["train"], sources.get("eval", sources["train"])

@@ -523,3 +523,31 @@ def test_two_process_precompute_equals_one_process(env, tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "worker":
     _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+
+
+def test_a_dataset_and_a_tokenizer_are_hashed_once_per_object():
+    """A run's identity and its reference cache's fingerprint hash the same dataset and
+    tokenizer objects: the rows are read once; an equal copy gives the same digest."""
+    from torchtune_prefopt.models.tiny import tiny_tokenizer
+    from torchtune_prefopt.reference.fingerprint import hash_dataset, hash_tokenizer
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.n, self.reads = n, 0
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return {"chosen_input_ids": [i, i + 1], "index": i}
+
+    rows = Rows(5)
+    first = hash_dataset(rows)
+    assert rows.reads == 5 and hash_dataset(rows) == first and rows.reads == 5
+    copy_ = Rows(5)
+    assert hash_dataset(copy_) == first and copy_.reads == 5  # content, not the object
+    other = Rows(6)
+    assert hash_dataset(other) != first
+    tok = tiny_tokenizer()
+    assert hash_tokenizer(tok) == hash_tokenizer(tok) == hash_tokenizer(tiny_tokenizer())

@@ -258,6 +258,8 @@ def test_dpo_precompute_equals_live_reference(runs):
     assert "reference model freed" in out, pre.tail()
     assert "loaded reference log-probs" not in out
     assert (pre.out_dir / "reference_cache" / "reference_logps.safetensors").is_file()
+    # one weight-digest memo per machine ($PREFOPT_CACHE_DIR), none beside the cache
+    assert not (pre.out_dir / "reference_cache" / "weights_digests.json").exists()
     assert (pre.out_dir / "reference_cache" / "eval" / "reference_logps.safetensors").is_file()
     # the live run never touches a cache
     assert "reference log-probs" not in live.output and "reference model freed" not in live.output

@@ -52,7 +52,7 @@ from torchtune_prefopt.reference.source import (
     PrecomputedReference,
     ReferenceSource,
 )
-from torchtune_prefopt.reference.store import DIGEST_MEMO, ReferenceCacheFile, load_or_compute
+from torchtune_prefopt.reference.store import ReferenceCacheFile, load_or_compute
 
 __all__ = [
     "AdaptersDisabled",
@@ -63,7 +63,6 @@ __all__ = [
     "precompute_reference",
     "PrecomputedReference",
     "ReferenceLogpsTable",
-    "DIGEST_MEMO",
     "FORMAT_VERSION",
     "Fingerprint",
     "FrozenModel",

@@ -26,7 +26,7 @@ from torchtune_prefopt.models.build import (
     meta_model,
 )
 from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
-from torchtune_prefopt.reference.fingerprint import reference_fingerprint
+from torchtune_prefopt.reference.fingerprint import machine_digest_memo, reference_fingerprint
 from torchtune_prefopt.reference.precompute import PrecomputeJob
 from torchtune_prefopt.reference.quantize import quantize_reference
 from torchtune_prefopt.reference.source import (
@@ -36,7 +36,7 @@ from torchtune_prefopt.reference.source import (
     PrecomputedReference,
     ReferenceSource,
 )
-from torchtune_prefopt.reference.store import DIGEST_MEMO, ReferenceCacheFile
+from torchtune_prefopt.reference.store import ReferenceCacheFile
 
 __all__ = ["ReferencePlan", "build_reference", "plan_reference", "precompute_reference"]
 
@@ -186,7 +186,6 @@ def precompute_reference(
     weight_files: List[Path],
     tokenizer: Any,
     settings: Mapping[str, Any],
-    memo_dir: Path,
     log: Any = None,
 ) -> Dict[str, PrecomputedReference]:
     """``reference.precompute``: each job's reference log-probs, computed once with ``live``
@@ -200,7 +199,6 @@ def precompute_reference(
         weight_files: the reference's weight files (:func:`build_reference`).
         tokenizer: the run's tokenizer (its files and ``max_seq_len``).
         settings: what else changes the numbers (``model`` config, ``dtype``, ``lora``).
-        memo_dir: where the weight-digest memo lives (``<output_dir>/reference_cache``).
     Returns:
         ``{name: source}``.
     """
@@ -215,7 +213,7 @@ def precompute_reference(
                 tokenizer.max_seq_len,
                 extra={**settings, "kl_pairs": job.kl_pairs},
                 quantization=plan.quantization,
-                digest_memo=memo_dir / DIGEST_MEMO,
+                digest_memo=machine_digest_memo(),  # the one memo, shared with the identity
             )
             store = ReferenceCacheFile(cache_dir, fingerprint)
         out[name] = PrecomputedReference.precompute(live, store, job)

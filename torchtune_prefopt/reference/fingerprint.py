@@ -12,7 +12,8 @@ returns a :class:`Fingerprint`: the hex digest (a ``str``) that also carries its
 * ``"content"`` (default): sha256 of every weight file's full bytes, streamed in 16 MiB
   blocks, files hashed in parallel threads (hashlib releases the GIL). Exact; costs one more
   read of the checkpoint (throughput in BENCHMARKS.md, "Reference fingerprint"). To pay it
-  once, each file's digest is memoised in ``<cache dir>/weights_digests.json`` keyed by the
+  once, each file's digest is memoised in the machine's memo (:func:`machine_digest_memo`:
+  ``$PREFOPT_CACHE_DIR/weights_digests.json``, one memo for every run) keyed by the
   file's real path, size, inode, ``mtime_ns`` *and* ``ctime_ns``: any write to the file, or
   any ``touch``/``utime`` to hide one, changes ``ctime``, which cannot be set from user space,
   so the memo is content-exact in practice (only a clock reset or direct block-device writes
@@ -32,6 +33,7 @@ import json
 import os
 import struct
 import time
+import weakref
 from array import array
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -45,6 +47,7 @@ from torchtune_prefopt.plain import to_plain
 
 __all__ = [
     "FORMAT_VERSION",
+    "machine_digest_memo",
     "Fingerprint",
     "hash_dataset",
     "hash_tokenizer",
@@ -110,6 +113,19 @@ def _file_header_digest(path: Path) -> str:
     if path.suffix == ".safetensors":
         h.update(_safetensors_header(path))
     return h.hexdigest()
+
+
+def machine_digest_memo() -> Optional[Path]:
+    """The machine's one memo of weight-file digests (``$PREFOPT_CACHE_DIR``, default
+    ``~/.cache/torchtune_prefopt``): a checkpoint's bytes are hashed once per machine while
+    its files keep their size, inode and times, whichever run (identity, reference cache)
+    asks. ``None`` where that folder cannot be made."""
+    root = Path(os.environ.get("PREFOPT_CACHE_DIR") or "~/.cache/torchtune_prefopt").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return root / "weights_digests.json" if os.access(root, os.W_OK) else None
 
 
 def _memo_key(path: Path) -> str:
@@ -250,12 +266,36 @@ def hash_value(h, value: Any) -> None:
         raise TypeError(f"cannot fingerprint a value of type {type(value).__name__}")
 
 
+#: digests of the dataset and tokenizer objects hashed in this process (a run's identity and
+#: its reference cache's fingerprint read the same objects): object -> {kind: digest}
+_OBJECT_DIGESTS: "weakref.WeakKeyDictionary[Any, Dict[str, str]]" = weakref.WeakKeyDictionary()
+
+
+def _memoised(kind: str, obj: Any, compute) -> str:
+    """``compute()`` once per live object and ``kind`` (a run's datasets and tokenizers do
+    not change once built); objects that cannot be weakly referenced are hashed every time."""
+    try:
+        seen = _OBJECT_DIGESTS.setdefault(obj, {})
+    except TypeError:
+        return compute()
+    if kind not in seen:
+        seen[kind] = compute()
+    return seen[kind]
+
+
 def hash_dataset(dataset, skip_keys: Iterable[str] = ("index",)) -> str:
     """sha256 over every row of ``dataset`` in order (all keys but ``skip_keys``).
 
     Token id lists are hashed as int64 arrays, so this is exact: one token of one row
-    changes it. ``index`` is skipped: the row's position already is its identity.
+    changes it. ``index`` is skipped: the row's position already is its identity. Computed
+    once per dataset object and process (a run hashes its rows for its identity and again for
+    its reference cache's fingerprint).
     """
+    skip_keys = tuple(skip_keys)
+    return _memoised(f"dataset{skip_keys}", dataset, lambda: _hash_rows(dataset, skip_keys))
+
+
+def _hash_rows(dataset, skip_keys: Iterable[str]) -> str:
     skip = set(skip_keys)
     h = _sha()
     n = len(dataset)
@@ -279,6 +319,12 @@ def hash_tokenizer(tokenizer: Any) -> str:
     already determine the log-probs; this also catches a tokenizer change whose effect on the
     data happens to be invisible (e.g. the padding id, a different template for new data).
     """
+    if isinstance(tokenizer, (str, os.PathLike, list, tuple)):
+        return _hash_tokenizer(tokenizer)
+    return _memoised("tokenizer", tokenizer, lambda: _hash_tokenizer(tokenizer))
+
+
+def _hash_tokenizer(tokenizer: Any) -> str:
     h = _sha()
     if isinstance(tokenizer, (str, os.PathLike)) or (
         isinstance(tokenizer, (list, tuple))
@@ -364,7 +410,7 @@ def reference_fingerprint(
         quantization: the reference quantization mode (``None``, ``int8``, ...).
         weights_hash: ``"content"`` (default, exact) or ``"header"`` (cheap, not exact).
         digest_memo: per-file content-digest memo (see the module docstring); the recipe
-            passes ``<cache dir>/weights_digests.json``.
+            passes :func:`machine_digest_memo`.
     """
     parts = {
         "format": str(FORMAT_VERSION),

@@ -32,11 +32,9 @@ from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.files import atomic_write_bytes
 from torchtune_prefopt.reference.fingerprint import FORMAT_VERSION, Fingerprint, hash_value, log
 
-__all__ = ["CACHE_FILE", "DIGEST_MEMO", "ReferenceCacheFile", "load_or_compute"]
+__all__ = ["CACHE_FILE", "ReferenceCacheFile", "load_or_compute"]
 
 CACHE_FILE = "reference_logps.safetensors"
-#: The per-file weight digest memo kept next to the cache (see the fingerprint module).
-DIGEST_MEMO = "weights_digests.json"
 
 PathLike = Union[str, os.PathLike]
 

@@ -267,18 +267,6 @@ class RunIdentity:
         return [k for k in keys if self.settings.get(k) != other.settings.get(k)]
 
 
-def digest_memo_path() -> Optional[Path]:
-    """The machine's memo of weight-file digests (``$PREFOPT_CACHE_DIR``, default
-    ``~/.cache/torchtune_prefopt``): a checkpoint's bytes are hashed once per machine while
-    its files keep their size, inode and times. ``None`` where that folder cannot be made."""
-    root = Path(os.environ.get("PREFOPT_CACHE_DIR") or "~/.cache/torchtune_prefopt").expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return root / "weights_digests.json" if os.access(root, os.W_OK) else None
-
-
 def content_digests(
     *, dataset: Any, tokenizer: Any, weights: List[Path], reference: Optional[List[Path]]
 ) -> Dict[str, str]:
@@ -286,9 +274,14 @@ def content_digests(
     tokenizer's behaviour, the base weights' bytes and the reference checkpoint's (``None``:
     the base is the reference). Where the files are does not count: a moved copy is the same
     run, an appended row or replaced weights at the same path is not."""
-    from torchtune_prefopt.reference.fingerprint import hash_dataset, hash_tokenizer, hash_weights
+    from torchtune_prefopt.reference.fingerprint import (
+        hash_dataset,
+        hash_tokenizer,
+        hash_weights,
+        machine_digest_memo,
+    )
 
-    memo = digest_memo_path()
+    memo = machine_digest_memo()
     return {
         "dataset": hash_dataset(dataset)[:16],
         "tokenizer": hash_tokenizer(tokenizer)[:16],
