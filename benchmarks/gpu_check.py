@@ -162,7 +162,7 @@ def _run_recipe_in_process(overrides: List[str]) -> Dict[str, Any]:
         # after training (a probe before it would compile the model outside the timed steps)
         recipe._sampler.set_epoch(0)
         batch = next(iter(recipe._dataloader)).to(recipe._device)
-        step_fn = recipe._paired_step if recipe._paired else recipe._kto_step
+        step_fn = recipe._paired_step if recipe._traits.paired else recipe._kto_step
         losses = step_fn(batch)[0]
         pol, ref = batch.logps(recipe._model), recipe._reference.logps(batch)
         out["dtypes"] = {

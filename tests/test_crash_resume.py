@@ -446,7 +446,7 @@ def test_leftovers_are_ignored_and_newest_complete_checkpoint_is_used(
 # ----------------------------------------------------------------------------- 2 processes
 def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_reference: Reference):
     """SIGTERM to the torchrun agent of ``tune run --nproc_per_node 2``: it forwards the signal,
-    both ranks save one checkpoint at the next step boundary and exit 0 (recorded by an atexit
+    both ranks save one checkpoint at the next step boundary and exit 0 (recorded by an os._exit
     hook), and the run resumes, here on 1 process with the same global batch (elastic shrink)."""
     shutil.copytree(base_checkpoint, tmp_path / "base")
     cfg = write_config(
@@ -459,7 +459,7 @@ def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_referenc
         import atexit, os, sys
         if "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
             _code = ["no sys.exit"]
-            _real_exit = sys.exit
+            _real_exit, _real_os_exit = sys.exit, os._exit
             def _exit(code=0):
                 _code[0] = code
                 _real_exit(code)
@@ -468,6 +468,11 @@ def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_referenc
                 with open(os.path.join(os.environ["PREFOPT_TEST_EXIT_DIR"], "rank%s" % os.environ["RANK"]), "w") as f:
                     f.write(repr(_code[0]))
             atexit.register(_record)
+            def _os_exit(code):  # a finished rank of several leaves without teardown
+                _code[0] = "os._exit(%r)" % code
+                _record()
+                _real_os_exit(code)
+            os._exit = _os_exit
     """)
     )
     exits = tmp_path / "exits"
@@ -492,10 +497,10 @@ def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_referenc
     assert f"SIGTERM: saved {out / 'checkpoints' / saved[-1]} at step {step}" in run.output, (
         describe(run)
     )
-    # Each rank returned normally from the recipe: sys.exit(None), i.e. exit status 0.
-    assert {f.name: f.read_text() for f in exits.iterdir()} == {"rank0": "None", "rank1": "None"}, (
-        describe(run)
-    )
+    # Each rank returned normally from the recipe and left with status 0: a finished rank of
+    # several leaves through os._exit(0) (training.distributed.exit_after)
+    ranks = {f.name: f.read_text() for f in exits.iterdir()}
+    assert ranks == {"rank0": "'os._exit(0)'", "rank1": "'os._exit(0)'"}, describe(run)
     assert "[rank0]:" not in run.output and "[rank1]:" not in run.output, describe(
         run
     )  # no rank tracebacks

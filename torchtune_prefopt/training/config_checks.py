@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from torchtune_prefopt.errors import PrefOptUserError
+from torchtune_prefopt.models.hf.builder import check_lora_attn_modules
 
 __all__ = [
     "check_component",
@@ -38,8 +39,6 @@ _LOGGER_PACKAGES = {
     "CometLogger": "comet_ml",
     "MLFlowLogger": "mlflow",
 }
-#: torchtune's LoRA attention projections (``lora_attn_modules``)
-LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
 
 def _plain(node: Any) -> Any:
@@ -161,16 +160,7 @@ def check_lora_settings(node: Any, key: str = "model") -> None:
     """A ``lora_*`` model builder's settings: known attention modules, positive rank/alpha."""
     node = _plain(node) or {}
     if "lora_attn_modules" in node:
-        mods = node["lora_attn_modules"]
-        if not isinstance(mods, (list, tuple)) or not mods:
-            raise PrefOptUserError(
-                f"{key}.lora_attn_modules must be a non-empty list of {list(LORA_ATTN_MODULES)}, got {mods!r}"
-            )
-        bad = [m for m in mods if m not in LORA_ATTN_MODULES]
-        if bad:
-            raise PrefOptUserError(
-                f"{key}.lora_attn_modules: unknown module {bad[0]!r} (valid: {', '.join(LORA_ATTN_MODULES)})"
-            )
+        check_lora_attn_modules(node["lora_attn_modules"], key)
     if "lora_rank" in node:
         r = node["lora_rank"]
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:

@@ -98,27 +98,26 @@ def rank_zero_check(check: Optional[Callable[[], None]], rank: int, world_size: 
 def exit_after(main: Callable[[], Any]) -> NoReturn:
     """Run a recipe's ``main`` and exit with its status (``sys.exit`` semantics).
 
-    A rank launched by torchrun with others leaves with ``os._exit`` once its process group
-    is destroyed (the recipe's ``cleanup``: a barrier, then ``destroy_process_group``), after
-    flushing stdout, stderr and the logging handlers. The interpreter's own teardown is where
-    such a rank could still abort ("terminate called without an active exception", exit -6,
-    seen about once in 25 two-process CPU runs on a loaded machine, after the final checkpoint
-    and the summary): objects of gloo's C++ threads that hold tensors are destroyed while the
-    interpreter finalizes (PyTorch's c10d discussion, pytorch#179291). By then every file of
-    the run is written and closed, so nothing is lost by skipping that teardown; a one-process
-    run and a rank that fails before ``cleanup`` exit the usual way.
+    A rank launched by torchrun with others that finished its run (status 0, the process
+    group destroyed by the recipe's ``cleanup``: a barrier, then ``destroy_process_group``)
+    leaves with ``os._exit(0)`` after flushing stdout, stderr and the logging handlers. The
+    interpreter's own teardown is where such a rank could still abort ("terminate called
+    without an active exception", exit -6, about once in 25 two-process CPU runs on a loaded
+    machine, after the final checkpoint and the summary): objects of gloo's C++ threads that
+    hold tensors are destroyed while the interpreter finalizes (PyTorch's c10d discussion,
+    pytorch#179291). By then every file of the run is written and closed, so nothing is lost
+    by skipping that teardown. Every other exit (one process, an error status) is the usual
+    one: torchrun stops the other ranks when one fails, and a rank that failed faster than
+    usual would cut off the one that prints the error line.
     """
     try:
         code = main()
     except SystemExit as stop:
         code = stop.code
     several_ranks = launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if several_ranks and not dist.is_initialized():
-        if code is not None and not isinstance(code, int):
-            print(code, file=sys.stderr)
-            code = 1
+    if several_ranks and code in (None, 0) and not dist.is_initialized():
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code or 0)
+        os._exit(0)
     sys.exit(code)

@@ -20,7 +20,7 @@ then ``logits = lm_head(rms(out))`` (``lm_head`` = the embedding when tied).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from torch import nn
 from torchtune.modules import (
@@ -37,10 +37,31 @@ from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.models.hf.modules import HFRotaryEmbedding, PreRopeNormAttention
 from torchtune_prefopt.models.hf.spec import DecoderSpec, read_spec
 
-__all__ = ["LORA_MODULES", "build_decoder", "hf_decoder", "lora_hf_decoder"]
+__all__ = [
+    "LORA_MODULES",
+    "build_decoder",
+    "check_lora_attn_modules",
+    "hf_decoder",
+    "lora_hf_decoder",
+]
 
-#: torchtune names of the projections LoRA can adapt (lora_attn_modules)
+#: torchtune names of the attention projections LoRA can adapt (``lora_attn_modules``), for
+#: torchtune's builders and ours alike
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+
+
+def check_lora_attn_modules(modules: Any, key: str = "model") -> None:
+    """``<key>.lora_attn_modules``: a non-empty list of :data:`LORA_MODULES` (one line
+    otherwise); the one check, called by the config check and by :func:`lora_hf_decoder`."""
+    if not isinstance(modules, (list, tuple)) or not modules:
+        raise PrefOptUserError(
+            f"{key}.lora_attn_modules must be a non-empty list of {list(LORA_MODULES)}, got {modules!r}"
+        )
+    bad = [m for m in modules if m not in LORA_MODULES]
+    if bad:
+        raise PrefOptUserError(
+            f"{key}.lora_attn_modules: unknown module {bad[0]!r} (valid: {', '.join(LORA_MODULES)})"
+        )
 
 
 def _linear(in_dim, out_dim, bias, lora) -> nn.Module:
@@ -158,11 +179,7 @@ def lora_hf_decoder(
     ``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``), the MLP projections
     (``apply_lora_to_mlp``) and an untied head (``apply_lora_to_output``); ``W x + (alpha /
     rank) B A x``, Hu et al. 2021 (arXiv 2106.09685)."""
-    unknown = [m for m in lora_attn_modules if m not in LORA_MODULES]
-    if unknown:
-        raise PrefOptUserError(
-            f"model.lora_attn_modules: {unknown[0]!r} is not one of {', '.join(LORA_MODULES)}"
-        )
+    check_lora_attn_modules(lora_attn_modules)
     spec = read_spec(model_dir)
     if apply_lora_to_output and spec.tie_word_embeddings:
         raise PrefOptUserError(
