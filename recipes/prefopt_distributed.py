@@ -31,7 +31,8 @@ Features:
     - Atomic HF-format checkpoints every ``save_every_n_steps`` and at the end (LoRA:
       adapter and merged weights); ``resume_from_checkpoint=True`` continues from the newest
       complete one exactly (model, optimizer, lr scheduler, data position, RNG).
-    - SIGTERM (pre-emption) saves a checkpoint at the next step boundary and exits 0.
+    - SIGTERM (pre-emption) and SIGINT (Ctrl-C) save a checkpoint at the next step boundary
+      and exit 0.
     - Non-finite loss or gradient norm: stop (default) or skip the step (``nonfinite: skip``),
       naming the step and the rows; a checkpoint with non-finite weights is never written.
     - Config, data and checkpoint errors are reported as one line before any compute, and so
@@ -57,7 +58,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchtune import config, training, utils
 from torchtune.training.lr_schedulers import get_lr
@@ -82,6 +83,7 @@ from torchtune_prefopt.errors import (
     WriteFailed,
     report_user_errors,
 )
+from torchtune_prefopt.files import atomic_write_bytes
 from torchtune_prefopt.losses import (
     build_loss,
     loss_inputs,
@@ -168,7 +170,7 @@ class PrefOptRecipe:
         self._evals: List[tuple] = []
         self.epochs_run = 0
         self._resume_micro = 0
-        self._sigterm = False
+        self._stop_signal: Optional[str] = None  # SIGTERM or SIGINT (Ctrl-C), once received
         # the SFT term's normaliser: chosen tokens per pair of the current step's global batch
         self._step_token_mean: Optional[float] = None
         # Set in setup(); cleanup() must work (and not mask the real error) if setup fails early.
@@ -255,7 +257,8 @@ class PrefOptRecipe:
         self._checkpoints.clear_previous_run()
         dist.barrier()
         self._metric_logger = self._setup_metric_logger(settings.metric_logger)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        for sig in _STOP_SIGNALS:  # pre-emption and Ctrl-C: a checkpoint, then a clean stop
+            signal.signal(sig, self._on_stop_signal)
         dist.barrier()
 
     def _setup_lock(self) -> Optional[OutputDirLock]:
@@ -516,8 +519,14 @@ class PrefOptRecipe:
         return scheduler
 
     def _setup_metric_logger(self, node: Any):
-        """Rank 0's metric logger (``metric_logger: null``: none)."""
-        if not self._is_rank_zero or node is None:
+        """Rank 0's metric logger (``metric_logger: null``: none). The run's config is saved
+        as ``<output_dir>/torchtune_config.yaml`` either way (torchtune's loggers write it;
+        ``prefopt_compare`` reads a run's loss and model from it)."""
+        if not self._is_rank_zero:
+            return None
+        if node is None:
+            saved = OmegaConf.to_yaml(self.cfg).encode()
+            atomic_write_bytes(self._output_dir / "torchtune_config.yaml", saved)
             return None
         logger = config.instantiate(node)
         logger.log_config(self.cfg)
@@ -568,11 +577,13 @@ class PrefOptRecipe:
         state = self._recipe_state(epoch, micro_in_epoch)
         return self._checkpoints.save(self.global_step, state, reason)
 
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
-        # the first SIGTERM asks for a checkpoint at the next step boundary; later ones (a
-        # scheduler repeating itself) must not kill the save or the exit after it
-        self._sigterm = True
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def _on_stop_signal(self, signum, frame) -> None:  # noqa: ARG002
+        # the first SIGTERM (pre-emption) or SIGINT (Ctrl-C) asks for a checkpoint at the next
+        # step boundary; later ones (a scheduler repeating itself, a second Ctrl-C, torchrun
+        # forwarding the signal) must not kill the save or the exit after it
+        self._stop_signal = signal.Signals(signum).name
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
     # ------------------------------------------------------------------ compute
     def _forms(self, logps: Optional[SequenceLogProbs]):
@@ -822,8 +833,10 @@ class PrefOptRecipe:
             ):
                 self._log(self.evaluate())
                 self._t0 = time.perf_counter()
-            if any_rank(self._sigterm, self._device):
-                raise _Preempted(self.save_checkpoint(epoch, micro, reason="sigterm"))
+            if any_rank(self._stop_signal is not None, self._device):
+                name = self._stop_signal or "SIGTERM"  # a rank that got none: another did
+                path = self.save_checkpoint(epoch, micro, reason=name.lower())
+                raise _Preempted(path, name)
             if settings.save_every_n_steps and self.global_step % settings.save_every_n_steps == 0:
                 self.save_checkpoint(epoch, micro, reason="periodic")
 
@@ -892,12 +905,16 @@ class PrefOptRecipe:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
-class _Preempted(Exception):
-    """Raised after the pre-emption checkpoint (``path``) is written, to exit cleanly."""
+#: the signals that stop a run cleanly: pre-emption (SIGTERM) and Ctrl-C (SIGINT)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, path: Optional[Path]):
+
+class _Preempted(Exception):
+    """Raised after the stop checkpoint (``path``) is written, to exit cleanly (status 0)."""
+
+    def __init__(self, path: Optional[Path], signal_name: str = "SIGTERM"):
         super().__init__(str(path))
-        self.path = path
+        self.path, self.signal_name = path, signal_name
 
 
 def run(cfg: DictConfig) -> None:
@@ -916,7 +933,7 @@ def run(cfg: DictConfig) -> None:
     except _Preempted as stop:
         utils.log_rank_zero(
             log,
-            f"SIGTERM: saved {stop.path} at step {recipe.global_step}; resume with resume_from_checkpoint=True",
+            f"{stop.signal_name}: saved {stop.path} at step {recipe.global_step}; resume with resume_from_checkpoint=True",
         )
         finished = True
     except FloatingPointError as err:

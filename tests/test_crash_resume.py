@@ -444,6 +444,27 @@ def test_leftovers_are_ignored_and_newest_complete_checkpoint_is_used(
 
 
 # ----------------------------------------------------------------------------- 2 processes
+def test_ctrl_c_stops_like_sigterm(tmp_path, base_checkpoint):
+    """SIGINT (Ctrl-C in the terminal: the whole foreground process group) is the same clean
+    stop as SIGTERM: a checkpoint at the next step boundary, one line naming it, exit 0, no
+    KeyboardInterrupt traceback; and the run resumes from that checkpoint."""
+    shutil.copytree(base_checkpoint, tmp_path / "base")
+    cfg = write_config(tmp_path, "dpo")
+    run = run_tune(tmp_path, cfg, signal_after_step=1, sig=signal.SIGINT)
+    assert run.returncode == 0, describe(run)
+    assert "Traceback" not in run.output and "KeyboardInterrupt" not in run.output, describe(run)
+    out = tmp_path / "out"
+    saved = [c for c in checkpoints(out) if c.startswith("step_")]
+    step = int(saved[-1].split("_")[1])
+    assert 1 <= step <= run.signalled_after_step + 1, (saved, describe(run))
+    manifest = json.loads((out / "checkpoints" / saved[-1] / "CHECKPOINT.json").read_text())
+    assert manifest["reason"] == "sigint" and manifest["step"] == step, manifest
+    assert f"SIGINT: saved {out / 'checkpoints' / saved[-1]} at step {step}" in run.output
+    resumed = run_tune(tmp_path, cfg, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, describe(resumed)
+    assert f"Resuming from {out / 'checkpoints' / saved[-1]}" in resumed.output
+
+
 def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_reference: Reference):
     """SIGTERM to the torchrun agent of ``tune run --nproc_per_node 2``: it forwards the signal,
     both ranks save one checkpoint at the next step boundary and exit 0 (recorded by an os._exit

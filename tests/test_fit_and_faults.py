@@ -208,6 +208,8 @@ def test_metric_logger_null_means_no_logger(tmp_path, base):
     run_in_process(cfg)
     out = Path(cfg.output_dir)
     assert (out / "final").is_symlink() and not (out / "logs").exists()
+    # the config is saved all the same (prefopt_compare reads a run's loss and model from it)
+    assert OmegaConf.load(out / "torchtune_config.yaml") == cfg
 
 
 @pytest.mark.parametrize("kind", ["gzip", "plain"])

@@ -209,6 +209,11 @@ def test_weighted_sum_capabilities_and_errors():
         ([{"loss": "dpo"}, {"loss": "dpo"}], "a term named 'dpo' exists already"),
         ([{"loss": "nope"}], r"loss.terms\[0\]: loss: unknown loss 'nope'"),
         ([{"loss": "dpo", "beta": -1}], r"loss.terms\[0\]: loss.beta must be > 0"),
+        # a negative weight is refused as sft_weight < 0 is (it would reward the loss)
+        (
+            [{"loss": "dpo"}, {"loss": "sft", "weight": -0.2}],
+            r"loss.terms\[1\].weight must be >= 0",
+        ),
     ):
         with pytest.raises(PrefOptUserError, match=msg):
             WeightedSum(terms)

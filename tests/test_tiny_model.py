@@ -218,6 +218,7 @@ def test_checkpoint_contents_idempotent_and_deterministic(ckpt_dir, tmp_path):
     assert not [f for f in os.listdir(ckpt_dir.parent) if ".tmp-" in f]
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and cfg["vocab_size"] == TINY_QWEN2.vocab_size
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"]  # tools (TRL, vLLM) read it
 
     weights = ckpt_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns

@@ -9,7 +9,7 @@ import torch
 
 from torchtune_prefopt.errors import PrefOptUserError
 
-from ._base import PairwiseLoss, PreferenceLoss, _as_float, loss_inputs, loss_traits
+from ._base import PairwiseLoss, PreferenceLoss, _non_negative, loss_inputs, loss_traits
 from .registry import build_loss
 
 __all__ = ["WeightedSum"]
@@ -60,7 +60,7 @@ class WeightedSum(PreferenceLoss):
             if not isinstance(term, Mapping) or "loss" not in term:
                 raise PrefOptUserError(f"{where} must be a mapping with a 'loss' key, got {term!r}")
             spec = dict(term)
-            weight = _as_float(f"terms[{i}].weight", spec.pop("weight", 1.0))
+            weight = _non_negative(f"terms[{i}].weight", spec.pop("weight", 1.0))
             name = str(spec.pop("name", spec["loss"]))
             spec["_component_"] = spec.pop("loss")
             try:

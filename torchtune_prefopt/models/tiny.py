@@ -34,7 +34,9 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 # Written last into a generated checkpoint directory: its presence (with matching content)
 # means the checkpoint is complete.
 _MARKER = "tiny_checkpoint.json"
-_MARKER_VERSION = 2  # 2: + tokenizer_config.json (HF tools read the EOS from it)
+# 2: + tokenizer_config.json (HF tools read the EOS from it); 3: config.json names its
+# architecture (TRL, vLLM and AutoModel read `architectures`)
+_MARKER_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,7 @@ def _write_checkpoint(target: Path, seed: int) -> None:
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]  # what save_pretrained would write
     model.config.save_pretrained(str(target))
     for name in TOKENIZER_FILES:
         shutil.copyfile(ASSETS_DIR / name, target / name)
