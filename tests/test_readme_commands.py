@@ -28,7 +28,7 @@ MAIN_JOB = "tune run prefopt_distributed --config tiny/dpo"
 SWAP = "tune run prefopt_distributed --config llama3_2/1B_dpo loss=ipo loss.tau=0.05"
 MULTI_GPU = "tune run --nproc_per_node 8 prefopt_distributed --config llama3_1/8B_simpo_lora"
 HACK = [
-    "tune ls | grep prefopt",
+    "tune ls | awk '/^[^ ]/ {on = ($1 ~ /^prefopt/)} on'",
     "tune cp prefopt_distributed ./my_recipe.py",
     "tune cp tiny/dpo ./my_config.yaml",
     "tune run my_recipe.py --config my_config.yaml output_dir=/tmp/my_run",
@@ -56,10 +56,15 @@ def test_main_job(tmp_path):
 
 @pytest.mark.slow
 def test_hack_the_recipe_flow(tmp_path):
-    """`tune ls | grep`, `tune cp` of the recipe and of a config, then `tune run` of the copies."""
+    """`tune ls` filtered to our recipes, `tune cp` of the recipe and of a config, then `tune run` of the copies."""
     listing = run_process(["bash", "-c", HACK[0].replace("tune", str(TUNE), 1)], tmp_path)
     assert listing.returncode == 0, listing.stderr
     assert "prefopt_distributed" in listing.stdout and "prefopt_compare" in listing.stdout
+    # every packaged config is listed under our recipes, nothing of torchtune's own
+    from torchtune_prefopt._config import available_configs
+
+    listed = {line.split()[-1] for line in listing.stdout.splitlines() if line.strip()}
+    assert listed == set(available_configs()), sorted(listed ^ set(available_configs()))
     for cmd in HACK[1:3]:
         proc = tune(cmd.split()[1:], tmp_path)
         assert proc.returncode == 0, proc.stderr
