@@ -152,12 +152,18 @@ def test_log1mexp_and_orpo_near_zero_log_probs():
             and torch.isfinite(mw.grad).all()
             and torch.isfinite(ml.grad).all()
         )
-    # above the guard the value is exact: m_w = -1e-3 -> log(1 - e^m) = log(-expm1(-1e-3))
-    lo = ORPOLoss.log_odds_ratio(
-        torch.tensor([-1e-3], dtype=torch.float64), torch.tensor([-2.0], dtype=torch.float64)
-    )
-    expected = (-1e-3 + 2.0) - (math.log(-math.expm1(-1e-3)) - math.log(-math.expm1(-2.0)))
-    assert lo.item() == pytest.approx(expected, rel=1e-13)
+    # the value is the paper's equation for every m < 0, however close to 0: a near-certain
+    # rejected answer (m_l = -1e-9, -1e-20) is not clamped to a smaller odds ratio
+    for m_w, m_l in ((-1e-3, -2.0), (-2.0, -1e-9), (-0.5, -1e-20)):
+        lo = ORPOLoss.log_odds_ratio(
+            torch.tensor([m_w], dtype=torch.float64), torch.tensor([m_l], dtype=torch.float64)
+        )
+        expected = (m_w - m_l) - (math.log(-math.expm1(m_w)) - math.log(-math.expm1(m_l)))
+        assert lo.item() == pytest.approx(expected, rel=1e-13), (m_w, m_l)
+    # and its gradient too (the old clamp at -1e-6 gave 0 there)
+    ml = torch.tensor([-1e-9], dtype=torch.float64, requires_grad=True)
+    ORPOLoss.log_odds_ratio(torch.tensor([-2.0], dtype=torch.float64), ml).sum().backward()
+    assert ml.grad.item() == pytest.approx(-1 / -math.expm1(-1e-9), rel=1e-9)
 
 
 def test_sft_alone_and_reward_definitions():

@@ -10,14 +10,20 @@ from ._base import PairwiseLoss, _positive
 
 __all__ = ["ORPOLoss", "log1mexp"]
 
-#: per-token mean log-probs are clamped to at most this before log(1 − p) (see ORPOLoss)
-MAX_MEAN_LOGP = -1e-6
-
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     r"""``log(1 − e^x)`` for ``x < 0``, without cancellation (Mächler 2012): ``log(−expm1(x))``
     for ``x > −ln 2``, ``log1p(−e^x)`` below."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near_zero = x > -math.log(2.0)
+    # each branch sees only inputs it is exact (and differentiable) at: torch.where's backward
+    # multiplies the unused branch's gradient by 0, and 0 * inf would be nan (log1p(-e^x) at
+    # x = -1e-9 in fp32: e^x rounds to 1)
+    safe = torch.full_like(x, -1.0)
+    return torch.where(
+        near_zero,
+        torch.log(-torch.expm1(torch.where(near_zero, x, safe))),
+        torch.log1p(-torch.exp(torch.where(near_zero, safe, x))),
+    )
 
 
 class ORPOLoss(PairwiseLoss):
@@ -34,9 +40,11 @@ class ORPOLoss(PairwiseLoss):
 
     ``NLL(y_w)`` is the SFT term of :class:`PairwiseLoss` with weight ``sft_weight`` (1 here:
     the chosen tokens' NLL averaged over the global batch's chosen tokens). ``log(1 − e^m)``
-    is :func:`log1mexp`; the guard: ``m`` is clamped to ≤ ``-1e-6`` first (a geometric-mean
-    token probability above 0.999999), where ``log(1 − e^m)`` would be ``-inf`` (``m = 0``)
-    and the odds ratio undefined; below that the values are exact.
+    is :func:`log1mexp`, exact for every ``m < 0`` (no cancellation, so no clamp is needed
+    below 0): a near-certain answer keeps the equation's value and gradient. Only where
+    ``log(1 − e^m)`` is ``-inf`` (``m = 0``, or ``m`` above the dtype's smallest normal
+    number, ``-finfo.tiny``: every token of the answer certain) is ``m`` moved to
+    ``-finfo.tiny``, so the odds ratio stays finite.
 
     The NLL is on the completion tokens, as the paper's equation has it; TRL's ORPO trainer
     (and the ORPO authors' code) also put it on the prompt tokens (trl #1516, #2527). On rows
@@ -68,8 +76,9 @@ class ORPOLoss(PairwiseLoss):
     def log_odds_ratio(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
         """``log OR`` of per-token mean log-probs ``[B]`` (in fp32 at least)."""
         dtype = torch.promote_types(chosen.dtype, torch.float32)
-        mw = chosen.to(dtype).clamp(max=MAX_MEAN_LOGP)
-        ml = rejected.to(dtype).clamp(max=MAX_MEAN_LOGP)
+        top = -torch.finfo(dtype).tiny  # log1mexp is finite and exact below it
+        mw = chosen.to(dtype).clamp(max=top)
+        ml = rejected.to(dtype).clamp(max=top)
         return (mw - ml) - (log1mexp(mw) - log1mexp(ml))
 
     def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
