@@ -181,6 +181,12 @@ class PrefOptRecipe:
     def setup(self) -> None:
         cfg, settings = self.cfg, self.settings
         self._lock = self._setup_lock()  # one run per output_dir, for the run's lifetime
+        if self._device.type == "cpu" and settings.dtype == "bf16":
+            utils.log_rank_zero(
+                log,
+                "WARNING: dtype bf16 on a CPU: no fused bf16 kernels, 17-30x slower than fp32 "
+                "(SmolLM2-135M LoRA: 10 vs 300 tokens/s); set dtype=fp32 unless you need bf16 numerics",
+            )
         # 1. Everything that can be wrong in the config or the data, before any weights load.
         self._loss_module = self._setup_loss(cfg.loss)  # uncompiled: evaluation asks it for rewards
         self._traits = loss_traits(self._loss_module)  # what the loss needs: one frozen object

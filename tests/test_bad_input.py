@@ -385,7 +385,8 @@ CASES = [
     Case("bad_nonfinite", overrides=["nonfinite=ignore"], expect=["nonfinite must be 'stop' or 'skip', got 'ignore'"]),
     Case("bogus_quantization", overrides=["reference.quantization=int4"], expect=["reference.quantization must be", "got 'int4'"]),
     Case("fp8_dynamic_on_cpu", overrides=["reference.quantization=fp8_dynamic"], expect=["fp8_dynamic needs a CUDA GPU"]),
-    Case("cuda_without_cuda", overrides=["device=cuda"], expect=["device is 'cuda' but no CUDA device is available"]),
+    Case("cuda_without_cuda", overrides=["device=cuda"], expect=["device is 'cuda' but no CUDA device is available (set device=cpu)"]),
+    Case("cuda_bf16_without_cuda", overrides=["device=cuda", "dtype=bf16"], expect=["no CUDA device is available (set device=cpu dtype=fp32; bf16 on a CPU runs 17-30x slower than fp32)"]),
     # -- checkpoints
     Case("ref_checkpoint_other_shape", setup=_mismatched_ref, expect=["ref32", "has shape (704, 32), the model expects (704, 64)"]),
     Case("truncated_base_safetensors", setup=_truncated_base, expect=["model.safetensors"]),
