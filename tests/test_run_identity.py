@@ -62,18 +62,26 @@ def test_the_same_run_again_is_done_another_refuses_overwrite_replaces(tmp_path,
     )
     assert _snapshot(out) == before
 
-    # one setting changed, same output_dir: another run, refused
+    # one setting changed, same output_dir: another run, refused, naming what differs and
+    # not suggesting a resume (which would be refused: the loss differs)
     with pytest.raises(PrefOptUserError) as err:
         run_in_process(_config(tmp_path, base, **{"loss.beta": 0.5}))
     msg = str(err.value)
     assert f"already holds run {first}" in msg and "step_000002" in msg
-    for way in (
-        "resume_from_checkpoint=True",
-        "output_dir=<another directory>",
-        "overwrite_output_dir=true",
-    ):
+    assert "a run with other settings (loss differ from this config)" in msg, msg
+    for way in ("output_dir=<another directory>", "overwrite_output_dir=true"):
         assert way in msg
+    assert "resume_from_checkpoint=True" not in msg
     assert _snapshot(out) == before  # nothing touched
+
+    # the same settings, an unfinished run (no final link): a resume is what continues it
+    final = (out / "final").resolve()
+    (out / "final").unlink()
+    with pytest.raises(PrefOptUserError) as err:
+        run_in_process(cfg)
+    assert "continue it with resume_from_checkpoint=True" in str(err.value), str(err.value)
+    (out / "final").symlink_to(final)
+    assert _snapshot(out) == before
 
     # explicit overwrite, with one setting changed: a new run, its own weights
     cfg2 = _config(tmp_path, base, overwrite_output_dir=True, **{"loss.beta": 0.5})
@@ -187,3 +195,40 @@ def test_logged_lr_is_the_rate_the_step_used(tmp_path, base):
     w0 = load_weights(base)
     # lr 0 at step 1: AdamW with weight_decay 0 leaves the weights exactly as they were
     assert all(torch.equal(w1[k], w0[k]) for k in w0 if k in w1)
+
+
+def test_an_hf_folder_at_another_path_is_the_same_run(tmp_path):
+    """``model_dir`` is a path: the same model files moved elsewhere are the same run (its
+    config.json and weight bytes are the identity), a changed config.json is another one."""
+    import json as _json
+
+    from hf_families import make_family_folder
+
+    from torchtune_prefopt import _config
+    from torchtune_prefopt.errors import AlreadyFinished
+    from tune_harness import CPU_FP32, NO_EVAL, synthetic_rows, write_jsonl
+
+    first = make_family_folder("qwen2", tmp_path / "a" / "model")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_rows(4))
+
+    def cfg(model_dir):
+        return _config.load_config(
+            ["--config", "hf/dpo", f"model_dir={model_dir}", *CPU_FP32, *NO_EVAL,
+             "optimizer.fused=false", "dataset.source=json", "dataset.split=train",
+             f"dataset.data_files={pairs}", "batch_size=2", "gradient_accumulation_steps=1",
+             "lr_scheduler=null", "save_every_n_steps=null", "max_steps_per_epoch=1",
+             f"output_dir={tmp_path / 'out'}"]
+        )  # fmt: skip
+
+    run_in_process(cfg(first))
+    moved = tmp_path / "b" / "model"
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+    with pytest.raises(AlreadyFinished):  # the same run, finished: nothing to do
+        run_in_process(cfg(moved))
+    config = _json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(_json.dumps({**config, "rms_norm_eps": 1e-5}))
+    with pytest.raises(
+        PrefOptUserError, match=r"a run with other settings \(checkpointer, model differ"
+    ):
+        run_in_process(cfg(moved))

@@ -316,14 +316,26 @@ def finished_run(output_dir: str | Path, identity: RunIdentity) -> Optional[Path
     return last if theirs is not None and not theirs.differences(identity) else None
 
 
-def check_fresh_output_dir(output_dir: str | Path, overwrite: bool) -> List[Path]:
+def check_fresh_output_dir(
+    output_dir: str | Path, overwrite: bool, identity: Optional[RunIdentity] = None
+) -> List[Path]:
     """A fresh run (no ``resume_from_checkpoint``) never adopts or overwrites another run's
     checkpoints: one line if ``output_dir`` holds some, unless ``overwrite`` (then they, the
-    ``final`` link and the old metric logs are deleted; returns what was removed)."""
+    ``final`` link and the old metric logs are deleted; returns what was removed). The line
+    suggests ``resume_from_checkpoint=True`` only where the run there has this run's settings
+    (``identity``): a resume of another loss or optimizer would be refused."""
     found = previous_run(output_dir)
     if found is None:
         return []
     if not overwrite:
+        differ = _settings_that_differ(output_dir, identity)
+        if differ:
+            raise PrefOptUserError(
+                f"output_dir {output_dir} already holds {found}, a run with other settings "
+                f"({', '.join(differ)} differ from this config): start this run with "
+                "output_dir=<another directory>, or replace that one with overwrite_output_dir=true "
+                "(deletes its checkpoints and logs)"
+            )
         raise PrefOptUserError(
             f"output_dir {output_dir} already holds {found}: continue it with "
             "resume_from_checkpoint=True, start a new run with output_dir=<another directory>, or "
@@ -336,6 +348,19 @@ def check_fresh_output_dir(output_dir: str | Path, overwrite: bool) -> List[Path
         if p.is_symlink() or p.exists()
     ]
     return doomed
+
+
+def _settings_that_differ(output_dir: str | Path, identity: Optional[RunIdentity]) -> List[str]:
+    """The config settings (not the content digests, computed later) in which the newest
+    checkpoint's run differs from ``identity``; ``[]`` when unknown."""
+    last = latest_checkpoint(output_dir)
+    if identity is None or last is None or not (last / MANIFEST).is_file():
+        return []
+    theirs = RunIdentity.of(read_manifest(last))
+    if theirs is None:
+        return []
+    shared = set(identity.settings) & set(theirs.settings)
+    return sorted(k for k in shared if identity.settings[k] != theirs.settings[k])
 
 
 def remove_previous_run(paths: List[Path]) -> None:

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torchtune_prefopt.errors import PrefOptUserError
@@ -340,6 +341,20 @@ def content_identity_keys() -> Tuple[str, ...]:
     return tuple(k.name for k in RECIPE_KEYS if k.identity == "content")
 
 
+def _paths_free(value: Any) -> Any:
+    """An identity value with the folders it names replaced by what they hold: a component's
+    ``model_dir`` (an HF model folder: ``models.hf.hf_decoder``) counts as the bytes of its
+    ``config.json``, which decide the architecture; the same files at another path are the
+    same model (the weights' bytes are the checkpointer's content identity)."""
+    if not isinstance(value, dict) or not isinstance(value.get("model_dir"), str):
+        return value
+    config = Path(value["model_dir"]).expanduser() / "config.json"
+    if not config.is_file():
+        return value
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
+    return {**value, "model_dir": f"config.json sha256:{digest}"}
+
+
 def identity_digests(cfg: Any, effective: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
     """``{key: short sha256 of the resolved value}`` for every :func:`identity_keys` key.
     ``effective``: values the run actually uses instead of the config's (``reference.quantization``
@@ -350,6 +365,7 @@ def identity_digests(cfg: Any, effective: Optional[Dict[str, Any]] = None) -> Di
     out = {}
     for name in identity_keys():
         value = to_plain(effective[name] if name in (effective or {}) else _raw(cfg, name))
+        value = _paths_free(value)
         out[name] = hashlib.sha256(
             json.dumps(value, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]

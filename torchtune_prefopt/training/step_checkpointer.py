@@ -115,7 +115,9 @@ class StepCheckpointer:
                     f"({self.output_dir / 'final'} -> {done}): nothing to do; train again with "
                     "overwrite_output_dir=true or output_dir=<another directory>"
                 )
-            self._replace_previous = ckpt.check_fresh_output_dir(self.output_dir, overwrite)
+            self._replace_previous = ckpt.check_fresh_output_dir(
+                self.output_dir, overwrite, self.identity
+            )
         else:
             path = ckpt.latest_checkpoint(self.output_dir)
             if path is None:
