@@ -593,3 +593,68 @@ def test_kto_kl_rows_are_truncated_like_the_dataset(tmp_path):
         batch = next(iter(recipe._dataloader))
         assert batch.input_ids.shape[1] <= 32 and batch.kl_input_ids.shape[1] <= 32
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- data as kept
+def test_data_as_users_keep_it(tok, tmp_path, monkeypatch):
+    """A save_to_disk folder (Dataset or DatasetDict) is a source; a Parquet file given with
+    source json says which source reads it; an unreachable Hub name is one line that says what
+    to pass instead; every data error names the dataset key."""
+    import datasets
+    from omegaconf import OmegaConf
+
+    from torchtune_prefopt.data import preference_dataset
+    from torchtune_prefopt.data.dataset_checks import build_datasets
+
+    rows = [{"prompt": f"Q{i}?", "chosen": f"Good {i}.", "rejected": f"Bad {i}."} for i in range(4)]
+    jsonl = write_jsonl(tmp_path / "rows.jsonl", rows)
+    want = preference_dataset(tok, source="json", data_files=str(jsonl))
+    one = tmp_path / "saved_dataset"
+    datasets.Dataset.from_list(rows).save_to_disk(str(one))
+    both = tmp_path / "saved_dict"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:2])}
+    ).save_to_disk(str(both))
+    for source, split, n in ((one, "train", 4), (both, "train", 4), (both, "test", 2)):
+        ds = preference_dataset(tok, source=str(source), split=split)
+        assert [ds[i]["chosen_input_ids"] for i in range(n)] == [
+            want[i]["chosen_input_ids"] for i in range(n)
+        ]
+    with pytest.raises(
+        PrefOptUserError, match=r"split 'valid' not in the saved DatasetDict .*\['test', 'train'\]"
+    ):
+        preference_dataset(tok, source=str(both), split="valid")
+    with pytest.raises(PrefOptUserError, match="is one saved Dataset .*set split=train"):
+        preference_dataset(tok, source=str(one), split="test")
+
+    parquet = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    with pytest.raises(
+        PrefOptUserError, match=r"rows.parquet is a Parquet file, not JSON: set source: parquet"
+    ):
+        preference_dataset(tok, source="json", data_files=str(parquet))
+    got = preference_dataset(tok, source="parquet", data_files=str(parquet))
+    assert got[3]["rejected_input_ids"] == want[3]["rejected_input_ids"]
+
+    # offline (as on the CI machine, without its retries): one line naming what to pass instead
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        PrefOptUserError,
+        match="could not be loaded .*source=json data_files=<file.jsonl> split=train",
+    ):
+        preference_dataset(tok, source="no-such-org/no-such-dataset-xyz", split="train")
+
+    # the key is named: the held-out set's split error says eval_dataset
+    node = OmegaConf.create(
+        {
+            "_component_": "torchtune_prefopt.data.preference_dataset",
+            "source": "json",
+            "data_files": str(jsonl),
+            "split": "test_prefs",
+        }
+    )
+    with pytest.raises(PrefOptUserError, match=r"^eval_dataset: split 'test_prefs' requested"):
+        build_datasets(node, "eval_dataset", tok)

@@ -115,10 +115,19 @@ def _file_bytes(path: str) -> bytes:
         raise PrefOptUserError(f"{path}: a damaged {kind} file ({_one_line(err)})") from None
 
 
+#: formats that are not JSON, told apart by their first bytes, and the source that reads them
+_OTHER_FORMATS = {b"PAR1": ("a Parquet file", "parquet"), b"ARROW1": ("an Arrow file", "arrow")}
+
+
 def _read_json_file(path: str, field: Optional[str]) -> RawRows:
     """JSON Lines (one object per line), a JSON list of objects, or columnar JSON; gzip,
     bz2 or xz compressed too."""
     raw = _file_bytes(path)
+    for magic, (what, source) in _OTHER_FORMATS.items():
+        if raw.startswith(magic):
+            raise PrefOptUserError(
+                f"{path} is {what}, not JSON: set source: {source} (source={source} on the command line)"
+            )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -195,6 +204,9 @@ def load_rows(source: str, *, split: str = "train", **load_dataset_kwargs: Any) 
 
     import datasets
 
+    saved = _saved_dataset_dir(source)
+    if saved is not None:
+        return _load_saved(saved, split)
     if source in _LOCAL_BUILDERS and data_files is not None:
         files = _resolve_data_files(data_files, split)
         rest = {k: v for k, v in load_dataset_kwargs.items() if k != "data_files"}
@@ -210,9 +222,49 @@ def load_rows(source: str, *, split: str = "train", **load_dataset_kwargs: Any) 
             parts.append(RawRows(ds.to_list(), [(f, i, None) for i in range(len(ds))], f))
         return _concat(parts, files[0] if len(files) == 1 else f"{len(files)} files")
 
-    ds = datasets.load_dataset(source, split=split, **load_dataset_kwargs)
+    try:
+        ds = datasets.load_dataset(source, split=split, **load_dataset_kwargs)
+    except (ConnectionError, OSError, FileNotFoundError) as err:
+        cause = err.__cause__ or err
+        raise PrefOptUserError(
+            f"source '{source}' could not be loaded ({type(cause).__name__}: {_one_line(cause)[:300]}); "
+            "offline or for your own file pass source=json data_files=<file.jsonl> split=train "
+            "(parquet: source=parquet; a save_to_disk folder: source=<folder>)"
+        ) from None
     name = f"{source}[{split}]"
     return RawRows(ds.to_list(), [(name, i, None) for i in range(len(ds))], name)
+
+
+def _saved_dataset_dir(source: str) -> Optional[Path]:
+    """``source`` as a folder written by ``datasets``' ``save_to_disk`` (a Dataset has
+    ``state.json``, a DatasetDict ``dataset_dict.json``), else ``None``."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (
+        (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+    ):
+        return path
+    return None
+
+
+def _load_saved(path: Path, split: str) -> RawRows:
+    """The rows of a ``save_to_disk`` folder: a DatasetDict's ``split``, or a Dataset (one
+    split, read as ``train``)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise PrefOptUserError(
+                f"split '{split}' not in the saved DatasetDict {path} (splits: {sorted(loaded)})"
+            )
+        loaded, name = loaded[split], f"{path}[{split}]"
+    elif split != "train":
+        raise PrefOptUserError(
+            f"split '{split}' requested but {path} is one saved Dataset (no splits): set split=train"
+        )
+    else:
+        name = str(path)
+    return RawRows(loaded.to_list(), [(name, i, None) for i in range(len(loaded))], name)
 
 
 def rows_from_records(records: Sequence[Mapping[str, Any]], name: str = "records") -> RawRows:

@@ -67,8 +67,16 @@ def build_datasets(node: Any, key: str, tokenizer: Any):
                 "torchtune_prefopt.data.unpaired_from_paired for KTO)"
             )
         return ConcatDataset(parts)
-    except PrefOptUserError:
-        raise
+    except PrefOptUserError as err:
+        if str(err).startswith(key):
+            raise
+        # every data error names the dataset key it is about (dataset or eval_dataset)
+        named = f"{key}: {' '.join(str(err).split())}"
+        try:  # the same kind of error (a DataRowError stays one)
+            renamed = type(err)(named)
+        except TypeError:
+            renamed = PrefOptUserError(named)
+        raise renamed from err
     except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
         msg = " ".join(str(err).split())
         raise PrefOptUserError(f"{key}: {msg}") from err
