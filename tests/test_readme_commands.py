@@ -133,3 +133,32 @@ def test_bring_your_own_model_commands_are_in_the_readme():
     cfg = load_config(["--config", *BYOM.split()[4:]])
     assert cfg.model_dir == "/path/to/hf-folder"
     recipe_config.validate_config(cfg, local=False)
+
+
+OWN_DATA = (
+    "tune run prefopt_distributed --config hf/dpo model_dir=<folder> dataset.source=json "
+    "dataset.data_files=my_pairs.jsonl dataset.split=train eval_dataset.source=json "
+    "eval_dataset.data_files=my_heldout.jsonl eval_dataset.split=train"
+)
+
+
+@pytest.mark.slow
+def test_your_own_data_offline_command(tmp_path):
+    """The README's own-data command, verbatim (the folder filled in; CPU, fp32 and one step
+    added as the CUDA config needs on this machine): it trains on the local files, offline."""
+    from hf_families import make_family_folder
+
+    from tune_harness import CPU_FP32, synthetic_rows, write_jsonl
+
+    assert re.search(rf"^{re.escape(OWN_DATA)}$", README, re.M), "not in README.md"
+    folder = make_family_folder("smollm2", tmp_path / "model")
+    write_jsonl(tmp_path / "my_pairs.jsonl", synthetic_rows(4))
+    write_jsonl(tmp_path / "my_heldout.jsonl", synthetic_rows(2, "heldout"))
+    args = OWN_DATA.replace("<folder>", str(folder)).split()[1:]
+    proc = tune(
+        [*args, *CPU_FP32, "optimizer.fused=false", "batch_size=2", "gradient_accumulation_steps=1",
+         "max_steps_per_epoch=1", "eval_every_n_steps=1", f"output_dir={tmp_path / 'out'}"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 steps" in proc.stdout and "held-out reward accuracy" in proc.stdout, proc.stdout
