@@ -110,7 +110,7 @@ from torchtune_prefopt.reference import (
     plan_reference,
     precompute_reference,
 )
-from torchtune_prefopt.training.checkpoints import content_digests
+from torchtune_prefopt.training.checkpoints import content_digests, latest_checkpoint
 from torchtune_prefopt.training.data_order import GlobalBatchSampler
 from torchtune_prefopt.training.distributed import (
     all_reduce_sum,
@@ -775,6 +775,16 @@ class PrefOptRecipe:
                 f"   held-out reward accuracy: {e0.get(acc, float('nan')):.3f} (step {s0}) -> "
                 f"{e1.get(acc, float('nan')):.3f} (step {s1}) on {int(e1.get('eval/rows', 0))} rows"
             )
+            # what the accuracy rests on: the margin's size, and what the reference alone does
+            context = [f"mean reward margin {e1.get('eval/rewards/margins', float('nan')):.3g}"]
+            if "eval/reference/accuracies" in e1:
+                context.append(
+                    "the reference alone ranks "
+                    f"{e1['eval/reference/accuracies']:.3f} of the pairs by log-prob"
+                )
+            lines.append(
+                f"     ({'; '.join(context)}; a margin within float rounding is a tie, 1/2)"
+            )
         if final_path is not None:
             lines.append(f"   checkpoint (HF format): {final_path}")
         log_dir = getattr(self._metric_logger, "log_dir", None) or (
@@ -956,9 +966,14 @@ def run(cfg: DictConfig) -> None:
         # any other write the disk refused (a metric log line, the reference cache ...)
         if err.errno not in _WRITE_ERRNOS:
             raise
+        saved = latest_checkpoint(recipe._output_dir)
+        intact = (
+            f"the checkpoints saved so far are intact (newest {saved.name}: resume_from_checkpoint=True)"
+            if saved is not None
+            else "no checkpoint of this run was written yet: free some space and run it again"
+        )
         print(
-            f"error: writing {err.filename or 'a file'} failed: {err.strerror}; the checkpoints "
-            "saved so far are intact (resume_from_checkpoint=True)",
+            f"error: writing {err.filename or 'a file'} failed: {err.strerror}; {intact}",
             file=sys.stderr,
             flush=True,
         )

@@ -206,3 +206,28 @@ def test_tensorboard_logger(shared):
         # torch's SummaryWriter without TensorFlow stores scalars as "tensors" summaries
         tags |= set(acc.Tags().get("scalars", [])) | set(acc.Tags().get("tensors", []))
     assert tags == names
+
+
+def test_export_names_its_dtype_and_gets_the_users_umask(shared):
+    """A bf16 run from an fp32 checkpoint exports bf16 weights under a config.json that says
+    bfloat16 (from_pretrained loads the config's dtype), and every exported file has the
+    user's umask (torchtune writes its weight file 0600)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    out, _, _, _, _ = train_in_process(
+        shared, "bf16", "tiny/dpo", extra=("dtype=bf16", "max_steps_per_epoch=1")
+    )
+    final = (out / "final").resolve()
+    base_config = json.loads((shared["base"] / "config.json").read_text())
+    assert base_config.get("dtype", "float32") == "float32"  # none said: float32
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    weights = sorted(final.glob("model*.safetensors"))
+    with safe_open(str(weights[0]), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in final.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes

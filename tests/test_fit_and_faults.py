@@ -479,9 +479,46 @@ def test_full_disk_under_the_metric_log_is_one_line_and_exit_4(tmp_path, base, c
     assert stop.value.code == EXIT_WRITE_FAILED
     errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "No space left on device" in errors[0], errors
-    assert errors[0].endswith(
-        "the checkpoints saved so far are intact (resume_from_checkpoint=True)"
-    )
+    # the line fits the case: the checkpoints that exist, or that none does yet
+    saved = sorted((Path(cfg.output_dir) / "checkpoints").glob("step_*"))
+    if saved:
+        assert errors[0].endswith(
+            f"the checkpoints saved so far are intact (newest {saved[-1].name}: "
+            "resume_from_checkpoint=True)"
+        ), errors
+    else:
+        assert errors[0].endswith(
+            "no checkpoint of this run was written yet: free some space and run it again"
+        ), errors
+
+
+def test_a_full_disk_before_the_start_writes_nothing(tmp_path, base, capfd):
+    """output_dir on a disk that is already full: one line that fits the case (nothing was
+    saved, nothing is claimed intact), and no file of the run (not even its lock) is left."""
+    disk = _tmpfs(tmp_path / "disk", 64 * 1024)
+    try:
+        with open(disk / "filler", "wb") as f:  # fill the disk
+            try:
+                f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        cfg = _config(tmp_path, base, output_dir=str(disk / "out"))
+        message = ""
+        try:
+            run_in_process(cfg)
+            raise AssertionError("the run on a full disk did not stop")
+        except SystemExit as stop:  # a failed write: exit 4
+            code = stop.code
+        except PrefOptUserError as err:  # refused before training (no room): exit 2
+            code, message = 2, f"error: {err}"
+        left = sorted(str(p.relative_to(disk)) for p in disk.rglob("*") if p.name != "filler")
+    finally:
+        _umount(disk)
+    errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error: ")]
+    line = errors[0] if errors else message
+    assert code in (2, EXIT_WRITE_FAILED) and line, (code, errors)
+    assert "intact" not in line, line
+    assert all(not name.startswith("out/") or name == "out" for name in left), left
 
 
 # ----------------------------------------------------------------------------- signals, console

@@ -279,3 +279,32 @@ def test_a_subclass_with_its_own_tensor_forward_keeps_getting_tensors():
     got = loss_inputs(Custom(), pc, pr)
     assert torch.equal(got[0], pc.sum) and torch.equal(got[1], pr.sum)
     assert loss_inputs(DPOLoss(), pc, pr) == (pc, pr)
+
+
+def test_held_out_accuracy_does_not_count_float_noise():
+    """A policy that differs from the reference only by float rounding scores 1/2 (a tie),
+    not a win; a real margin counts. The rule: |r_w - r_l| <= s * 2^-20 * the |log-probs|."""
+    from torchtune_prefopt.losses import pair_metrics
+    from torchtune_prefopt.losses.rewards import ROUNDING
+    from torchtune_prefopt.modules.sequence_logprobs import SequenceLogProbs
+
+    def lp(sums):
+        s = torch.tensor(sums, dtype=torch.float32)
+        return SequenceLogProbs(s, s / 10, torch.full_like(s, 10, dtype=torch.long))
+
+    ref = (lp([-120.0, -80.0]), lp([-121.0, -80.5]))
+    noise = 3e-7  # about 2.5 fp32 ulps of the chosen sums: rounding, not learning
+    moved = (lp([-120.0 * (1 - noise), -80.0 * (1 - noise)]), lp([-121.0, -80.5]))
+    learned = (lp([-119.0, -79.0]), lp([-122.0, -81.5]))
+    dpo = DPOLoss(beta=0.1)
+    assert pair_metrics(dpo, moved, ref)["rewards/accuracies"].tolist() == [0.5, 0.5]
+    assert pair_metrics(dpo, learned, ref)["rewards/accuracies"].tolist() == [1.0, 1.0]
+    # the exact-tie rule alone would have called the rounding a win
+    c = 0.1 * (moved[0].sum.double() - ref[0].sum.double())
+    assert (c > 0).all() and (c.abs() <= 0.1 * ROUNDING * (120 + 121 + 120 + 121)).all()
+    # SimPO (reference-free, means): the same rule on its own scale and form
+    from torchtune_prefopt.losses import SimPOLoss
+
+    simpo = SimPOLoss(beta=2.0, gamma=0.0)
+    same = (lp([-50.0]), lp([-50.0 * (1 + 1e-7)]))
+    assert pair_metrics(simpo, same, None)["rewards/accuracies"].tolist() == [0.5]

@@ -51,6 +51,12 @@ def test_main_job(tmp_path):
         proc.stdout,
     )
     assert m and float(m.group(1)) == 0.5 and float(m.group(2)) == 1.0, proc.stdout[-2000:]
+    # next to it, what it rests on: the margin and the reference's own ranking of the pairs
+    assert re.search(
+        r"\(mean reward margin [-\d.e+]+; the reference alone ranks [\d.]+ of the pairs by "
+        r"log-prob; a margin within float rounding is a tie, 1/2\)",
+        proc.stdout,
+    ), proc.stdout[-2000:]
     assert (tmp_path / "out" / "final" / "config.json").is_file()
 
 

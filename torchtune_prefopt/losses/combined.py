@@ -90,6 +90,10 @@ class WeightedSum(PreferenceLoss):
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: {w}" for n, w in zip(self.names, self.weights))
 
+    def reward_scale(self) -> float:
+        """The logged rewards' scale: the reward term's."""
+        return self.terms[self._reward_index].reward_scale()
+
     def rewards(self, pc, pr, rc=None, rr=None) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.terms[self._reward_index].rewards(pc, pr, rc, rr)
 

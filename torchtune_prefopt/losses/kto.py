@@ -75,6 +75,10 @@ class KTOLoss(PreferenceLoss):
         self.desirable_weight = _positive("desirable_weight", desirable_weight)
         self.undesirable_weight = _positive("undesirable_weight", undesirable_weight)
 
+    def reward_scale(self) -> float:
+        """``s`` of the logged implicit rewards ``s·(log π − log π_ref)``: β."""
+        return self.beta
+
     @staticmethod
     def reference_point(
         policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor

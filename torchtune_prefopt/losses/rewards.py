@@ -26,9 +26,11 @@ __all__ = ["PAIR_METRICS", "pair_accuracy", "pair_metrics", "pair_rewards"]
 
 #: what :func:`pair_metrics` returns (per pair), and what each value is
 PAIR_METRICS = {
-    "rewards/accuracies": "pair accuracy of the loss's OWN implicit reward r(y_w) vs r(y_l) (a tie is "
-    "0.5), r computed by the loss object (DPO/KTO: beta*(S - S_ref); IPO: tau*(A - A_ref) with "
-    "average_logps, tau*(S - S_ref) without; SimPO: beta*A)",
+    "rewards/accuracies": "pair accuracy of the loss's OWN implicit reward r(y_w) vs r(y_l), r computed "
+    "by the loss object (DPO/KTO: beta*(S - S_ref); IPO: tau*(A - A_ref) with average_logps, "
+    "tau*(S - S_ref) without; SimPO: beta*A); a margin within float rounding of zero "
+    "(|r_w - r_l| <= s * 2^-20 * the sum of the |log-probs| it is made of) is a tie, 1/2: "
+    "a policy that has not moved does not score",
     "rewards/margins": "r(y_w) - r(y_l), in the loss's own reward units (not comparable across losses)",
     "rewards/chosen": "r(y_w)",
     "rewards/rejected": "r(y_l)",
@@ -40,10 +42,41 @@ PAIR_METRICS = {
 }
 
 
-def pair_accuracy(chosen: Tensor, rejected: Tensor) -> Tensor:
-    """Per pair (float64): 1 where chosen scores higher, 0.5 on an exact tie (e.g. every reward
-    is 0 before training), else 0."""
-    return (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
+def pair_accuracy(chosen: Tensor, rejected: Tensor, tolerance: Optional[Tensor] = None) -> Tensor:
+    """Per pair (float64): 1 where chosen scores higher, 0.5 on a tie (e.g. every reward is 0
+    before training), else 0. ``tolerance`` ``[B]``: a margin ``|chosen - rejected|`` at most
+    this large is a tie too (float rounding, not a preference)."""
+    margin = chosen.double() - rejected.double()
+    if tolerance is None:
+        return (margin > 0).double() + 0.5 * (margin == 0).double()
+    tolerance = tolerance.double()
+    return (margin > tolerance).double() + 0.5 * (margin.abs() <= tolerance).double()
+
+
+#: relative float rounding a reward margin must exceed to count (about 8 fp32 ulps)
+ROUNDING = 2.0**-20
+
+
+def _rounding_tolerance(loss_fn, forms) -> Optional[Tensor]:
+    """``s * ROUNDING * (|a_w| + |a_l| + |ref_w| + |ref_l|)`` ``[B]``: how far float rounding of
+    the log-probs (in the form the loss takes) can move the reward margin ``s * (...)``;
+    ``None`` for a loss that does not say its reward scale ``s``."""
+    scale = getattr(loss_fn, "reward_scale", None)
+    if not callable(scale):
+        return None
+    try:
+        s = abs(float(scale()))
+    except NotImplementedError:
+        return None
+    average = loss_traits(loss_fn).average_logps
+    total = None
+    for lp in forms:
+        if lp is None:
+            continue
+        values = lp.form(average) if isinstance(lp, SequenceLogProbs) else lp
+        part = values.detach().double().abs()
+        total = part if total is None else total + part
+    return None if total is None else s * ROUNDING * total
 
 
 def pair_rewards(
@@ -114,7 +147,8 @@ def pair_metrics(
             raise ValueError(f"{type(loss_fn).__name__} needs reference log-probs")
         c, r = pair_rewards(loss_fn, pc, pr, rc, rr)
         c, r = c.double(), r.double()
-        out["rewards/accuracies"] = pair_accuracy(c, r)
+        tolerance = _rounding_tolerance(loss_fn, (pc, pr, rc, rr))
+        out["rewards/accuracies"] = pair_accuracy(c, r, tolerance)
         out["rewards/margins"] = c - r
         out["rewards/chosen"] = c
         out["rewards/rejected"] = r

@@ -18,10 +18,12 @@ change. :class:`TorchtuneCheckpoint` reads them here, and only here.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -42,6 +44,48 @@ def _quiet_torchtune():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _model_key() -> str:
+    from torchtune import training
+
+    return training.MODEL_KEY
+
+
+def _user_permissions(folder: Path) -> None:
+    """Give the files of a written checkpoint the user's umask (torchtune writes some weight
+    files 0600, as a temporary file would be: another user of a shared model folder could
+    not read them)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
+
+
+def _config_says_dtype(config: Path, state_dict: Optional[Dict[str, Any]]) -> None:
+    """An exported ``config.json`` names the dtype of the weights it sits next to
+    (``from_pretrained`` loads the weights in the config's ``dtype`` / ``torch_dtype``: a
+    bf16 input trained in fp32 would otherwise load its fp32 weights as bf16). The file is
+    rewritten only where it says another dtype (an unchanged dtype keeps its bytes)."""
+    floats = [
+        t.dtype
+        for t in (state_dict or {}).values()
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
+    if not config.is_file() or not floats:
+        return
+    name = str(max(set(floats), key=floats.count)).replace("torch.", "")
+    data = json.loads(config.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in data]
+    if not keys and name == "float32":
+        return  # no dtype said: transformers loads float32, what the weights are
+    keys = keys or ["dtype"]
+    if all(data.get(k) == name for k in keys):
+        return
+    for k in keys:
+        data[k] = name
+    config.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 class HFCheckpoint:
@@ -136,6 +180,9 @@ class HFCheckpoint:
         for f in written.iterdir():
             shutil.move(str(f), str(dest / f.name))
         shutil.rmtree(scratch, ignore_errors=True)
+        _user_permissions(dest)
+        if not adapter_only:
+            _config_says_dtype(dest / "config.json", state_dict.get(_model_key()))
 
 
 class FolderCheckpoint(HFCheckpoint):

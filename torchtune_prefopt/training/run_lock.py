@@ -73,10 +73,16 @@ class OutputDirLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._info(), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._info(), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            # a full or read-only disk: leave nothing behind (an empty lock file would read
+            # as a lock held by an unknown run)
+            self.path.unlink(missing_ok=True)
+            raise
         return True
 
     def holder(self) -> Optional[Dict[str, Any]]:
