@@ -57,10 +57,11 @@ def pair_accuracy(chosen: Tensor, rejected: Tensor, tolerance: Optional[Tensor] 
 ROUNDING = 2.0**-20
 
 
-def _rounding_tolerance(loss_fn, forms) -> Optional[Tensor]:
+def _rounding_tolerance(loss_fn, logps) -> Optional[Tensor]:
     """``s * ROUNDING * (|a_w| + |a_l| + |ref_w| + |ref_l|)`` ``[B]``: how far float rounding of
-    the log-probs (in the form the loss takes) can move the reward margin ``s * (...)``;
-    ``None`` for a loss that does not say its reward scale ``s``."""
+    the log-probs ``logps`` (``SequenceLogProbs`` or ``None``; ``a``: their sums or means, the
+    form the loss's rewards take) can move the reward margin ``s * (...)``; ``None`` for a loss
+    that does not say its reward scale ``s``."""
     scale = getattr(loss_fn, "reward_scale", None)
     if not callable(scale):
         return None
@@ -69,14 +70,8 @@ def _rounding_tolerance(loss_fn, forms) -> Optional[Tensor]:
     except NotImplementedError:
         return None
     average = loss_traits(loss_fn).average_logps
-    total = None
-    for lp in forms:
-        if lp is None:
-            continue
-        values = lp.form(average) if isinstance(lp, SequenceLogProbs) else lp
-        part = values.detach().double().abs()
-        total = part if total is None else total + part
-    return None if total is None else s * ROUNDING * total
+    parts = [lp.form(average).detach().double().abs() for lp in logps if lp is not None]
+    return s * ROUNDING * sum(parts[1:], parts[0]) if parts else None
 
 
 def pair_rewards(
@@ -147,7 +142,7 @@ def pair_metrics(
             raise ValueError(f"{type(loss_fn).__name__} needs reference log-probs")
         c, r = pair_rewards(loss_fn, pc, pr, rc, rr)
         c, r = c.double(), r.double()
-        tolerance = _rounding_tolerance(loss_fn, (pc, pr, rc, rr))
+        tolerance = _rounding_tolerance(loss_fn, (chosen, rejected, *(reference or ())))
         out["rewards/accuracies"] = pair_accuracy(c, r, tolerance)
         out["rewards/margins"] = c - r
         out["rewards/chosen"] = c
