@@ -392,8 +392,13 @@ def test_interrupted_dpo_run_is_bit_identical_to_an_uninterrupted_one(
 def test_keep_last_n_checkpoints_prunes(dpo_chain: Chain):
     assert dpo_chain.after["final"] == ["step_000006", "step_000008"], dpo_chain.after["final"]
     assert os.readlink(dpo_chain.out / "final") == os.path.join("checkpoints", "step_000008")
-    for listing in dpo_chain.after.values():
-        assert len([c for c in listing if c.startswith("step_")]) <= 2, listing
+    # A run that ended on its own (or on SIGTERM) keeps 2. A SIGKILL can land between the
+    # publishing of a new checkpoint and the pruning of the oldest: one extra, never fewer
+    # (pruning comes after the new one is complete), and the next save prunes it.
+    for name, listing in dpo_chain.after.items():
+        killed = dpo_chain.runs[name].returncode == -signal.SIGKILL
+        n = len([c for c in listing if c.startswith("step_")])
+        assert 1 <= n <= (3 if killed else 2), (name, listing)
 
 
 # ----------------------------------------------------------------------------- KTO
@@ -441,6 +446,11 @@ def test_leftovers_are_ignored_and_newest_complete_checkpoint_is_used(
     assert ckpt.latest_checkpoint(out).name == "step_000008"
     assert [p.name for p in ckpt.prune_checkpoints(out, 1)] == ["step_000006"]
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_000008"]
+    # Pruned folders were hidden (renamed .tmp-pruned-) before their deletion, then deleted.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_000007",  # the hand-made partial folder: no manifest, never listed
+        "step_000008",
+    ]
 
 
 # ----------------------------------------------------------------------------- 2 processes

@@ -160,7 +160,11 @@ def prune_checkpoints(output_dir: str | Path, keep_last_n: Optional[int]) -> Lis
     ckpts = list_checkpoints(output_dir)
     doomed = ckpts[:-keep_last_n]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        # Hidden first (one rename), then deleted: a crash in the middle of the deletion leaves
+        # a ``.tmp-`` leftover that the next save removes, never a half-deleted ``step_`` folder.
+        hidden = p.parent / f".tmp-pruned-{p.name}"
+        os.rename(p, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
     return doomed
 
 
