@@ -304,7 +304,21 @@ GOOD = ROWS[0]
         (
             {"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": "r"},
             "chosen",
-            "must end with an assistant message",
+            "starts with a user message that does not repeat field 'prompt'",
+        ),
+        (
+            {
+                "prompt": "p",
+                "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "x"}],
+                "rejected": "r",
+            },
+            "chosen",
+            "ends on a user turn; a conversation must end with an assistant message",
+        ),
+        (
+            {"prompt": "p", "chosen": [{"role": "user", "content": "p"}], "rejected": "r"},
+            "chosen",
+            "has no assistant message after the prompt",
         ),
         (
             {"prompt": [{"role": "human", "content": "x"}], "chosen": "c", "rejected": "r"},
@@ -397,9 +411,10 @@ def test_kto_dataset_layout(tok, tmp_path):
     ds = kto_dataset(tok, source="json", data_files=write_jsonl(tmp_path / "k.jsonl", KTO_ROWS))
     assert isinstance(ds, KTODataset) and len(ds) == 3
     item = ds[0]
-    assert set(item) == {"prompt_ids", "completion_ids", "label", "index"}
+    assert set(item) == {"prompt_ids", "completion_ids", "completion_labels", "label", "index"}
     assert item["prompt_ids"] == chatml_prompt(tok, ("user", "What is an owl?"))
     assert item["completion_ids"] == completion(tok, "An owl is a bird.")
+    assert item["completion_labels"] == item["completion_ids"]  # one reply: all scored
     ids, _ = tok.tokenize_messages(
         [Message("user", "What is an owl?"), Message("assistant", "An owl is a bird.")]
     )

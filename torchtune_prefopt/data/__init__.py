@@ -9,6 +9,7 @@ checks them against the loss and the model (see also docs/ARCHITECTURE.md, secti
 from torchtune_prefopt.data._batch import (
     PairedBatch,
     UnpairedBatch,
+    completion_labels,
     is_paired_row,
     kl_partner,
     kto_collate,
@@ -31,7 +32,9 @@ from torchtune_prefopt.data._paired import PreferenceDataset
 from torchtune_prefopt.data._position import PositionIndexed
 from torchtune_prefopt.data._sft import SFTDataset, sft_dataset
 from torchtune_prefopt.data._synthetic import (
+    EXAMPLE_CONVERSATIONS,
     SYNTHETIC_DIR,
+    example_conversations_dataset,
     synthetic_data_file,
     synthetic_kto_dataset,
     synthetic_preference_dataset,
@@ -56,6 +59,7 @@ from torchtune_prefopt.data.dataset_checks import (
 __all__ = [
     "CROSS_ENTROPY_IGNORE_IDX",
     "DataRowError",
+    "EXAMPLE_CONVERSATIONS",
     "KTODataset",
     "KTO_RATIO_RANGE",
     "PackedBatch",
@@ -73,6 +77,8 @@ __all__ = [
     "check_fits_context",
     "build_tokenizer",
     "check_tokenizer_fits",
+    "completion_labels",
+    "example_conversations_dataset",
     "hh_rlhf_dataset",
     "is_paired_row",
     "kl_partner",

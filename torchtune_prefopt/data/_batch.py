@@ -5,7 +5,8 @@ Two row kinds come out of the datasets (:func:`is_paired_row` tells them apart):
 
 * paired rows (DPO, IPO, SimPO, ...): ``{"chosen_input_ids", "chosen_labels",
   "rejected_input_ids", "rejected_labels", "index"}``;
-* unpaired rows (KTO): ``{"prompt_ids", "completion_ids", "label", "index"}``.
+* unpaired rows (KTO): ``{"prompt_ids", "completion_ids", "completion_labels", "label",
+  "index"}`` (``completion_labels`` optional: -100 on a trajectory's unscored tokens).
 
 Batch layouts (right-padded, labels ``CROSS_ENTROPY_IGNORE_IDX`` (-100) on prompt and padding tokens):
 
@@ -40,7 +41,8 @@ from typing import (
 import torch
 from torch import Tensor
 
-from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX, truncate_keep_completion
+from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
+from torchtune_prefopt.data._conversation import truncate_labelled
 
 __all__ = [
     "BatchFields",
@@ -130,13 +132,19 @@ def kto_sequences(
     rows, kl_rows = [], []
     for i, item in enumerate(batch):
         prompt = list(item["prompt_ids"])
-        for completion, out in (
-            (item["completion_ids"], rows),
-            (batch[kl_partner(i, n)]["completion_ids"], kl_rows),
-        ):
-            p, (c,), _, _ = truncate_keep_completion(prompt, [list(completion)], max_seq_len)
-            out.append((p + c, [ignore_idx] * len(p) + c))
+        for other, out in ((item, rows), (batch[kl_partner(i, n)], kl_rows)):
+            p, ((c, labels),), _, _ = truncate_labelled(
+                prompt, [(list(other["completion_ids"]), completion_labels(other))], max_seq_len
+            )
+            out.append((p + c, [ignore_idx] * len(p) + labels))
     return rows, kl_rows
+
+
+def completion_labels(item: Mapping[str, Any]) -> List[int]:
+    """An unpaired item's completion labels: ``completion_labels`` (-100 on a trajectory's
+    unscored tokens), or all of ``completion_ids`` for an item built without them."""
+    labels = item.get("completion_labels")
+    return list(item["completion_ids"] if labels is None else labels)
 
 
 def _padded(

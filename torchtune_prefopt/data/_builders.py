@@ -54,12 +54,7 @@ from torchtune_prefopt.data._common import resolve_max_seq_len
 from torchtune_prefopt.data._paired import PreferenceDataset, prepare_pairs
 from torchtune_prefopt.data._source import RawRows, load_rows
 from torchtune_prefopt.data._unpaired import KTODataset, kto_from_raw, unpaired_from_raw
-from torchtune_prefopt.data._validation import (
-    completion_tail,
-    prompt_messages,
-    resolve_column_map,
-    row_error,
-)
+from torchtune_prefopt.data._validation import prompt_messages, resolve_column_map, row_error
 from torchtune_prefopt.errors import PrefOptUserError
 
 __all__ = [
@@ -555,12 +550,11 @@ def thumbs_dataset(
         completion = _column(row, cmap["completion"], where)
         if isinstance(completion, str) and not completion.strip():
             raise _Skip("empty_completion", f"{cmap['completion']} is empty")
-        tail = completion_tail(row, cmap["completion"], where)
-        if any(m["role"] != "assistant" for m in tail):
-            conv = tail
-        else:
-            conv = prompt_messages(row, cmap["prompt"], where) + tail
-        return {"prompt": conv[:-1], "completion": [conv[-1]], "label": label}
+        out = {"completion": completion, "label": label}
+        for key in ("prompt", "tools"):  # the conversation's shape is kto_from_raw's to read
+            if row.get(cmap.get(key, key)) is not None:
+                out[key] = row[cmap.get(key, key)]
+        return out
 
     norm, counters = _normalise(raw, convert, "thumbs_dataset")
     max_len = resolve_max_seq_len(tokenizer, max_seq_len)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as CROSS_ENTROPY_IGNORE_IDX  # re-exported
 from torchtune.data import Message
@@ -42,7 +42,9 @@ def resolve_max_seq_len(tokenizer, max_seq_len: Optional[int]) -> Optional[int]:
     return max_seq_len
 
 
-def tokenize_split(tokenizer, messages: Sequence[Message]) -> Tuple[List[int], List[int]]:
+def tokenize_split(
+    tokenizer, messages: Sequence[Any], tools: Optional[List[Any]] = None
+) -> Tuple[List[int], List[int]]:
     """Chat-template tokenization of ``messages`` split into (prompt_ids, completion_ids).
 
     ``prompt_ids + completion_ids == tokenizer.tokenize_messages(messages)[0]`` exactly (one
@@ -55,7 +57,13 @@ def tokenize_split(tokenizer, messages: Sequence[Message]) -> Tuple[List[int], L
     """
     own_split = getattr(tokenizer, "tokenize_prompt_completion", None)
     if own_split is not None:
-        return own_split(list(messages))
+        return own_split(list(messages), tools=tools) if tools else own_split(list(messages))
+    if tools:
+        raise PrefOptUserError(
+            f"tokenizer: {type(tokenizer).__name__} cannot render a 'tools' column (function "
+            f"schemas); {HF_TOKENIZER_HINT}"
+        )
+    messages = [_torchtune_message(m, i < len(messages) - 1) for i, m in enumerate(messages)]
     if not callable(getattr(tokenizer, "tokenize_messages", None)):
         raise PrefOptUserError(
             f"tokenizer: {type(tokenizer).__name__} has no tokenize_messages(): the datasets "
@@ -83,6 +91,87 @@ def tokenize_split(tokenizer, messages: Sequence[Message]) -> Tuple[List[int], L
             raise ValueError("could not locate the completion in the tokenized messages")
         b = unmasked[0]
     return list(ids[:b]), list(ids[b:])
+
+
+def _torchtune_message(m: Any, masked: bool) -> Message:
+    """A validated ``{"role", "content"}`` dict (or a Message) as a torchtune ``Message``."""
+    if isinstance(m, Message):
+        return m
+    if m.get("tool_calls"):
+        raise PrefOptUserError(
+            "tokenizer: an assistant message with tool_calls needs the model's own chat "
+            f"template; {HF_TOKENIZER_HINT}"
+        )
+    role = "ipython" if m["role"] == "tool" else m["role"]
+    return Message(role=role, content=m["content"], masked=masked)
+
+
+def _is_end_or_space(tokenizer, token: int) -> bool:
+    """A token that closes a turn when it is the last one: an end token or whitespace."""
+    ends = {getattr(tokenizer, "eos_id", None), *getattr(tokenizer, "stop_tokens", ())}
+    if token in ends:
+        return True
+    try:
+        text = tokenizer.decode([token], skip_special_tokens=True)
+    except TypeError:
+        text = tokenizer.decode([token])
+    return not text.strip()
+
+
+def tokenize_conversation(
+    tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    n_prefix: int,
+    *,
+    tools: Optional[List[Any]] = None,
+    train_on_input: bool = False,
+) -> Tuple[List[int], List[int], int]:
+    """``(ids, labels, n_prompt)`` of a conversation whose messages after the first
+    ``n_prefix`` are a trajectory (see ``_validation.trajectories``).
+
+    ``ids`` is the chat template's tokenization of all ``messages`` (one call: the final
+    assistant message split as in :func:`tokenize_split`). ``labels`` equals ``ids`` on the
+    tokens of every assistant message of the trajectory (its content and end-of-turn, as for
+    one message) and is -100 elsewhere: the prefix, user/tool/system messages inside the
+    trajectory and the role headers (``train_on_input``: ``labels == ids``). ``n_prompt`` is
+    the index of the first scored token (everything before it is context).
+
+    The span of an intermediate assistant message ``k`` is found from the template's own
+    output: ``(p, c) = tokenize_split(messages[:k + 1])``; ``ids`` must start with ``p`` and
+    continue with ``c`` up to at most end tokens or whitespace (what ends the last turn of a
+    rendering). A template that renders an earlier turn differently once the conversation
+    goes on (Qwen3 drops the ``<think>`` block of earlier turns) cannot be scored turn by
+    turn: one line.
+    """
+    prompt, completion = tokenize_split(tokenizer, messages, tools)
+    ids = prompt + completion
+    labels = [CROSS_ENTROPY_IGNORE_IDX] * len(prompt) + list(completion)
+    n_prompt = len(prompt)
+    for k in range(n_prefix, len(messages) - 1):
+        if messages[k]["role"] != "assistant":
+            continue
+        p, c = tokenize_split(tokenizer, messages[: k + 1], tools)
+        m = 0 if ids[: len(p)] != p else common_prefix(c, ids[len(p) :])
+        if m == 0 or not all(_is_end_or_space(tokenizer, t) for t in c[m:]):
+            raise PrefOptUserError(
+                f"tokenizer: the chat template renders assistant message {k} differently once "
+                "the conversation continues after it (it may drop an earlier turn's reasoning "
+                "block), so its tokens cannot be located in the whole conversation; give one "
+                "row per assistant turn (the conversation so far as the prompt)"
+            )
+        labels[len(p) : len(p) + m] = ids[len(p) : len(p) + m]
+        n_prompt = min(n_prompt, len(p))
+    if train_on_input:
+        labels = list(ids)
+    return ids, labels, n_prompt
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    k, n = 0, min(len(a), len(b))
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
 
 
 def truncate_keep_completion(

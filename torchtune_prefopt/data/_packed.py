@@ -34,7 +34,7 @@ from torchtune_prefopt.data._batch import (
     kto_sequences,
     paired_sequences,
 )
-from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
+from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX, common_prefix
 
 __all__ = ["PackedBatch", "PackingLayout", "pack_sequences"]
 
@@ -84,14 +84,6 @@ def _single(seq: TokenSequence, slot: int, ignore: int) -> _Document:
     d.branches = [0] * len(tokens)
     d.scored = _score(labels, lambda t: t, slot, ignore)
     return d
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    k, n = 0, min(len(a), len(b))
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
 
 
 def _shared(first: TokenSequence, second: TokenSequence, slots: Tuple[int, int], ignore: int):

@@ -7,30 +7,27 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 from torch.utils.data import Dataset
-from torchtune.data import ChosenRejectedToMessages
 
-from torchtune_prefopt.data._common import (
-    CROSS_ENTROPY_IGNORE_IDX,
-    tokenize_split,
-    too_long_error,
-    truncate_keep_completion,
-    untruncated,
-)
+from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX, too_long_error, untruncated
+from torchtune_prefopt.data._conversation import encode_row, split_shared_prompt, truncate_labelled
 from torchtune_prefopt.data._source import RawRows
-from torchtune_prefopt.data._validation import conversation, resolve_column_map, row_error
+from torchtune_prefopt.data._validation import resolve_column_map, trajectories
 from torchtune_prefopt.errors import PrefOptUserError
 
-PAIRED_KEYS = ("prompt", "chosen", "rejected")
+PAIRED_KEYS = ("prompt", "chosen", "rejected", "tools")
 
 
 @dataclass
 class PairRecord:
-    """One validated, tokenized (untruncated) pair."""
+    """One validated, tokenized (untruncated) pair: a shared prompt and two labelled
+    trajectories (labels -100 on their unscored tokens: user/tool turns, role headers)."""
 
     row: int  # position in the raw rows
     prompt: List[int]
     chosen: List[int]
     rejected: List[int]
+    chosen_labels: List[int]
+    rejected_labels: List[int]
 
 
 def prepare_pairs(
@@ -44,49 +41,47 @@ def prepare_pairs(
 ) -> tuple:
     """Validate every row, then tokenize. Returns ``(records, counters)``.
 
-    Raises a one-line :class:`DataRowError` on the first bad row (before tokenizing any).
-    Rows whose chosen and rejected completions are identical, or whose chosen and rejected
-    prompts differ, are dropped with a warning and counted.
+    Each completion is a trajectory after the shared prefix (``_validation.trajectories``);
+    every assistant message in it is scored. Raises a one-line :class:`DataRowError` on the
+    first bad row (before tokenizing any). Rows whose chosen and rejected completions are
+    identical, or whose whole conversations share no prefix, are dropped with a warning and
+    counted.
     """
     cmap = resolve_column_map(column_map, PAIRED_KEYS, what)
     if not raw.rows:
         raise PrefOptUserError(f"{raw.name}: the dataset has no rows")
+    cols = (cmap["chosen"], cmap["rejected"])
 
     # 1) validate all rows (cheap) before any tokenization
-    convs = []
     for i, row in enumerate(raw.rows):
-        where = raw.where(i)
-        chosen = conversation(row, cmap["prompt"], cmap["chosen"], where)
-        rejected = conversation(row, cmap["prompt"], cmap["rejected"], where)
-        convs.append((chosen, rejected))
+        trajectories(row, cmap["prompt"], cols, raw.where(i))
 
-    # 2) torchtune's message transform (system prompt override, masks), then tokenize
-    to_messages = ChosenRejectedToMessages(
-        train_on_input=train_on_input, new_system_prompt=new_system_prompt
-    )
+    # 2) render and tokenize
     tok = untruncated(tokenizer)
     records: List[PairRecord] = []
     identical: List[int] = []
     mismatch: List[int] = []
-    for i, (chosen, rejected) in enumerate(convs):
-        msgs = to_messages({"chosen": chosen, "rejected": rejected})
-        for side in ("chosen", "rejected"):
-            # The prompt is everything before the final assistant message.
-            for m in msgs[side][:-1]:
-                m.masked = not train_on_input
-            msgs[side][-1].masked = False
-        try:
-            c_prompt, c_completion = tokenize_split(tok, msgs["chosen"])
-            r_prompt, r_completion = tokenize_split(tok, msgs["rejected"])
-        except (RuntimeError, ValueError) as e:
-            raise row_error(raw.where(i), cmap["chosen"], f"cannot be tokenized: {e}") from None
-        if c_prompt != r_prompt:
+    for i, row in enumerate(raw.rows):
+        encoded = encode_row(
+            tok,
+            row,
+            raw.where(i),
+            prompt_col=cmap["prompt"],
+            completion_cols=cols,
+            tools_col=cmap["tools"],
+            new_system_prompt=new_system_prompt,
+            train_on_input=train_on_input,
+        )
+        if encoded is None:
             mismatch.append(i)
             continue
-        if c_completion == r_completion:
+        if encoded[0].ids == encoded[1].ids:
             identical.append(i)
             continue
-        records.append(PairRecord(i, c_prompt, c_completion, r_completion))
+        prompt, ((chosen, chosen_labels), (rejected, rejected_labels)) = split_shared_prompt(
+            encoded
+        )
+        records.append(PairRecord(i, prompt, chosen, rejected, chosen_labels, rejected_labels))
 
     if identical:
         warnings.warn(
@@ -97,8 +92,9 @@ def prepare_pairs(
         )
     if mismatch:
         warnings.warn(
-            f"{raw.name}: dropped {len(mismatch)} row(s) whose chosen and rejected prompts "
-            f"differ (first: {raw.where(mismatch[0])})",
+            f"{raw.name}: dropped {len(mismatch)} row(s) whose chosen and rejected "
+            f"conversations differ from their first message, so no prompt is shared "
+            f"(first: {raw.where(mismatch[0])})",
             UserWarning,
             stacklevel=3,
         )
@@ -141,8 +137,10 @@ class PreferenceDataset(Dataset):
             shortest = full if shortest is None else min(shortest, full)
             if max_seq_len is not None and full > max_seq_len:
                 too_long += 1
-            prompt, (chosen, rejected), tp, tc = truncate_keep_completion(
-                rec.prompt, [rec.chosen, rec.rejected], max_seq_len
+            prompt, ((chosen, c_labels), (rejected, r_labels)), tp, tc = truncate_labelled(
+                rec.prompt,
+                [(rec.chosen, rec.chosen_labels), (rec.rejected, rec.rejected_labels)],
+                max_seq_len,
             )
             if chosen == rejected:  # only the truncated tails differed
                 identical_after += 1
@@ -155,9 +153,9 @@ class PreferenceDataset(Dataset):
             items.append(
                 {
                     "chosen_input_ids": prompt + chosen,
-                    "chosen_labels": prompt_labels + chosen,
+                    "chosen_labels": prompt_labels + c_labels,
                     "rejected_input_ids": prompt + rejected,
-                    "rejected_labels": prompt_labels + rejected,
+                    "rejected_labels": prompt_labels + r_labels,
                     "index": len(items),
                 }
             )

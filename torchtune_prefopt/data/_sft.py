@@ -17,17 +17,15 @@ from torch.utils.data import Dataset
 from torchtune_prefopt.data._common import (
     CROSS_ENTROPY_IGNORE_IDX,
     resolve_max_seq_len,
-    tokenize_split,
     too_long_error,
-    truncate_keep_completion,
     untruncated,
 )
+from torchtune_prefopt.data._conversation import encode_row, truncate_labelled
 from torchtune_prefopt.data._source import load_rows
-from torchtune_prefopt.data._unpaired import to_messages
-from torchtune_prefopt.data._validation import conversation, resolve_column_map, row_error
+from torchtune_prefopt.data._validation import resolve_column_map
 from torchtune_prefopt.errors import PrefOptUserError
 
-SFT_KEYS = ("prompt", "response")
+SFT_KEYS = ("prompt", "response", "tools")
 
 
 class SFTDataset(Dataset):
@@ -74,19 +72,26 @@ def sft_dataset(
     tok = untruncated(tokenizer)
     items, too_long, shortest = [], 0, None
     for i, row in enumerate(raw.rows):
-        conv = conversation(row, cmap["prompt"], cmap["response"], raw.where(i))
-        try:
-            prompt, response = tokenize_split(tok, to_messages(conv, new_system_prompt))
-        except (RuntimeError, ValueError) as e:
-            raise row_error(raw.where(i), cmap["response"], f"cannot be tokenized: {e}") from None
-        full = len(prompt) + len(response)
+        (enc,) = encode_row(
+            tok,
+            row,
+            raw.where(i),
+            prompt_col=cmap["prompt"],
+            completion_cols=(cmap["response"],),
+            tools_col=cmap["tools"],
+            new_system_prompt=new_system_prompt,
+        )
+        k = enc.n_prompt
+        full = len(enc.ids)
         shortest = full if shortest is None else min(shortest, full)
         too_long += max_len is not None and full > max_len
-        prompt, (response,), _, _ = truncate_keep_completion(prompt, [response], max_len)
+        prompt, ((response, labels),), _, _ = truncate_labelled(
+            enc.ids[:k], [(enc.ids[k:], enc.labels[k:])], max_len
+        )
         items.append(
             {
                 "tokens": prompt + response,
-                "labels": [CROSS_ENTROPY_IGNORE_IDX] * len(prompt) + response,
+                "labels": [CROSS_ENTROPY_IGNORE_IDX] * len(prompt) + labels,
             }
         )
     if max_len is not None and too_long == len(raw.rows):

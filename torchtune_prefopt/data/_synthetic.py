@@ -48,3 +48,18 @@ def synthetic_preference_dataset(
 def synthetic_kto_dataset(tokenizer, split: str = "train", **kwargs: Any) -> KTODataset:
     """The synthetic set converted to unpaired KTO rows (chosen desirable, rejected not)."""
     return synthetic_preference_dataset(tokenizer, split, unpaired=True, **kwargs)
+
+
+#: a few bundled conversation pairs of every row shape (``assets/examples/conversations.jsonl``)
+EXAMPLE_CONVERSATIONS = (
+    Path(__file__).resolve().parent / "assets" / "examples" / "conversations.jsonl"
+)
+
+
+def example_conversations_dataset(tokenizer, **kwargs: Any) -> PreferenceDataset:
+    """Four bundled conversation pairs, one of each shape the README's "Conversations and
+    tool use" lists: a prompt and two-turn continuations, whole conversations sharing their
+    first turn, a single turn, a one-turn answer against a two-turn trajectory."""
+    return preference_dataset(
+        tokenizer, source="json", data_files=str(EXAMPLE_CONVERSATIONS), **kwargs
+    )

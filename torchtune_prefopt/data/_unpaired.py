@@ -5,26 +5,15 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch.utils.data import Dataset
-from torchtune.data import Message
 
-from torchtune_prefopt.data._common import (
-    resolve_max_seq_len,
-    tokenize_split,
-    too_long_error,
-    truncate_keep_completion,
-    untruncated,
-)
+from torchtune_prefopt.data._common import resolve_max_seq_len, too_long_error, untruncated
+from torchtune_prefopt.data._conversation import encode_row, truncate_labelled
 from torchtune_prefopt.data._paired import prepare_pairs
 from torchtune_prefopt.data._source import RawRows, load_rows
-from torchtune_prefopt.data._validation import (
-    conversation,
-    label_value,
-    resolve_column_map,
-    row_error,
-)
+from torchtune_prefopt.data._validation import label_value, resolve_column_map, trajectories
 from torchtune_prefopt.errors import PrefOptUserError
 
-UNPAIRED_KEYS = ("prompt", "completion", "label")
+UNPAIRED_KEYS = ("prompt", "completion", "label", "tools")
 
 # KTO paper (Ethayarajh et al., 2024), Eq. 8: keep lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
 KTO_RATIO_RANGE = (1.0, 4.0 / 3.0)
@@ -33,9 +22,11 @@ KTO_RATIO_RANGE = (1.0, 4.0 / 3.0)
 class KTODataset(Dataset):
     """Pre-tokenized unpaired rows; see :func:`kto_dataset` / :func:`unpaired_from_paired`.
 
-    Each item: ``{"prompt_ids", "completion_ids", "label" (True = desirable), "index"}``
-    where ``prompt_ids + completion_ids`` is the chat-template tokenization of
-    ``[prompt..., assistant completion]`` (split at the first label token).
+    Each item: ``{"prompt_ids", "completion_ids", "completion_labels", "label" (True =
+    desirable), "index"}`` where ``prompt_ids + completion_ids`` is the chat-template
+    tokenization of the prompt and the completion's trajectory (split at its first scored
+    token) and ``completion_labels`` is ``completion_ids`` with -100 on the trajectory's
+    unscored tokens (user/tool turns and role headers after its first assistant message).
 
     Attributes:
         stats (dict): rows, kept, n_desirable, n_undesirable, truncated_prompt,
@@ -45,7 +36,7 @@ class KTODataset(Dataset):
 
     def __init__(
         self,
-        examples: List[Tuple[int, List[int], List[int], bool]],
+        examples: List[Tuple[int, List[int], List[int], List[int], bool]],
         counters: Dict[str, int],
         *,
         name: str,
@@ -54,16 +45,24 @@ class KTODataset(Dataset):
         items, source_rows = [], []
         truncated_prompt = truncated_completion = too_long = 0
         shortest = None
-        for row, prompt, completion, label in examples:
+        for row, prompt, completion, completion_labels, label in examples:
             full = len(prompt) + len(completion)
             shortest = full if shortest is None else min(shortest, full)
             if max_seq_len is not None and full > max_seq_len:
                 too_long += 1
-            p, (c,), tp, tc = truncate_keep_completion(prompt, [completion], max_seq_len)
+            p, ((c, c_labels),), tp, tc = truncate_labelled(
+                prompt, [(completion, completion_labels)], max_seq_len
+            )
             truncated_prompt += tp
             truncated_completion += tc
             items.append(
-                {"prompt_ids": p, "completion_ids": c, "label": bool(label), "index": len(items)}
+                {
+                    "prompt_ids": p,
+                    "completion_ids": c,
+                    "completion_labels": c_labels,
+                    "label": bool(label),
+                    "index": len(items),
+                }
             )
             source_rows.append(row)
         if not items:
@@ -103,15 +102,6 @@ class KTODataset(Dataset):
         return dict(self._items[index])
 
 
-def to_messages(conv: List[Dict[str, Any]], new_system_prompt: Optional[str]) -> List[Message]:
-    if new_system_prompt is not None:
-        conv = [m for m in conv if m["role"] != "system"]
-        conv = [{"role": "system", "content": new_system_prompt}] + conv
-    msgs = [Message(role=m["role"], content=m["content"], masked=True) for m in conv[:-1]]
-    msgs.append(Message(role=conv[-1]["role"], content=conv[-1]["content"], masked=False))
-    return msgs
-
-
 def kto_dataset(
     tokenizer,
     *,
@@ -146,19 +136,25 @@ def kto_from_raw(
     cmap = resolve_column_map(column_map, UNPAIRED_KEYS, "kto_dataset")
     if not raw.rows:
         raise PrefOptUserError(f"{raw.name}: the dataset has no rows")
-    validated = []
-    for i, row in enumerate(raw.rows):
+    labels = []
+    for i, row in enumerate(raw.rows):  # validate every row before tokenizing any
         where = raw.where(i)
-        conv = conversation(row, cmap["prompt"], cmap["completion"], where)
-        validated.append((conv, label_value(row, cmap["label"], where)))
+        trajectories(row, cmap["prompt"], (cmap["completion"],), where)
+        labels.append(label_value(row, cmap["label"], where))
     tok = untruncated(tokenizer)
     examples = []
-    for i, (conv, label) in enumerate(validated):
-        try:
-            prompt, completion = tokenize_split(tok, to_messages(conv, new_system_prompt))
-        except (RuntimeError, ValueError) as e:
-            raise row_error(raw.where(i), cmap["completion"], f"cannot be tokenized: {e}") from None
-        examples.append((i, prompt, completion, label))
+    for i, row in enumerate(raw.rows):
+        (enc,) = encode_row(
+            tok,
+            row,
+            raw.where(i),
+            prompt_col=cmap["prompt"],
+            completion_cols=(cmap["completion"],),
+            tools_col=cmap["tools"],
+            new_system_prompt=new_system_prompt,
+        )
+        k = enc.n_prompt
+        examples.append((i, enc.ids[:k], enc.ids[k:], enc.labels[k:], labels[i]))
     return KTODataset(examples, {"rows": len(raw.rows)}, name=raw.name, max_seq_len=max_seq_len)
 
 
@@ -204,8 +200,8 @@ def unpaired_from_raw(
     examples = []
     for k in range(n):
         good, bad = records[k], records[n - 1 - k]
-        examples.append((good.row, good.prompt, good.chosen, True))
-        examples.append((bad.row, bad.prompt, bad.rejected, False))
+        examples.append((good.row, good.prompt, good.chosen, good.chosen_labels, True))
+        examples.append((bad.row, bad.prompt, bad.rejected, bad.rejected_labels, False))
     counters = {**counters, "pairs": n}
     return KTODataset(examples, counters, name=raw.name, max_seq_len=max_seq_len)
 

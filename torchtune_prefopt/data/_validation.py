@@ -8,16 +8,23 @@ Accepted row shapes (column names via ``column_map``):
   assistant answer (``{"chosen": [user, assistant], "rejected": [user, assistant]}``,
   the prompt column is then not needed) or assistant-only lists appended to the prompt.
 
-The *completion* is always the final assistant message; everything before it is the prompt.
+Conversations (see :func:`trajectories`): a completion is a *trajectory*, everything after
+the shared prefix, which may hold several assistant turns with user or tool turns between
+them. The shared prefix is the ``prompt`` column's messages when the row has one (a
+completion that repeats them at its start is recognised), else the longest common prefix of
+the chosen and rejected message lists (KTO: the messages before the first assistant turn).
+Every assistant message of the trajectory is scored; everything else is context.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torchtune_prefopt.errors import PrefOptUserError
 
-ROLES = ("system", "user", "assistant", "ipython")
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+#: message keys kept besides role/content (tool use, as chat templates read them)
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id")
 
 
 class DataRowError(PrefOptUserError):
@@ -67,15 +74,20 @@ def _messages(value: Any, where: str, field: str) -> List[Dict[str, Any]]:
                 f"{field}[{j}].role",
                 f"must be one of {list(ROLES)}, got {_short(m['role'])}",
             )
-        if "content" not in m or m["content"] is None:
+        content = m.get("content")
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            content = ""  # a tool call without text
+        if content is None:
             raise row_error(where, f"{field}[{j}].content", "is missing")
-        if not isinstance(m["content"], str):
+        if not isinstance(content, str):
             raise row_error(
                 where,
                 f"{field}[{j}].content",
-                f"must be a string, got {type(m['content']).__name__}",
+                f"must be a string, got {type(content).__name__}",
             )
-        out.append({"role": m["role"], "content": m["content"]})
+        msg = {"role": m["role"], "content": content}
+        msg.update({k: m[k] for k in TOOL_KEYS if m.get(k) is not None})
+        out.append(msg)
     return out
 
 
@@ -104,8 +116,12 @@ def prompt_messages(row: Mapping[str, Any], column: str, where: str) -> List[Dic
     )
 
 
-def completion_tail(row: Mapping[str, Any], column: str, where: str) -> List[Dict[str, Any]]:
-    """The completion column as messages; the last one is a non-empty assistant message."""
+def completion_tail(
+    row: Mapping[str, Any], column: str, where: str, require_final_assistant: bool = True
+) -> List[Dict[str, Any]]:
+    """The completion column as messages; the last one is a non-empty assistant message
+    (checked here unless ``require_final_assistant=False``: :func:`trajectories` checks the
+    part after the prompt)."""
     value = _get(row, column, where)
     if isinstance(value, str):
         if not value.strip():
@@ -113,6 +129,8 @@ def completion_tail(row: Mapping[str, Any], column: str, where: str) -> List[Dic
         return [{"role": "assistant", "content": value}]
     if isinstance(value, (list, tuple)):
         msgs = _messages(value, where, column)
+        if not require_final_assistant:
+            return msgs
         last = msgs[-1]
         if last["role"] != "assistant":
             raise row_error(
@@ -128,18 +146,110 @@ def completion_tail(row: Mapping[str, Any], column: str, where: str) -> List[Dic
     )
 
 
-def conversation(
-    row: Mapping[str, Any], prompt_col: str, completion_col: str, where: str
-) -> List[Dict[str, Any]]:
-    """Full conversation (prompt messages + completion) for one completion column.
+def _present(row: Mapping[str, Any], column: Optional[str]) -> bool:
+    return column is not None and column in row and row[column] is not None
 
-    If the completion is a message list that already contains the prompt (any non-assistant
-    message), it is used as is and the prompt column is not needed.
+
+def _repeat_of_prompt(
+    tail: List[Dict[str, Any]], prompt: List[Dict[str, Any]], prompt_is_text: bool
+) -> Optional[int]:
+    """How many leading messages of ``tail`` repeat the prompt (``None``: it does not)."""
+    if tail[: len(prompt)] == prompt:
+        return len(prompt)
+    if prompt_is_text:  # "prompt": "Hi" with [system?, {"user": "Hi"}, assistant, ...]
+        first = next((j for j, m in enumerate(tail) if m["role"] == "assistant"), len(tail))
+        if first and tail[first - 1]["role"] == "user":
+            if tail[first - 1]["content"] == prompt[0]["content"]:
+                return first
+    return None
+
+
+def _check_trajectory(continuation: List[Dict[str, Any]], where: str, column: str) -> None:
+    if not any(m["role"] == "assistant" for m in continuation):
+        raise row_error(
+            where,
+            column,
+            "has no assistant message after the prompt (a completion is scored on its "
+            "assistant messages)",
+        )
+    last = continuation[-1]
+    if last["role"] != "assistant":
+        raise row_error(
+            where,
+            column,
+            f"ends on a {last['role']} turn; a conversation must end with an assistant message",
+        )
+    if not last["content"].strip() and not last.get("tool_calls"):
+        raise row_error(where, f"{column}[-1].content", "is empty")
+
+
+def trajectories(
+    row: Mapping[str, Any],
+    prompt_col: Optional[str],
+    completion_cols: Sequence[str],
+    where: str,
+) -> Tuple[List[Dict[str, Any]], List[List[Dict[str, Any]]]]:
+    """``(prefix, continuations)``: the shared prefix messages and, per completion column, the
+    trajectory after it (see the module docstring).
+
+    * With a ``prompt`` (string or messages) in the row: the prefix is the prompt; a
+      completion that starts with the prompt's messages (or, for a string prompt, with a
+      block ending in that user message) repeats it and is cut after it; a completion that
+      starts with any other non-assistant message is ambiguous (one line).
+    * Without one: the completions are whole conversations; the prefix is their longest
+      common prefix of messages (one completion: the messages before its first assistant
+      turn). An empty prefix returns ``([], ...)`` (the caller decides: differing prompts).
+
+    Every continuation has an assistant message and ends with one (else one line).
     """
-    tail = completion_tail(row, completion_col, where)
-    if any(m["role"] != "assistant" for m in tail):
-        return tail
-    return prompt_messages(row, prompt_col, where) + tail
+    tails = [completion_tail(row, c, where, require_final_assistant=False) for c in completion_cols]
+    if _present(row, prompt_col):
+        prompt = prompt_messages(row, prompt_col, where)
+        is_text = isinstance(row[prompt_col], str)
+        conts, prefixes = [], []
+        for tail, col in zip(tails, completion_cols):
+            side_prefix = prompt
+            if tail[0]["role"] != "assistant":
+                cut = _repeat_of_prompt(tail, prompt, is_text)
+                if cut is None:
+                    raise row_error(
+                        where,
+                        col,
+                        f"starts with a {tail[0]['role']} message that does not repeat field "
+                        f"'{prompt_col}'; give either the continuation after the prompt (from "
+                        "the first assistant turn) or the whole conversation with no prompt "
+                        "column",
+                    )
+                side_prefix = tail[:cut]  # the prompt with its context (a system prompt)
+                tail = tail[cut:]
+            conts.append(tail)
+            prefixes.append(side_prefix)
+        if any(p != prefixes[0] for p in prefixes):
+            raise row_error(
+                where,
+                completion_cols[-1],
+                f"repeats field '{prompt_col}' after other messages than field "
+                f"'{completion_cols[0]}' does; the shared prompt is ambiguous",
+            )
+        prefix = prefixes[0]
+    else:
+        if len(tails) == 1:
+            n = next((j for j, m in enumerate(tails[0]) if m["role"] == "assistant"), 0)
+        elif all(t == tails[0] for t in tails):
+            n = len(tails[0]) - 1  # identical completions: the caller drops the row
+        else:
+            n = 0
+            while all(len(t) > n for t in tails) and all(t[n] == tails[0][n] for t in tails):
+                n += 1
+        if n == 0:
+            if len(tails) == 1 or all(t[0]["role"] == "assistant" for t in tails):
+                prompt_messages(row, prompt_col or "prompt", where)  # no prompt: one line
+            return [], tails  # whole conversations that differ from the first message
+        prefix = tails[0][:n]
+        conts = [t[n:] for t in tails]
+    for cont, col in zip(conts, completion_cols):
+        _check_trajectory(cont, where, col)
+    return prefix, conts
 
 
 def label_value(row: Mapping[str, Any], column: str, where: str) -> bool:
@@ -149,7 +259,3 @@ def label_value(row: Mapping[str, Any], column: str, where: str) -> bool:
     if type(value).__name__ == "bool_":  # numpy.bool_ (parquet / pandas)
         return bool(value)
     raise row_error(where, column, f"must be a bool (true/false), got {_short(value)}")
-
-
-def split_prompt(conv: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    return conv[:-1], conv[-1]

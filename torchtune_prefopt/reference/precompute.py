@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor
 
-from torchtune_prefopt.data import PreferenceBatch, is_paired_row, kl_partner
+from torchtune_prefopt.data import PreferenceBatch, completion_labels, is_paired_row, kl_partner
 from torchtune_prefopt.modules import SequenceLogProbs
 from torchtune_prefopt.reference.fingerprint import log
 
@@ -246,7 +246,9 @@ def precompute_reference_logps(
             items = []
             for p, c in chunk:
                 it = dict(item(p))
-                it["completion_ids"] = item(c)["completion_ids"]
+                partner = item(c)
+                it["completion_ids"] = partner["completion_ids"]
+                it["completion_labels"] = completion_labels(partner)
                 items.append(it)
             pad_one = len(items) == 1  # kto_collate needs >= 2 rows; the duplicate is dropped
             batch = collate_fn(items + items if pad_one else items).to(device)

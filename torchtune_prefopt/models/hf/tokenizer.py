@@ -31,10 +31,13 @@ from torchtune_prefopt.errors import PrefOptUserError
 __all__ = ["HFChatTokenizer", "hf_tokenizer"]
 
 
-def _message_dict(m: Any) -> Dict[str, str]:
-    """A torchtune ``Message`` (or a ``{"role", "content"}`` dict) as the template expects."""
+def _message_dict(m: Any) -> Dict[str, Any]:
+    """A torchtune ``Message`` (or a ``{"role", "content"}`` dict, with ``tool_calls`` /
+    ``name`` / ``tool_call_id`` when given) as the template expects."""
     if isinstance(m, Mapping):
-        return {"role": m["role"], "content": m["content"]}
+        out = {"role": "tool" if m["role"] == "ipython" else m["role"], "content": m["content"]}
+        out.update({k: m[k] for k in ("tool_calls", "name", "tool_call_id") if k in m})
+        return out
     role = "tool" if m.role == "ipython" else m.role
     return {"role": role, "content": m.text_content}
 
@@ -104,12 +107,19 @@ class HFChatTokenizer:
         return len(self.hf)
 
     # ------------------------------------------------------------------ rendering
-    def render(self, messages: Sequence[Any], add_generation_prompt: bool = False) -> str:
-        """The template's text for ``messages``."""
+    def render(
+        self,
+        messages: Sequence[Any],
+        add_generation_prompt: bool = False,
+        tools: Optional[List[Any]] = None,
+    ) -> str:
+        """The template's text for ``messages`` (``tools``: function schemas, as
+        ``apply_chat_template(..., tools=...)`` takes them)."""
         return self.hf.apply_chat_template(
             [_message_dict(m) for m in messages],
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **({"tools": tools} if tools else {}),
             **self.template_kwargs,
         )
 
@@ -117,13 +127,15 @@ class HFChatTokenizer:
         """``text``'s ids as ``apply_chat_template`` tokenizes (no special tokens added)."""
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
-    def tokenize_prompt_completion(self, messages: Sequence[Any]) -> Tuple[List[int], List[int]]:
+    def tokenize_prompt_completion(
+        self, messages: Sequence[Any], tools: Optional[List[Any]] = None
+    ) -> Tuple[List[int], List[int]]:
         """``(prompt_ids, completion_ids)`` of a conversation whose last message is the
         assistant's answer (see the module docstring)."""
         if not messages or _message_dict(messages[-1])["role"] != "assistant":
             raise ValueError("the last message must be the assistant's answer")
-        prompt = self.render(messages[:-1], add_generation_prompt=True)
-        full = self.render(messages)
+        prompt = self.render(messages[:-1], add_generation_prompt=True, tools=tools)
+        full = self.render(messages, tools=tools)
         if not full.startswith(prompt):
             raise PrefOptUserError(
                 f"tokenizer: the chat template of {self.model_dir} does not render the prompt "
