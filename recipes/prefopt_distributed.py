@@ -102,6 +102,12 @@ from torchtune_prefopt.models.build import (
 )
 from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
 from torchtune_prefopt.modules import SequenceLogProbs
+from torchtune_prefopt.modules.router_aux import (
+    collect_router_logits,
+    keep_router_logits,
+    moe_layers,
+    router_load_balancing_loss,
+)
 from torchtune_prefopt.reference import (
     PrecomputeJob,
     ReferenceSource,
@@ -194,6 +200,7 @@ class PrefOptRecipe:
         model_facts = meta_model(cfg.model, self._dtype)  # cheap (meta tensors): LoRA? context?
         self._lora = lora_settings(cfg.model) if is_lora_model(model_facts) else None
         fits = (context_length(model_facts), vocab_size(model_facts))  # what rows must fit
+        self._router_aux = self._setup_router_aux(settings.router_aux_loss_coef, model_facts)
         del model_facts
         self._ref_plan = self._setup_reference_plan(settings, self._loss_module)
         self._tokenizer = build_tokenizer(cfg.tokenizer, fits[1])
@@ -235,6 +242,8 @@ class PrefOptRecipe:
         # 3. Models: the policy, and where the reference log-probs come from.
         base_sd = self._checkpointer.load()
         self._model = self._setup_policy(cfg.model, base_sd)
+        if self._router_aux is not None:
+            keep_router_logits(self._model)
         self._reference, self._ref_files = self._setup_reference(base_sd)
         del base_sd
 
@@ -266,6 +275,23 @@ class PrefOptRecipe:
         for sig in _STOP_SIGNALS:  # pre-emption and Ctrl-C: a checkpoint, then a clean stop
             signal.signal(sig, self._on_stop_signal)
         dist.barrier()
+
+    def _setup_router_aux(self, coef: float, meta_model) -> Optional[Tuple[float, int]]:
+        """``(coef, top_k)`` of the MoE router load-balancing term, or ``None`` when off."""
+        if not coef:
+            return None
+        layers = moe_layers(meta_model)
+        if not layers:
+            raise PrefOptUserError(
+                f"router_aux_loss_coef: {coef} is set, but the model has no Mixture-of-Experts "
+                "layer (a router); set it to 0"
+            )
+        if not self._traits.paired:
+            raise PrefOptUserError(
+                "router_aux_loss_coef: the router load-balancing term is built for the paired "
+                "losses; KTO does not add it yet (set it to 0)"
+            )
+        return float(coef), int(layers[0].top_k)
 
     def _setup_lock(self) -> Optional[OutputDirLock]:
         """Rank 0 holds the lock on ``output_dir``; if it cannot, every rank stops together."""
@@ -620,6 +646,13 @@ class PrefOptRecipe:
         }
         for name, term in getattr(self._loss_module, "term_losses", {}).items():
             stats[f"loss/{name}"] = (term.double().sum(), "rows")  # a WeightedSum's terms
+        if self._router_aux is not None:  # one value per forward, as TRL adds it
+            coef, top_k = self._router_aux
+            aux = router_load_balancing_loss(
+                collect_router_logits(self._model), batch.token_weights(), top_k
+            )
+            losses = losses + coef * aux
+            stats["loss/router_aux"] = (aux.detach().double() * len(batch), "rows")
         return losses, stats, {"rows": float(len(batch))}
 
     def _kto_step(self, batch: UnpairedBatch):

@@ -98,6 +98,39 @@ FAMILIES: Dict[str, dict] = {
         bos="<s>",
         eos="</s>",
     ),
+    "qwen3_moe": dict(
+        cls="Qwen3MoeConfig",
+        kw=dict(
+            rope_theta=1000000.0,
+            head_dim=32,
+            tie_word_embeddings=False,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],  # layer 1 is a dense MLP
+            initializer_range=0.1,  # routing and experts that matter
+        ),
+        template=QWEN3,
+        specials=_CHATML_TOKENS + ["<think>", "</think>"],
+        bos=None,
+        eos="<|im_end|>",
+    ),
+    "mixtral": dict(
+        cls="MixtralConfig",
+        kw=dict(
+            rope_theta=1000000.0,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            initializer_range=0.1,
+        ),
+        template=MISTRAL,
+        specials=["<s>", "</s>", "[INST]", "[/INST]"],
+        bos="<s>",
+        eos="</s>",
+    ),
     "smollm2": dict(
         cls="LlamaConfig",
         kw=dict(rope_theta=100000.0, tie_word_embeddings=True),
@@ -186,14 +219,18 @@ def template_ids(hf_tok, messages, **kw):
 
 
 def completion_logps_by_transformers(folder: Path, rows, column: str = "chosen") -> list:
-    """Summed log-prob of each row's ``column`` completion, by transformers alone (float64):
+    """Summed log-prob of each row's ``column`` completion, by transformers alone (float64;
+    an MoE model float32):
     the pair tokenized with apply_chat_template, the completion = what follows the generation
     prompt up to the end-of-turn token (trailing whitespace tokens are not scored)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64).eval()
+    config = json.loads((Path(folder) / "config.json").read_text())
+    # transformers 5's MoE experts run grouped matmuls, which have no float64 kernel
+    dtype = torch.float32 if "num_experts_per_tok" in config else torch.float64
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
     out = []
     for row in rows:
         conv = [

@@ -80,12 +80,36 @@ SPECS["qwen3-ac-compile"] = RunSpec(
     env=(("TORCH_COMPILE_BACKEND", "aot_eager"),),
     tags=("qwen3",),
 )
-SPECS["qwen3-lora"] = RunSpec(
-    "qwen3-lora",
-    "hf/dpo_lora",
-    ("optimizer.lr=1e-2", "model.lora_rank=4", "model.lora_alpha=8"),
-    tags=("qwen3",),
-)
+for _fam in ("qwen3", "qwen3_moe", "mixtral"):
+    SPECS[f"{_fam}-lora"] = RunSpec(
+        f"{_fam}-lora",
+        "hf/dpo_lora",
+        ("optimizer.lr=1e-2", "model.lora_rank=4", "model.lora_alpha=8"),
+        tags=(_fam,),
+    )
+for _layout in ("packed", "padded"):
+    SPECS[f"qwen3_moe-aux-{_layout}"] = RunSpec(
+        f"qwen3_moe-aux-{_layout}",
+        "hf/dpo",
+        (
+            "optimizer.lr=1e-3",
+            "router_aux_loss_coef=0.01",
+            f"packed={_layout == 'packed'}",
+            f"share_prompt={_layout == 'packed'}",
+        ),
+        tags=("qwen3_moe",),
+    )
+#: LoRA targets of hf/dpo_lora (attention + MLP; an MoE: every expert, never the router) and
+#: the number of adapted projections in the two layers
+LORA_TARGETS = {
+    "qwen3": ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, 14),
+    # layer 0: 4 attention + 4 experts x 3; layer 1 (mlp_only_layers): 4 + 3
+    "qwen3_moe": (
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+        23,
+    ),
+    "mixtral": ({"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"}, 32),
+}
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +222,41 @@ def test_wrong_rope_setting_would_be_caught(folders):
     model.load_state_dict(
         hf_checkpointer(str(folder), str(folder.parent / "s")).load_checkpoint()[training.MODEL_KEY]
     )
+    ids = torch.randint(0, DIMS["vocab_size"], (1, 96), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "family, mistake",
+    [
+        ("qwen3_moe", {"norm_topk_prob": False}),  # the weights not renormalised
+        ("qwen3_moe", {"top_k": 1}),
+        ("qwen3_moe", {"sparse_layers": (True, True)}),  # mlp_only_layers ignored: a shape error
+        ("mixtral", {"top_k": 3}),
+    ],
+)
+def test_wrong_moe_setting_would_be_caught(folders, family, mistake):
+    """Negative control for the MoE families: one routing setting read wrong changes the
+    logits by far more than 1e-5 (or the weights do not fit)."""
+    import dataclasses
+
+    from torchtune import training
+
+    from torchtune_prefopt.models.hf import hf_checkpointer
+    from torchtune_prefopt.models.hf.builder import build_decoder
+    from torchtune_prefopt.models.hf.spec import read_spec
+
+    folder = folders[family]
+    spec = read_spec(folder)
+    wrong = dataclasses.replace(spec, moe=dataclasses.replace(spec.moe, **mistake))
+    model = build_decoder(wrong, 256).eval()
+    sd = hf_checkpointer(str(folder), str(folder.parent / "s")).load_checkpoint()
+    try:
+        model.load_state_dict(sd[training.MODEL_KEY])
+    except RuntimeError:
+        assert "sparse_layers" in mistake
+        return
     ids = torch.randint(0, DIMS["vocab_size"], (1, 96), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(ids) - _hf_logits(folder, ids)).abs().max().item() > 1e-3
@@ -462,35 +521,34 @@ def test_a_builder_that_is_not_a_decoder_is_one_line():
 
 
 @pytest.mark.slow
-@uses_runs("qwen3-lora")
-def test_lora_export_is_peft_and_merged(runs, folders):
-    """LoRA on Qwen3 (q/k norms): the PEFT adapter has HF module names that exist in the
-    transformers model, and the merged weights are base + (alpha / rank) B A."""
+@pytest.mark.parametrize("family", list(LORA_TARGETS))
+@uses_runs(lambda family: [f"{family}-lora"])
+def test_lora_export_is_peft_and_merged(runs, folders, family):
+    """LoRA on Qwen3 (q/k norms), Qwen3-MoE and Mixtral: the PEFT adapter names are the HF
+    modules of the model (transformers 5 fuses an MoE's experts into one tensor: an expert's
+    adapter is named after the expert's weight in the Hub files, which the merged export
+    keeps), the router has no adapter, and the merged weights are base + (alpha / rank) B A."""
     from transformers import AutoModelForCausalLM
 
-    run = runs.get("qwen3-lora").check()
+    run = runs.get(f"{family}-lora").check()
     final = run.final.resolve()
     config = json.loads((final / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
-    assert set(config["target_modules"]) == {
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    }
+    targets, n_adapted = LORA_TARGETS[family]
+    assert set(config["target_modules"]) == targets
     adapter = load_weights(final, adapter=True)
-    merged, base = load_weights(final), load_weights(folders["qwen3"])
+    merged, base = load_weights(final), load_weights(folders[family])
+    assert set(merged) == set(base)  # the Hub layout, per expert
     modules = dict(
         AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32).named_modules()
     )
     a_keys = [k for k in adapter if k.endswith(".lora_A.weight")]
-    assert len(a_keys) == 7 * DIMS["num_hidden_layers"]
+    assert len(a_keys) == n_adapted
+    assert not any(".gate.lora" in k for k in adapter)  # the router
     for key in a_keys:
         module = key[len("base_model.model.") : -len(".lora_A.weight")]
-        assert module in modules, module
+        assert module in modules or ".experts." in module, module
+        assert f"{module}.weight" in base, module
         a, b = adapter[key], adapter[key.replace("lora_A", "lora_B")]
         expected = base[f"{module}.weight"] + (8 / 4) * (b @ a)
         torch.testing.assert_close(merged[f"{module}.weight"], expected, rtol=1e-5, atol=1e-6)
@@ -526,3 +584,59 @@ def test_local_component_under_torchrun_with_the_hf_tokenizer(folders, pairs_fil
 
     steps = step_metrics(out)[0]
     assert sorted(steps) == [1, 2] and steps[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def _transformers_aux_loss(folder: Path, rows) -> float:
+    """transformers' own router load-balancing loss (``output_router_logits=True``) over the
+    pairs' chosen + rejected sequences, right-padded with an attention mask (TRL's forward)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    seqs = []
+    for column in ("chosen", "rejected"):
+        for row in rows:
+            conv = [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row[column]},
+            ]
+            ids = template_ids(tok, conv)
+            while tok.decode(ids[-1:]).strip() == "":
+                ids = ids[:-1]
+            seqs.append(ids)
+    width = max(len(x) for x in seqs)
+    input_ids = torch.tensor([x + [0] * (width - len(x)) for x in seqs])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=mask, output_router_logits=True)
+    return out.aux_loss.item()
+
+
+@pytest.mark.slow
+@uses_runs("qwen3_moe-aux-packed", "qwen3_moe-aux-padded")
+def test_router_aux_loss_is_transformers_and_trl(runs, folders):
+    """router_aux_loss_coef=0.01 on Qwen3-MoE: step 1's ``loss/router_aux`` is the
+    load-balancing loss transformers computes over the step's chosen + rejected sequences,
+    the loss is DPO's log 2 plus 0.01 of it (TRL's sum), and the packed + shared-prompt layout
+    (each prompt once, counted twice) equals the padded one step by step."""
+    packed = runs.get("qwen3_moe-aux-packed").check().steps()
+    padded = runs.get("qwen3_moe-aux-padded").check().steps()
+    aux = _transformers_aux_loss(folders["qwen3_moe"], synthetic_rows(ROWS)[:BATCH])
+    assert padded[1]["loss/router_aux"] == pytest.approx(aux, rel=1e-5)
+    assert padded[1]["loss"] == pytest.approx(math.log(2) + 0.01 * aux, rel=1e-6)
+    assert_steps_match(packed, padded, "router aux: packed vs padded", rel=1e-5, abs_=1e-6)
+    plain = runs.get("qwen3_moe-1p").check().steps()
+    assert "loss/router_aux" not in plain[1]  # off by default
+    assert padded[2]["loss"] != pytest.approx(plain[2]["loss"], rel=1e-9)  # it trains the router
+
+
+def test_router_aux_loss_needs_an_moe_model(folders, tmp_path):
+    proc = run_recipe(
+        "hf/dpo", *COMMON, f"model_dir={folders['qwen2']}", "router_aux_loss_coef=0.01",
+        "dataset.data_files=none.jsonl", f"output_dir={tmp_path / 'out'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if "error" in line] == [
+        "error: router_aux_loss_coef: 0.01 is set, but the model has no Mixture-of-Experts "
+        "layer (a router); set it to 0"
+    ], proc.stderr

@@ -285,6 +285,12 @@ class PairedBatch(BatchFields):
         """Tokens of the ``2B`` sequences (no padding; the same in every layout)."""
         return int(_sequence_lengths(self.labels).sum())
 
+    def token_weights(self) -> Tensor:
+        """``[2B * S]`` how many of the ``2B`` sequences each position of the forward holds:
+        1 on a token, 0 on padding (the router load-balancing term's weights)."""
+        idx = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return (idx[None, :] < _sequence_lengths(self.labels)[:, None]).float().reshape(-1)
+
 
 @dataclass
 class UnpairedBatch(BatchFields):

@@ -344,3 +344,14 @@ class PackedBatch(BatchFields):
         """Tokens of the ``2B`` sequences (a shared prompt counted for both: the same number
         in every layout)."""
         return int(self.sequence_tokens.sum())
+
+    def token_weights(self) -> Tensor:
+        """``[R * L]`` how many of the ``2B`` sequences each position holds: 2 on the shared
+        prompt of a two-sequence document (branch 0 of a document that has a branch 1 or 2),
+        1 on any other token, 0 on padding (as :meth:`PairedBatch.token_weights` counts the
+        padded layout's positions)."""
+        real = self.doc >= 0
+        two = torch.zeros(int(self.spans.shape[0]), dtype=torch.bool, device=self.doc.device)
+        two[self.doc[real & (self.branch > 0)]] = True
+        prefix = real & (self.branch == 0) & two[self.doc.clamp(min=0)]
+        return (real.float() + prefix.float()).reshape(-1)

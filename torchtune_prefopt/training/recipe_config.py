@@ -123,6 +123,11 @@ def _clip(key: str, v: Any) -> None:
         raise PrefOptUserError(f"{key} must be > 0 or null, got {v!r}")
 
 
+def _non_negative(key: str, v: Any) -> None:
+    if not (_is_number(v) and math.isfinite(v) and v >= 0):
+        raise PrefOptUserError(f"{key} must be a number >= 0 (0: off), got {v!r}")
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -204,6 +209,7 @@ RECIPE_KEYS: Tuple[ConfigKey, ...] = (
     _K("nonfinite", "stop", "a non-finite loss or gradient norm: stop or skip the step", choice("stop", "skip")),
     _K("dtype", "fp32", "parameter and compute dtype (log-softmax is always fp32)", choice("fp32", "bf16"), identity=True),
     _K("clip_grad_norm", None, "clip the global gradient norm to this value", _clip, identity=True),
+    _K("router_aux_loss_coef", 0.0, "MoE models: loss += coef x the router load-balancing loss (TRL's name and meaning; 0: off)", _non_negative, identity=True),
     _K("reference.quantization", None, "frozen reference in torchao int8 / fp8 / fp8_dynamic", identity=True),
     _K("reference.precompute", False, "reference log-probs computed once and cached; the reference model is freed", flag),
     _K("device", "cpu", "cpu or cuda (one GPU per process under torchrun)", _device),

@@ -15,6 +15,10 @@ Per layer (``x`` ``[b, s, d]``)::
     h   = x + o_proj(attn(rope(q_norm(q_proj(rms(x)))), rope(k_norm(k_proj(rms(x)))), v_proj(rms(x))))
     out = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
 
+(a Mixture-of-Experts layer: ``out = h + sum_{e in topk} w_e expert_e(rms(h))``,
+:class:`~torchtune_prefopt.models.hf.modules.MoEFeedForward`; LoRA with ``apply_lora_to_mlp``
+adapts every expert's three projections, never the router)
+
 then ``logits = lm_head(rms(out))`` (``lm_head`` = the embedding when tied).
 """
 
@@ -34,7 +38,11 @@ from torchtune.modules import (
 from torchtune.modules.peft import DoRALinear, LoRALinear
 
 from torchtune_prefopt.errors import PrefOptUserError
-from torchtune_prefopt.models.hf.modules import HFRotaryEmbedding, PreRopeNormAttention
+from torchtune_prefopt.models.hf.modules import (
+    HFRotaryEmbedding,
+    MoEFeedForward,
+    PreRopeNormAttention,
+)
 from torchtune_prefopt.models.hf.spec import DecoderSpec, read_spec
 
 __all__ = [
@@ -79,6 +87,15 @@ def _linear(in_dim, out_dim, bias, lora) -> nn.Module:
     )
 
 
+def _swiglu(d: int, hidden: int, bias: bool, adapted) -> FeedForward:
+    return FeedForward(
+        gate_proj=_linear(d, hidden, bias, adapted("w1")),
+        down_proj=_linear(hidden, d, bias, adapted("w2")),
+        up_proj=_linear(d, hidden, bias, adapted("w3")),
+        activation=nn.SiLU(),
+    )
+
+
 def _context(spec: DecoderSpec, max_seq_len: Optional[int], where: str) -> int:
     context = spec.max_position_embeddings if max_seq_len is None else int(max_seq_len)
     if spec.sliding_window is not None and spec.sliding_window < context:
@@ -107,7 +124,7 @@ def build_decoder(
     rope = HFRotaryEmbedding(hd, max_seq_len, spec.rope)
     attention_cls = PreRopeNormAttention if spec.qk_norm else MultiHeadAttention
     layers = []
-    for _ in range(spec.num_layers):
+    for i in range(spec.num_layers):
         attn = attention_cls(
             embed_dim=d,
             num_heads=n_h,
@@ -122,12 +139,19 @@ def build_decoder(
             k_norm=RMSNorm(hd, eps=spec.norm_eps) if spec.qk_norm else None,
             max_seq_len=max_seq_len,
         )
-        mlp = FeedForward(
-            gate_proj=_linear(d, spec.intermediate_size, spec.mlp_bias, adapted("w1")),
-            down_proj=_linear(spec.intermediate_size, d, spec.mlp_bias, adapted("w2")),
-            up_proj=_linear(d, spec.intermediate_size, spec.mlp_bias, adapted("w3")),
-            activation=nn.SiLU(),
-        )
+        moe = spec.moe
+        if moe is not None and moe.sparse_layers[i]:
+            mlp = MoEFeedForward(
+                router=nn.Linear(d, moe.num_experts, bias=False),
+                experts=nn.ModuleList(
+                    _swiglu(d, moe.expert_size, False, adapted) for _ in range(moe.num_experts)
+                ),
+                top_k=moe.top_k,
+                norm_topk_prob=moe.norm_topk_prob,
+                fp32_weights=moe.fp32_weights,
+            )
+        else:
+            mlp = _swiglu(d, spec.intermediate_size, spec.mlp_bias, adapted)
         layers.append(
             TransformerSelfAttentionLayer(
                 attn=attn,

@@ -24,7 +24,7 @@ import torch
 
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.models.hf import weights
-from torchtune_prefopt.models.hf.spec import read_config_json
+from torchtune_prefopt.models.hf.spec import read_config_json, read_spec
 
 __all__ = ["HFFolderCheckpointer", "hf_checkpointer", "hf_weight_files"]
 
@@ -63,6 +63,7 @@ class HFFolderCheckpointer:
             )
         self.checkpoint_paths: List[Path] = [folder / f for f in files]
         self.tied = bool(self.config.get("tie_word_embeddings", False))
+        self.family = read_spec(folder).family  # which weight-name table (MoE families differ)
         self._file_of: Dict[str, str] = {}
 
     def load_checkpoint(self) -> Dict[str, Any]:
@@ -78,7 +79,11 @@ class HFFolderCheckpointer:
             for name in sd:
                 self._file_of[name] = path.name
             merged.update(sd)
-        return {training.MODEL_KEY: weights.hf_to_tune(merged, self.tied, self.checkpoint_dir)}
+        return {
+            training.MODEL_KEY: weights.hf_to_tune(
+                merged, self.tied, self.checkpoint_dir, self.family
+            )
+        }
 
     def _shards(self, hf_sd: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
         if len(self.checkpoint_paths) == 1 or not self._file_of:
@@ -103,7 +108,7 @@ class HFFolderCheckpointer:
         dest = self.output_dir / f"epoch_{epoch}"
         dest.mkdir(parents=True, exist_ok=True)
         if not adapter_only:
-            hf_sd = weights.tune_to_hf(state_dict[training.MODEL_KEY])
+            hf_sd = weights.tune_to_hf(state_dict[training.MODEL_KEY], self.family)
             shards = self._shards(hf_sd)
             for fname, shard in shards.items():
                 shard = {k: v.contiguous() for k, v in shard.items()}
@@ -117,7 +122,7 @@ class HFFolderCheckpointer:
                 }
                 (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if training.ADAPTER_KEY in state_dict:
-            adapter = weights.peft_adapter_weights(state_dict[training.ADAPTER_KEY])
+            adapter = weights.peft_adapter_weights(state_dict[training.ADAPTER_KEY], self.family)
             save_file(
                 {k: v.contiguous() for k, v in adapter.items()},
                 str(dest / "adapter_model.safetensors"),
@@ -127,7 +132,9 @@ class HFFolderCheckpointer:
             raise ValueError("adapter_only save without adapter weights")
         if training.ADAPTER_CONFIG in state_dict:
             config = dict(state_dict[training.ADAPTER_CONFIG])
-            config["target_modules"] = weights.peft_target_modules(config["target_modules"])
+            config["target_modules"] = weights.peft_target_modules(
+                config["target_modules"], self.family
+            )
             config.setdefault("base_model_name_or_path", str(self.checkpoint_dir))
             config.setdefault("task_type", "CAUSAL_LM")
             (dest / "adapter_config.json").write_text(json.dumps(config, indent=2))

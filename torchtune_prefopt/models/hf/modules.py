@@ -1,5 +1,5 @@
-"""The two pieces of a Hugging Face decoder that torchtune 0.6.1's modules do not compute the
-same way: rotary embeddings with HF's frequency rules, and q/k norms before RoPE.
+"""The pieces of a Hugging Face decoder that torchtune 0.6.1's modules do not compute the same
+way: rotary embeddings with HF's frequency rules, q/k norms before RoPE, and HF's MoE routing.
 
 * :class:`HFRotaryEmbedding`: RoPE in HF's "rotate half" layout (so weights load without
   permuting q/k rows), with the inverse frequencies of HF's ``rope_type`` ``default``,
@@ -11,6 +11,11 @@ same way: rotary embeddings with HF's frequency rules, and q/k norms before RoPE
   not commute with the rotation), so this subclass reorders the two. Everything else --
   ``_attention_call`` (SDPA / flex, our packed attention), GQA expansion, parameter names --
   is the parent's.
+* :class:`MoEFeedForward`: Qwen3-MoE / Mixtral routing (softmax over all experts, top-k,
+  optional renormalisation). torchtune 0.6.1 ships no Mixture-of-Experts module (its
+  ``torchtune.modules.moe`` came later, for Llama 4: a sigmoid router and a shared expert,
+  other numbers); the experts here are torchtune ``FeedForward`` modules, one per expert, so
+  the Hub's per-expert weights and PEFT's adapter names map one to one.
 """
 
 from __future__ import annotations
@@ -24,7 +29,12 @@ from torchtune.modules import MultiHeadAttention
 
 from torchtune_prefopt.models.hf.spec import RopeSpec
 
-__all__ = ["HFRotaryEmbedding", "PreRopeNormAttention", "rope_inverse_frequencies"]
+__all__ = [
+    "HFRotaryEmbedding",
+    "MoEFeedForward",
+    "PreRopeNormAttention",
+    "rope_inverse_frequencies",
+]
 
 
 def rope_inverse_frequencies(head_dim: int, rope: RopeSpec) -> Tensor:
@@ -130,3 +140,60 @@ class PreRopeNormAttention(MultiHeadAttention):
             is_causal=not cached and mask is None and self.is_causal,
         )
         return self.output_proj(out.transpose(1, 2).contiguous().view(b, s_x, -1))
+
+
+class MoEFeedForward(nn.Module):
+    """A Mixture-of-Experts MLP with ``transformers``' routing (Qwen3-MoE, Mixtral).
+
+    ``x [b, s, d]`` -> ``[b, s, d]``. Per token ``t``: router logits ``z_t = W_r x_t``
+    (``[E]``), probabilities ``p_t = softmax(z_t)`` in fp32, the ``top_k`` largest
+    ``p_{t,e}`` (renormalised to sum 1 when ``norm_topk_prob``) weight the chosen experts'
+    outputs: ``y_t = sum_{e in topk(t)} w_{t,e} expert_e(x_t)``, each expert torchtune's
+    SwiGLU ``FeedForward`` (``w2(silu(w1 x) * w3 x)``, HF's gate/down/up projections).
+
+    The compute is batched per expert: token slots are sorted by expert once and every expert
+    runs one matmul over its tokens (an expert with no token runs on an empty batch, so every
+    parameter has a gradient, as FSDP2 needs), then the weighted outputs are added back with
+    ``index_add_``, in expert order as ``transformers`` does.
+
+    ``router_logits`` (``[b * s, E]``, the last forward's) is kept when
+    ``keep_router_logits`` is set (the router load-balancing term reads it).
+    """
+
+    def __init__(
+        self,
+        router: nn.Module,
+        experts: nn.ModuleList,
+        top_k: int,
+        norm_topk_prob: bool,
+        fp32_weights: bool,
+    ) -> None:
+        super().__init__()
+        self.router, self.experts = router, experts
+        self.top_k, self.norm_topk_prob, self.fp32_weights = top_k, norm_topk_prob, fp32_weights
+        self.keep_router_logits = False
+        self.router_logits: Optional[Tensor] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        logits = self.router(flat)
+        self.router_logits = logits if self.keep_router_logits else None
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.fp32_weights:
+            weights = weights.to(logits.dtype)
+        slots = chosen.reshape(-1)
+        order = torch.argsort(slots, stable=True)
+        counts = torch.bincount(slots, minlength=len(self.experts)).tolist()
+        token_of, weight_of = order // self.top_k, weights.reshape(-1)[order]
+        out = torch.zeros_like(flat)
+        start = 0
+        for expert, n in zip(self.experts, counts):
+            idx = token_of[start : start + n]
+            y = expert(flat[idx]) * weight_of[start : start + n, None]
+            out.index_add_(0, idx, y.to(out.dtype))
+            start += n
+        return out.view(b, s, d)

@@ -8,10 +8,14 @@ biases, q/k norms, head_dim, RoPE theta and scaling, norm eps, activation), read
 :class:`~torchtune_prefopt.errors.PrefOptUserError` line naming the value and what is
 supported, before any weight is read: never a silently different model.
 
-Supported (``architectures[0]``): ``LlamaForCausalLM`` (Llama 2/3.x, SmolLM2, and other
+Supported (``architectures[0]``, or ``model_type`` when a folder has no ``architectures``, as
+``transformers`` reads it): ``LlamaForCausalLM`` (Llama 2/3.x, SmolLM2, and other
 Llama-architecture models), ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (Qwen2 / 2.5),
-``Qwen3ForCausalLM``. Refused with a pointer: Gemma 1/2/3 (scaled embeddings, ``1 + w``
-norms, soft-capping, sliding windows) and Phi-3/4 (fused projections).
+``Qwen3ForCausalLM``, and the Mixture-of-Experts ``Qwen3MoeForCausalLM`` (top-k softmax
+routing, ``norm_topk_prob``, dense layers from ``mlp_only_layers`` / ``decoder_sparse_step``)
+and ``MixtralForCausalLM`` (top-k routing, weights renormalised). Refused with a pointer:
+Gemma 1/2/3 (scaled embeddings, ``1 + w`` norms, soft-capping, sliding windows), Phi-3/4
+(fused projections), gpt-oss (attention sinks), DeepSeek (MLA), multimodal models.
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from torchtune_prefopt.errors import PrefOptUserError
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "DecoderSpec", "RopeSpec", "read_config_json", "read_spec"]
+__all__ = [
+    "MOE_FAMILIES",
+    "SUPPORTED_ARCHITECTURES",
+    "DecoderSpec",
+    "MoESpec",
+    "RopeSpec",
+    "read_config_json",
+    "read_spec",
+]
 
 #: architectures value -> family name used below
 SUPPORTED_ARCHITECTURES = {
@@ -31,7 +43,20 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
+#: config.json model_type -> architecture (a folder without ``architectures``)
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
+#: the families whose MLP is a Mixture of Experts
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 #: architectures that are refused, with what to use instead
 _REFUSED = {
     "Gemma": "Gemma 1/2/3 scale the embeddings, use 1 + w norms, soft-cap logits and mix "
@@ -39,7 +64,12 @@ _REFUSED = {
     "FullModelHFCheckpointer (model_type GEMMA / GEMMA2)",
     "Phi3": "Phi-3/4 fuse q/k/v and gate/up projections; use torchtune.models.phi3 / phi4 "
     "builders with FullModelHFCheckpointer (model_type PHI3_MINI / PHI4)",
+    "GptOss": "gpt-oss has attention sinks and its own MoE, which this builder does not have",
+    "Deepseek": "DeepSeek's multi-head latent attention (MLA) is not built here",
+    "Olmoe": "OLMoE is not built here yet (Qwen3-MoE and Mixtral are)",
 }
+#: words in an architecture name that mean "not a text-only decoder"
+_MULTIMODAL = ("ConditionalGeneration", "Vision", "ForImageTextToText")
 #: RoPE types reproduced exactly
 ROPE_TYPES = ("default", "linear", "llama3")
 #: activations reproduced exactly (config hidden_act)
@@ -80,6 +110,23 @@ class DecoderSpec:
     mlp_bias: bool
     qk_norm: bool
     sliding_window: Optional[int]
+    moe: Optional["MoESpec"] = None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A Mixture-of-Experts MLP: ``num_experts`` SwiGLU experts of width ``expert_size``,
+    ``top_k`` of them per token by softmax router probability, their weights renormalised to
+    sum 1 when ``norm_topk_prob``; ``sparse_layers[i]``: layer ``i`` is MoE (else a dense MLP
+    of the config's ``intermediate_size``); ``fp32_weights``: the routing weights stay fp32 when
+    they scale an expert's output (Mixtral) instead of the model dtype (Qwen3-MoE)."""
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    norm_topk_prob: bool
+    sparse_layers: Tuple[bool, ...]
+    fp32_weights: bool
 
 
 def read_config_json(model_dir: Any) -> Tuple[Path, Dict[str, Any]]:
@@ -138,7 +185,7 @@ def _rope(cfg: Mapping[str, Any], where: str) -> RopeSpec:
 def _sliding_window(cfg: Mapping[str, Any], family: str) -> Optional[int]:
     """The attention window if one applies to any layer (else ``None``)."""
     window = cfg.get("sliding_window")
-    if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         window = None
     layer_types = cfg.get("layer_types") or []
     if layer_types and all(t == "full_attention" for t in layer_types):
@@ -146,15 +193,56 @@ def _sliding_window(cfg: Mapping[str, Any], family: str) -> Optional[int]:
     return int(window) if window else None
 
 
+def _moe(cfg: Mapping[str, Any], family: str, num_layers: int, where: str) -> Optional[MoESpec]:
+    """The MoE settings as ``transformers`` reads them (``num_experts`` in Hub files,
+    ``num_local_experts`` in transformers 5's), or ``None`` for a dense family."""
+    if family not in MOE_FAMILIES:
+        return None
+    n = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if n is None:
+        raise PrefOptUserError(f"{where}: missing 'num_experts' / 'num_local_experts'")
+    if family == "mixtral":
+        if float(cfg.get("router_jitter_noise") or 0.0) != 0.0:
+            raise PrefOptUserError(
+                f"{where}: router_jitter_noise {cfg['router_jitter_noise']} is not supported "
+                "(only 0: transformers multiplies the hidden states by noise in training)"
+            )
+        return MoESpec(
+            num_experts=int(n),
+            top_k=int(cfg.get("num_experts_per_tok", 2)),
+            expert_size=int(cfg["intermediate_size"]),
+            norm_topk_prob=True,
+            sparse_layers=(True,) * num_layers,
+            fp32_weights=True,
+        )
+    dense = set(cfg.get("mlp_only_layers") or [])
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    return MoESpec(
+        num_experts=int(n),
+        top_k=int(cfg.get("num_experts_per_tok", 8)),
+        expert_size=int(cfg["moe_intermediate_size"]),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        sparse_layers=tuple(
+            i not in dense and int(n) > 0 and (i + 1) % step == 0 for i in range(num_layers)
+        ),
+        fp32_weights=False,
+    )
+
+
 def read_spec(model_dir: Any) -> DecoderSpec:
     """The :class:`DecoderSpec` of ``model_dir/config.json``, or one line saying why not."""
     folder, cfg = read_config_json(model_dir)
     where = f"model_dir: {folder / 'config.json'}"
     archs = cfg.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and archs else cfg.get("model_type", "?")
+    if isinstance(archs, list) and archs:
+        arch = archs[0]
+    else:  # transformers reads such a folder from its model_type
+        arch = MODEL_TYPES.get(cfg.get("model_type"), cfg.get("model_type", "?"))
     family = SUPPORTED_ARCHITECTURES.get(arch)
     if family is None:
         why = next((w for k, w in _REFUSED.items() if str(arch).startswith(k)), None)
+        if why is None and any(w in str(arch) for w in _MULTIMODAL):
+            why = "a multimodal model; only the text decoders (...ForCausalLM) are built here"
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise PrefOptUserError(
             f"{where}: architectures {arch!r} is not supported by torchtune_prefopt.models.hf "
@@ -192,8 +280,9 @@ def read_spec(model_dir: Any) -> DecoderSpec:
             qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
             output_bias=family != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             sliding_window=_sliding_window(cfg, family),
+            moe=_moe(cfg, family, int(cfg["num_hidden_layers"]), where),
         )
     except PrefOptUserError:
         raise

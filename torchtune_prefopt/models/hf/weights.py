@@ -18,19 +18,31 @@ model.layers.N.mlp.gate_proj.*         layers.N.mlp.w1.*  (down_proj: w2, up_pro
 model.norm.weight                      norm.scale
 lm_head.weight                         output.weight (absent when tied)
 =====================================  ============================================
+
+Mixture-of-Experts layers (:func:`layer_names` of the family)::
+
+    Qwen3-MoE  model.layers.N.mlp.gate.weight                    layers.N.mlp.router.weight
+               model.layers.N.mlp.experts.E.gate_proj.*          layers.N.mlp.experts.E.w1.*
+               (up_proj: w3, down_proj: w2)
+    Mixtral    model.layers.N.block_sparse_moe.gate.weight       layers.N.mlp.router.weight
+               model.layers.N.block_sparse_moe.experts.E.w1.*    layers.N.mlp.experts.E.w1.*
+               (w2, w3 likewise)
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, List, Mapping, Tuple
 
 from torch import Tensor
 
 from torchtune_prefopt.errors import PrefOptUserError
 
 __all__ = [
+    "hf_name",
     "hf_to_tune",
+    "layer_names",
     "peft_adapter_weights",
     "peft_target_modules",
     "tune_to_hf",
@@ -55,6 +67,21 @@ _TOP_NAMES = (
     ("model.norm.weight", "norm.scale"),
     ("lm_head.weight", "output.weight"),
 )
+#: extra rows of the MoE families (``{e}`` = expert index)
+_MOE_NAMES = {
+    "qwen3_moe": (
+        ("mlp.gate.weight", "mlp.router.weight"),
+        ("mlp.experts.{e}.gate_proj.{p}", "mlp.experts.{e}.w1.{p}"),
+        ("mlp.experts.{e}.down_proj.{p}", "mlp.experts.{e}.w2.{p}"),
+        ("mlp.experts.{e}.up_proj.{p}", "mlp.experts.{e}.w3.{p}"),
+    ),
+    "mixtral": (
+        ("block_sparse_moe.gate.weight", "mlp.router.weight"),
+        ("block_sparse_moe.experts.{e}.w1.{p}", "mlp.experts.{e}.w1.{p}"),
+        ("block_sparse_moe.experts.{e}.w2.{p}", "mlp.experts.{e}.w2.{p}"),
+        ("block_sparse_moe.experts.{e}.w3.{p}", "mlp.experts.{e}.w3.{p}"),
+    ),
+}
 #: torchtune module name -> HF module name (LoRA targets)
 _MODULES = {
     "q_proj": "q_proj",
@@ -68,42 +95,53 @@ _MODULES = {
 }
 
 
-def _table() -> Dict[str, str]:
-    """HF name pattern -> torchtune name pattern (``{n}`` = layer index)."""
+def layer_names(family: str = "llama") -> tuple:
+    """``(HF name, torchtune name)`` patterns inside a layer of ``family``."""
+    return _LAYER_NAMES + _MOE_NAMES.get(family, ())
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(family: str) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """(HF -> torchtune, torchtune -> HF) name patterns (``{n}`` layer, ``{e}`` expert)."""
     table = dict(_TOP_NAMES)
-    for hf, tune in _LAYER_NAMES:
+    for hf, tune in layer_names(family):
         for p in ("weight", "bias") if "{p}" in hf else (None,):
             h = f"model.layers.{{n}}.{hf}".replace("{p}", p or "")
             t = f"layers.{{n}}.{tune}".replace("{p}", p or "")
             table[h] = t
-    return table
+    return table, {t: h for h, t in table.items()}
 
 
-_HF_TO_TUNE = _table()
-_TUNE_TO_HF = {t: h for h, t in _HF_TO_TUNE.items()}
 _LAYER = re.compile(r"^(model\.layers|layers)\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
 
 
 def _rename(name: str, table: Mapping[str, str], prefix: str) -> str:
     m = _LAYER.match(name)
     if m is None:
         return table[name]
-    return table[f"{prefix}.{{n}}.{m.group(3)}"].replace("{n}", m.group(2))
+    rest, expert = m.group(3), None
+    e = _EXPERT.match(rest)
+    if e is not None:
+        rest, expert = f"{e.group(1)}.{{e}}.{e.group(3)}", e.group(2)
+    out = table[f"{prefix}.{{n}}.{rest}"].replace("{n}", m.group(2))
+    return out if expert is None else out.replace("{e}", expert)
 
 
 def hf_to_tune(
-    sd: Mapping[str, Tensor], tie_word_embeddings: bool, source: object
+    sd: Mapping[str, Tensor], tie_word_embeddings: bool, source: object, family: str = "llama"
 ) -> Dict[str, Tensor]:
     """HF weights -> torchtune names. A tied model's ``lm_head.weight`` (``save_pretrained``
     leaves it out; some exporters keep a copy) is dropped; an unknown name is one line."""
     out = {}
+    hf_to_tune_names = _tables(family)[0]
     for name, value in sd.items():
         if name == "lm_head.weight" and tie_word_embeddings:
             continue
         if name.endswith("rotary_emb.inv_freq"):  # buffers some old exporters saved
             continue
         try:
-            out[_rename(name, _HF_TO_TUNE, "model.layers")] = value
+            out[_rename(name, hf_to_tune_names, "model.layers")] = value
         except KeyError:
             raise PrefOptUserError(
                 f"checkpoint {source}: weight {name!r} has no counterpart in the model built "
@@ -112,12 +150,24 @@ def hf_to_tune(
     return out
 
 
-def tune_to_hf(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def tune_to_hf(sd: Mapping[str, Tensor], family: str = "llama") -> Dict[str, Tensor]:
     """torchtune names -> HF weights (the inverse of :func:`hf_to_tune`)."""
-    return {_rename(name, _TUNE_TO_HF, "layers"): value for name, value in sd.items()}
+    names = _tables(family)[1]
+    return {_rename(name, names, "layers"): value for name, value in sd.items()}
 
 
-def peft_adapter_weights(adapter_sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def hf_name(tune_name: str, family: str = "llama") -> str:
+    """The HF name of one torchtune parameter name (messages speak the user's names); the
+    name itself when it has none."""
+    try:
+        return _rename(tune_name, _tables(family)[1], "layers")
+    except KeyError:
+        return tune_name
+
+
+def peft_adapter_weights(
+    adapter_sd: Mapping[str, Tensor], family: str = "llama"
+) -> Dict[str, Tensor]:
     """torchtune adapter weights (``layers.N.attn.q_proj.lora_a.weight``, ``...magnitude``)
     -> PEFT names (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``,
     ``...lora_magnitude_vector``)."""
@@ -126,7 +176,7 @@ def peft_adapter_weights(adapter_sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         module, _, leaf = name.rpartition(".lora_")
         if not module:  # DoRA magnitude: <module>.magnitude
             module, leaf = name[: -len(".magnitude")], None
-        hf_module = _rename(f"{module}.weight", _TUNE_TO_HF, "layers")[: -len(".weight")]
+        hf_module = _rename(f"{module}.weight", _tables(family)[1], "layers")[: -len(".weight")]
         if leaf is None:
             out[f"base_model.model.{hf_module}.lora_magnitude_vector"] = value
         else:
@@ -134,6 +184,8 @@ def peft_adapter_weights(adapter_sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def peft_target_modules(tune_modules: Iterable[str]) -> List[str]:
-    """PEFT ``target_modules`` (HF module names) of torchtune LoRA module names."""
-    return [_MODULES[m] for m in tune_modules]
+def peft_target_modules(tune_modules: Iterable[str], family: str = "llama") -> List[str]:
+    """PEFT ``target_modules`` (HF module names) of torchtune LoRA module names (Mixtral's
+    experts keep their own ``w1``/``w2``/``w3``)."""
+    own = {"w1": "w1", "w2": "w2", "w3": "w3"} if family == "mixtral" else {}
+    return [own.get(m, _MODULES[m]) for m in tune_modules]
