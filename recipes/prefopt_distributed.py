@@ -386,7 +386,7 @@ class PrefOptRecipe:
         )
         return build_model(
             cfg_model, sd, self._placement(), source=source, trainable=True,
-            verbose=self._is_rank_zero,
+            verbose=self._is_rank_zero, weight_name=self._checkpointer.weight_name,
         )  # fmt: skip
 
     def _setup_reference(

@@ -388,7 +388,7 @@ CASES = [
     Case("cuda_without_cuda", overrides=["device=cuda"], expect=["device is 'cuda' but no CUDA device is available (set device=cpu)"]),
     Case("cuda_bf16_without_cuda", overrides=["device=cuda", "dtype=bf16"], expect=["no CUDA device is available (set device=cpu dtype=fp32; bf16 on a CPU runs 17-30x slower than fp32)"]),
     # -- checkpoints
-    Case("ref_checkpoint_other_shape", setup=_mismatched_ref, expect=["ref32", "has shape (704, 32), the model expects (704, 64)"]),
+    Case("ref_checkpoint_other_shape", setup=_mismatched_ref, expect=["ref32", "weight 'lm_head.weight' has shape (704, 32), the model built from the config expects (704, 64)"]),
     Case("truncated_base_safetensors", setup=_truncated_base, expect=["model.safetensors"]),
     # -- data rows
     Case("missing_field", setup=_data(_rows_with(2, rejected=_DROP)), expect=["dataset.jsonl row 2 (line 3): field 'rejected' is missing"]),

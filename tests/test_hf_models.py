@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import List
 
@@ -285,6 +286,17 @@ def test_wrong_moe_setting_would_be_caught(folders, family, mistake):
         ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh' is not supported"),
         ({"final_logit_softcapping": 30.0}, "final_logit_softcapping is not supported"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported"),
+        ({"architectures": ["GptOssForCausalLM"]}, "gpt-oss has attention sinks"),
+        ({"architectures": ["DeepseekV3ForCausalLM"]}, "multi-head latent attention"),
+        (
+            {"architectures": ["Gemma3ForConditionalGeneration"]},
+            "architectures 'Gemma3ForConditionalGeneration' is not supported",
+        ),
+        (
+            {"architectures": ["LlavaForConditionalGeneration"]},
+            "a multimodal model; only the text decoders",
+        ),
+        ({"architectures": None, "model_type": "gpt2"}, "architectures 'gpt2' is not supported"),
     ],
 )
 def test_unsupported_is_one_line_before_weights(folders, tmp_path, config, message):
@@ -296,6 +308,81 @@ def test_unsupported_is_one_line_before_weights(folders, tmp_path, config, messa
     (tmp_path / "config.json").write_text(json.dumps(cfg))  # no weights at all in this folder
     with pytest.raises(PrefOptUserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         hf_decoder(str(tmp_path))
+
+
+def test_a_folder_without_architectures_is_read_from_its_model_type(folders, tmp_path):
+    """transformers loads a config.json without ``architectures`` from its ``model_type``;
+    so does the builder (the same model, the same logits)."""
+    import shutil
+
+    from torchtune_prefopt.models.hf.spec import read_spec
+
+    for family in ("smollm2", "qwen3_moe"):
+        folder = tmp_path / family
+        shutil.copytree(folders[family], folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        del cfg["architectures"]
+        (folder / "config.json").write_text(json.dumps(cfg))
+        assert read_spec(folder) == read_spec(folders[family])
+        ids = torch.randint(
+            0, DIMS["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(4)
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(
+                _our_model(folder)(ids), _hf_logits(folder, ids), rtol=0, atol=1e-5
+            )
+
+
+def test_weights_that_do_not_fit_are_named_as_in_the_users_files(folders, pairs_file, tmp_path):
+    """A config.json that does not describe its weights: the one line names the weight by its
+    name in the folder's files, not by torchtune's."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders["qwen3_moe"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 16  # the files hold experts of width 32
+    (folder / "config.json").write_text(json.dumps(cfg))
+    proc = run_recipe(
+        "hf/dpo", *COMMON, f"model_dir={folder}", f"dataset.data_files={pairs_file}",
+        "batch_size=2", f"output_dir={tmp_path / 'out'}", cwd=tmp_path,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert re.search(
+        r"weight 'model\.layers\.0\.mlp\.experts\.0\.(gate|up|down)_proj\.weight' has shape",
+        errors[0],
+    ), errors[0]
+    assert "layers.0.mlp.experts.0.w" not in errors[0]
+
+
+def test_a_tied_model_with_its_own_lm_head_is_refused(folders, tmp_path):
+    """tie_word_embeddings true, but the file's lm_head.weight differs from the embedding:
+    not silently another model (transformers 5 would tie them and drop the file's head)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from torchtune_prefopt.errors import PrefOptUserError
+    from torchtune_prefopt.models.hf import hf_checkpointer
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders["smollm2"], folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + 1.0
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(
+        PrefOptUserError, match="lm_head.weight differs from model.embed_tokens.weight"
+    ) as e:
+        hf_checkpointer(str(folder), str(tmp_path / "out")).load_checkpoint()
+    assert "\n" not in str(e.value)
+    # a copy equal to the embedding (some exporters keep one) is dropped, as transformers does
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert (
+        "output.weight"
+        not in hf_checkpointer(str(folder), str(tmp_path / "o2")).load_checkpoint()["model"]
+    )
 
 
 def test_sliding_window_shorter_than_context_is_refused(folders, tmp_path):

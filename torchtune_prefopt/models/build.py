@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -105,26 +105,34 @@ def vocab_size(model: nn.Module) -> Optional[int]:
 
 
 def check_state_dict(
-    model: nn.Module, sd: Mapping[str, torch.Tensor], source: Any, strict_keys: bool = True
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    source: Any,
+    strict_keys: bool = True,
+    weight_name: Optional[Callable[[str], str]] = None,
 ) -> None:
     """Compare a full state dict with ``model``'s parameter shapes (and, with ``strict_keys``,
-    its names) before loading it: a mismatch is one line naming the weight and ``source``."""
+    its names) before loading it: a mismatch is one line naming the weight and ``source``.
+    ``weight_name`` gives a weight the name the user's files use (``HFCheckpoint.weight_name``:
+    ``model.layers.0.mlp.up_proj.weight`` rather than torchtune's ``layers.0.mlp.w3.weight``)."""
+    name = weight_name or (lambda k: k)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for k, v in sd.items():
         if k in expected and tuple(v.shape) != expected[k]:
             raise PrefOptUserError(
-                f"checkpoint {source}: weight '{k}' has shape {tuple(v.shape)}, the model expects {expected[k]}"
+                f"checkpoint {source}: weight '{name(k)}' has shape {tuple(v.shape)}, the model "
+                f"built from the config expects {expected[k]}"
             )
     if strict_keys:
         missing = [k for k in expected if k not in sd]
         if missing:
             raise PrefOptUserError(
-                f"checkpoint {source}: missing weight '{missing[0]}' ({len(missing)} missing)"
+                f"checkpoint {source}: missing weight '{name(missing[0])}' ({len(missing)} missing)"
             )
         unexpected = [k for k in sd if k not in expected]
         if unexpected:
             raise PrefOptUserError(
-                f"checkpoint {source}: weight '{unexpected[0]}' is not in the model "
+                f"checkpoint {source}: weight '{name(unexpected[0])}' is not in the model "
                 f"({len(unexpected)} such weights): the checkpoint is of another model than "
                 "the config's model builder (layers, sizes)"
             )
@@ -161,6 +169,7 @@ def build_model(
     source: Any,
     trainable: bool,
     verbose: bool = False,
+    weight_name: Optional[Callable[[str], str]] = None,
 ) -> nn.Module:
     """A model (FSDP2-sharded if ``placement.shard``) with ``state_dict``'s weights (checked
     against the builder first).
@@ -173,6 +182,7 @@ def build_model(
         trainable: the policy (LoRA: only the adapters train; activation checkpointing
             applies); ``False``: a frozen reference (no gradients, eval mode).
         verbose: let ``torch.compile`` log (rank 0 of the policy).
+        weight_name: the user's name of a weight, for messages (:func:`check_state_dict`).
     """
     from torchtune import modules, training
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
@@ -181,7 +191,7 @@ def build_model(
     adapters = get_adapter_params(model)
     if trainable and adapters:
         set_trainable_params(model, adapters)
-    check_state_dict(model, state_dict, source, strict_keys=True)
+    check_state_dict(model, state_dict, source, strict_keys=True, weight_name=weight_name)
     if placement.compile:
         training.compile_model(model, verbose=verbose)
     if trainable and placement.activation_checkpointing:

@@ -138,6 +138,11 @@ class HFCheckpoint:
     def _output_dir_attr(self) -> str:
         raise NotImplementedError
 
+    def weight_name(self, tune_name: str) -> str:
+        """The name the user's files give the parameter ``tune_name`` (messages speak the
+        user's names)."""
+        return tune_name
+
     # ------------------------------------------------------------------ shared
     def content_files(self) -> List[Path]:
         """The files whose bytes are the weights: the weight files and ``config.json``."""
@@ -198,6 +203,11 @@ class FolderCheckpoint(HFCheckpoint):
     def _output_dir_attr(self) -> str:
         return "output_dir"
 
+    def weight_name(self, tune_name: str) -> str:
+        from torchtune_prefopt.models.hf.weights import hf_name
+
+        return hf_name(tune_name, self.checkpointer.family)
+
     def reader(self, checkpoint_dir: Path, output_dir: Path) -> HFCheckpoint:
         return FolderCheckpoint(
             self.checkpointer.reader(checkpoint_dir, output_dir), str(checkpoint_dir)
@@ -243,3 +253,13 @@ class TorchtuneCheckpoint(HFCheckpoint):
 
     def reader(self, checkpoint_dir: Path, output_dir: Path) -> HFCheckpoint:
         return TorchtuneCheckpoint.over(checkpoint_dir, self.model_type, output_dir)
+
+    def weight_name(self, tune_name: str) -> str:
+        """torchtune's own HF name table (``convert_weights._FROM_HF``), inverted."""
+        from torchtune.models import convert_weights
+
+        inverted = {v: k for k, v in convert_weights._FROM_HF.items() if v is not None}
+        try:
+            return convert_weights.get_mapped_key(tune_name, inverted)
+        except Exception:  # noqa: BLE001 - a name outside torchtune's table keeps its own
+            return tune_name

@@ -141,14 +141,17 @@ def build_reference(
         return NoReference(loss_name), files
     if plan.mode == "adapters_disabled":
         return AdaptersDisabled(policy, chunk_size), files
-    sd, source = base_sd, base.checkpoint_dir
+    sd, source, names = base_sd, base.checkpoint_dir, base.weight_name
     if plan.own_checkpoint:
         ref = ref_checkpointer
         sd, source, files = ref.load(), ref.checkpoint_dir, ref.content_files()
+        names = ref.weight_name
     if plan.mode == "quantized":
-        model = _quantized_replica(model_cfg, sd, source, placement, plan.quantization, log)
+        model = _quantized_replica(model_cfg, sd, source, placement, plan.quantization, log, names)
     else:
-        model = build_model(model_cfg, sd, placement, source=source, trainable=False)
+        model = build_model(
+            model_cfg, sd, placement, source=source, trainable=False, weight_name=names
+        )
     return FrozenModel(model, str(source), chunk_size), files
 
 
@@ -159,13 +162,14 @@ def _quantized_replica(
     placement: ModelPlacement,
     mode: str,
     log: Any,
+    weight_name: Any = None,
 ) -> torch.nn.Module:
     """torchao's quantized tensors do not compose with FSDP2: a plain module, replicated on
     every rank. Weights stay on the CPU until each layer is quantized on the device."""
     from torchtune import training
 
     model = meta_model(model_cfg, placement.dtype)
-    check_state_dict(model, sd, source, strict_keys=True)
+    check_state_dict(model, sd, source, strict_keys=True, weight_name=weight_name)
     model.load_state_dict(
         {k: v.to(placement.dtype) for k, v in sd.items()}, strict=True, assign=True
     )

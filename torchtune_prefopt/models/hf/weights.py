@@ -135,6 +135,15 @@ def hf_to_tune(
     leaves it out; some exporters keep a copy) is dropped; an unknown name is one line."""
     out = {}
     hf_to_tune_names = _tables(family)[0]
+    head, embed = sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
+    if tie_word_embeddings and head is not None and embed is not None:
+        if head.shape != embed.shape or not bool((head == embed).all()):
+            raise PrefOptUserError(
+                f"checkpoint {source}: config.json says tie_word_embeddings: true, but the "
+                "file's lm_head.weight differs from model.embed_tokens.weight; transformers "
+                "would tie them and drop that head, a different model: set "
+                "tie_word_embeddings to false if the head is meant, or remove lm_head.weight"
+            )
     for name, value in sd.items():
         if name == "lm_head.weight" and tie_word_embeddings:
             continue
