@@ -44,6 +44,13 @@ QWEN3 = (
     "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
 )
 
+GEMMA = (
+    "{{- bos_token }}{%- for m in messages %}"
+    "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{- '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
+)
+
 _CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 #: family -> (config class, config kwargs, template, special tokens, bos, eos)
@@ -130,6 +137,25 @@ FAMILIES: Dict[str, dict] = {
         specials=["<s>", "</s>", "[INST]", "[/INST]"],
         bos="<s>",
         eos="</s>",
+    ),
+    "gemma3": dict(
+        cls="Gemma3TextConfig",
+        kw=dict(
+            head_dim=32,
+            query_pre_attn_scalar=24,  # scores / sqrt(24), not / sqrt(head_dim)
+            sliding_window=16,  # the rows are longer: the window is exact inside documents
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+            tie_word_embeddings=True,
+            initializer_range=0.1,
+        ),
+        template=GEMMA,
+        specials=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>",
+        eos="<end_of_turn>",
     ),
     "smollm2": dict(
         cls="LlamaConfig",

@@ -309,7 +309,7 @@ class PackedBatch(BatchFields):
         """The batch's :class:`~torchtune_prefopt.modules.packed_attention.PackedAttention`."""
         from torchtune_prefopt.modules.packed_attention import PackedAttention
 
-        return PackedAttention(self.doc, self.branch, self.spans)
+        return PackedAttention(self.doc, self.branch, self.spans, positions=self.input_pos)
 
     def logps(self, model, chunk_size: int = 1024):
         """``[2B]`` per-sequence log-probs (first sequences, then second), one forward over

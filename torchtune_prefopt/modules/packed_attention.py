@@ -24,6 +24,10 @@ computes
   no score between two documents is computed.
 
 Any other mask (``None``, a tensor, a ``BlockMask``) goes to the layer's original call.
+
+A layer with a ``sliding_window`` attribute (Gemma 3's local layers) also needs ``0 <=
+pos_q - pos_j < window`` on the positions within the sequence, so a window is exact inside a
+document and, for a shared prompt, on the second branch's own positions.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ __all__ = ["PackedAttention", "enable_packed_attention", "tree_mask_rule"]
 SHARED, FIRST, SECOND = 0, 1, 2
 
 _ENABLED = "_prefopt_packed_attention"
+
+
+def window_rule(pos_q: Tensor, pos_k: Tensor, window: int):
+    """Key inside the query's sliding window: ``0 <= pos_q - pos_k < window`` (positions
+    within the sequence; elementwise, broadcasts)."""
+    return (pos_q - pos_k >= 0) & (pos_q - pos_k < window)
 
 
 def tree_mask_rule(
@@ -61,6 +71,8 @@ class PackedAttention:
             sequence of a shared document, ``2`` second).
         spans: ``[n_docs, 4]`` int64 ``(row, start, end, shared)`` of every document.
         block_sparse: use ``flex_attention`` with a ``BlockMask`` (default: on CUDA).
+        positions: ``[R, L]`` int64 position of each token within its own sequence (the
+            batch's ``input_pos``); needed by sliding-window layers only.
     """
 
     def __init__(
@@ -69,9 +81,11 @@ class PackedAttention:
         branch: Tensor,
         spans: Tensor,
         block_sparse: Optional[bool] = None,
+        positions: Optional[Tensor] = None,
     ) -> None:
         self.doc = doc
         self.branch = branch
+        self.positions = positions
         self.spans: List[Tuple[int, int, int, bool]] = [
             (int(r), int(s), int(e), bool(sh)) for r, s, e, sh in spans.tolist()
         ]
@@ -86,19 +100,26 @@ class PackedAttention:
         return tuple(self.doc.shape)
 
     # -- CPU / fallback: one SDPA per document
-    def _tree_mask(self, row: int, start: int, end: int) -> Tensor:
-        key = (row, start)
+    def _tree_mask(self, row: int, start: int, end: int, window: Optional[int] = None) -> Tensor:
+        key = (row, start, window)
         if key not in self._tree_masks:
             b = self.branch[row, start:end]
             d = end - start
             causal = torch.ones(d, d, dtype=torch.bool, device=b.device).tril()
             same = torch.zeros(d, dtype=self.doc.dtype, device=b.device)
-            self._tree_masks[key] = tree_mask_rule(
-                same[:, None], same[None, :], b[:, None], b[None, :], causal
-            )
+            rule = tree_mask_rule(same[:, None], same[None, :], b[:, None], b[None, :], causal)
+            if window is not None:
+                pos = self._positions(row, start, end)
+                rule = rule & window_rule(pos[:, None], pos[None, :], window)
+            self._tree_masks[key] = rule
         return self._tree_masks[key]
 
-    def per_document(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _positions(self, row: int, start: int, end: int) -> Tensor:
+        if self.positions is None:
+            raise ValueError("a sliding-window layer needs the packed rows' positions")
+        return self.positions[row, start:end]
+
+    def per_document(self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int] = None) -> Tensor:
         """``[R, H, L, hd]`` attention output, document by document (padding gets zeros)."""
         rows, heads, length, head_dim = q.shape
         out: List[List[Tensor]] = [[] for _ in range(rows)]
@@ -111,9 +132,9 @@ class PackedAttention:
             # scores and their softmax for backward
             rows_ = slice(row, row + 1)
             qd, kd, vd = (t[rows_, :, start:end] for t in (q, k, v))
-            if shared:
+            if shared or window is not None:
                 o = F.scaled_dot_product_attention(
-                    qd, kd, vd, attn_mask=self._tree_mask(row, start, end)
+                    qd, kd, vd, attn_mask=self._tree_mask(row, start, end, window)
                 )
             else:
                 o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
@@ -125,23 +146,30 @@ class PackedAttention:
         return torch.stack([torch.cat(parts, dim=1) for parts in out])
 
     # -- CUDA: flex_attention with a block mask
-    def block_mask(self):
+    def block_mask(self, window: Optional[int] = None):
         if self._block_mask is None:
+            self._block_mask = {}
+        if window not in self._block_mask:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            doc, branch = self.doc, self.branch
+            doc, branch, pos = self.doc, self.branch, self.positions
+            if window is not None and pos is None:
+                raise ValueError("a sliding-window layer needs the packed rows' positions")
 
             def mask_mod(b, h, q_idx, kv_idx):
-                return tree_mask_rule(
+                rule = tree_mask_rule(
                     doc[b, q_idx], doc[b, kv_idx], branch[b, q_idx], branch[b, kv_idx],
                     kv_idx <= q_idx,
                 )  # fmt: skip
+                if window is None:
+                    return rule
+                return rule & window_rule(pos[b, q_idx], pos[b, kv_idx], window)
 
             rows, length = doc.shape
-            self._block_mask = create_block_mask(
+            self._block_mask[window] = create_block_mask(
                 mask_mod, rows, None, length, length, device=doc.device
             )
-        return self._block_mask
+        return self._block_mask[window]
 
 
 def _flex_attention() -> Callable:
@@ -153,10 +181,12 @@ def _flex_attention() -> Callable:
 
 class _PackedAttentionCall:
     """Replacement ``MultiHeadAttention._attention_call``: packed masks here, anything else to
-    the layer's original call. A callable object (not a closure) so models still deep-copy."""
+    the layer's original call. A callable object (not a closure) so models still deep-copy.
+    ``window``: the layer's ``sliding_window`` (``None``: full attention)."""
 
-    def __init__(self, previous: Callable) -> None:
+    def __init__(self, previous: Callable, window: Optional[int] = None) -> None:
         self.previous = previous
+        self.window = window
 
     def __call__(self, q, k, v, mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False):
         if not isinstance(mask, PackedAttention):
@@ -164,15 +194,17 @@ class _PackedAttentionCall:
         if dropout_p > 0.0:
             raise ValueError("packed attention does not support attention dropout")
         if mask.block_sparse:
-            return _flex_attention()(q, k, v, block_mask=mask.block_mask())
-        return _per_document(mask, q, k, v)
+            return _flex_attention()(q, k, v, block_mask=mask.block_mask(self.window))
+        return _per_document(mask, q, k, v, self.window)
 
 
 @torch.compiler.disable
-def _per_document(mask: PackedAttention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _per_document(
+    mask: PackedAttention, q: Tensor, k: Tensor, v: Tensor, window: Optional[int]
+) -> Tensor:
     # a python loop over documents: compiled layers break the graph here (the projections
     # and MLP around it stay compiled); the document count varies from batch to batch
-    return mask.per_document(q, k, v)
+    return mask.per_document(q, k, v, window)
 
 
 def enable_packed_attention(model: nn.Module) -> nn.Module:
@@ -183,6 +215,8 @@ def enable_packed_attention(model: nn.Module) -> nn.Module:
 
     for m in model.modules():
         if isinstance(m, MultiHeadAttention) and not m.__dict__.get(_ENABLED, False):
-            m._attention_call = _PackedAttentionCall(m._attention_call)
+            m._attention_call = _PackedAttentionCall(
+                m._attention_call, getattr(m, "sliding_window", None)
+            )
             m.__dict__[_ENABLED] = True
     return model

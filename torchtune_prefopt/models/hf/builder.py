@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from torch import nn
+from torchtune.models.gemma.rms_norm import GemmaRMSNorm
 from torchtune.modules import (
     FeedForward,
     MultiHeadAttention,
@@ -42,6 +43,7 @@ from torchtune_prefopt.models.hf.modules import (
     HFRotaryEmbedding,
     MoEFeedForward,
     PreRopeNormAttention,
+    ScaledEmbedding,
 )
 from torchtune_prefopt.models.hf.spec import DecoderSpec, read_spec
 
@@ -87,12 +89,17 @@ def _linear(in_dim, out_dim, bias, lora) -> nn.Module:
     )
 
 
-def _swiglu(d: int, hidden: int, bias: bool, adapted) -> FeedForward:
+#: config activation -> the module ``transformers`` uses for it
+_ACTIVATIONS = {"silu": lambda: nn.SiLU(), "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
+def _swiglu(d: int, hidden: int, bias: bool, adapted, activation: str = "silu") -> FeedForward:
+    """``down(act(gate(x)) * up(x))``: SwiGLU, or GeGLU with Gemma's tanh GELU."""
     return FeedForward(
         gate_proj=_linear(d, hidden, bias, adapted("w1")),
         down_proj=_linear(hidden, d, bias, adapted("w2")),
         up_proj=_linear(d, hidden, bias, adapted("w3")),
-        activation=nn.SiLU(),
+        activation=_ACTIVATIONS[activation](),
     )
 
 
@@ -121,10 +128,14 @@ def build_decoder(
         return lora if name in lora_modules else None
 
     d, hd, n_h, n_kv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    gemma = spec.gemma
+    norm = GemmaRMSNorm if gemma is not None else RMSNorm  # Gemma: x * (1 + w), in fp32
     rope = HFRotaryEmbedding(hd, max_seq_len, spec.rope)
+    local_rope = HFRotaryEmbedding(hd, max_seq_len, gemma.local_rope) if gemma else None
     attention_cls = PreRopeNormAttention if spec.qk_norm else MultiHeadAttention
     layers = []
     for i in range(spec.num_layers):
+        window = gemma.layer_windows[i] if gemma is not None else None
         attn = attention_cls(
             embed_dim=d,
             num_heads=n_h,
@@ -134,11 +145,14 @@ def build_decoder(
             k_proj=_linear(d, n_kv * hd, spec.qkv_bias, adapted("k_proj")),
             v_proj=_linear(d, n_kv * hd, spec.qkv_bias, adapted("v_proj")),
             output_proj=_linear(n_h * hd, d, spec.output_bias, adapted("output_proj")),
-            pos_embeddings=rope,
-            q_norm=RMSNorm(hd, eps=spec.norm_eps) if spec.qk_norm else None,
-            k_norm=RMSNorm(hd, eps=spec.norm_eps) if spec.qk_norm else None,
+            pos_embeddings=local_rope if window is not None else rope,
+            q_norm=norm(hd, eps=spec.norm_eps) if spec.qk_norm else None,
+            k_norm=norm(hd, eps=spec.norm_eps) if spec.qk_norm else None,
             max_seq_len=max_seq_len,
         )
+        if gemma is not None:
+            attn.q_scale = (hd / gemma.query_scale) ** 0.5
+            attn.sliding_window = window
         moe = spec.moe
         if moe is not None and moe.sparse_layers[i]:
             mlp = MoEFeedForward(
@@ -151,16 +165,20 @@ def build_decoder(
                 fp32_weights=moe.fp32_weights,
             )
         else:
-            mlp = _swiglu(d, spec.intermediate_size, spec.mlp_bias, adapted)
+            mlp = _swiglu(d, spec.intermediate_size, spec.mlp_bias, adapted, spec.activation)
+        # Gemma's norms after attention and after the MLP are torchtune's sa_scale / mlp_scale
         layers.append(
             TransformerSelfAttentionLayer(
                 attn=attn,
                 mlp=mlp,
-                sa_norm=RMSNorm(d, eps=spec.norm_eps),
-                mlp_norm=RMSNorm(d, eps=spec.norm_eps),
+                sa_norm=norm(d, eps=spec.norm_eps),
+                mlp_norm=norm(d, eps=spec.norm_eps),
+                sa_scale=norm(d, eps=spec.norm_eps) if gemma is not None else None,
+                mlp_scale=norm(d, eps=spec.norm_eps) if gemma is not None else None,
             )
         )
-    tok_embeddings = nn.Embedding(spec.vocab_size, d)
+    embedding_cls = ScaledEmbedding if gemma is not None else nn.Embedding
+    tok_embeddings = embedding_cls(spec.vocab_size, d)
     if spec.tie_word_embeddings:
         output = TiedLinear(tok_embeddings)
     else:
@@ -171,7 +189,7 @@ def build_decoder(
         max_seq_len=max_seq_len,
         num_heads=n_h,
         head_dim=hd,
-        norm=RMSNorm(d, eps=spec.norm_eps),
+        norm=norm(d, eps=spec.norm_eps),
         output=output,
     )
 

@@ -33,7 +33,9 @@ __all__ = [
     "HFRotaryEmbedding",
     "MoEFeedForward",
     "PreRopeNormAttention",
+    "ScaledEmbedding",
     "rope_inverse_frequencies",
+    "window_mask",
 ]
 
 
@@ -101,10 +103,32 @@ class HFRotaryEmbedding(nn.Module):
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def window_mask(q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:
+    """``[..., s_q, s_k]`` bool: key ``j`` is inside query ``i``'s sliding window
+    (:func:`~torchtune_prefopt.modules.packed_attention.window_rule`, the one rule:
+    ``transformers``' ``sliding_window`` is the query and the ``window - 1`` positions before
+    it)."""
+    from torchtune_prefopt.modules.packed_attention import window_rule
+
+    return window_rule(q_pos[..., :, None], k_pos[..., None, :], window)
+
+
 class PreRopeNormAttention(MultiHeadAttention):
     """``MultiHeadAttention`` with ``q_norm`` / ``k_norm`` applied per head *before* RoPE
-    (Qwen3). Self-attention; the KV cache (generation) holds the normed, rotated keys, as
-    ``MultiHeadAttention``'s does."""
+    (Qwen3, Gemma 3). Self-attention; the KV cache (generation) holds the normed, rotated
+    keys, as ``MultiHeadAttention``'s does.
+
+    Gemma 3 also sets ``q_scale`` (queries times ``sqrt(head_dim / query_pre_attn_scalar)``
+    after RoPE, so SDPA's ``1 / sqrt(head_dim)`` gives ``q.k / sqrt(query_pre_attn_scalar)``)
+    and, on its sliding layers, ``sliding_window``: the padded layout's causal mask, a KV
+    cache's mask (by ``input_pos``) and the packed layout's per-document masks
+    (:mod:`~torchtune_prefopt.modules.packed_attention` reads this attribute) are cut to the
+    window. torchtune 0.6.1's ``Gemma2Attention`` computes ``[s, s]`` scores eagerly, takes
+    only dense masks and cuts its window by matrix index (wrong for a KV cache and for packed
+    rows), so it is not used."""
+
+    q_scale: float = 1.0
+    sliding_window: Optional[int] = None
 
     def forward(
         self,
@@ -123,10 +147,17 @@ class PreRopeNormAttention(MultiHeadAttention):
         if self.pos_embeddings is not None:
             q = self.pos_embeddings(q, input_pos=input_pos)
             k = self.pos_embeddings(k, input_pos=input_pos)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cached = self.kv_cache is not None and self.cache_enabled
         if cached:  # [b, n_kv, cache_len, d]; the decoder's mask covers the cache
             k, v = self.kv_cache.update(k, v)
+        if self.sliding_window is not None and (mask is None or isinstance(mask, Tensor)):
+            q_pos = torch.arange(s_x, device=x.device) if input_pos is None else input_pos
+            k_pos = torch.arange(k.shape[2], device=x.device)
+            inside = window_mask(q_pos, k_pos, self.sliding_window)
+            mask = inside.expand(b, s_x, k.shape[2]) if mask is None else mask & inside
         if self.num_heads != self.num_kv_heads:
             expand = (b, self.num_kv_heads, self.num_heads // self.num_kv_heads, -1, self.head_dim)
             k = k.unsqueeze(2).expand(expand).flatten(1, 2)
@@ -197,3 +228,13 @@ class MoEFeedForward(nn.Module):
             out.index_add_(0, idx, y.to(out.dtype))
             start += n
         return out.view(b, s, d)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's embedding: the row times ``sqrt(hidden_size)`` rounded to the weight's dtype
+    (``transformers``' ``Gemma3TextScaledWordEmbedding``). The parameter is the plain
+    ``weight``, so a tied output projection uses the unscaled rows."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        scale = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype)
+        return super().forward(input) * scale.to(self.weight.device)

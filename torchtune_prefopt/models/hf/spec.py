@@ -11,11 +11,13 @@ supported, before any weight is read: never a silently different model.
 Supported (``architectures[0]``, or ``model_type`` when a folder has no ``architectures``, as
 ``transformers`` reads it): ``LlamaForCausalLM`` (Llama 2/3.x, SmolLM2, and other
 Llama-architecture models), ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (Qwen2 / 2.5),
-``Qwen3ForCausalLM``, and the Mixture-of-Experts ``Qwen3MoeForCausalLM`` (top-k softmax
+``Qwen3ForCausalLM``, the Mixture-of-Experts ``Qwen3MoeForCausalLM`` (top-k softmax
 routing, ``norm_topk_prob``, dense layers from ``mlp_only_layers`` / ``decoder_sparse_step``)
-and ``MixtralForCausalLM`` (top-k routing, weights renormalised). Refused with a pointer:
-Gemma 1/2/3 (scaled embeddings, ``1 + w`` norms, soft-capping, sliding windows), Phi-3/4
-(fused projections), gpt-oss (attention sinks), DeepSeek (MLA), multimodal models.
+and ``MixtralForCausalLM`` (top-k routing, weights renormalised), and Gemma 3's text model
+``Gemma3ForCausalLM`` (scaled embeddings, ``1 + w`` norms around attention and MLP, q/k
+norms, ``query_pre_attn_scalar``, sliding-window layers with their own RoPE). Refused with a
+pointer: Gemma 1/2 (attention soft-capping), Phi-3/4 (fused projections), gpt-oss (attention
+sinks), DeepSeek (MLA), multimodal models.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "MOE_FAMILIES",
     "SUPPORTED_ARCHITECTURES",
     "DecoderSpec",
+    "GemmaSpec",
     "MoESpec",
     "RopeSpec",
     "read_config_json",
@@ -45,6 +48,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
+    "Gemma3ForCausalLM": "gemma3",
 }
 #: config.json model_type -> architecture (a folder without ``architectures``)
 MODEL_TYPES = {
@@ -54,14 +58,15 @@ MODEL_TYPES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 #: the families whose MLP is a Mixture of Experts
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 #: architectures that are refused, with what to use instead
 _REFUSED = {
-    "Gemma": "Gemma 1/2/3 scale the embeddings, use 1 + w norms, soft-cap logits and mix "
-    "sliding-window layers; use torchtune.models.gemma / gemma2 builders with "
-    "FullModelHFCheckpointer (model_type GEMMA / GEMMA2)",
+    "Gemma": "Gemma 1/2 are not built here (Gemma 2 soft-caps attention logits); Gemma 3's "
+    "text model (Gemma3ForCausalLM) is; for Gemma 1/2 use torchtune.models.gemma / gemma2 "
+    "builders with FullModelHFCheckpointer (model_type GEMMA / GEMMA2)",
     "Phi3": "Phi-3/4 fuse q/k/v and gate/up projections; use torchtune.models.phi3 / phi4 "
     "builders with FullModelHFCheckpointer (model_type PHI3_MINI / PHI4)",
     "GptOss": "gpt-oss has attention sinks and its own MoE, which this builder does not have",
@@ -72,8 +77,8 @@ _REFUSED = {
 _MULTIMODAL = ("ConditionalGeneration", "Vision", "ForImageTextToText")
 #: RoPE types reproduced exactly
 ROPE_TYPES = ("default", "linear", "llama3")
-#: activations reproduced exactly (config hidden_act)
-ACTIVATIONS = ("silu",)
+#: activations reproduced exactly (config hidden_act / hidden_activation)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,24 @@ class DecoderSpec:
     qk_norm: bool
     sliding_window: Optional[int]
     moe: Optional["MoESpec"] = None
+    #: Gemma 3: ``1 + w`` norms in fp32, embeddings times sqrt(hidden), norms after attention
+    #: and MLP too, scores scaled by ``query_pre_attn_scalar ** -0.5``, the sliding layers'
+    #: window and their own RoPE
+    gemma: Optional["GemmaSpec"] = None
+    activation: str = "silu"
+
+
+@dataclass(frozen=True)
+class GemmaSpec:
+    """What Gemma 3's text decoder adds to a Llama-style layer (``transformers``'
+    ``Gemma3ForCausalLM``): ``layer_windows[i]`` is layer ``i``'s sliding window (``None``:
+    full attention), ``local_rope`` the sliding layers' RoPE (the full layers use
+    ``DecoderSpec.rope``), ``query_scale`` ``query_pre_attn_scalar`` (scores are
+    ``q.k / sqrt(query_scale)``)."""
+
+    layer_windows: Tuple[Optional[int], ...]
+    local_rope: RopeSpec
+    query_scale: float
 
 
 @dataclass(frozen=True)
@@ -153,8 +176,12 @@ def read_config_json(model_dir: Any) -> Tuple[Path, Dict[str, Any]]:
     return folder, cfg
 
 
-def _rope(cfg: Mapping[str, Any], where: str) -> RopeSpec:
+def _rope(cfg: Mapping[str, Any], where: str, layer_type: Optional[str] = None) -> RopeSpec:
     params = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])  # Gemma 3 in transformers 5: one per layer type
+    elif layer_type == "sliding_attention":  # Gemma 3 Hub files: rope_local_base_freq
+        return RopeSpec(theta=float(cfg.get("rope_local_base_freq", 10000.0)))
     scaling = cfg.get("rope_scaling") or {}  # transformers < 5
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise PrefOptUserError(f"{where}: rope_parameters / rope_scaling must be objects")
@@ -191,6 +218,34 @@ def _sliding_window(cfg: Mapping[str, Any], family: str) -> Optional[int]:
     if layer_types and all(t == "full_attention" for t in layer_types):
         window = None
     return int(window) if window else None
+
+
+def _gemma(cfg: Mapping[str, Any], family: str, num_layers: int, where: str) -> Optional[GemmaSpec]:
+    """Gemma 3's layer types (``layer_types``, or every ``sliding_window_pattern``-th layer
+    global in Hub files), windows, local RoPE and query scale."""
+    if family != "gemma3":
+        return None
+    types = cfg.get("layer_types")
+    if not types:
+        pattern = int(cfg.get("sliding_window_pattern", 6) or 6)
+        types = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(num_layers)
+        ]
+    if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise PrefOptUserError(
+            f"{where}: layer_types {types!r} is not one of sliding/full per layer"
+        )
+    window = cfg.get("sliding_window")
+    if cfg.get("use_bidirectional_attention"):
+        raise PrefOptUserError(f"{where}: use_bidirectional_attention is not supported (a decoder)")
+    return GemmaSpec(
+        layer_windows=tuple(
+            int(window) if t == "sliding_attention" and window else None for t in types
+        ),
+        local_rope=_rope(cfg, where, "sliding_attention"),
+        query_scale=float(cfg.get("query_pre_attn_scalar", 256)),
+    )
 
 
 def _moe(cfg: Mapping[str, Any], family: str, num_layers: int, where: str) -> Optional[MoESpec]:
@@ -241,14 +296,14 @@ def read_spec(model_dir: Any) -> DecoderSpec:
     family = SUPPORTED_ARCHITECTURES.get(arch)
     if family is None:
         why = next((w for k, w in _REFUSED.items() if str(arch).startswith(k)), None)
-        if why is None and any(w in str(arch) for w in _MULTIMODAL):
+        if any(w in str(arch) for w in _MULTIMODAL):
             why = "a multimodal model; only the text decoders (...ForCausalLM) are built here"
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise PrefOptUserError(
             f"{where}: architectures {arch!r} is not supported by torchtune_prefopt.models.hf "
             f"(supported: {supported})" + (f"; {why}" if why else "")
         )
-    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
         raise PrefOptUserError(
             f"{where}: hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
@@ -273,16 +328,18 @@ def read_spec(model_dir: Any) -> DecoderSpec:
             head_dim=int(head_dim),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=_rope(cfg, where),
+            rope=_rope(cfg, where, "full_attention" if family == "gemma3" else None),
             tie_word_embeddings=bool(
                 cfg.get("tie_word_embeddings", False)
             ),  # every class's default
             qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
             output_bias=family != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "qwen3_moe"),
-            sliding_window=_sliding_window(cfg, family),
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
+            sliding_window=None if family == "gemma3" else _sliding_window(cfg, family),
             moe=_moe(cfg, family, int(cfg["num_hidden_layers"]), where),
+            gemma=_gemma(cfg, family, int(cfg["num_hidden_layers"]), where),
+            activation=act,
         )
     except PrefOptUserError:
         raise

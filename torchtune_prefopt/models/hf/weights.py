@@ -19,6 +19,10 @@ model.norm.weight                      norm.scale
 lm_head.weight                         output.weight (absent when tied)
 =====================================  ============================================
 
+Gemma 3: ``post_attention_layernorm`` -> ``sa_scale.scale`` (after attention),
+``pre_feedforward_layernorm`` -> ``mlp_norm.scale``, ``post_feedforward_layernorm`` ->
+``mlp_scale.scale``.
+
 Mixture-of-Experts layers (:func:`layer_names` of the family)::
 
     Qwen3-MoE  model.layers.N.mlp.gate.weight                    layers.N.mlp.router.weight
@@ -95,9 +99,22 @@ _MODULES = {
 }
 
 
+#: rows a family names differently (HF name -> torchtune name): Gemma 3 normalises before and
+#: after attention and the MLP, and its ``post_attention_layernorm`` follows attention
+_FAMILY_NAMES = {
+    "gemma3": (
+        ("post_attention_layernorm.weight", "sa_scale.scale"),
+        ("pre_feedforward_layernorm.weight", "mlp_norm.scale"),
+        ("post_feedforward_layernorm.weight", "mlp_scale.scale"),
+    ),
+}
+
+
 def layer_names(family: str = "llama") -> tuple:
     """``(HF name, torchtune name)`` patterns inside a layer of ``family``."""
-    return _LAYER_NAMES + _MOE_NAMES.get(family, ())
+    rows = dict(_LAYER_NAMES)
+    rows.update(dict(_FAMILY_NAMES.get(family, ())))
+    return tuple(rows.items()) + _MOE_NAMES.get(family, ())
 
 
 @functools.lru_cache(maxsize=None)
