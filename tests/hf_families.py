@@ -51,6 +51,11 @@ GEMMA = (
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
 )
 
+PHI3 = (
+    "{%- for m in messages %}{{- '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
+
 _CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 #: family -> (config class, config kwargs, template, special tokens, bos, eos)
@@ -156,6 +161,23 @@ FAMILIES: Dict[str, dict] = {
         specials=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
         bos="<bos>",
         eos="<end_of_turn>",
+    ),
+    "phi3": dict(
+        cls="Phi3Config",
+        kw=dict(
+            rope_theta=10000.0,
+            partial_rotary_factor=0.5,  # Phi-4-mini rotates 3/4 of each head
+            sliding_window=None,
+            initializer_range=0.1,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        ),
+        template=PHI3,
+        specials=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        bos=None,
+        eos="<|end|>",
     ),
     "smollm2": dict(
         cls="LlamaConfig",

@@ -262,10 +262,11 @@ def test_wrong_rope_setting_would_be_caught(folders):
         ("gemma3", "gemma", {"layer_windows": (None, None)}),  # no sliding window
         ("gemma3", "gemma", {"query_scale": 32.0}),  # the default 1 / sqrt(head_dim)
         ("gemma3", "gemma", {"local_rope": RopeSpec(theta=1000000.0)}),  # one RoPE for all
+        ("phi3", "rope", {"partial": 1.0}),  # every dimension rotated
     ],
 )
 def test_wrong_moe_or_gemma_setting_would_be_caught(folders, family, part, mistake):
-    """Negative control for the MoE and Gemma 3 families: one setting read wrong changes the
+    """Negative control for the MoE, Gemma 3 and Phi-3 families: one setting read wrong changes the
     logits by far more than 1e-5 (or the weights do not fit)."""
     import dataclasses
 
@@ -298,8 +299,8 @@ def test_wrong_moe_or_gemma_setting_would_be_caught(folders, family, part, mista
             "architectures 'Gemma2ForCausalLM' is not supported",
         ),
         (
-            {"architectures": ["Phi3ForCausalLM"]},
-            "architectures 'Phi3ForCausalLM' is not supported",
+            {"architectures": ["Phi3ForCausalLM"], "rope_parameters": {"rope_type": "longrope"}},
+            "rope type 'longrope' is not supported",
         ),
         ({"architectures": ["OlmoForCausalLM"]}, "supported: LlamaForCausalLM, MistralForCausalLM"),
         (

@@ -16,6 +16,7 @@ tokenizer files, chat template, ``generation_config.json``), so the result loads
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -25,6 +26,8 @@ import torch
 from torchtune_prefopt.errors import PrefOptUserError
 from torchtune_prefopt.models.hf import weights
 from torchtune_prefopt.models.hf.spec import read_config_json, read_spec
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HFFolderCheckpointer", "hf_checkpointer", "hf_weight_files"]
 
@@ -63,7 +66,8 @@ class HFFolderCheckpointer:
             )
         self.checkpoint_paths: List[Path] = [folder / f for f in files]
         self.tied = bool(self.config.get("tie_word_embeddings", False))
-        self.family = read_spec(folder).family  # which weight-name table (MoE families differ)
+        self.spec = read_spec(folder)
+        self.family = self.spec.family  # which weight-name table (MoE families differ)
         self._file_of: Dict[str, str] = {}
 
     def load_checkpoint(self) -> Dict[str, Any]:
@@ -81,7 +85,7 @@ class HFFolderCheckpointer:
             merged.update(sd)
         return {
             training.MODEL_KEY: weights.hf_to_tune(
-                merged, self.tied, self.checkpoint_dir, self.family
+                weights.unfuse(merged, self.spec), self.tied, self.checkpoint_dir, self.family
             )
         }
 
@@ -108,7 +112,9 @@ class HFFolderCheckpointer:
         dest = self.output_dir / f"epoch_{epoch}"
         dest.mkdir(parents=True, exist_ok=True)
         if not adapter_only:
-            hf_sd = weights.tune_to_hf(state_dict[training.MODEL_KEY], self.family)
+            hf_sd = weights.fuse(
+                weights.tune_to_hf(state_dict[training.MODEL_KEY], self.family), self.spec
+            )
             shards = self._shards(hf_sd)
             for fname, shard in shards.items():
                 shard = {k: v.contiguous() for k, v in shard.items()}
@@ -121,16 +127,25 @@ class HFFolderCheckpointer:
                     "weight_map": {k: _safetensors_name(f) for f, s in shards.items() for k in s},
                 }
                 (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if training.ADAPTER_KEY in state_dict:
+        # Phi-3: an adapter on a part of a fused projection has no PEFT name (merged only)
+        peft = not self.spec.fused_projections
+        if training.ADAPTER_KEY in state_dict and not peft and not adapter_only:
+            log.warning(
+                "%s: a LoRA adapter on Phi-3's fused projections has no PEFT form; %s holds "
+                "the merged weights only",
+                self.checkpoint_dir,
+                dest,
+            )
+        if training.ADAPTER_KEY in state_dict and peft:
             adapter = weights.peft_adapter_weights(state_dict[training.ADAPTER_KEY], self.family)
             save_file(
                 {k: v.contiguous() for k, v in adapter.items()},
                 str(dest / "adapter_model.safetensors"),
                 metadata={"format": "pt"},
             )
-        elif adapter_only:
+        elif adapter_only and training.ADAPTER_KEY not in state_dict:
             raise ValueError("adapter_only save without adapter weights")
-        if training.ADAPTER_CONFIG in state_dict:
+        if training.ADAPTER_CONFIG in state_dict and peft:
             config = dict(state_dict[training.ADAPTER_CONFIG])
             config["target_modules"] = weights.peft_target_modules(
                 config["target_modules"], self.family

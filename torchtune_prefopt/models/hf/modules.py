@@ -72,7 +72,7 @@ class HFRotaryEmbedding(nn.Module):
     ``rotate_half([x1, x2]) = [-x2, x1]`` (halves of the head dimension).
 
     Args:
-        head_dim: ``d``, the rotated dimension.
+        head_dim: ``d``, the head dimension (the first ``d * rope.partial`` are rotated).
         max_seq_len: positions cached (``[max_seq_len, 2d]`` fp32 cos/sin, not saved).
         rope: frequencies (:func:`rope_inverse_frequencies`).
 
@@ -83,24 +83,28 @@ class HFRotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, rope: RopeSpec) -> None:
         super().__init__()
         self.head_dim, self.max_seq_len, self.rope = head_dim, max_seq_len, rope
+        # Phi-3/4 rotate the first int(head_dim * partial_rotary_factor) dimensions only
+        self.rotary_dim = int(head_dim * rope.partial)
         self.rope_init()
 
     def rope_init(self) -> None:
         """(Re)build the cache: on the meta device at build time, on the real one after
         sharding (:func:`torchtune_prefopt.models.build.init_rope` calls this)."""
-        inv_freq = rope_inverse_frequencies(self.head_dim, self.rope)
+        inv_freq = rope_inverse_frequencies(self.rotary_dim, self.rope)
         positions = torch.arange(self.max_seq_len, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # == HF's fp32 outer product
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cache", torch.cat([emb.cos(), emb.sin()], dim=-1), persistent=False)
 
     def forward(self, x: Tensor, *, input_pos: Optional[Tensor] = None) -> Tensor:
-        seq_len, d = x.size(1), x.size(-1)
+        seq_len, d = x.size(1), self.rotary_dim
         cache = self.cache[:seq_len] if input_pos is None else self.cache[input_pos]
         cache = cache.view(-1, seq_len, 1, 2 * d)
         cos, sin = cache[..., :d].to(x.dtype), cache[..., d:].to(x.dtype)
-        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        rot, rest = (x, None) if d == x.size(-1) else (x[..., :d], x[..., d:])
+        x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
+        out = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return out if rest is None else torch.cat((out, rest), dim=-1)
 
 
 def window_mask(q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:

@@ -15,9 +15,10 @@ Llama-architecture models), ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (Qwen2 
 routing, ``norm_topk_prob``, dense layers from ``mlp_only_layers`` / ``decoder_sparse_step``)
 and ``MixtralForCausalLM`` (top-k routing, weights renormalised), and Gemma 3's text model
 ``Gemma3ForCausalLM`` (scaled embeddings, ``1 + w`` norms around attention and MLP, q/k
-norms, ``query_pre_attn_scalar``, sliding-window layers with their own RoPE). Refused with a
-pointer: Gemma 1/2 (attention soft-capping), Phi-3/4 (fused projections), gpt-oss (attention
-sinks), DeepSeek (MLA), multimodal models.
+norms, ``query_pre_attn_scalar``, sliding-window layers with their own RoPE), and ``Phi3ForCausalLM`` (Phi-3 / Phi-4: fused
+``qkv_proj`` and ``gate_up_proj``, ``partial_rotary_factor``). Refused with a pointer:
+Gemma 1/2 (attention soft-capping), gpt-oss (attention sinks), DeepSeek (MLA), multimodal
+models, ``longrope`` scaling (Phi-3 128k).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
     "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
 }
 #: config.json model_type -> architecture (a folder without ``architectures``)
 MODEL_TYPES = {
@@ -59,6 +61,7 @@ MODEL_TYPES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 #: the families whose MLP is a Mixture of Experts
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
@@ -67,8 +70,6 @@ _REFUSED = {
     "Gemma": "Gemma 1/2 are not built here (Gemma 2 soft-caps attention logits); Gemma 3's "
     "text model (Gemma3ForCausalLM) is; for Gemma 1/2 use torchtune.models.gemma / gemma2 "
     "builders with FullModelHFCheckpointer (model_type GEMMA / GEMMA2)",
-    "Phi3": "Phi-3/4 fuse q/k/v and gate/up projections; use torchtune.models.phi3 / phi4 "
-    "builders with FullModelHFCheckpointer (model_type PHI3_MINI / PHI4)",
     "GptOss": "gpt-oss has attention sinks and its own MoE, which this builder does not have",
     "Deepseek": "DeepSeek's multi-head latent attention (MLA) is not built here",
     "Olmoe": "OLMoE is not built here yet (Qwen3-MoE and Mixtral are)",
@@ -91,6 +92,8 @@ class RopeSpec:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    #: the share of each head's dimensions that is rotated (Phi-3/4: the first ones)
+    partial: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ class DecoderSpec:
     #: window and their own RoPE
     gemma: Optional["GemmaSpec"] = None
     activation: str = "silu"
+    #: Phi-3/4: one ``qkv_proj`` and one ``gate_up_proj`` weight in the files (split into
+    #: torchtune's projections on load, fused again on save: ``weights.unfuse`` / ``fuse``)
+    fused_projections: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,9 @@ def read_config_json(model_dir: Any) -> Tuple[Path, Dict[str, Any]]:
     return folder, cfg
 
 
-def _rope(cfg: Mapping[str, Any], where: str, layer_type: Optional[str] = None) -> RopeSpec:
+def _rope(
+    cfg: Mapping[str, Any], where: str, layer_type: Optional[str] = None, family: str = ""
+) -> RopeSpec:
     params = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
     if layer_type is not None and isinstance(params.get(layer_type), dict):
         params = dict(params[layer_type])  # Gemma 3 in transformers 5: one per layer type
@@ -193,11 +201,13 @@ def _rope(cfg: Mapping[str, Any], where: str, layer_type: Optional[str] = None) 
             f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
         )
     partial = merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
+    partial = 1.0 if partial is None else float(partial)
+    if partial != 1.0 and family != "phi3":
         raise PrefOptUserError(
-            f"{where}: partial_rotary_factor {partial} is not supported (only 1.0)"
+            f"{where}: partial_rotary_factor {partial} is not supported (only 1.0; Phi-3/4 "
+            "rotate a part of each head)"
         )
-    kw = {}
+    kw = {"partial": partial}
     if rope_type in ("linear", "llama3"):
         kw["factor"] = float(merged["factor"])
     if rope_type == "llama3":
@@ -328,7 +338,7 @@ def read_spec(model_dir: Any) -> DecoderSpec:
             head_dim=int(head_dim),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=_rope(cfg, where, "full_attention" if family == "gemma3" else None),
+            rope=_rope(cfg, where, "full_attention" if family == "gemma3" else None, family),
             tie_word_embeddings=bool(
                 cfg.get("tie_word_embeddings", False)
             ),  # every class's default
@@ -340,6 +350,7 @@ def read_spec(model_dir: Any) -> DecoderSpec:
             moe=_moe(cfg, family, int(cfg["num_hidden_layers"]), where),
             gemma=_gemma(cfg, family, int(cfg["num_hidden_layers"]), where),
             activation=act,
+            fused_projections=family == "phi3",
         )
     except PrefOptUserError:
         raise

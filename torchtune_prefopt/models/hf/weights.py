@@ -19,6 +19,11 @@ model.norm.weight                      norm.scale
 lm_head.weight                         output.weight (absent when tied)
 =====================================  ============================================
 
+Phi-3/4: ``self_attn.qkv_proj.weight`` (rows ``[q | k | v]``) and ``mlp.gate_up_proj.weight``
+(``[gate | up]``) are split into the projections above on load and fused again on save
+(:func:`unfuse` / :func:`fuse`); a LoRA adapter on a part has no PEFT name (PEFT adapts the
+fused module), so a Phi-3 LoRA run exports the merged weights only.
+
 Gemma 3: ``post_attention_layernorm`` -> ``sa_scale.scale`` (after attention),
 ``pre_feedforward_layernorm`` -> ``mlp_norm.scale``, ``post_feedforward_layernorm`` ->
 ``mlp_scale.scale``.
@@ -37,19 +42,22 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
+import torch
 from torch import Tensor
 
 from torchtune_prefopt.errors import PrefOptUserError
 
 __all__ = [
+    "fuse",
     "hf_name",
     "hf_to_tune",
     "layer_names",
     "peft_adapter_weights",
     "peft_target_modules",
     "tune_to_hf",
+    "unfuse",
 ]
 
 #: (HF name inside a layer, torchtune name inside a layer); ``{p}`` = weight or bias
@@ -180,6 +188,61 @@ def tune_to_hf(sd: Mapping[str, Tensor], family: str = "llama") -> Dict[str, Ten
     """torchtune names -> HF weights (the inverse of :func:`hf_to_tune`)."""
     names = _tables(family)[1]
     return {_rename(name, names, "layers"): value for name, value in sd.items()}
+
+
+#: Phi-3/4's fused weights: (fused HF name in a layer, the parts in order)
+_FUSED = (
+    (
+        "self_attn.qkv_proj.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    ),
+    ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+)
+
+
+def _part_sizes(spec: Any) -> Dict[str, List[int]]:
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    return {
+        "self_attn.qkv_proj.weight": [q, kv, kv],
+        "mlp.gate_up_proj.weight": [spec.intermediate_size] * 2,
+    }
+
+
+def unfuse(sd: Mapping[str, Tensor], spec: Any) -> Dict[str, Tensor]:
+    """HF weights with Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` split into the separate
+    projections (rows ``[q | k | v]`` and ``[gate | up]``, as ``transformers`` slices them),
+    so the one name table applies; any other family unchanged."""
+    if not spec.fused_projections:
+        return dict(sd)
+    sizes, out = _part_sizes(spec), {}
+    for name, value in sd.items():
+        m = _LAYER.match(name)
+        fused = dict(_FUSED).get(m.group(3)) if m else None
+        if fused is None:
+            out[name] = value
+            continue
+        parts = value.split(sizes[m.group(3)], dim=0)
+        for part, tensor in zip(fused, parts):
+            out[f"model.layers.{m.group(2)}.{part}"] = tensor
+    return out
+
+
+def fuse(sd: Mapping[str, Tensor], spec: Any) -> Dict[str, Tensor]:
+    """The inverse of :func:`unfuse` (the export writes the files' own layout)."""
+    if not spec.fused_projections:
+        return dict(sd)
+    out, parts = {}, {}
+    for name, value in sd.items():
+        m = _LAYER.match(name)
+        owner = next((f for f, ps in _FUSED if m and m.group(3) in ps), None)
+        if owner is None:
+            out[name] = value
+        else:
+            parts.setdefault((m.group(2), owner), {})[m.group(3)] = value
+    for (layer, owner), got in parts.items():
+        order = dict(_FUSED)[owner]
+        out[f"model.layers.{layer}.{owner}"] = torch.cat([got[p] for p in order], dim=0)
+    return out
 
 
 def hf_name(tune_name: str, family: str = "llama") -> str:
