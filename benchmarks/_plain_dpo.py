@@ -52,13 +52,13 @@ def _sequence_logps(model, ids, mask, labels):
 
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     device = torch.device(cfg["device"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
     rows = peer_rows(cfg)
-    policy = LlamaForCausalLM.from_pretrained(cfg["checkpoint_dir"], dtype=dtype).to(device)
-    reference = LlamaForCausalLM.from_pretrained(cfg["checkpoint_dir"], dtype=dtype).to(device)
+    policy = AutoModelForCausalLM.from_pretrained(cfg["checkpoint_dir"], dtype=dtype).to(device)
+    reference = AutoModelForCausalLM.from_pretrained(cfg["checkpoint_dir"], dtype=dtype).to(device)
     policy.train()
     reference.eval().requires_grad_(False)
     # several processes (torchrun): DDP, as a hand-written loop would; each rank its part of

@@ -7,7 +7,7 @@ directory of their own and puts it on ``PYTHONPATH`` for this process only).
 TRL with its defaults except where a fair comparison needs otherwise: ``gradient_checkpointing``
 off (TRL's default is on; ours and torchtune's runs have none), ``max_length=None`` (TRL's default
 1024 would truncate the longer rows that the others compute), learning rate / batch / steps as
-the other recipes, no logging backends, no saving. The model is ``LlamaForCausalLM`` loaded
+the other recipes, no logging backends, no saving. The model is ``AutoModelForCausalLM`` (Llama, or the MoE of ``--model qwen3_moe``) loaded
 from the same random-weight checkpoint the other recipes load; TRL builds its own reference copy.
 
 Two shims, both about the input rather than the computation:
@@ -53,7 +53,7 @@ def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import LlamaForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     rows = peer_rows(cfg)
@@ -80,7 +80,7 @@ def main() -> None:
     DPOTrainer._get_train_sampler = lambda self, *a, **k: SequentialSampler(self.train_dataset)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
-    model = LlamaForCausalLM.from_pretrained(cfg["checkpoint_dir"], dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(cfg["checkpoint_dir"], dtype=dtype)
     args = DPOConfig(
         output_dir=cfg["output_dir"],
         per_device_train_batch_size=cfg["batch"],

@@ -49,6 +49,9 @@ Usage:
   python benchmarks/bench_packing.py --model smollm2 --rows chat --pairs 2 \
       --configs padded,shared,shared-kto,shared-cached,shared-floor,trl,plain
   python benchmarks/bench_packing.py --nproc 2 --pairs 4 --configs padded,shared,trl,plain
+  python benchmarks/bench_packing.py --model qwen3_moe --vocab 16384 --layers 4 \
+      --intermediate 256 --experts 8 --top-k 2 --workloads hh --pairs 4 \
+      --configs padded,shared,trl,plain     # Mixture of Experts (BENCHMARKS.md, its own table)
   python benchmarks/bench_packing.py --device cuda --dtype bf16 --layers 16 --embed-dim 2048 \\
       --heads 32 --kv-heads 8 --intermediate 8192 --scale-lengths 4   # GPU: Llama-3.2-1B shapes
 """
@@ -147,9 +150,9 @@ def our_config(name: str, a, workload: str, pairs: int, ckpt: Path, files, out: 
     rows = pairs * (2 if variant == "kto" else 1)
     c.update(shuffle=False, batch_size=rows // a.nproc, max_steps_per_epoch=total)
     c["metric_logger"]["hold_after_step"] = total
-    if a.model == "smollm2":
-        # the real model through the HF-family builder (tied embeddings, RoPE from config.json);
-        # the reference defaults to the checkpointer's weights
+    if a.model in ("smollm2", "qwen3_moe"):
+        # an HF folder through the HF-family builder (tied embeddings, RoPE, experts from
+        # config.json); the reference defaults to the checkpointer's weights
         c["model"] = {
             "_component_": "torchtune_prefopt.models.hf.hf_decoder",
             "model_dir": str(ckpt),
@@ -455,7 +458,42 @@ def _is_kernel(op: str) -> bool:
     )
 
 
+def make_moe_checkpoint(a, ckpt_dir: Path) -> List[str]:
+    """A random-weight Qwen3-MoE folder (``save_pretrained``: the Hub's per-expert layout) of
+    the shape flags: ``--experts`` experts of width ``--intermediate``, ``--top-k`` per token."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    want = json.dumps(
+        [a.vocab, a.embed_dim, a.layers, a.heads, a.kv_heads, a.intermediate, a.experts, a.top_k]
+    )
+    marker = ckpt_dir / "bench_marker.json"
+    if not (marker.is_file() and marker.read_text() == want):
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        config = Qwen3MoeConfig(
+            vocab_size=a.vocab, hidden_size=a.embed_dim, num_hidden_layers=a.layers,
+            num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+            head_dim=a.embed_dim // a.heads, intermediate_size=a.intermediate,
+            moe_intermediate_size=a.intermediate, num_experts=a.experts,
+            num_experts_per_tok=a.top_k, norm_topk_prob=True,
+            max_position_embeddings=a.max_seq_len, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        Qwen3MoeForCausalLM(config).save_pretrained(str(ckpt_dir))
+        marker.write_text(want)
+    return sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
+
+
 def model_text(a) -> str:
+    if a.model == "qwen3_moe":
+        return (
+            f"random weights, Qwen3-MoE (`Qwen3MoeForCausalLM`), vocab {a.vocab}, {a.layers} "
+            f"layers, dim {a.embed_dim}, {a.heads} heads / {a.kv_heads} KV heads, {a.experts} "
+            f"experts of width {a.intermediate}, top-{a.top_k}"
+        )
     if a.model == "smollm2":
         return (
             "SmolLM2-135M-Instruct (`torchtune_prefopt.models.smollm2`: 30 layers, dim 576, 9/3 "
@@ -476,11 +514,15 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument(
         "--model",
-        choices=("random", "smollm2"),
+        choices=("random", "smollm2", "qwen3_moe"),
         default="random",
         help="random: a random-weight Llama of the --vocab/--layers/... shape; smollm2: the real "
-        "SmolLM2-135M-Instruct (offline, from the package index; the shape flags are ignored)",
+        "SmolLM2-135M-Instruct (offline, from the package index; the shape flags are ignored); "
+        "qwen3_moe: a random-weight Qwen3-MoE of the shape flags and --experts/--top-k "
+        "(torchtune 0.6.1 builds no MoE: no torchtune column)",
     )
+    p.add_argument("--experts", type=int, default=8, help="--model qwen3_moe: experts per layer")
+    p.add_argument("--top-k", type=int, default=2, help="--model qwen3_moe: experts per token")
     p.add_argument(
         "--rows",
         choices=("random", "chat"),
@@ -537,6 +579,11 @@ def main() -> None:
         files = sorted(p.name for p in ckpt.glob("*.safetensors"))
         a.vocab = 49152
         a.chat_model_dir = str(ckpt) if a.rows == "chat" else None
+    elif a.model == "qwen3_moe":
+        if a.rows == "chat" or "torchtune" in a.configs.split(","):
+            raise SystemExit("--model qwen3_moe: random token rows, no torchtune column")
+        ckpt = work / "ckpt_qwen3_moe"
+        files = make_moe_checkpoint(a, ckpt)
     else:
         if a.rows == "chat":
             raise SystemExit("--rows chat: a random model has no chat template (--model smollm2)")

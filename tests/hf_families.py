@@ -296,3 +296,15 @@ def completion_logps_by_transformers(folder: Path, rows, column: str = "chosen")
         token_logps = logp.gather(-1, targets[:, None])[:, 0]
         out.append(token_logps[len(prompt) - 1 :].sum().item())
     return out
+
+
+def our_model(folder: Path, max_seq_len=None):
+    """Our decoder of ``folder`` (``models.hf``) with the folder's weights, eval mode."""
+    from torchtune import training
+
+    from torchtune_prefopt.models.hf import hf_checkpointer, hf_decoder
+
+    model = hf_decoder(str(folder), max_seq_len=max_seq_len).eval()
+    sd = hf_checkpointer(str(folder), str(Path(folder).parent / "scratch")).load_checkpoint()
+    model.load_state_dict(sd[training.MODEL_KEY], strict=True)
+    return model

@@ -21,7 +21,7 @@ from typing import Dict, List
 
 import pytest
 import torch
-from hf_families import make_family_folder
+from hf_families import make_family_folder, our_model
 
 from torchtune_prefopt.data import kto_dataset, preference_dataset
 from torchtune_prefopt.errors import PrefOptUserError
@@ -345,17 +345,6 @@ def transformers_logps(folder: Path, ids: List[int], scored: List[bool]) -> floa
     return token[torch.tensor(scored[1:])].sum().item()
 
 
-def _our_model(folder: Path):
-    from torchtune import training
-
-    from torchtune_prefopt.models.hf import hf_checkpointer, hf_decoder
-
-    model = hf_decoder(str(folder)).eval()
-    sd = hf_checkpointer(str(folder), str(folder.parent / "scratch")).load_checkpoint()
-    model.load_state_dict(sd[training.MODEL_KEY], strict=True)
-    return model
-
-
 @pytest.mark.parametrize("layout", ["padded", "packed_shared"])
 def test_logps_equal_transformers_over_the_assistant_spans(folders, tmp_path, layout):
     from torchtune_prefopt.data import PackingLayout, PreferenceCollator
@@ -376,7 +365,7 @@ def test_logps_equal_transformers_over_the_assistant_spans(folders, tmp_path, la
     packing = PackingLayout(share_prompt=True, capacity=256) if layout == "packed_shared" else None
     batch = PreferenceCollator(paired=True, pad_id=0, packing=packing)(items)
     with torch.no_grad():
-        lp = batch.logps(_our_model(folder), 64)
+        lp = batch.logps(our_model(folder), 64)
     chosen, rejected = lp.halves()
     for i, (row, prefix) in enumerate(zip(rows, prefixes)):
         for side, got in zip(conversations(row, prefix), (chosen, rejected)):

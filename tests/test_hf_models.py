@@ -32,6 +32,7 @@ from hf_families import (
     FAMILIES,
     completion_logps_by_transformers,
     make_family_folder,
+    our_model,
     template_ids,
 )
 
@@ -146,17 +147,6 @@ def runs(request, tmp_path_factory, folders, pairs_file):
     pool.close()
 
 
-def _our_model(folder, max_seq_len=None):
-    from torchtune import training
-
-    from torchtune_prefopt.models.hf import hf_checkpointer, hf_decoder
-
-    model = hf_decoder(str(folder), max_seq_len=max_seq_len).eval()
-    sd = hf_checkpointer(str(folder), str(folder.parent / "scratch")).load_checkpoint()
-    model.load_state_dict(sd[training.MODEL_KEY], strict=True)
-    return model
-
-
 def _hf_logits(folder, ids):
     from transformers import AutoModelForCausalLM
 
@@ -171,10 +161,10 @@ def test_logits_equal_transformers(folders, family):
     ids = torch.randint(0, DIMS["vocab_size"], (2, 96), generator=torch.Generator().manual_seed(1))
     expected = _hf_logits(folders[family], ids)
     with torch.no_grad():
-        ours = _our_model(folders[family])(ids)
+        ours = our_model(folders[family])(ids)
         # packed rows: positions restart per document (the recipe's packed layout)
         pos = torch.cat([torch.arange(40), torch.arange(56)])[None].expand(2, -1)
-        packed_second = _our_model(folders[family])(ids, input_pos=pos)[:, 40:]
+        packed_second = our_model(folders[family])(ids, input_pos=pos)[:, 40:]
     # fp32 rounding: 1e-5 of the largest logit (0.0 for every family but Gemma 3, whose
     # query_pre_attn_scalar scales q before SDPA: 1.5e-5 on logits up to 7.8)
     assert (ours - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
@@ -219,7 +209,7 @@ def test_greedy_generation_with_kv_cache_equals_transformers(folders, family):
         for _ in range(6):
             ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
     expected = ids[len(prompt) :]
-    model = _our_model(folders[family], max_seq_len=64)
+    model = our_model(folders[family], max_seq_len=64)
     for kv_cache in (True, False):
         got = generate_completions(
             model, [prompt], max_new_tokens=6, stop_tokens=[], pad_id=0, device=torch.device("cpu"),
@@ -357,7 +347,7 @@ def test_a_folder_without_architectures_is_read_from_its_model_type(folders, tmp
         )
         with torch.no_grad():
             torch.testing.assert_close(
-                _our_model(folder)(ids), _hf_logits(folder, ids), rtol=0, atol=1e-5
+                our_model(folder)(ids), _hf_logits(folder, ids), rtol=0, atol=1e-5
             )
 
 

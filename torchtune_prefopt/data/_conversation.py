@@ -98,6 +98,31 @@ def encode_row(
     return out
 
 
+def encode_completion(
+    tokenizer,
+    row: Mapping[str, Any],
+    where: str,
+    *,
+    prompt_col: Optional[str],
+    completion_col: str,
+    tools_col: Optional[str] = "tools",
+    new_system_prompt: Optional[str] = None,
+) -> tuple:
+    """``(prompt_ids, completion_ids, completion_labels)`` of a row with one completion (KTO,
+    SFT): split at the first scored token."""
+    (enc,) = encode_row(
+        tokenizer,
+        row,
+        where,
+        prompt_col=prompt_col,
+        completion_cols=(completion_col,),
+        tools_col=tools_col,
+        new_system_prompt=new_system_prompt,
+    )
+    k = enc.n_prompt
+    return enc.ids[:k], enc.ids[k:], enc.labels[k:]
+
+
 def split_shared_prompt(encoded: Sequence[Encoded]) -> tuple:
     """``(prompt, [(completion_ids, completion_labels), ...])``: the prompt is the longest
     common token prefix of the conversations, up to the first scored token of each."""

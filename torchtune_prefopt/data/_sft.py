@@ -20,7 +20,7 @@ from torchtune_prefopt.data._common import (
     too_long_error,
     untruncated,
 )
-from torchtune_prefopt.data._conversation import encode_row, truncate_labelled
+from torchtune_prefopt.data._conversation import encode_completion, truncate_labelled
 from torchtune_prefopt.data._source import load_rows
 from torchtune_prefopt.data._validation import resolve_column_map
 from torchtune_prefopt.errors import PrefOptUserError
@@ -72,21 +72,20 @@ def sft_dataset(
     tok = untruncated(tokenizer)
     items, too_long, shortest = [], 0, None
     for i, row in enumerate(raw.rows):
-        (enc,) = encode_row(
+        prompt, response, labels = encode_completion(
             tok,
             row,
             raw.where(i),
             prompt_col=cmap["prompt"],
-            completion_cols=(cmap["response"],),
+            completion_col=cmap["response"],
             tools_col=cmap["tools"],
             new_system_prompt=new_system_prompt,
         )
-        k = enc.n_prompt
-        full = len(enc.ids)
+        full = len(prompt) + len(response)
         shortest = full if shortest is None else min(shortest, full)
         too_long += max_len is not None and full > max_len
         prompt, ((response, labels),), _, _ = truncate_labelled(
-            enc.ids[:k], [(enc.ids[k:], enc.labels[k:])], max_len
+            prompt, [(response, labels)], max_len
         )
         items.append(
             {

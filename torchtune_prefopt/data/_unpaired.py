@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from torch.utils.data import Dataset
 
 from torchtune_prefopt.data._common import resolve_max_seq_len, too_long_error, untruncated
-from torchtune_prefopt.data._conversation import encode_row, truncate_labelled
+from torchtune_prefopt.data._conversation import encode_completion, truncate_labelled
 from torchtune_prefopt.data._paired import prepare_pairs
 from torchtune_prefopt.data._source import RawRows, load_rows
 from torchtune_prefopt.data._validation import label_value, resolve_column_map, trajectories
@@ -144,17 +144,16 @@ def kto_from_raw(
     tok = untruncated(tokenizer)
     examples = []
     for i, row in enumerate(raw.rows):
-        (enc,) = encode_row(
+        prompt, completion, completion_labels = encode_completion(
             tok,
             row,
             raw.where(i),
             prompt_col=cmap["prompt"],
-            completion_cols=(cmap["completion"],),
+            completion_col=cmap["completion"],
             tools_col=cmap["tools"],
             new_system_prompt=new_system_prompt,
         )
-        k = enc.n_prompt
-        examples.append((i, enc.ids[:k], enc.ids[k:], enc.labels[k:], labels[i]))
+        examples.append((i, prompt, completion, completion_labels, labels[i]))
     return KTODataset(examples, {"rows": len(raw.rows)}, name=raw.name, max_seq_len=max_seq_len)
 
 
