@@ -122,9 +122,10 @@ def test_token_ids_of_a_row_beyond_the_vocabulary():
 @pytest.mark.parametrize(
     "key,layers,expect",
     [
-        ("checkpointer", 3, "weight 'layers.2."),
-        ("checkpointer", 1, "missing weight 'layers.1."),
-        ("ref_checkpointer", 3, "weight 'layers.2."),
+        # named as in the checkpoint's files (HF names), not by torchtune's parameter names
+        ("checkpointer", 3, "weight 'model.layers.2."),
+        ("checkpointer", 1, "missing weight 'model.layers.1."),
+        ("ref_checkpointer", 3, "weight 'model.layers.2."),
     ],
     ids=["policy-extra-layer", "policy-missing-layer", "reference-extra-layer"],
 )

@@ -205,7 +205,9 @@ def one_token_prompt_tokenizer(max_seq_len=None):
     class OneTokenPrompt(type(base)):
         def tokenize_prompt_completion(self, messages):
             start = self.special_tokens["<|im_start|>"]
-            answer = self.encode(messages[-1].text_content, add_bos=False, add_eos=False)
+            last = messages[-1]  # a validated message dict (or a torchtune Message)
+            text = last["content"] if isinstance(last, dict) else last.text_content
+            answer = self.encode(text, add_bos=False, add_eos=False)
             return [start], answer + [self.eos_id]
 
     base.__class__ = OneTokenPrompt
