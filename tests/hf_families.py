@@ -143,6 +143,23 @@ FAMILIES: Dict[str, dict] = {
         bos="<s>",
         eos="</s>",
     ),
+    "gemma2": dict(
+        cls="Gemma2Config",
+        kw=dict(
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=16,  # shorter than the rows
+            attn_logit_softcapping=5.0,  # small caps: the tanh matters at these scales
+            final_logit_softcapping=3.0,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+            initializer_range=0.1,
+        ),
+        template=GEMMA,
+        specials=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"],
+        bos="<bos>",
+        eos="<end_of_turn>",
+    ),
     "gemma3": dict(
         cls="Gemma3TextConfig",
         kw=dict(

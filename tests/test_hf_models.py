@@ -253,6 +253,8 @@ def test_wrong_rope_setting_would_be_caught(folders):
         ("gemma3", "gemma", {"query_scale": 32.0}),  # the default 1 / sqrt(head_dim)
         ("gemma3", "gemma", {"local_rope": RopeSpec(theta=1000000.0)}),  # one RoPE for all
         ("phi3", "rope", {"partial": 1.0}),  # every dimension rotated
+        ("gemma2", "gemma", {"attn_softcap": None}),  # scores not capped
+        ("gemma2", "gemma", {"final_softcap": None}),  # logits not capped
     ],
 )
 def test_wrong_moe_or_gemma_setting_would_be_caught(folders, family, part, mistake):
@@ -285,8 +287,8 @@ def test_wrong_moe_or_gemma_setting_would_be_caught(folders, family, part, mista
     "config, message",
     [
         (
-            {"architectures": ["Gemma2ForCausalLM"]},
-            "architectures 'Gemma2ForCausalLM' is not supported",
+            {"architectures": ["GemmaForCausalLM"]},
+            "architectures 'GemmaForCausalLM' is not supported",
         ),
         (
             {"architectures": ["Phi3ForCausalLM"], "rope_parameters": {"rope_type": "longrope"}},
@@ -418,16 +420,16 @@ def test_sliding_window_shorter_than_context_is_refused(folders, tmp_path):
 @pytest.mark.slow
 def test_unsupported_architecture_through_the_cli(folders, tmp_path):
     """The whole command: one ``error:`` line, exit 2, nothing written to output_dir."""
-    bad = tmp_path / "gemma2"
+    bad = tmp_path / "gemma"
     bad.mkdir()
     cfg = json.loads((folders["smollm2"] / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["Gemma2ForCausalLM"]}))
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["GemmaForCausalLM"]}))
     proc = run_recipe(
         "hf/dpo", f"model_dir={bad}", "device=cpu", f"output_dir={tmp_path / 'out'}", cwd=tmp_path
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "Gemma2ForCausalLM" in errors[0] and "Traceback" not in proc.stderr
+    assert "GemmaForCausalLM" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

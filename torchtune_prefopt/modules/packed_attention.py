@@ -25,25 +25,52 @@ computes
 
 Any other mask (``None``, a tensor, a ``BlockMask``) goes to the layer's original call.
 
-A layer with a ``sliding_window`` attribute (Gemma 3's local layers) also needs ``0 <=
+A layer with a ``sliding_window`` attribute (Gemma 2/3's local layers) also needs ``0 <=
 pos_q - pos_j < window`` on the positions within the sequence, so a window is exact inside a
-document and, for a shared prompt, on the second branch's own positions.
+document and, for a shared prompt, on the second branch's own positions. A layer with a
+``softcap`` (Gemma 2) computes its per-document scores itself (``cap * tanh(s / cap)``) and
+on CUDA passes the cap to ``flex_attention`` as its ``score_mod``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PackedAttention", "enable_packed_attention", "tree_mask_rule"]
+__all__ = [
+    "PackedAttention",
+    "enable_packed_attention",
+    "softcapped_attention",
+    "tree_mask_rule",
+    "window_rule",
+]
 
 #: branch ids of the packed layout (see the module docstring)
 SHARED, FIRST, SECOND = 0, 1, 2
 
 _ENABLED = "_prefopt_packed_attention"
+
+
+def softcapped_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cap: float
+) -> Tensor:
+    """Attention with Gemma 2's soft-capped scores (``transformers``' eager path): ``s = q.k /
+    sqrt(d)`` (``q`` already carries the query scale), ``s = cap * tanh(s / cap)``, masked,
+    softmax in fp32. ``q`` ``[b, h, s_q, d]``, ``k``/``v`` ``[b, h, s_k, d]``, ``mask``
+    ``[b, s_q, s_k]`` or ``[s_q, s_k]`` bool (True: attend) or ``None`` (causal)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
 
 
 def window_rule(pos_q: Tensor, pos_k: Tensor, window: int):
@@ -119,7 +146,14 @@ class PackedAttention:
             raise ValueError("a sliding-window layer needs the packed rows' positions")
         return self.positions[row, start:end]
 
-    def per_document(self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int] = None) -> Tensor:
+    def per_document(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        window: Optional[int] = None,
+        softcap: Optional[Callable[..., Tensor]] = None,
+    ) -> Tensor:
         """``[R, H, L, hd]`` attention output, document by document (padding gets zeros)."""
         rows, heads, length, head_dim = q.shape
         out: List[List[Tensor]] = [[] for _ in range(rows)]
@@ -132,7 +166,9 @@ class PackedAttention:
             # scores and their softmax for backward
             rows_ = slice(row, row + 1)
             qd, kd, vd = (t[rows_, :, start:end] for t in (q, k, v))
-            if shared or window is not None:
+            if softcap is not None:  # soft-capped scores: no fused kernel takes them
+                o = softcap(qd, kd, vd, self._tree_mask(row, start, end, window))
+            elif shared or window is not None:
                 o = F.scaled_dot_product_attention(
                     qd, kd, vd, attn_mask=self._tree_mask(row, start, end, window)
                 )
@@ -184,9 +220,12 @@ class _PackedAttentionCall:
     the layer's original call. A callable object (not a closure) so models still deep-copy.
     ``window``: the layer's ``sliding_window`` (``None``: full attention)."""
 
-    def __init__(self, previous: Callable, window: Optional[int] = None) -> None:
+    def __init__(
+        self, previous: Callable, window: Optional[int] = None, softcap: Optional[float] = None
+    ) -> None:
         self.previous = previous
         self.window = window
+        self.softcap = softcap
 
     def __call__(self, q, k, v, mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False):
         if not isinstance(mask, PackedAttention):
@@ -194,17 +233,40 @@ class _PackedAttentionCall:
         if dropout_p > 0.0:
             raise ValueError("packed attention does not support attention dropout")
         if mask.block_sparse:
+            if self.softcap is not None:
+                return _flex_softcapped(q, k, v, mask.block_mask(self.window), self.softcap)
             return _flex_attention()(q, k, v, block_mask=mask.block_mask(self.window))
-        return _per_document(mask, q, k, v, self.window)
+        return _per_document(mask, q, k, v, self.window, self.softcap)
+
+
+def _flex_softcapped(q: Tensor, k: Tensor, v: Tensor, block_mask, cap: float) -> Tensor:
+    """``flex_attention`` with Gemma 2's ``cap * tanh(score / cap)`` as its score_mod."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+
+    return torch.compile(flex_attention)(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 @torch.compiler.disable
 def _per_document(
-    mask: PackedAttention, q: Tensor, k: Tensor, v: Tensor, window: Optional[int]
+    mask: PackedAttention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: Optional[int],
+    softcap: Optional[float],
 ) -> Tensor:
     # a python loop over documents: compiled layers break the graph here (the projections
     # and MLP around it stay compiled); the document count varies from batch to batch
-    return mask.per_document(q, k, v, window)
+    capped = None
+    if softcap is not None:
+
+        def capped(qd, kd, vd, doc_mask):
+            return softcapped_attention(qd, kd, vd, doc_mask, softcap)
+
+    return mask.per_document(q, k, v, window, capped)
 
 
 def enable_packed_attention(model: nn.Module) -> nn.Module:
@@ -216,7 +278,9 @@ def enable_packed_attention(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, MultiHeadAttention) and not m.__dict__.get(_ENABLED, False):
             m._attention_call = _PackedAttentionCall(
-                m._attention_call, getattr(m, "sliding_window", None)
+                m._attention_call,
+                getattr(m, "sliding_window", None),
+                getattr(m, "softcap", None),
             )
             m.__dict__[_ENABLED] = True
     return model

@@ -44,6 +44,7 @@ from torchtune_prefopt.models.hf.modules import (
     MoEFeedForward,
     PreRopeNormAttention,
     ScaledEmbedding,
+    SoftcappedOutput,
 )
 from torchtune_prefopt.models.hf.spec import DecoderSpec, read_spec
 
@@ -132,7 +133,8 @@ def build_decoder(
     norm = GemmaRMSNorm if gemma is not None else RMSNorm  # Gemma: x * (1 + w), in fp32
     rope = HFRotaryEmbedding(hd, max_seq_len, spec.rope)
     local_rope = HFRotaryEmbedding(hd, max_seq_len, gemma.local_rope) if gemma else None
-    attention_cls = PreRopeNormAttention if spec.qk_norm else MultiHeadAttention
+    ours = spec.qk_norm or gemma is not None  # pre-RoPE norms, query scale, window, cap
+    attention_cls = PreRopeNormAttention if ours else MultiHeadAttention
     layers = []
     for i in range(spec.num_layers):
         window = gemma.layer_windows[i] if gemma is not None else None
@@ -153,6 +155,7 @@ def build_decoder(
         if gemma is not None:
             attn.q_scale = (hd / gemma.query_scale) ** 0.5
             attn.sliding_window = window
+            attn.softcap = gemma.attn_softcap
         moe = spec.moe
         if moe is not None and moe.sparse_layers[i]:
             mlp = MoEFeedForward(
@@ -183,6 +186,12 @@ def build_decoder(
         output = TiedLinear(tok_embeddings)
     else:
         output = _linear(d, spec.vocab_size, False, adapted("output"))
+    if gemma is not None and gemma.final_softcap is not None:
+        if not spec.tie_word_embeddings:
+            raise PrefOptUserError(
+                "model: final_logit_softcapping with an untied head is not built (Gemma 2 ties it)"
+            )
+        output = SoftcappedOutput(output, gemma.final_softcap)
     return TransformerDecoder(
         tok_embeddings=tok_embeddings,
         layers=nn.ModuleList(layers),

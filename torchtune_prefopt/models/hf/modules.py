@@ -21,7 +21,7 @@ way: rotary embeddings with HF's frequency rules, q/k norms before RoPE, and HF'
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,7 @@ __all__ = [
     "MoEFeedForward",
     "PreRopeNormAttention",
     "ScaledEmbedding",
+    "SoftcappedOutput",
     "rope_inverse_frequencies",
     "window_mask",
 ]
@@ -133,6 +134,8 @@ class PreRopeNormAttention(MultiHeadAttention):
 
     q_scale: float = 1.0
     sliding_window: Optional[int] = None
+    #: Gemma 2: scores soft-capped before the mask and softmax, ``cap * tanh(s / cap)``
+    softcap: Optional[float] = None
 
     def forward(
         self,
@@ -145,8 +148,10 @@ class PreRopeNormAttention(MultiHeadAttention):
         y = x if y is None else y
         b, s_x, _ = x.shape
         s_y = y.shape[1]
-        q = self.q_norm(self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim))
+        q = self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim)
+        k = self.k_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Gemma 2 has none
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
         if self.pos_embeddings is not None:
             q = self.pos_embeddings(q, input_pos=input_pos)
@@ -166,14 +171,19 @@ class PreRopeNormAttention(MultiHeadAttention):
             expand = (b, self.num_kv_heads, self.num_heads // self.num_kv_heads, -1, self.head_dim)
             k = k.unsqueeze(2).expand(expand).flatten(1, 2)
             v = v.unsqueeze(2).expand(expand).flatten(1, 2)
-        out = self._attention_call(
-            q,
-            k,
-            v,
-            mask=mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=not cached and mask is None and self.is_causal,
-        )
+        if self.softcap is not None and (mask is None or isinstance(mask, Tensor)):
+            from torchtune_prefopt.modules.packed_attention import softcapped_attention
+
+            out = softcapped_attention(q, k, v, mask, self.softcap)
+        else:  # SDPA, or a packed mask (the patched call knows this layer's window and cap)
+            out = self._attention_call(
+                q,
+                k,
+                v,
+                mask=mask,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                is_causal=not cached and mask is None and self.is_causal,
+            )
         return self.output_proj(out.transpose(1, 2).contiguous().view(b, s_x, -1))
 
 
@@ -242,3 +252,16 @@ class ScaledEmbedding(nn.Embedding):
     def forward(self, input: Tensor) -> Tensor:
         scale = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype)
         return super().forward(input) * scale.to(self.weight.device)
+
+
+class SoftcappedOutput(nn.Module):
+    """Gemma 2's output projection: ``cap * tanh(logits / cap)`` (``final_logit_softcapping``)
+    after the projection ``proj`` (torchtune's ``TiedLinear``: Gemma ties its head, so no
+    parameter is added). The lean log-prob path projects through it chunk by chunk."""
+
+    def __init__(self, proj: Any, cap: float) -> None:
+        super().__init__()
+        self.proj, self.cap = proj, cap
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.tanh(self.proj(h) / self.cap) * self.cap

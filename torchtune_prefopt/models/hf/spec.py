@@ -15,9 +15,11 @@ Llama-architecture models), ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (Qwen2 
 routing, ``norm_topk_prob``, dense layers from ``mlp_only_layers`` / ``decoder_sparse_step``)
 and ``MixtralForCausalLM`` (top-k routing, weights renormalised), and Gemma 3's text model
 ``Gemma3ForCausalLM`` (scaled embeddings, ``1 + w`` norms around attention and MLP, q/k
-norms, ``query_pre_attn_scalar``, sliding-window layers with their own RoPE), and ``Phi3ForCausalLM`` (Phi-3 / Phi-4: fused
+norms, ``query_pre_attn_scalar``, sliding-window layers with their own RoPE), Gemma 2's
+``Gemma2ForCausalLM`` (the same without q/k norms, plus attention and final logit
+soft-capping, alternating sliding layers), and ``Phi3ForCausalLM`` (Phi-3 / Phi-4: fused
 ``qkv_proj`` and ``gate_up_proj``, ``partial_rotary_factor``). Refused with a pointer:
-Gemma 1/2 (attention soft-capping), gpt-oss (attention sinks), DeepSeek (MLA), multimodal
+Gemma 1, gpt-oss (attention sinks), DeepSeek (MLA), multimodal
 models, ``longrope`` scaling (Phi-3 128k).
 """
 
@@ -49,6 +51,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
+    "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
 }
@@ -60,6 +63,7 @@ MODEL_TYPES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
@@ -67,9 +71,8 @@ MODEL_TYPES = {
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 #: architectures that are refused, with what to use instead
 _REFUSED = {
-    "Gemma": "Gemma 1/2 are not built here (Gemma 2 soft-caps attention logits); Gemma 3's "
-    "text model (Gemma3ForCausalLM) is; for Gemma 1/2 use torchtune.models.gemma / gemma2 "
-    "builders with FullModelHFCheckpointer (model_type GEMMA / GEMMA2)",
+    "Gemma": "Gemma 1 is not built here (Gemma 2 and Gemma 3's text model are); use "
+    "torchtune.models.gemma builders with FullModelHFCheckpointer (model_type GEMMA)",
     "GptOss": "gpt-oss has attention sinks and its own MoE, which this builder does not have",
     "Deepseek": "DeepSeek's multi-head latent attention (MLA) is not built here",
     "Olmoe": "OLMoE is not built here yet (Qwen3-MoE and Mixtral are)",
@@ -140,6 +143,9 @@ class GemmaSpec:
     layer_windows: Tuple[Optional[int], ...]
     local_rope: RopeSpec
     query_scale: float
+    #: Gemma 2: scores and final logits soft-capped, ``cap * tanh(x / cap)`` (None: not)
+    attn_softcap: Optional[float] = None
+    final_softcap: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -233,11 +239,12 @@ def _sliding_window(cfg: Mapping[str, Any], family: str) -> Optional[int]:
 def _gemma(cfg: Mapping[str, Any], family: str, num_layers: int, where: str) -> Optional[GemmaSpec]:
     """Gemma 3's layer types (``layer_types``, or every ``sliding_window_pattern``-th layer
     global in Hub files), windows, local RoPE and query scale."""
-    if family != "gemma3":
+    if family not in ("gemma2", "gemma3"):
         return None
     types = cfg.get("layer_types")
-    if not types:
-        pattern = int(cfg.get("sliding_window_pattern", 6) or 6)
+    if not types:  # Hub files: Gemma 2 alternates, Gemma 3 has one global layer in six
+        default = 6 if family == "gemma3" else 2
+        pattern = int(cfg.get("sliding_window_pattern", default) or default)
         types = [
             "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
             for i in range(num_layers)
@@ -253,9 +260,20 @@ def _gemma(cfg: Mapping[str, Any], family: str, num_layers: int, where: str) -> 
         layer_windows=tuple(
             int(window) if t == "sliding_attention" and window else None for t in types
         ),
-        local_rope=_rope(cfg, where, "sliding_attention"),
+        local_rope=_rope(cfg, where, "sliding_attention" if family == "gemma3" else None),
         query_scale=float(cfg.get("query_pre_attn_scalar", 256)),
+        attn_softcap=_cap(cfg, "attn_logit_softcapping", family, where),
+        final_softcap=_cap(cfg, "final_logit_softcapping", family, where),
     )
+
+
+def _cap(cfg: Mapping[str, Any], key: str, family: str, where: str) -> Optional[float]:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if family != "gemma2" or not float(value) > 0:
+        raise PrefOptUserError(f"{where}: {key} {value!r} is not supported here (Gemma 2's only)")
+    return float(value)
 
 
 def _moe(cfg: Mapping[str, Any], family: str, num_layers: int, where: str) -> Optional[MoESpec]:
@@ -319,7 +337,7 @@ def read_spec(model_dir: Any) -> DecoderSpec:
             f"{where}: hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
         )
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if cfg.get(key) is not None:
+        if cfg.get(key) is not None and family != "gemma2":
             raise PrefOptUserError(f"{where}: {key} is not supported (only null)")
     try:
         hidden = int(cfg["hidden_size"])
@@ -346,7 +364,7 @@ def read_spec(model_dir: Any) -> DecoderSpec:
             output_bias=family != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
-            sliding_window=None if family == "gemma3" else _sliding_window(cfg, family),
+            sliding_window=None if family in ("gemma2", "gemma3") else _sliding_window(cfg, family),
             moe=_moe(cfg, family, int(cfg["num_hidden_layers"]), where),
             gemma=_gemma(cfg, family, int(cfg["num_hidden_layers"]), where),
             activation=act,

@@ -24,7 +24,7 @@ Phi-3/4: ``self_attn.qkv_proj.weight`` (rows ``[q | k | v]``) and ``mlp.gate_up_
 (:func:`unfuse` / :func:`fuse`); a LoRA adapter on a part has no PEFT name (PEFT adapts the
 fused module), so a Phi-3 LoRA run exports the merged weights only.
 
-Gemma 3: ``post_attention_layernorm`` -> ``sa_scale.scale`` (after attention),
+Gemma 2 and 3: ``post_attention_layernorm`` -> ``sa_scale.scale`` (after attention),
 ``pre_feedforward_layernorm`` -> ``mlp_norm.scale``, ``post_feedforward_layernorm`` ->
 ``mlp_scale.scale``.
 
@@ -109,12 +109,14 @@ _MODULES = {
 
 #: rows a family names differently (HF name -> torchtune name): Gemma 3 normalises before and
 #: after attention and the MLP, and its ``post_attention_layernorm`` follows attention
+_GEMMA_NORMS = (
+    ("post_attention_layernorm.weight", "sa_scale.scale"),
+    ("pre_feedforward_layernorm.weight", "mlp_norm.scale"),
+    ("post_feedforward_layernorm.weight", "mlp_scale.scale"),
+)
 _FAMILY_NAMES = {
-    "gemma3": (
-        ("post_attention_layernorm.weight", "sa_scale.scale"),
-        ("pre_feedforward_layernorm.weight", "mlp_norm.scale"),
-        ("post_feedforward_layernorm.weight", "mlp_scale.scale"),
-    ),
+    "gemma2": _GEMMA_NORMS,
+    "gemma3": _GEMMA_NORMS,
 }
 
 
