@@ -475,6 +475,31 @@ def test_ctrl_c_stops_like_sigterm(tmp_path, base_checkpoint):
     assert f"Resuming from {out / 'checkpoints' / saved[-1]}" in resumed.output
 
 
+def test_ctrl_c_to_a_two_process_launch(tmp_path, base_checkpoint):
+    """Ctrl-C in the terminal of ``tune run --nproc_per_node 2``: SIGINT reaches the torchrun
+    agent and both workers (one process group). The workers stop as one process does: one
+    checkpoint at the next step boundary, its one line, no rank traceback, no
+    KeyboardInterrupt; it resumes. torchrun's agent itself reports the signal it got (its
+    own SignalException, status 1), as it does for SIGTERM."""
+    shutil.copytree(base_checkpoint, tmp_path / "base")
+    cfg = write_config(tmp_path, "dpo", batch_size=1)
+    run = run_tune(tmp_path, cfg, nproc=2, signal_after_step=1, sig=signal.SIGINT)
+    assert run.returncode in (0, 1), describe(run)
+    assert "[rank0]:" not in run.output and "[rank1]:" not in run.output, describe(run)
+    assert "KeyboardInterrupt" not in run.output, describe(run)
+    assert "closing signal SIGKILL" not in run.output, describe(run)
+    out = tmp_path / "out"
+    saved = [c for c in checkpoints(out) if c.startswith("step_")]
+    assert len(saved) == 1, (saved, describe(run))
+    step = int(saved[0].split("_")[1])
+    manifest = json.loads((out / "checkpoints" / saved[0] / "CHECKPOINT.json").read_text())
+    assert manifest["reason"] == "sigint" and manifest["step"] == step, manifest
+    assert f"SIGINT: saved {out / 'checkpoints' / saved[0]} at step {step}" in run.output
+    resumed = run_tune(tmp_path, cfg, "resume_from_checkpoint=True", nproc=2)
+    assert resumed.returncode == 0, describe(resumed)
+    assert f"Resuming from {out / 'checkpoints' / saved[0]}" in resumed.output
+
+
 def test_sigterm_to_a_two_process_launch(tmp_path, base_checkpoint, dpo_reference: Reference):
     """SIGTERM to the torchrun agent of ``tune run --nproc_per_node 2``: it forwards the signal,
     both ranks save one checkpoint at the next step boundary and exit 0 (recorded by an os._exit
