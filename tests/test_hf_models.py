@@ -46,6 +46,7 @@ from tune_harness import (
     assert_steps_match,
     load_weights,
     run_recipe,
+    step_metrics,
     synthetic_rows,
     uses_runs,
     wanted_runs,
@@ -687,8 +688,6 @@ def test_local_component_under_torchrun_with_the_hf_tokenizer(folders, pairs_fil
     both = proc.stdout + proc.stderr
     assert "Skipping import of cpp extensions" not in both
     assert ".hf_scratch" not in both and "epoch_0" not in both
-    from tune_harness import step_metrics
-
     steps = step_metrics(out)[0]
     assert sorted(steps) == [1, 2] and steps[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
@@ -747,3 +746,22 @@ def test_router_aux_loss_needs_an_moe_model(folders, tmp_path):
         "error: router_aux_loss_coef: 0.01 is set, but the model has no Mixture-of-Experts "
         "layer (a router); set it to 0"
     ], proc.stderr
+
+
+@pytest.mark.slow
+@uses_runs("qwen3-lora")
+def test_a_lora_final_folder_starts_a_new_run(runs, pairs_file, tmp_path):
+    """A LoRA run's ``final/`` (merged weights + the PEFT adapter file + recipe state) is a
+    valid ``model_dir`` for a new run: the adapter file is not read as model weights, and the
+    new run's step-1 log-probs are transformers' on that folder."""
+    final = runs.get("qwen3-lora").check().final.resolve()
+    assert (final / "adapter_model.safetensors").is_file()
+    out = tmp_path / "out"
+    proc = run_recipe(
+        "hf/dpo", *COMMON, f"model_dir={final}", f"dataset.data_files={pairs_file}",
+        "batch_size=2", "max_steps_per_epoch=1", f"output_dir={out}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = step_metrics(out)[0]
+    expected = completion_logps_by_transformers(final, synthetic_rows(ROWS)[:BATCH])
+    assert steps[1]["logps/chosen"] == pytest.approx(sum(expected) / BATCH, rel=1e-5)
