@@ -741,3 +741,33 @@ def test_bad_run_config_fails_before_the_task_is_prepared(tmp_path):
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "no_such_key" in err[0] and "Traceback" not in proc.stderr
     assert not (out / "task").exists()
+
+
+def test_sentiment_gold_reward_is_vader_with_a_length_trade_off():
+    """compare.gold.SentimentReward against VADER's own scores and the length rule by hand."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from torchtune_prefopt.compare.gold import SentimentReward, build_gold_reward
+
+    vader = SentimentIntensityAnalyzer()
+    gold = SentimentReward(target_words=4, overlong_penalty=0.5, empty_penalty=1.0)
+    short = "A great, lovely phone."  # 4 words: no penalty
+    assert gold("p", short) == pytest.approx(vader.polarity_scores(short)["compound"], abs=0)
+    long = "A great, lovely phone. I love it, truly wonderful."  # 9 words: 5 over, 5/4 x 0.5
+    want = vader.polarity_scores(long)["compound"] - 0.5 * (9 - 4) / 4
+    assert gold("p", long) == pytest.approx(want, abs=1e-12)
+    assert vader.polarity_scores(long)["compound"] > vader.polarity_scores(short)["compound"]
+    assert gold("p", long) < gold("p", short)  # the trade-off: more praise, too long
+    assert gold("p", "   ") == -1.0
+    assert gold("p", "Terrible, awful battery.") < 0 < gold("p", short)
+    assert gold.score(["a", "b"], [short, long]) == [gold("a", short), gold("b", long)]
+    from omegaconf import OmegaConf
+
+    built = build_gold_reward(
+        OmegaConf.create(
+            {"_component_": "torchtune_prefopt.compare.gold.SentimentReward", "target_words": 4}
+        )
+    )
+    assert built("p", long) == gold("p", long)
+    with pytest.raises(ValueError, match="target_words must be an integer >= 1"):
+        SentimentReward(target_words=0)

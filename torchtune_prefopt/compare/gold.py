@@ -1,7 +1,8 @@
 """Gold rewards for the frontier: a bundled controlled task, Bradley-Terry labelling, and
 user-supplied gold rewards (a Python callable or a local HF reward model).
 
-A *gold reward* is any ``r*(prompt: str, response: str) -> float`` (the prompt is the user
+A *gold reward* is any ``r*(prompt: str, response: str) -> float`` (bundled: the list task's
+below, and :class:`SentimentReward` for sentiment-controlled generation on a real model) (the prompt is the user
 message, the response the decoded completion without stop tokens). Objects with a batched
 ``score(prompts, responses) -> list[float]`` method are called through it
 (:func:`score_responses`).
@@ -43,6 +44,7 @@ __all__ = [
     "LIST_CATEGORIES",
     "ListTask",
     "RewardModel",
+    "SentimentReward",
     "bradley_terry_label",
     "build_gold_reward",
     "list_task_reward",
@@ -273,6 +275,53 @@ def score_responses(
             f"response {responses[bad[0]]!r}"
         )
     return values
+
+
+class SentimentReward:
+    """A gold reward for sentiment-controlled generation that no loss sees and that ships
+    offline: VADER's compound sentiment score of the response (Hutto & Gilbert 2014; the
+    ``vaderSentiment`` package, its lexicon inside the wheel; ``pip install
+    "torchtune-prefopt[frontier]"``) with a real trade-off against length::
+
+        r*(x, y) = compound(y) - overlong_penalty * max(0, n_words(y) - target_words) / target_words
+        r*(x, "") = -empty_penalty
+
+    ``compound`` lies in [-1, 1] and grows with the number of positive words (it saturates
+    towards 1), so a policy can buy reward by writing longer; beyond ``target_words`` every
+    extra ``target_words`` words cost ``overlong_penalty``. The prompt is not read (the task's
+    prompts all ask for a positive text). Objects with ``score(prompts, responses)`` are
+    scored in one batch (:func:`score_responses`).
+    """
+
+    def __init__(
+        self, target_words: int = 48, overlong_penalty: float = 0.5, empty_penalty: float = 1.0
+    ):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise ValueError(
+                "SentimentReward needs the vaderSentiment package: pip install "
+                '"torchtune-prefopt[frontier]" (or vaderSentiment==3.3.2)'
+            ) from None
+        if not (isinstance(target_words, int) and target_words >= 1):
+            raise ValueError(f"target_words must be an integer >= 1, got {target_words!r}")
+        if overlong_penalty < 0 or empty_penalty < 0:
+            raise ValueError("overlong_penalty and empty_penalty must be >= 0")
+        self.analyzer = SentimentIntensityAnalyzer()
+        self.target_words = target_words
+        self.overlong_penalty = float(overlong_penalty)
+        self.empty_penalty = float(empty_penalty)
+
+    def __call__(self, prompt: str, response: str) -> float:
+        words = response.split()
+        if not words:
+            return -self.empty_penalty
+        compound = self.analyzer.polarity_scores(response)["compound"]
+        over = max(0, len(words) - self.target_words) / self.target_words
+        return float(compound - self.overlong_penalty * over)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
+        return [self(p, r) for p, r in zip(prompts, responses)]
 
 
 def build_gold_reward(spec: Any) -> Optional[Callable]:
