@@ -771,3 +771,38 @@ def test_sentiment_gold_reward_is_vader_with_a_length_trade_off():
     assert built("p", long) == gold("p", long)
     with pytest.raises(ValueError, match="target_words must be an integer >= 1"):
         SentimentReward(target_words=0)
+
+
+def test_sentiment_task_samples_and_labels_pairs_from_an_hf_folder(tmp_path):
+    """compare.controlled.ControlledSentimentTask on a tiny HF folder: two completions per
+    drawn prompt sampled from the folder's own model, scored by SentimentReward, labelled
+    (bt_scale null: the higher gold reward is chosen), written as pairs the recipe reads; the
+    directory is reused with the same settings and refused with others."""
+    from hf_families import make_family_folder
+
+    from torchtune_prefopt.compare.controlled import REVIEW_PRODUCTS, ControlledSentimentTask
+    from torchtune_prefopt.compare.gold import SentimentReward
+
+    folder = make_family_folder("smollm2", tmp_path / "model")
+    kw = dict(train_pairs=6, heldout_pairs=3, bt_scale=None, max_new_tokens=8, seed=3)
+    task = ControlledSentimentTask(str(folder), **kw)
+    out = task.prepare(tmp_path / "task")
+    gold = SentimentReward()
+    heldout_prompts = {f"Write a short positive review of {p}." for p in REVIEW_PRODUCTS["heldout"]}
+    for split, n in (("train", 6), ("heldout", 3)):
+        rows = [
+            json.loads(x)
+            for x in (tmp_path / "task" / f"pairs_{split}.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == n and out["manifest"]["stats"][split]["pairs"] == n
+        for r in rows:
+            assert r["chosen"].strip() and r["chosen"] != r["rejected"]
+            assert r["chosen_gold"] == gold(r["prompt"], r["chosen"])
+            assert r["rejected_gold"] == gold(r["prompt"], r["rejected"])
+            assert r["chosen_gold"] >= r["rejected_gold"]
+            assert (r["prompt"] in heldout_prompts) == (split == "heldout")
+    assert out["overrides"]["dataset"]["data_files"] == str(tmp_path / "task" / "pairs_train.jsonl")
+    again = ControlledSentimentTask(str(folder), **kw).prepare(tmp_path / "task")
+    assert again["manifest"] == out["manifest"]
+    with pytest.raises(PrefOptUserError, match="prepared with other compare.task settings"):
+        ControlledSentimentTask(str(folder), **{**kw, "seed": 4}).prepare(tmp_path / "task")

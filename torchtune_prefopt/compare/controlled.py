@@ -34,12 +34,18 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torchtune_prefopt.compare.gold import ListTask, bradley_terry_label
 from torchtune_prefopt.errors import PrefOptUserError
 
-__all__ = ["ControlledListTask", "chat_prompt_ids"]
+__all__ = [
+    "REVIEW_PRODUCTS",
+    "ControlledListTask",
+    "ControlledSentimentTask",
+    "chat_prompt_ids",
+    "sample_labelled_pairs",
+]
 
 _MANIFEST = "manifest.json"
 _SFT_DONE = "sft/DONE"
@@ -61,6 +67,99 @@ def chat_prompt_ids(tokenizer, prompts: Sequence[str]) -> List[List[int]]:
                 f.write(json.dumps({"prompt": p, "chosen": "a", "rejected": "b"}) + "\n")
         ds = preference_dataset(tokenizer, source="json", data_files=str(path), split="train")
         return [prompt_ids(ds[i]) for i in range(len(ds))]
+
+
+def sample_labelled_pairs(
+    model,
+    tokenizer,
+    prompts: Dict[str, Sequence[str]],
+    n_pairs: Dict[str, int],
+    reward,
+    task_dir: Path,
+    *,
+    max_new_tokens: int,
+    bt_scale: Optional[float],
+    seed: int,
+    device,
+    dtype,
+    what: str,
+    batch_size: int = 128,
+) -> Dict[str, Any]:
+    """Per split: two completions per drawn prompt sampled from ``model`` (temperature 1,
+    seeded, the prompts tokenized by the training pipeline), both scored by the gold
+    ``reward(prompt, response)`` and ordered by Bradley-Terry with ``bt_scale``
+    (:func:`~torchtune_prefopt.compare.gold.bradley_terry_label`); pairs with an empty or two
+    identical responses are dropped and counted. Writes ``task_dir/pairs_<split>.jsonl``
+    (prompt, chosen, rejected, chosen_gold, rejected_gold) and returns the counts."""
+    from torchtune import training
+
+    from torchtune_prefopt.compare.generation import decode_completion, generate_completions
+
+    stop = list(tokenizer.stop_tokens)
+    stats: Dict[str, Any] = {}
+    for offset, split in enumerate(("train", "heldout"), start=1):
+        rng = random.Random(seed * 1000 + offset)
+        split_prompts = list(prompts[split])
+        ids = chat_prompt_ids(tokenizer, split_prompts)
+        # 20% extra draws cover pairs dropped for identical responses
+        n_draw = n_pairs[split] + max(8, n_pairs[split] // 5)
+        which = [rng.randrange(len(split_prompts)) for _ in range(n_draw)]
+        flat = [ids[i] for i in which for _ in range(2)]
+        with training.set_default_dtype(dtype):
+            completions = generate_completions(
+                model,
+                flat,
+                max_new_tokens=max_new_tokens,
+                stop_tokens=stop,
+                pad_id=int(tokenizer.pad_id),
+                device=device,
+                dtype=dtype,
+                temperature=1.0,
+                seed=seed * 1000 + offset,
+                batch_size=batch_size,
+            )
+        rows, dropped, empty, agree, rewards = [], 0, 0, 0, []
+        for k, i in enumerate(which):
+            a = decode_completion(tokenizer, completions[2 * k], stop)
+            b = decode_completion(tokenizer, completions[2 * k + 1], stop)
+            if not a.strip() or not b.strip():
+                empty += 1  # a preference row needs two non-empty answers
+                continue
+            if a.strip() == b.strip():
+                dropped += 1
+                continue
+            ra, rb = reward(split_prompts[i], a), reward(split_prompts[i], b)
+            rewards += [ra, rb]
+            a_wins = bradley_terry_label(ra, rb, bt_scale, rng)
+            (cw, rw), (cr, rr) = ((a, ra), (b, rb)) if a_wins else ((b, rb), (a, ra))
+            agree += (rw > rr) + 0.5 * (rw == rr)
+            rows.append(
+                {
+                    "prompt": split_prompts[i],
+                    "chosen": cw,
+                    "rejected": cr,
+                    "chosen_gold": rw,
+                    "rejected_gold": rr,
+                }
+            )
+            if len(rows) == n_pairs[split]:
+                break
+        if len(rows) < n_pairs[split]:
+            raise RuntimeError(
+                f"{what} gave only {len(rows)} distinct pairs of {n_pairs[split]} ({split})"
+            )
+        with (task_dir / f"pairs_{split}.jsonl").open("w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        stats[split] = {
+            "pairs": len(rows),
+            "prompts": len(split_prompts),
+            "dropped_identical": dropped,
+            "dropped_empty": empty,
+            "label_agrees_with_gold": agree / len(rows),
+            "sft_mean_gold": sum(rewards) / len(rewards),
+        }
+    return stats
 
 
 class ControlledListTask:
@@ -216,19 +315,13 @@ class ControlledListTask:
     def _sample_pairs(self, task_dir: Path) -> Dict[str, Any]:
         """Sample, score and label the train / held-out pairs from the SFT model."""
         import torch
-        from torchtune import training
+        from omegaconf import OmegaConf
 
         from torchtune_prefopt.compare.evaluation import build_eval_model
-        from torchtune_prefopt.compare.generation import decode_completion, generate_completions
         from torchtune_prefopt.models.hf_checkpoint import TorchtuneCheckpoint
         from torchtune_prefopt.models.tiny import tiny_tokenizer
 
-        p = self.params
-        tokenizer = tiny_tokenizer(max_seq_len=64)
-        stop = list(tokenizer.stop_tokens)
         device, dtype = torch.device("cpu"), torch.float32
-        from omegaconf import OmegaConf
-
         model = build_eval_model(
             OmegaConf.create({"_component_": "torchtune_prefopt.models.tiny.tiny_qwen2"}),
             TorchtuneCheckpoint.over(
@@ -238,73 +331,20 @@ class ControlledListTask:
             dtype,
         )
         shutil.rmtree(task_dir / ".scratch", ignore_errors=True)
-        stats: Dict[str, Any] = {}
-        for split, n_pairs, seed_offset in (
-            ("train", p["train_pairs"], 1),
-            ("heldout", p["heldout_pairs"], 2),
-        ):
-            rng = random.Random(p["seed"] * 1000 + seed_offset)
-            prompts = self.task.prompts(split)
-            ids = chat_prompt_ids(tokenizer, prompts)
-            # 20% extra draws cover pairs dropped for identical responses
-            n_draw = n_pairs + max(8, n_pairs // 5)
-            which = [rng.randrange(len(prompts)) for _ in range(n_draw)]
-            flat = [ids[i] for i in which for _ in range(2)]
-            with training.set_default_dtype(dtype):
-                completions = generate_completions(
-                    model,
-                    flat,
-                    max_new_tokens=p["max_new_tokens"],
-                    stop_tokens=stop,
-                    pad_id=int(tokenizer.pad_id),
-                    device=device,
-                    dtype=dtype,
-                    temperature=1.0,
-                    seed=p["seed"] * 1000 + seed_offset,
-                    batch_size=128,
-                )
-            rows, dropped, empty, agree, rewards = [], 0, 0, 0, []
-            for k, i in enumerate(which):
-                a = decode_completion(tokenizer, completions[2 * k], stop)
-                b = decode_completion(tokenizer, completions[2 * k + 1], stop)
-                if not a.strip() or not b.strip():
-                    empty += 1  # a preference row needs two non-empty answers
-                    continue
-                if a.strip() == b.strip():
-                    dropped += 1
-                    continue
-                ra, rb = self.task.reward(prompts[i], a), self.task.reward(prompts[i], b)
-                rewards += [ra, rb]
-                a_wins = bradley_terry_label(ra, rb, p["bt_scale"], rng)
-                (cw, rw), (cr, rr) = ((a, ra), (b, rb)) if a_wins else ((b, rb), (a, ra))
-                agree += (rw > rr) + 0.5 * (rw == rr)
-                rows.append(
-                    {
-                        "prompt": prompts[i],
-                        "chosen": cw,
-                        "rejected": cr,
-                        "chosen_gold": rw,
-                        "rejected_gold": rr,
-                    }
-                )
-                if len(rows) == n_pairs:
-                    break
-            if len(rows) < n_pairs:
-                raise RuntimeError(
-                    f"the SFT model gave only {len(rows)} distinct pairs of {n_pairs} ({split})"
-                )
-            with (task_dir / f"pairs_{split}.jsonl").open("w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-            stats[split] = {
-                "pairs": len(rows),
-                "prompts": len(prompts),
-                "dropped_identical": dropped,
-                "dropped_empty": empty,
-                "label_agrees_with_gold": agree / len(rows),
-                "sft_mean_gold": sum(rewards) / len(rewards),
-            }
-        return stats
+        return sample_labelled_pairs(
+            model,
+            tiny_tokenizer(max_seq_len=64),
+            {split: self.task.prompts(split) for split in ("train", "heldout")},
+            {"train": self.params["train_pairs"], "heldout": self.params["heldout_pairs"]},
+            self.task.reward,
+            task_dir,
+            max_new_tokens=self.params["max_new_tokens"],
+            bt_scale=self.params["bt_scale"],
+            seed=self.params["seed"],
+            device=device,
+            dtype=dtype,
+            what="the SFT model",
+        )
 
     # ------------------------------------------------------------------ entry point
     def prepare(self, task_dir) -> Dict[str, Any]:
@@ -315,27 +355,15 @@ class ControlledListTask:
         (``eval_dataset``).
         """
         task_dir = Path(task_dir).expanduser().absolute()
-        manifest_path = task_dir / _MANIFEST
-        settings = json.loads(json.dumps(self.settings()))
-        if manifest_path.is_file():
-            manifest = json.loads(manifest_path.read_text())
-            if manifest.get("settings") != settings:
-                raise PrefOptUserError(
-                    f"{task_dir} was prepared with other compare.task settings; use a new "
-                    "output_dir (nothing there is reused or overwritten)"
-                )
-        else:
-            task_dir.mkdir(parents=True, exist_ok=True)
+
+        def build() -> Dict[str, Any]:
             if not (task_dir / _SFT_DONE).is_file():
                 self._write_sft_data(task_dir / "sft.jsonl")
                 self._run_sft(task_dir)
-            stats = self._sample_pairs(task_dir)
-            manifest = {"settings": settings, "stats": stats}
-            tmp = manifest_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-            os.replace(tmp, manifest_path)
+            return self._sample_pairs(task_dir)
+
+        manifest = prepared_manifest(task_dir, self.settings(), build)
         weights = sorted(p.name for p in (task_dir / "sft" / "epoch_0").glob("*.safetensors"))
-        data = {"_component_": "torchtune_prefopt.data.preference_dataset", "source": "json"}
         overrides = {
             "checkpointer": {
                 "_component_": "torchtune.training.FullModelHFCheckpointer",
@@ -344,15 +372,207 @@ class ControlledListTask:
                 "model_type": "QWEN2",
                 "output_dir": "${output_dir}",
             },
-            "dataset": {
-                **data,
-                "data_files": str(task_dir / "pairs_train.jsonl"),
-                "split": "train",
-            },
-            "eval_dataset": {
-                **data,
-                "data_files": str(task_dir / "pairs_heldout.jsonl"),
-                "split": "train",
-            },
+            **pairs_overrides(task_dir),
         }
         return {"overrides": overrides, "manifest": manifest}
+
+
+def prepared_manifest(task_dir: Path, settings: Dict[str, Any], build) -> Dict[str, Any]:
+    """The task directory's manifest: reused when it was prepared with ``settings`` (another
+    task's directory is one line, never reused or overwritten), else ``build()`` (returning the
+    counts) runs and the manifest is written last, atomically."""
+    manifest_path = task_dir / _MANIFEST
+    settings = json.loads(json.dumps(settings))
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("settings") != settings:
+            raise PrefOptUserError(
+                f"{task_dir} was prepared with other compare.task settings; use a new "
+                "output_dir (nothing there is reused or overwritten)"
+            )
+        return manifest
+    task_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"settings": settings, "stats": build()}
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def pairs_overrides(task_dir: Path) -> Dict[str, Any]:
+    """``dataset`` / ``eval_dataset`` overrides over the task's labelled pairs."""
+    data = {"_component_": "torchtune_prefopt.data.preference_dataset", "source": "json"}
+    return {
+        "dataset": {**data, "data_files": str(task_dir / "pairs_train.jsonl"), "split": "train"},
+        "eval_dataset": {
+            **data,
+            "data_files": str(task_dir / "pairs_heldout.jsonl"),
+            "split": "train",
+        },
+    }
+
+
+#: what the sentiment task asks reviews of; training and held-out products are disjoint
+REVIEW_PRODUCTS: Dict[str, Tuple[str, ...]] = {
+    "train": (
+        "a coffee maker",
+        "a pair of running shoes",
+        "a mountain bike",
+        "a city hotel",
+        "a pizza restaurant",
+        "a science fiction novel",
+        "a wireless headset",
+        "a camping tent",
+        "a board game",
+        "a yoga class",
+        "a winter jacket",
+        "a smartphone",
+        "a bakery",
+        "a museum",
+        "a road trip app",
+        "a desk lamp",
+        "an electric kettle",
+        "a jazz album",
+        "a language course",
+        "a kitchen knife",
+        "a vacuum cleaner",
+        "a garden hose",
+        "a hiking trail",
+        "a train journey",
+        "a sushi bar",
+        "a laptop bag",
+        "a fitness tracker",
+        "a coffee shop",
+        "a cookbook",
+        "a music festival",
+        "a pair of sunglasses",
+        "a backpack",
+        "a bookstore",
+        "a streaming service",
+        "a dentist",
+        "a car wash",
+        "a sleeping bag",
+        "a water bottle",
+        "a chess set",
+        "a piano teacher",
+    ),
+    "heldout": (
+        "a tea house",
+        "a tennis racket",
+        "a bicycle helmet",
+        "a travel guide",
+        "an ice cream parlor",
+        "a photo printer",
+        "a rain jacket",
+        "a history podcast",
+        "a flower shop",
+        "a ferry ride",
+    ),
+}
+REVIEW_PROMPT = "Write a short positive review of {product}."
+
+
+class ControlledSentimentTask:
+    """Sentiment-controlled generation on a real model (the DPO paper's §6.1 task in spirit) as
+    a comparison's ``compare.task``: the model itself (``model_dir``, an HF folder: the policy
+    init and the reference) answers "Write a short positive review of <product>." twice at
+    temperature 1, and each pair is ordered by Bradley-Terry (``bt_scale``) on the gold reward
+    :class:`~torchtune_prefopt.compare.gold.SentimentReward` (VADER sentiment with a length
+    trade-off; ``gold``: its keyword arguments), which no loss sees. Training and held-out
+    products are disjoint (:data:`REVIEW_PRODUCTS`). No SFT stage: the instruct model is the
+    start. ``prepare`` writes ``pairs_{train,heldout}.jsonl`` and the manifest and returns the
+    ``dataset`` / ``eval_dataset`` overrides (the base config keeps its own ``model_dir``).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        train_pairs: int = 256,
+        heldout_pairs: int = 32,
+        bt_scale: Optional[float] = 4.0,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+        batch_size: int = 32,
+        gold: Optional[Dict[str, Any]] = None,
+    ):
+        from torchtune_prefopt.compare.gold import SentimentReward
+
+        for name, v in (
+            ("train_pairs", train_pairs),
+            ("heldout_pairs", heldout_pairs),
+            ("max_new_tokens", max_new_tokens),
+            ("batch_size", batch_size),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"compare.task.{name} must be an integer >= 1, got {v!r}")
+        if bt_scale is not None and not float(bt_scale) > 0:
+            raise ValueError(f"compare.task.bt_scale must be > 0 or null, got {bt_scale!r}")
+        self.model_dir = Path(str(model_dir)).expanduser()
+        self.gold = SentimentReward(**dict(gold or {}))
+        self.params = {
+            "train_pairs": train_pairs,
+            "heldout_pairs": heldout_pairs,
+            "bt_scale": None if bt_scale is None else float(bt_scale),
+            "max_new_tokens": max_new_tokens,
+            "seed": int(seed),
+            "batch_size": batch_size,
+            "gold": dict(gold or {}),
+        }
+
+    @property
+    def gold_reward(self):
+        return self.gold
+
+    def settings(self) -> Dict[str, Any]:
+        from torchtune_prefopt.models.hf.spec import read_config_json
+
+        _, config = read_config_json(self.model_dir)  # the model's identity: its config.json
+        return {"task": "SentimentTask", **self.params, "model_config": config}
+
+    def prompts(self, split: str) -> List[str]:
+        return [REVIEW_PROMPT.format(product=p) for p in REVIEW_PRODUCTS[split]]
+
+    def prepare(self, task_dir) -> Dict[str, Any]:
+        """Prepare (or reuse) ``task_dir``; returns ``{"overrides": {...}, "manifest": {...}}``."""
+        import torch
+        from omegaconf import OmegaConf
+
+        from torchtune_prefopt.compare.evaluation import build_eval_model
+        from torchtune_prefopt.models.hf import hf_checkpointer, hf_tokenizer
+        from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
+
+        task_dir = Path(task_dir).expanduser().absolute()
+
+        def build() -> Dict[str, Any]:
+            device, dtype = torch.device("cpu"), torch.float32
+            model = build_eval_model(
+                OmegaConf.create(
+                    {
+                        "_component_": "torchtune_prefopt.models.hf.hf_decoder",
+                        "model_dir": str(self.model_dir),
+                    }
+                ),
+                HFCheckpoint.of(
+                    hf_checkpointer(str(self.model_dir), str(task_dir / ".scratch")), "model_dir"
+                ).load(),
+                device,
+                dtype,
+            )
+            return sample_labelled_pairs(
+                model,
+                hf_tokenizer(str(self.model_dir)),
+                {split: self.prompts(split) for split in ("train", "heldout")},
+                {"train": self.params["train_pairs"], "heldout": self.params["heldout_pairs"]},
+                self.gold,
+                task_dir,
+                max_new_tokens=self.params["max_new_tokens"],
+                bt_scale=self.params["bt_scale"],
+                seed=self.params["seed"],
+                device=device,
+                dtype=dtype,
+                what=f"the model in {self.model_dir}",
+                batch_size=self.params["batch_size"],
+            )
+
+        manifest = prepared_manifest(task_dir, self.settings(), build)
+        return {"overrides": pairs_overrides(task_dir), "manifest": manifest}
