@@ -162,6 +162,15 @@ def sample_labelled_pairs(
     return stats
 
 
+def _check_task_args(bt_scale: Optional[float], **counts: Any) -> None:
+    """``compare.task`` arguments: counts are integers >= 1, ``bt_scale`` > 0 or null."""
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"compare.task.{name} must be an integer >= 1, got {v!r}")
+    if bt_scale is not None and not float(bt_scale) > 0:
+        raise ValueError(f"compare.task.bt_scale must be > 0 or null, got {bt_scale!r}")
+
+
 class ControlledListTask:
     """The bundled list task (:class:`~torchtune_prefopt.compare.gold.ListTask`) as a
     comparison's ``compare.task``: SFT base + Bradley-Terry-labelled pairs, and the gold reward.
@@ -189,18 +198,15 @@ class ControlledListTask:
         seed: int = 0,
         task: Optional[Dict[str, Any]] = None,
     ):
-        for name, v in (
-            ("sft_examples", sft_examples),
-            ("sft_steps", sft_steps),
-            ("sft_batch_size", sft_batch_size),
-            ("train_pairs", train_pairs),
-            ("heldout_pairs", heldout_pairs),
-            ("max_new_tokens", max_new_tokens),
-        ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"compare.task.{name} must be an integer >= 1, got {v!r}")
-        if bt_scale is not None and not float(bt_scale) > 0:
-            raise ValueError(f"compare.task.bt_scale must be > 0 or null, got {bt_scale!r}")
+        _check_task_args(
+            bt_scale,
+            sft_examples=sft_examples,
+            sft_steps=sft_steps,
+            sft_batch_size=sft_batch_size,
+            train_pairs=train_pairs,
+            heldout_pairs=heldout_pairs,
+            max_new_tokens=max_new_tokens,
+        )
         self.task = ListTask(**dict(task or {}))
         self.params = {
             "sft_examples": sft_examples,
@@ -497,16 +503,13 @@ class ControlledSentimentTask:
     ):
         from torchtune_prefopt.compare.gold import SentimentReward
 
-        for name, v in (
-            ("train_pairs", train_pairs),
-            ("heldout_pairs", heldout_pairs),
-            ("max_new_tokens", max_new_tokens),
-            ("batch_size", batch_size),
-        ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"compare.task.{name} must be an integer >= 1, got {v!r}")
-        if bt_scale is not None and not float(bt_scale) > 0:
-            raise ValueError(f"compare.task.bt_scale must be > 0 or null, got {bt_scale!r}")
+        _check_task_args(
+            bt_scale,
+            train_pairs=train_pairs,
+            heldout_pairs=heldout_pairs,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
         self.model_dir = Path(str(model_dir)).expanduser()
         self.gold = SentimentReward(**dict(gold or {}))
         self.params = {
