@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from torchtune_prefopt.data import CROSS_ENTROPY_IGNORE_IDX
+from torchtune_prefopt.data import CROSS_ENTROPY_IGNORE_IDX, decode_text
 from torchtune_prefopt.modules import decoder_sequence_logprobs
 
 __all__ = [
@@ -42,13 +42,6 @@ def prompt_ids(item) -> List[int]:
     raise ValueError("held-out item has no completion tokens")
 
 
-def _decode(tokenizer, ids: List[int]) -> str:
-    try:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-    except TypeError:
-        return tokenizer.decode(ids)
-
-
 def decode_completion(tokenizer, ids: Sequence[int], stop_tokens: Sequence[int] = ()) -> str:
     """Text of generated ``ids`` without stop/special tokens. Ids the tokenizer cannot decode
     (a model vocabulary padded beyond the tokenizer's, sampled from an untrained model)
@@ -56,12 +49,12 @@ def decode_completion(tokenizer, ids: Sequence[int], stop_tokens: Sequence[int] 
     stop = set(int(t) for t in stop_tokens)
     ids = [int(t) for t in ids if int(t) not in stop]
     try:
-        return _decode(tokenizer, ids)
+        return decode_text(tokenizer, ids)
     except Exception:  # noqa: BLE001 - fall back to token by token
         parts = []
         for t in ids:
             try:
-                parts.append(_decode(tokenizer, [t]))
+                parts.append(decode_text(tokenizer, [t]))
             except Exception:  # noqa: BLE001
                 parts.append(f"<{t}>")
         return "".join(parts)

@@ -26,7 +26,7 @@ from torchtune_prefopt.data._builders import (
     thumbs_label,
     ultrafeedback_binarized_dataset,
 )
-from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
+from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX, decode_text
 from torchtune_prefopt.data._packed import PackedBatch, PackingLayout, pack_sequences
 from torchtune_prefopt.data._paired import PreferenceDataset
 from torchtune_prefopt.data._position import PositionIndexed
@@ -78,6 +78,7 @@ __all__ = [
     "build_tokenizer",
     "check_tokenizer_fits",
     "completion_labels",
+    "decode_text",
     "example_conversations_dataset",
     "hh_rlhf_dataset",
     "is_paired_row",

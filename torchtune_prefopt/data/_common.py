@@ -106,16 +106,20 @@ def _torchtune_message(m: Any, masked: bool) -> Message:
     return Message(role=role, content=m["content"], masked=masked)
 
 
+def decode_text(tokenizer, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    """``tokenizer.decode(ids)``, with or without special tokens where the tokenizer takes the
+    flag (torchtune's and ours do; a tokenizer whose ``decode`` has no such argument decodes
+    as it does)."""
+    try:
+        return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    except TypeError:
+        return tokenizer.decode(list(ids))
+
+
 def _is_end_or_space(tokenizer, token: int) -> bool:
     """A token that closes a turn when it is the last one: an end token or whitespace."""
     ends = {getattr(tokenizer, "eos_id", None), *getattr(tokenizer, "stop_tokens", ())}
-    if token in ends:
-        return True
-    try:
-        text = tokenizer.decode([token], skip_special_tokens=True)
-    except TypeError:
-        text = tokenizer.decode([token])
-    return not text.strip()
+    return token in ends or not decode_text(tokenizer, [token]).strip()
 
 
 def tokenize_conversation(

@@ -12,39 +12,25 @@ config or row is the recipe's one ``error:`` line (exit 2).
 
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Any, List, Optional, Sequence, Tuple
 
-from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX
+from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX, decode_text
 from torchtune_prefopt.errors import PrefOptUserError, report_user_errors
 
 OPEN, CLOSE = "[[", "]]"
 
 
-def _decode(tokenizer: Any, ids: List[int]) -> str:
-    try:
-        return tokenizer.decode(ids, skip_special_tokens=False)
-    except TypeError:
-        return tokenizer.decode(ids)
-
-
 def marked_text(tokenizer: Any, ids: Sequence[int], labels: Sequence[int]) -> Tuple[str, int, int]:
     """``(text, scored tokens, spans)``: ``ids`` decoded run by run, scored runs (``labels`` not
     -100) wrapped in ``[[ ]]``."""
-    out, run, scored, spans = [], [], None, 0
-    for i, lab in zip(ids, labels):
-        s = lab != CROSS_ENTROPY_IGNORE_IDX
-        if run and s != scored:
-            text = _decode(tokenizer, run)
-            out.append(f"{OPEN}{text}{CLOSE}" if scored else text)
-            spans += bool(scored)
-            run = []
-        run.append(int(i))
-        scored = s
-    if run:
-        text = _decode(tokenizer, run)
+    out, spans = [], 0
+    pairs = zip(ids, (lab != CROSS_ENTROPY_IGNORE_IDX for lab in labels))
+    for scored, run in itertools.groupby(pairs, key=lambda p: p[1]):
+        text = decode_text(tokenizer, [int(i) for i, _ in run], skip_special_tokens=False)
         out.append(f"{OPEN}{text}{CLOSE}" if scored else text)
-        spans += bool(scored)
+        spans += scored
     n = sum(lab != CROSS_ENTROPY_IGNORE_IDX for lab in labels)
     return "".join(out), n, spans
 
