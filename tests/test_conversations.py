@@ -254,7 +254,7 @@ def test_kto_completion_is_a_trajectory(folders, tmp_path, template):
 def test_torchtune_tokenizer_scores_the_same_turns():
     """torchtune's own ChatML tokenizer (the tiny model's): every assistant turn after the
     prompt is scored as ``content<|im_end|>``, found by parsing its tokens."""
-    from torchtune_prefopt.data._conversation import encode_row
+    from torchtune_prefopt.data._conversation import encode_row, read_row
     from torchtune_prefopt.models.tiny import tiny_special_tokens, tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -262,7 +262,8 @@ def test_torchtune_tokenizer_scores_the_same_turns():
     start, end = special["<|im_start|>"], special["<|im_end|>"]
     header = tok.encode("assistant\n", add_bos=False, add_eos=False)
     row, prefix = SHAPES["prompt_and_continuation"]
-    enc = encode_row(tok, row, "row 0", prompt_col="prompt", completion_cols=("chosen", "rejected"))
+    conv = read_row(row, "row 0", prompt_col="prompt", completion_cols=("chosen", "rejected"))
+    enc = encode_row(tok, conv)
     for e in enc:
         want, i = [False] * len(e.ids), 0
         while i < len(e.ids):

@@ -2,7 +2,7 @@
 
 A row holds a shared prefix and one trajectory per completion column (chosen / rejected,
 KTO's completion, SFT's response), found by :func:`~torchtune_prefopt.data._validation.trajectories`.
-:func:`encode_row` renders ``prefix + trajectory`` with the tokenizer's chat template
+:func:`read_row` validates a row once; :func:`encode_row` renders ``prefix + trajectory`` with the tokenizer's chat template
 (``tools`` passed as ``apply_chat_template(..., tools=...)`` does) and labels the tokens of
 every assistant message of the trajectory (:func:`~torchtune_prefopt.data._common.tokenize_conversation`).
 :func:`split_shared_prompt` cuts a pair into one prompt and two labelled completions.
@@ -61,64 +61,74 @@ def _with_system_prompt(
     return [{"role": "system", "content": new_system_prompt}] + kept, n_prefix - dropped + 1
 
 
-def encode_row(
-    tokenizer,
+@dataclass
+class RowConversations:
+    """One validated row (:func:`read_row`): the shared ``prefix`` messages (empty: the
+    completions share none), one trajectory per completion ``column``, the row's ``tools``."""
+
+    where: str
+    prefix: List[Dict[str, Any]]
+    continuations: List[List[Dict[str, Any]]]
+    columns: Sequence[str]
+    tools: Optional[List[Any]]
+    tools_col: Optional[str]
+
+
+def read_row(
     row: Mapping[str, Any],
     where: str,
     *,
     prompt_col: Optional[str],
     completion_cols: Sequence[str],
     tools_col: Optional[str] = "tools",
+) -> RowConversations:
+    """Validate a row once (one line naming the row and field on a bad one), before any
+    tokenization: its trajectories (:func:`~torchtune_prefopt.data._validation.trajectories`)
+    and, when they share a prefix, its ``tools``."""
+    prefix, continuations = trajectories(row, prompt_col, completion_cols, where)
+    tools = row_tools(row, tools_col, where) if prefix else None
+    return RowConversations(where, prefix, continuations, tuple(completion_cols), tools, tools_col)
+
+
+def encode_row(
+    tokenizer,
+    conv: RowConversations,
+    *,
     new_system_prompt: Optional[str] = None,
     train_on_input: bool = False,
 ) -> Optional[List[Encoded]]:
     """One :class:`Encoded` per completion column, or ``None`` when the completions share no
     prefix (whole conversations that differ from their first message)."""
-    prefix, continuations = trajectories(row, prompt_col, completion_cols, where)
-    if not prefix:
+    if not conv.prefix:
         return None
-    tools = row_tools(row, tools_col, where)
-    if tools and not hasattr(tokenizer, "tokenize_prompt_completion"):
+    if conv.tools and not hasattr(tokenizer, "tokenize_prompt_completion"):
         raise row_error(
-            where,
-            tools_col,
+            conv.where,
+            conv.tools_col,
             f"needs the model's own chat template to render function schemas, and "
             f"{type(tokenizer).__name__} has none; {HF_TOKENIZER_HINT}",
         )
     out = []
-    for cont, col in zip(continuations, completion_cols):
-        messages, n_prefix = _with_system_prompt(prefix + cont, len(prefix), new_system_prompt)
+    for cont, col in zip(conv.continuations, conv.columns):
+        messages, n_prefix = _with_system_prompt(
+            conv.prefix + cont, len(conv.prefix), new_system_prompt
+        )
         try:
             ids, labels, n_prompt = tokenize_conversation(
-                tokenizer, messages, n_prefix, tools=tools, train_on_input=train_on_input
+                tokenizer, messages, n_prefix, tools=conv.tools, train_on_input=train_on_input
             )
         except (RuntimeError, ValueError) as e:
-            raise row_error(where, col, f"cannot be tokenized: {e}") from None
+            raise row_error(conv.where, col, f"cannot be tokenized: {e}") from None
         out.append(Encoded(ids, labels, n_prompt))
     return out
 
 
 def encode_completion(
-    tokenizer,
-    row: Mapping[str, Any],
-    where: str,
-    *,
-    prompt_col: Optional[str],
-    completion_col: str,
-    tools_col: Optional[str] = "tools",
-    new_system_prompt: Optional[str] = None,
+    tokenizer, conv: RowConversations, *, new_system_prompt: Optional[str] = None
 ) -> tuple:
     """``(prompt_ids, completion_ids, completion_labels)`` of a row with one completion (KTO,
     SFT): split at the first scored token."""
-    (enc,) = encode_row(
-        tokenizer,
-        row,
-        where,
-        prompt_col=prompt_col,
-        completion_cols=(completion_col,),
-        tools_col=tools_col,
-        new_system_prompt=new_system_prompt,
-    )
+    (enc,) = encode_row(tokenizer, conv, new_system_prompt=new_system_prompt)
     k = enc.n_prompt
     return enc.ids[:k], enc.ids[k:], enc.labels[k:]
 

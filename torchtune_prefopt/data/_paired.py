@@ -9,9 +9,14 @@ from typing import Any, Dict, List, Mapping, Optional
 from torch.utils.data import Dataset
 
 from torchtune_prefopt.data._common import CROSS_ENTROPY_IGNORE_IDX, too_long_error, untruncated
-from torchtune_prefopt.data._conversation import encode_row, split_shared_prompt, truncate_labelled
+from torchtune_prefopt.data._conversation import (
+    encode_row,
+    read_row,
+    split_shared_prompt,
+    truncate_labelled,
+)
 from torchtune_prefopt.data._source import RawRows
-from torchtune_prefopt.data._validation import resolve_column_map, trajectories
+from torchtune_prefopt.data._validation import resolve_column_map
 from torchtune_prefopt.errors import PrefOptUserError
 
 PAIRED_KEYS = ("prompt", "chosen", "rejected", "tools")
@@ -53,24 +58,25 @@ def prepare_pairs(
     cols = (cmap["chosen"], cmap["rejected"])
 
     # 1) validate all rows (cheap) before any tokenization
-    for i, row in enumerate(raw.rows):
-        trajectories(row, cmap["prompt"], cols, raw.where(i))
+    convs = [
+        read_row(
+            row,
+            raw.where(i),
+            prompt_col=cmap["prompt"],
+            completion_cols=cols,
+            tools_col=cmap["tools"],
+        )
+        for i, row in enumerate(raw.rows)
+    ]
 
     # 2) render and tokenize
     tok = untruncated(tokenizer)
     records: List[PairRecord] = []
     identical: List[int] = []
     mismatch: List[int] = []
-    for i, row in enumerate(raw.rows):
+    for i, conv in enumerate(convs):
         encoded = encode_row(
-            tok,
-            row,
-            raw.where(i),
-            prompt_col=cmap["prompt"],
-            completion_cols=cols,
-            tools_col=cmap["tools"],
-            new_system_prompt=new_system_prompt,
-            train_on_input=train_on_input,
+            tok, conv, new_system_prompt=new_system_prompt, train_on_input=train_on_input
         )
         if encoded is None:
             mismatch.append(i)

@@ -20,7 +20,7 @@ from torchtune_prefopt.data._common import (
     too_long_error,
     untruncated,
 )
-from torchtune_prefopt.data._conversation import encode_completion, truncate_labelled
+from torchtune_prefopt.data._conversation import encode_completion, read_row, truncate_labelled
 from torchtune_prefopt.data._source import load_rows
 from torchtune_prefopt.data._validation import resolve_column_map
 from torchtune_prefopt.errors import PrefOptUserError
@@ -72,15 +72,14 @@ def sft_dataset(
     tok = untruncated(tokenizer)
     items, too_long, shortest = [], 0, None
     for i, row in enumerate(raw.rows):
-        prompt, response, labels = encode_completion(
-            tok,
+        conv = read_row(
             row,
             raw.where(i),
             prompt_col=cmap["prompt"],
-            completion_col=cmap["response"],
+            completion_cols=(cmap["response"],),
             tools_col=cmap["tools"],
-            new_system_prompt=new_system_prompt,
         )
+        prompt, response, labels = encode_completion(tok, conv, new_system_prompt=new_system_prompt)
         full = len(prompt) + len(response)
         shortest = full if shortest is None else min(shortest, full)
         too_long += max_len is not None and full > max_len

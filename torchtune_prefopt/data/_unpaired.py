@@ -7,10 +7,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from torch.utils.data import Dataset
 
 from torchtune_prefopt.data._common import resolve_max_seq_len, too_long_error, untruncated
-from torchtune_prefopt.data._conversation import encode_completion, truncate_labelled
+from torchtune_prefopt.data._conversation import encode_completion, read_row, truncate_labelled
 from torchtune_prefopt.data._paired import prepare_pairs
 from torchtune_prefopt.data._source import RawRows, load_rows
-from torchtune_prefopt.data._validation import label_value, resolve_column_map, trajectories
+from torchtune_prefopt.data._validation import label_value, resolve_column_map
 from torchtune_prefopt.errors import PrefOptUserError
 
 UNPAIRED_KEYS = ("prompt", "completion", "label", "tools")
@@ -136,22 +136,24 @@ def kto_from_raw(
     cmap = resolve_column_map(column_map, UNPAIRED_KEYS, "kto_dataset")
     if not raw.rows:
         raise PrefOptUserError(f"{raw.name}: the dataset has no rows")
-    labels = []
+    convs, labels = [], []
     for i, row in enumerate(raw.rows):  # validate every row before tokenizing any
         where = raw.where(i)
-        trajectories(row, cmap["prompt"], (cmap["completion"],), where)
+        convs.append(
+            read_row(
+                row,
+                where,
+                prompt_col=cmap["prompt"],
+                completion_cols=(cmap["completion"],),
+                tools_col=cmap["tools"],
+            )
+        )
         labels.append(label_value(row, cmap["label"], where))
     tok = untruncated(tokenizer)
     examples = []
-    for i, row in enumerate(raw.rows):
+    for i, conv in enumerate(convs):
         prompt, completion, completion_labels = encode_completion(
-            tok,
-            row,
-            raw.where(i),
-            prompt_col=cmap["prompt"],
-            completion_col=cmap["completion"],
-            tools_col=cmap["tools"],
-            new_system_prompt=new_system_prompt,
+            tok, conv, new_system_prompt=new_system_prompt
         )
         examples.append((i, prompt, completion, completion_labels, labels[i]))
     return KTODataset(examples, {"rows": len(raw.rows)}, name=raw.name, max_seq_len=max_seq_len)
