@@ -34,6 +34,7 @@ on CUDA passes the cap to ``flex_attention`` as its ``score_mod``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -136,15 +137,15 @@ class PackedAttention:
             same = torch.zeros(d, dtype=self.doc.dtype, device=b.device)
             rule = tree_mask_rule(same[:, None], same[None, :], b[:, None], b[None, :], causal)
             if window is not None:
-                pos = self._positions(row, start, end)
+                pos = self._window_positions()[row, start:end]
                 rule = rule & window_rule(pos[:, None], pos[None, :], window)
             self._tree_masks[key] = rule
         return self._tree_masks[key]
 
-    def _positions(self, row: int, start: int, end: int) -> Tensor:
+    def _window_positions(self) -> Tensor:
         if self.positions is None:
             raise ValueError("a sliding-window layer needs the packed rows' positions")
-        return self.positions[row, start:end]
+        return self.positions
 
     def per_document(
         self,
@@ -152,7 +153,7 @@ class PackedAttention:
         k: Tensor,
         v: Tensor,
         window: Optional[int] = None,
-        softcap: Optional[Callable[..., Tensor]] = None,
+        softcap: Optional[float] = None,
     ) -> Tensor:
         """``[R, H, L, hd]`` attention output, document by document (padding gets zeros)."""
         rows, heads, length, head_dim = q.shape
@@ -167,7 +168,9 @@ class PackedAttention:
             rows_ = slice(row, row + 1)
             qd, kd, vd = (t[rows_, :, start:end] for t in (q, k, v))
             if softcap is not None:  # soft-capped scores: no fused kernel takes them
-                o = softcap(qd, kd, vd, self._tree_mask(row, start, end, window))
+                o = softcapped_attention(
+                    qd, kd, vd, self._tree_mask(row, start, end, window), softcap
+                )
             elif shared or window is not None:
                 o = F.scaled_dot_product_attention(
                     qd, kd, vd, attn_mask=self._tree_mask(row, start, end, window)
@@ -188,9 +191,8 @@ class PackedAttention:
         if window not in self._block_mask:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            doc, branch, pos = self.doc, self.branch, self.positions
-            if window is not None and pos is None:
-                raise ValueError("a sliding-window layer needs the packed rows' positions")
+            doc, branch = self.doc, self.branch
+            pos = self._window_positions() if window is not None else None
 
             def mask_mod(b, h, q_idx, kv_idx):
                 rule = tree_mask_rule(
@@ -239,14 +241,21 @@ class _PackedAttentionCall:
         return _per_document(mask, q, k, v, self.window, self.softcap)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_flex() -> Callable:
+    """``flex_attention`` compiled once per process (not once per call)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
 def _flex_softcapped(q: Tensor, k: Tensor, v: Tensor, block_mask, cap: float) -> Tensor:
     """``flex_attention`` with Gemma 2's ``cap * tanh(score / cap)`` as its score_mod."""
-    from torch.nn.attention.flex_attention import flex_attention
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
 
-    return torch.compile(flex_attention)(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 @torch.compiler.disable
@@ -260,13 +269,7 @@ def _per_document(
 ) -> Tensor:
     # a python loop over documents: compiled layers break the graph here (the projections
     # and MLP around it stay compiled); the document count varies from batch to batch
-    capped = None
-    if softcap is not None:
-
-        def capped(qd, kd, vd, doc_mask):
-            return softcapped_attention(qd, kd, vd, doc_mask, softcap)
-
-    return mask.per_document(q, k, v, window, capped)
+    return mask.per_document(q, k, v, window, softcap)
 
 
 def enable_packed_attention(model: nn.Module) -> nn.Module:
