@@ -164,7 +164,7 @@ def hf_to_tune(
     hf_to_tune_names = _tables(family)[0]
     head, embed = sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
     if tie_word_embeddings and head is not None and embed is not None:
-        if head.shape != embed.shape or not bool((head == embed).all()):
+        if not torch.equal(head, embed):  # shapes too; no [vocab, dim] bool tensor
             raise PrefOptUserError(
                 f"checkpoint {source}: config.json says tie_word_embeddings: true, but the "
                 "file's lm_head.weight differs from model.embed_tokens.weight; transformers "
