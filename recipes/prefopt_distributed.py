@@ -243,7 +243,7 @@ class PrefOptRecipe:
         base_sd = self._checkpointer.load()
         self._model = self._setup_policy(cfg.model, base_sd)
         if self._router_aux is not None:
-            keep_router_logits(self._model)
+            self._moe_layers = keep_router_logits(self._model)
         self._reference, self._ref_files = self._setup_reference(base_sd)
         del base_sd
 
@@ -649,7 +649,7 @@ class PrefOptRecipe:
         if self._router_aux is not None:  # one value per forward, as TRL adds it
             coef, top_k = self._router_aux
             aux = router_load_balancing_loss(
-                collect_router_logits(self._model), batch.token_weights(), top_k
+                collect_router_logits(self._moe_layers), batch.token_weights(), top_k
             )
             losses = losses + coef * aux
             stats["loss/router_aux"] = (aux.detach().double() * len(batch), "rows")

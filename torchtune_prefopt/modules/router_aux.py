@@ -40,19 +40,20 @@ def moe_layers(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "keep_router_logits")]
 
 
-def keep_router_logits(model: nn.Module, on: bool = True) -> int:
-    """Make every MoE layer keep its last router logits; returns how many layers there are."""
+def keep_router_logits(model: nn.Module, on: bool = True) -> List[nn.Module]:
+    """Make every MoE layer keep its last router logits; returns the layers (found once, for
+    :func:`collect_router_logits` at every step)."""
     layers = moe_layers(model)
     for m in layers:
         m.keep_router_logits = on
-    return len(layers)
+    return layers
 
 
-def collect_router_logits(model: nn.Module) -> List[Tensor]:
+def collect_router_logits(layers: List[nn.Module]) -> List[Tensor]:
     """Every MoE layer's router logits of the last forward (``[T, E]`` each), in layer order;
     each is released from its layer."""
     out = []
-    for m in moe_layers(model):
+    for m in layers:
         if m.router_logits is None:
             raise RuntimeError("an MoE layer kept no router logits (keep_router_logits is off?)")
         out.append(m.router_logits)
@@ -65,13 +66,13 @@ def router_load_balancing_loss(router_logits: List[Tensor], weights: Tensor, top
     ``weights`` ``[T]`` (0 on padding, 2 on a shared prompt's positions); a scalar fp32."""
     num_experts = router_logits[0].shape[-1]
     w = weights.reshape(-1).to(torch.float32)
+    slot_w = w.repeat_interleave(top_k).detach()  # one weight per routed slot
     counts = torch.zeros(num_experts, dtype=torch.float32, device=w.device)
     prob = torch.zeros(num_experts, dtype=torch.float32, device=w.device)
-    total = w.new_zeros(())
     for z in router_logits:
         p = torch.softmax(z.float(), dim=-1)
         chosen = torch.topk(p, top_k, dim=-1).indices
-        counts = counts.scatter_add(0, chosen.reshape(-1), w.repeat_interleave(top_k).detach())
+        counts = counts.scatter_add(0, chosen.reshape(-1), slot_w)
         prob = prob + (p * w[:, None]).sum(dim=0)
-        total = total + w.sum()
+    total = w.sum() * len(router_logits)  # token weights are small integers: exact in fp32
     return num_experts * torch.sum((counts / total) * (prob / total))
