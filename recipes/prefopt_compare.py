@@ -88,6 +88,8 @@ class CompareRecipe:
         # package installed); a file path is made absolute.
         self.base_ref = str(self.base_path) if Path(raw).expanduser().is_file() else raw
         self.train_overrides = dotlist_all(self.s.train_overrides)
+        if self.s.model_dir is not None:
+            self.train_overrides.insert(0, f"model_dir={self._model_dir(self.s.model_dir)}")
         self.task = None
         if self.s.task is not None:
             try:
@@ -106,6 +108,34 @@ class CompareRecipe:
             self.losses, self.s.loss_configs or {}, self.s.sweep, self.s.seeds
         )
         self._load_base()
+        self._check_heldout_source()
+
+    def _check_heldout_source(self) -> None:
+        """Held-out pairs must come from somewhere (``compare.heldout.dataset``, the base
+        config's ``eval_dataset`` or the task's held-out pairs): refused before any compute."""
+        if configured(self.s.heldout_dataset):
+            return
+        user = self.s.train_overrides or {}
+        nulled = "eval_dataset" in user and user["eval_dataset"] is None
+        if nulled or (self.task is None and read_settings(self.base_cfg).eval_dataset is None):
+            raise PrefOptUserError(
+                "compare.heldout.dataset: none given and the base config has no eval_dataset"
+                + (" (compare.train_overrides.eval_dataset is null)" if nulled else "")
+            )
+
+    def _model_dir(self, model_dir: str) -> Path:
+        """``model_dir``: an HF folder the base config reads through its own ``model_dir`` key
+        (a base without one would train another model: refused)."""
+        from torchtune_prefopt.models.hf.spec import read_config_json
+
+        folder, _ = read_config_json(model_dir)
+        base = OmegaConf.load(self.base_path)
+        if "model_dir" not in base:
+            raise PrefOptUserError(
+                f"model_dir: the base config {self.s.base_config} has no model_dir key, so its "
+                "runs would not train this folder; use an hf/* or smollm2/* base config"
+            )
+        return folder.absolute()
 
     def _load_base(self) -> None:
         self.base_cfg = _config.load_config(
@@ -327,6 +357,10 @@ class CompareRecipe:
             settings={
                 "base_config": self.base_ref,
                 "base_config_file": str(self.base_path),
+                # the policy init, read as the recipe reads it (an HF folder or a torchtune dir)
+                "base_checkpoint": str(
+                    HFCheckpoint.from_config(base.checkpointer, "checkpointer").checkpoint_dir
+                ),
                 "overrides": self.train_overrides,
                 "heldout_dataset": json.dumps(OmegaConf.to_container(heldout_cfg, resolve=True)),
                 "heldout_rows": len(items),

@@ -637,6 +637,24 @@ def test_real_model_compare_config_plans_matched_runs(tmp_path, monkeypatch, cap
     assert "loss.gamma=1.375" in next(ln for ln in lines if "/simpo" in ln)
 
 
+def test_kto_gets_twice_the_rows_also_when_train_overrides_set_the_batch(tmp_path):
+    """tiny/frontier sets batch_size in compare.train_overrides: each run's config, merged as
+    its own `tune run` merges it, gives KTO kto_rows_per_pair x the paired runs' batch (the
+    same completions per step), not the common override's value."""
+    from tune_harness import load_recipe_module
+
+    recipe = load_recipe_module("prefopt_compare")
+    base = _config.resolve_config("tiny/frontier")
+    cfg = _config.load_config(["--config", str(base), f"output_dir={tmp_path}/o"])
+    compare = recipe.CompareRecipe(cfg)
+    batches = {}
+    for run in compare.plan(local=False):
+        merged = _config.load_config(["--config", str(compare.base_path), *run.overrides])
+        batches[run.name.split("-")[0]] = (merged.batch_size, merged.dataset.get("unpaired"))
+    assert cfg.compare.train_overrides.batch_size == 8
+    assert batches == {"dpo": (8, None), "ipo": (8, None), "simpo": (8, None), "kto": (16, True)}
+
+
 # ----------------------------------------------------------------------------- key table
 def test_compare_key_table_is_generated_from_the_table():
     from torchtune_prefopt.compare import settings

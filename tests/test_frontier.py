@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -806,3 +807,120 @@ def test_sentiment_task_samples_and_labels_pairs_from_an_hf_folder(tmp_path):
     assert again["manifest"] == out["manifest"]
     with pytest.raises(PrefOptUserError, match="prepared with other compare.task settings"):
         ControlledSentimentTask(str(folder), **{**kw, "seed": 4}).prepare(tmp_path / "task")
+
+
+# the real-model frontier's config, shrunk to a CI-sized run on a tiny SmolLM2-style folder
+SMOLLM2_FRONTIER_SMOKE = (
+    "compare.task.train_pairs=8",
+    "compare.task.heldout_pairs=4",
+    "compare.task.max_new_tokens=8",
+    "compare.task.batch_size=8",
+    "compare.sweep.dpo.beta=[0.1]",
+    "compare.sweep.ipo.tau=[0.1]",
+    "compare.sweep.kto.beta=[0.1]",
+    "compare.sweep.simpo.beta=[1.0,4.0]",
+    "compare.train_overrides.batch_size=4",
+    "compare.heldout.max_rows=4",
+    "compare.generation.max_new_tokens=8",
+    "compare.kl.samples_per_prompt=2",
+    "compare.kl.max_new_tokens=8",
+)
+
+
+def test_smollm2_frontier_smoke(tmp_path):
+    """`tune run prefopt_compare --config smollm2/frontier model_dir=<folder>` on a tiny
+    SmolLM2-style folder, shrunk: pairs sampled from the folder's model and labelled by the
+    gold reward, one LoRA run per loss (two SimPO strengths), every run evaluated from its
+    final/ and placed on the frontier. Each point's gold reward and KL equal a recomputation
+    from its saved samples (SentimentReward with the config's gold settings)."""
+    from hf_families import make_family_folder
+
+    from torchtune_prefopt.compare.gold import SentimentReward
+
+    folder = make_family_folder("smollm2", tmp_path / "model")
+    out = tmp_path / "out"
+    proc = run_recipe(
+        "smollm2/frontier",
+        f"model_dir={folder}",
+        f"output_dir={out}",
+        *SMOLLM2_FRONTIER_SMOKE,
+        cwd=tmp_path,
+        recipe="prefopt_compare",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["matched"]["ok"], report["matched"]
+    points = {p["name"]: p for p in report["frontier"]["points"]}
+    assert set(points) == {
+        "reference",
+        "dpo-beta0.1",
+        "ipo-tau0.1",
+        "kto-beta0.1",
+        "simpo-beta1",
+        "simpo-beta4",
+    }
+    assert points["reference"]["kl"] == 0.0
+    assert report["settings"]["base_checkpoint"] == str(folder)
+    gold = SentimentReward(target_words=32, overlong_penalty=0.5)
+    manifest = json.loads((out / "task" / "manifest.json").read_text())
+    assert manifest["settings"]["model_config"] == json.loads((folder / "config.json").read_text())
+    heldout = (out / "task" / "pairs_heldout.jsonl").read_text().splitlines()
+    for row in map(json.loads, (out / "task" / "pairs_train.jsonl").read_text().splitlines()):
+        assert row["chosen_gold"] == gold(row["prompt"], row["chosen"])
+    prompts = list(dict.fromkeys(json.loads(x)["prompt"] for x in heldout))
+    for name, p in points.items():  # one seed: a point is a run (the reference included)
+        rows = [
+            json.loads(x)
+            for x in (out / "eval" / name / "kl_samples.jsonl").read_text().splitlines()
+        ]
+        est = kl_estimate(
+            torch.tensor([r["logp"] for r in rows], dtype=torch.float64),
+            torch.tensor([r["logp_ref"] for r in rows], dtype=torch.float64),
+            torch.tensor([r["prompt"] for r in rows]),
+        )
+        assert est["kl"] == pytest.approx(p["kl"], abs=1e-9)
+        scores = [gold(prompts[r["prompt"]], r["sample"]) for r in rows]
+        assert scores == [r["gold"] for r in rows]
+        assert sum(scores) / len(scores) == pytest.approx(p["gold"], abs=1e-9)
+    for name in ("dpo-beta0.1", "kto-beta0.1"):
+        saved = OmegaConf.load(out / name / "torchtune_config.yaml")
+        assert saved.model_dir == str(folder) and saved.model.lora_rank == 16
+        assert (out / name / "final" / "adapter_model.safetensors").is_file()
+    assert (out / "plots" / "frontier.png").is_file()
+    assert "## Gold-reward frontier" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model_dir={tmp}/missing", "model_dir: {tmp}/missing is not a folder"),
+        (
+            "compare.base_config=tiny/dpo",
+            "model_dir: the base config tiny/dpo has no model_dir key",
+        ),
+        (
+            "compare.train_overrides.eval_dataset=null",
+            "compare.heldout.dataset: none given and the base config has no eval_dataset "
+            "(compare.train_overrides.eval_dataset is null)",
+        ),
+    ],
+)
+def test_smollm2_frontier_refuses_a_model_it_would_not_train(tmp_path, override, message):
+    """A compare model_dir that is no HF folder, or a base config that would not read it: one
+    line naming model_dir, before any sampling or training."""
+    from hf_families import make_family_folder
+
+    folder = make_family_folder("smollm2", tmp_path / "model")
+    proc = run_recipe(
+        "smollm2/frontier",
+        f"model_dir={folder}",
+        f"output_dir={tmp_path}/o",
+        override.format(tmp=tmp_path),
+        cwd=tmp_path,
+        recipe="prefopt_compare",
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text, text[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if re.match(r"^(\S+: )?error: ", x)]
+    assert len(errors) == 1 and message.format(tmp=tmp_path) in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "o").exists()

@@ -178,11 +178,6 @@ def assemble_report(
     seeded = any(r.get("seed") is not None for r in runs)
     diffs = matched_differences(configs, steps, per_step, ignore=("seed",) if seeded else ())
     first = next(iter(configs.values()))
-    from omegaconf import OmegaConf
-
-    base_checkpoint = OmegaConf.select(
-        OmegaConf.create(first), "checkpointer.checkpoint_dir", default="?"
-    )
     report = {
         "title": title,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -191,7 +186,7 @@ def assemble_report(
             "base_config": settings.pop("base_config"),
             "base_config_file": settings.pop("base_config_file"),
             "overrides": settings.pop("overrides"),
-            "base_checkpoint": str(base_checkpoint),
+            "base_checkpoint": settings.pop("base_checkpoint"),
             "reference_checkpoint": reference["checkpoint"],
             "seed": sorted({c.get("seed") for c in configs.values()})
             if seeded

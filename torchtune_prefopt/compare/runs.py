@@ -368,12 +368,15 @@ def plan_runs(
             paired = loss_traits(loss_obj).paired
         run_dir = Path(output_dir) / name
         ov = [f"output_dir={run_dir}"] + _loss_overrides(spec, base_cfg.get("loss"))
+        ov += list(overrides)
         if not paired:
+            # after the common overrides, from which they are derived (``base_cfg`` holds
+            # them): a batch_size in compare.train_overrides must not undo KTO's
+            # kto_rows_per_pair x batch (the same completions per step)
             ov += kto_dataset_overrides(base_cfg.get("dataset"), kto_dataset)
             bs = base_cfg.get("batch_size")
             if isinstance(bs, int) and kto_rows_per_pair > 1:
                 ov.append(f"batch_size={bs * int(kto_rows_per_pair)}")
-        ov += list(overrides)
         ov += list((loss_overrides or {}).get(name, []) or [])
         cmd = [tune, "run"]
         if nproc_per_node and int(nproc_per_node) > 1:

@@ -54,6 +54,11 @@ def _string(key: str, v: Any) -> None:
         raise PrefOptUserError(f"config key '{key}' is required (a prefopt_distributed config)")
 
 
+def _optional_string(key: str, v: Any) -> None:
+    if v is not None and (not isinstance(v, str) or not v):
+        raise PrefOptUserError(f"{key} must be a folder path, got {v!r}")
+
+
 def _non_negative_int(key: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise PrefOptUserError(f"{key} must be an integer >= 0, got {v!r}")
@@ -68,6 +73,7 @@ _K = ConfigKey
 #: every key of a ``prefopt_compare`` config
 COMPARE_KEYS = (
     _K("output_dir", REQUIRED, "where the runs (one folder each), the evaluation and the report go"),
+    _K("model_dir", None, "an HF model folder: every run's and the evaluation's model_dir (the base config's own key; a task reads it as ${model_dir})", _optional_string),
     _K("compare.base_config", REQUIRED, "the prefopt_distributed config every run starts from (name or path)", _string),
     _K("compare.train_overrides", None, "key: value applied to every run (nested keys allowed; null disables an optional component)", _mapping),
     _K("compare.losses", None, f"run names (null: {', '.join(DEFAULT_LOSSES)}); a registered loss name without loss_configs runs with its defaults"),
