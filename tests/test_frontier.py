@@ -924,3 +924,40 @@ def test_smollm2_frontier_refuses_a_model_it_would_not_train(tmp_path, override,
     errors = [x for x in proc.stderr.splitlines() if re.match(r"^(\S+: )?error: ", x)]
     assert len(errors) == 1 and message.format(tmp=tmp_path) in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+def test_smollm2_frontier_gpu_variant_plans_48_matched_runs(tmp_path):
+    """The GPU-sized variant, exactly as docs/compare.md gives it (the override set between
+    its markers): 4 losses x 4 strengths x 3 seeds = 48 runs, each config valid and on CUDA,
+    the task sampling on CUDA with 2048 training pairs; planned without a GPU (no run)."""
+    import shlex
+
+    from hf_families import make_family_folder
+    from tune_harness import load_recipe_module
+
+    from torchtune_prefopt import _config
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "compare.md").read_text()
+    block = text.split("<!-- frontier-gpu:begin -->\n", 1)[1].split("<!-- frontier-gpu:end -->")[0]
+    command = shlex.split(block.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " "))
+    assert command[:5] == ["tune", "run", "prefopt_compare", "--config", "smollm2/frontier"]
+    folder = make_family_folder("smollm2", tmp_path / "model")
+    overrides = [
+        a for a in command[5:] if not a.startswith(("model_dir=", "output_dir="))
+    ] + [f"model_dir={folder}", f"output_dir={tmp_path}/o"]
+    recipe = load_recipe_module("prefopt_compare")
+    cfg = _config.load_config(["--config", str(_config.resolve_config("smollm2/frontier")), *overrides])
+    compare = recipe.CompareRecipe(cfg)
+    assert compare.task.params["train_pairs"] == 2048 and compare.task.device == "cuda"
+    runs = compare.plan(local=False)
+    assert len(runs) == 48
+    assert {r.family for r in runs} == {"dpo", "ipo", "kto", "simpo"}
+    assert {r.seed for r in runs} == {0, 1, 2}
+    for run in runs:
+        merged = _config.load_config(["--config", str(compare.base_path), *run.overrides])
+        assert merged.device == "cuda" and merged.model_dir == str(folder)
+    assert not (tmp_path / "o").exists()
+    from torchtune_prefopt.compare.controlled import ControlledSentimentTask
+
+    with pytest.raises(ValueError, match="compare.task.device must be cpu or cuda"):
+        ControlledSentimentTask(str(folder), device="mps")

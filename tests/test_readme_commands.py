@@ -27,6 +27,10 @@ README = (REPO / "README.md").read_text()
 MAIN_JOB = "tune run prefopt_distributed --config tiny/dpo"
 SWAP = "tune run prefopt_distributed --config llama3_2/1B_dpo loss=ipo loss.tau=0.05"
 MULTI_GPU = "tune run --nproc_per_node 8 prefopt_distributed --config llama3_1/8B_simpo_lora"
+# run on a tiny SmolLM2-shaped folder by tests/test_frontier.py::test_smollm2_frontier_smoke
+REAL_FRONTIER = (
+    "tune run prefopt_compare --config smollm2/frontier model_dir=/tmp/SmolLM2-135M-Instruct"
+)
 HACK = [
     "tune ls | awk '/^[^ ]/ {on = ($1 ~ /^prefopt/)} on'",
     "tune cp prefopt_distributed ./my_recipe.py",
@@ -36,7 +40,7 @@ HACK = [
 
 
 def test_commands_are_in_the_readme():
-    for cmd in [MAIN_JOB, SWAP, MULTI_GPU, *HACK]:
+    for cmd in [MAIN_JOB, SWAP, MULTI_GPU, REAL_FRONTIER, *HACK]:
         assert re.search(rf"^{re.escape(cmd)}(\s|$)", README, re.M), f"not in README.md: {cmd}"
 
 

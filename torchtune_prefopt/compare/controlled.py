@@ -488,6 +488,7 @@ class ControlledSentimentTask:
     products are disjoint (:data:`REVIEW_PRODUCTS`). No SFT stage: the instruct model is the
     start. ``prepare`` writes ``pairs_{train,heldout}.jsonl`` and the manifest and returns the
     ``dataset`` / ``eval_dataset`` overrides (the base config keeps its own ``model_dir``).
+    ``device``: where the pairs are sampled (fp32, KV cache; ``cuda`` for the GPU-sized run).
     """
 
     def __init__(
@@ -500,6 +501,7 @@ class ControlledSentimentTask:
         seed: int = 0,
         batch_size: int = 32,
         gold: Optional[Dict[str, Any]] = None,
+        device: str = "cpu",
     ):
         from torchtune_prefopt.compare.gold import SentimentReward
 
@@ -510,7 +512,10 @@ class ControlledSentimentTask:
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
         )
+        if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"compare.task.device must be cpu or cuda[:N], got {device!r}")
         self.model_dir = Path(str(model_dir)).expanduser()
+        self.device = device
         self.gold = SentimentReward(**dict(gold or {}))
         self.params = {
             "train_pairs": train_pairs,
@@ -520,6 +525,9 @@ class ControlledSentimentTask:
             "seed": int(seed),
             "batch_size": batch_size,
             "gold": dict(gold or {}),
+            # another device draws other samples from the same seed (cpu, the default, is
+            # left out: a task folder prepared on the CPU before this key existed stays valid)
+            **({} if device == "cpu" else {"device": device}),
         }
 
     @property
@@ -540,6 +548,8 @@ class ControlledSentimentTask:
         import torch
         from omegaconf import OmegaConf
 
+        from torchtune import utils
+
         from torchtune_prefopt.compare.evaluation import build_eval_model
         from torchtune_prefopt.models.hf import hf_checkpointer, hf_tokenizer
         from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
@@ -547,7 +557,7 @@ class ControlledSentimentTask:
         task_dir = Path(task_dir).expanduser().absolute()
 
         def build() -> Dict[str, Any]:
-            device, dtype = torch.device("cpu"), torch.float32
+            device, dtype = utils.get_device(self.device), torch.float32
             model = build_eval_model(
                 OmegaConf.create(
                     {
