@@ -528,6 +528,20 @@ def test_frontier_reading_hand_built():
     text = " ".join(edge["lines"])
     assert "KL is not monotone" in text and "reward rises at every step" in text
     assert "weakest end: try a smaller beta" in text
+    # neighbours within error bars in gold (0.03 < 2 * sqrt(2) * 0.05) and KL (0.1 < 0.28):
+    # the order is noise, not a finding
+    flat = frontier_reading([ref, _pt("kto", 1.0, 1.0, 1.03), _pt("kto", 0.3, 1.1, 1.0)])
+    kto_line = next(line for line in flat["lines"] if line.startswith("kto:"))
+    assert flat["unresolved"] == ["kto"] and "does not resolve a shape" in kto_line
+    assert "does NOT rise" not in kto_line and not flat["monotone"]["kto"]
+    # the reference (gold 0.0 +- 0.05): dpo-0.3 at 1.0 is above it; a point at 0.1 is not
+    assert r["above_reference"] == [p["name"] for p in pts[1:]]
+    near = frontier_reading([ref, _pt("kto", 1.0, 1.0, 0.1), _pt("kto", 0.3, 2.0, 1.0)])
+    assert near["above_reference"] == ["kto-0.3"]
+    assert any(
+        line.endswith("beyond error bars: 1 of 2 points (kto beta=0.3); not: kto beta=1.")
+        for line in near["lines"]
+    ), near["lines"]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -657,6 +671,7 @@ def test_bundled_frontier_is_not_degenerate(tmp_path):
     proc = run_recipe("tiny/frontier", f"output_dir={out}", cwd=tmp_path, recipe="prefopt_compare")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads((out / "report.json").read_text())
+    assert report["matched"]["ok"], report["matched"]  # KTO: the same completions per step
     points = report["frontier"]["points"]
     ref = points[0]
     assert ref["name"] == "reference" and ref["kl"] == 0.0
@@ -933,20 +948,23 @@ def test_smollm2_frontier_gpu_variant_plans_48_matched_runs(tmp_path):
     import shlex
 
     from hf_families import make_family_folder
-    from tune_harness import load_recipe_module
 
     from torchtune_prefopt import _config
+    from tune_harness import load_recipe_module
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "compare.md").read_text()
     block = text.split("<!-- frontier-gpu:begin -->\n", 1)[1].split("<!-- frontier-gpu:end -->")[0]
     command = shlex.split(block.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " "))
     assert command[:5] == ["tune", "run", "prefopt_compare", "--config", "smollm2/frontier"]
     folder = make_family_folder("smollm2", tmp_path / "model")
-    overrides = [
-        a for a in command[5:] if not a.startswith(("model_dir=", "output_dir="))
-    ] + [f"model_dir={folder}", f"output_dir={tmp_path}/o"]
+    overrides = [a for a in command[5:] if not a.startswith(("model_dir=", "output_dir="))] + [
+        f"model_dir={folder}",
+        f"output_dir={tmp_path}/o",
+    ]
     recipe = load_recipe_module("prefopt_compare")
-    cfg = _config.load_config(["--config", str(_config.resolve_config("smollm2/frontier")), *overrides])
+    cfg = _config.load_config(
+        ["--config", str(_config.resolve_config("smollm2/frontier")), *overrides]
+    )
     compare = recipe.CompareRecipe(cfg)
     assert compare.task.params["train_pairs"] == 2048 and compare.task.device == "cuda"
     runs = compare.plan(local=False)

@@ -547,7 +547,6 @@ class ControlledSentimentTask:
         """Prepare (or reuse) ``task_dir``; returns ``{"overrides": {...}, "manifest": {...}}``."""
         import torch
         from omegaconf import OmegaConf
-
         from torchtune import utils
 
         from torchtune_prefopt.compare.evaluation import build_eval_model

@@ -16,6 +16,9 @@ exceeds ``2 * sqrt(se_a^2 + se_b^2)``, about a 95% two-sided z-test):
 * **monotone**: along each loss's sweep (strongest regularisation first), whether KL and
   gold reward both rise at every step, and else where the reward peaks (a loss whose reward
   falls at high KL over-optimises: a finding, not a failure);
+  A sweep whose neighbouring points differ beyond error bars neither in gold reward nor in
+  KL resolves no shape, and the reading says that instead;
+* **above the reference**: which points beat the reference's gold reward beyond error bars;
 * **length**: which loss's samples drift longest relative to the reference (SFT) model;
 * **separated**: the pairs of losses whose best points differ beyond error bars, and how
   many pairs of points of different losses do;
@@ -243,9 +246,29 @@ def frontier_reading(points: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         elif arg is not None and peak is line[-1]:
             why.append(f"the peak is the sweep's weakest end: try a smaller {arg}")
         out.setdefault("peaks", {})[loss] = peak["name"]
+        pairs = list(zip(line, line[1:]))
+        if not any(_apart(a, b) or _apart(a, b, "kl") for a, b in pairs):
+            # the order of points that do not differ is noise: no finding to report
+            out.setdefault("unresolved", []).append(loss)
+            lines.append(
+                f"{loss}: its points do not differ beyond error bars, neighbour to neighbour, "
+                f"in gold reward or KL: this sweep does not resolve a shape ({order})."
+            )
+            continue
         lines.append(
             f"{loss}: gold reward does NOT rise with KL over its whole sweep (a finding: "
             f"{'; '.join(why)}): {order}."
+        )
+    if ref is not None and ref.get("gold_stderr") is not None:
+        above = [p for p in trained if p["gold"] > ref["gold"] and _apart(p, ref)]
+        out["above_reference"] = [p["name"] for p in above]
+        rest = [p for p in trained if p not in above]
+        lines.append(
+            f"Above the reference's gold reward ({ref['gold']:.3f} +- {ref['gold_stderr']:.3f}) "
+            f"beyond error bars: {len(above)} of {len(trained)} points"
+            + (f" ({', '.join(_label(p) for p in above)})" if above else "")
+            + (f"; not: {', '.join(_label(p) for p in rest)}" if rest else "")
+            + "."
         )
     with_len = [p for p in trained if p.get("length") is not None]
     if with_len and ref is not None and ref.get("length") is not None:
