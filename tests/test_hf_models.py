@@ -176,8 +176,9 @@ def test_logits_equal_transformers(folders, family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_generation_with_kv_cache_equals_transformers(folders, family):
-    """The comparison's generation (torchtune's ``generate``, with and without the KV cache)
-    on our model equals greedy decoding by transformers' own forward, token for token."""
+    """The comparison's generation (with and without the KV cache, a left-padded batch whose
+    prompts contain the pad id) on our model equals greedy decoding by transformers' own
+    forward on each prompt alone, token for token."""
     from transformers import AutoModelForCausalLM
 
     from torchtune_prefopt.compare.generation import generate_completions
@@ -204,19 +205,24 @@ def test_greedy_generation_with_kv_cache_equals_transformers(folders, family):
         4,
         23,
     ]  # > 16: Gemma 3's window
+    # a second, shorter prompt: left-padded in the batch; pad_id 2 also occurs in both prompts
+    # (as ChatML's <|im_end|> is SmolLM2's pad token) and must stay visible
+    prompts = [prompt, prompt[3:]]
     hf = AutoModelForCausalLM.from_pretrained(str(folders[family]), dtype=torch.float32).eval()
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(6):
-            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    expected = ids[len(prompt) :]
+    expected = []
+    for p in prompts:
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+        expected.append(ids[len(p) :])
     model = our_model(folders[family], max_seq_len=64)
     for kv_cache in (True, False):
         got = generate_completions(
-            model, [prompt], max_new_tokens=6, stop_tokens=[], pad_id=0, device=torch.device("cpu"),
-            dtype=torch.float32, kv_cache=kv_cache,
+            model, prompts, max_new_tokens=6, stop_tokens=[], pad_id=2, device=torch.device("cpu"),
+            dtype=torch.float32, kv_cache=kv_cache, batch_size=2,
         )  # fmt: skip
-        assert got == [expected], (family, kv_cache)
+        assert got == expected, (family, kv_cache)
 
 
 def test_wrong_rope_setting_would_be_caught(folders):

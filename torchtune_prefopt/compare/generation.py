@@ -3,10 +3,10 @@
 Prompts are the held-out pairs' prompt tokens exactly as the data pipeline built them with
 the tokenizer's chat template (everything before the first label token: the conversation so
 far plus the assistant header, e.g. ``<|im_start|>assistant\\n``), so the models are asked in
-the format they were trained on. Generation is :func:`torchtune.generation.generate`
-(left-padded batches, KV cache), greedy (``temperature=0``: top-1) or sampled with a seeded
-``torch.Generator``; every model gets the same seed, so sampled comparisons use common random
-numbers.
+the format they were trained on. Generation (:func:`generate_completions`) decodes
+left-padded batches with the model's KV cache, greedy (``temperature=0``: top-1) or sampled
+with a seeded ``torch.Generator``; every model gets the same seed, so sampled comparisons use
+common random numbers.
 """
 
 from __future__ import annotations
@@ -69,6 +69,67 @@ def _cut_at_stop(tokens: Sequence[int], stop: set) -> List[int]:
     return out
 
 
+def _next_tokens(
+    logits: torch.Tensor, *, greedy: bool, temperature: float, top_k: Optional[int], rng
+) -> torch.Tensor:
+    """``[B]`` tokens from the last position's ``logits`` ``[B, V]``: the argmax, or one exact
+    draw from ``softmax(logits / temperature)`` (restricted to the ``top_k`` largest)."""
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(int(top_k), logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+def _decode(
+    model: nn.Module,
+    batch: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop: torch.Tensor,
+    incremental: bool,
+    **sampling,
+) -> torch.Tensor:
+    """``[B, max_new_tokens]`` tokens after the left-padded prompts ``batch`` ``[B, P]``.
+
+    ``valid`` ``[B, P + max_new_tokens]`` marks real positions (the prompt's, from its length,
+    never from token ids: a pad id that also occurs in prompts, e.g. ChatML's ``<|im_end|>``
+    as SmolLM2's pad token, stays visible) and every generated one. Position ids count real
+    tokens from 0; each query sees the real keys up to itself (a pad row only itself). With
+    ``incremental`` the model's KV caches hold the past (``[B, 1]`` inputs after the prompt),
+    otherwise every step runs the whole sequence. Rows stop mattering after a stop token
+    (their later tokens are cut by the caller); the loop ends when every row has one."""
+    bsz, width = batch.shape
+    total = width + max_new_tokens
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    mask = torch.tril(torch.ones(total, total, dtype=torch.bool, device=batch.device))
+    mask = (mask[None] & valid[:, None, :]) | torch.eye(
+        total, dtype=torch.bool, device=batch.device
+    )
+    out = torch.empty(bsz, max_new_tokens, dtype=torch.long, device=batch.device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=batch.device)
+    # the prefill's keys: the whole cache (incremental) or the prompt itself
+    first = mask[:, :width] if incremental else mask[:, :width, :width]
+    logits = model(batch, input_pos=positions[:, :width], mask=first)[:, -1]
+    for step in range(max_new_tokens):
+        out[:, step] = _next_tokens(logits, **sampling)
+        done |= torch.isin(out[:, step], stop)
+        if step + 1 == max_new_tokens or bool(done.all()):
+            return out[:, : step + 1]
+        at = width + step  # the position of the token just drawn
+        if incremental:
+            x, pos, m = out[:, step : step + 1], positions[:, at : at + 1], mask[:, at : at + 1]
+        else:
+            x = torch.cat([batch, out[:, : step + 1]], dim=1)
+            pos, m = positions[:, : at + 1], mask[:, : at + 1, : at + 1]
+        logits = model(x, input_pos=pos, mask=m)[:, -1]
+    return out
+
+
 @torch.no_grad()
 def generate_completions(
     model: nn.Module,
@@ -88,24 +149,32 @@ def generate_completions(
     """Generate up to ``max_new_tokens`` per prompt; returns each completion's tokens, cut
     after the first stop token (included when generated).
 
-    ``temperature=0`` is greedy decoding (top-1); otherwise torchtune's sampler (exponential
-    race: exact samples from ``softmax(logits / temperature)``, optionally top-k) with one
-    ``torch.Generator`` seeded with ``seed`` for the whole call. Prompts longer than the
-    model's ``max_seq_len - max_new_tokens`` keep their last tokens.
+    ``temperature=0`` is greedy decoding (top-1); otherwise exact samples from
+    ``softmax(logits / temperature)`` (optionally top-k) drawn by ``torch.multinomial`` with
+    one ``torch.Generator`` seeded with ``seed`` for the whole call. Batches are left-padded
+    with ``pad_id``; which positions are padding comes from the prompts' lengths (see
+    :func:`_decode`; torchtune's ``generate`` reads it from ``token != pad_id``, which hides
+    every prompt token equal to the pad id, and keeps every step's ``[B, V]`` logits).
+    Prompts longer than the model's ``max_seq_len - max_new_tokens`` keep their last tokens.
     """
-    from torchtune.generation import generate
     from torchtune.modules import local_kv_cache
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     greedy = temperature is None or float(temperature) <= 0.0
     rng = None
-    if not greedy and seed is not None:
+    if not greedy:
         rng = torch.Generator(device=device)
-        rng.manual_seed(int(seed))
+        rng.manual_seed(int(seed) if seed is not None else int(torch.seed()))
     model_max = getattr(model, "max_seq_len", None)
     keep = None if model_max is None else max(1, int(model_max) - max_new_tokens)
-    stop = set(int(t) for t in stop_tokens)
+    stop = torch.tensor(sorted(set(int(t) for t in stop_tokens)), dtype=torch.long, device=device)
+    sampling = dict(
+        greedy=greedy,
+        temperature=1.0 if greedy else float(temperature),
+        top_k=None if greedy else top_k,
+        rng=rng,
+    )
     was_training = model.training
     model.eval()
     results: List[List[int]] = []
@@ -116,17 +185,12 @@ def generate_completions(
             ]
             width = max(len(p) for p in chunk)
             batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            valid = torch.ones(len(chunk), width + max_new_tokens, dtype=torch.bool)
             for i, p in enumerate(chunk):
                 batch[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            batch = batch.to(device)
-            kwargs = dict(
-                max_generated_tokens=max_new_tokens,
-                pad_id=pad_id,
-                temperature=1.0 if greedy else float(temperature),
-                top_k=1 if greedy else top_k,
-                stop_tokens=list(stop) or None,
-                rng=rng,
-            )
+                valid[i, : width - len(p)] = False
+            batch, valid = batch.to(device), valid.to(device)
+            kw = dict(max_new_tokens=max_new_tokens, stop=stop, **sampling)
             if kv_cache and hasattr(model, "setup_caches") and not model.caches_are_setup():
                 with local_kv_cache(
                     model,
@@ -135,11 +199,13 @@ def generate_completions(
                     dtype=dtype,
                     decoder_max_seq_len=width + max_new_tokens,
                 ):
-                    out, _ = generate(model, batch, **kwargs)
+                    out = _decode(model, batch, valid, incremental=True, **kw)
             else:
-                out, _ = generate(model, batch, **kwargs)
-            for row in out[:, width:].tolist():
-                results.append(_cut_at_stop(row, stop))
+                incremental = bool(getattr(model, "caches_are_enabled", lambda: False)())
+                out = _decode(model, batch, valid, incremental=incremental, **kw)
+            stop_set = set(stop.tolist())
+            for row in out.tolist():
+                results.append(_cut_at_stop(row, stop_set))
     finally:
         model.train(was_training)
     return results
