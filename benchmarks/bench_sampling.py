@@ -1,5 +1,5 @@
-"""Sampling speed of the real-model frontier: our generation (torchtune's ``generate`` on our
-model with a KV cache) vs transformers' ``generate`` on the same prompts.
+"""Sampling speed of the real-model frontier: our generation (``compare.generation``'s decode
+loop on our model with a KV cache) vs transformers' ``generate`` on the same prompts.
 
 Not a test. The prompts are the frontier task's own ("Write a short positive review of
 <product>.", rendered with the folder's chat template by the training pipeline), repeated to

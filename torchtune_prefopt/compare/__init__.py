@@ -6,7 +6,7 @@
   reward accuracy, loss-independent log-prob margins, drift, Monte-Carlo KL) and DiskLogger
   log parsing;
 * :mod:`~torchtune_prefopt.compare.generation`: chat-template prompts, batched generation
-  with :func:`torchtune.generation.generate`, completion log-probs;
+  (left-padded, KV cache, greedy or seeded sampling), completion log-probs;
 * :mod:`~torchtune_prefopt.compare.judges`: judge loading, win rates, and the example judge
   of the tiny synthetic set;
 * :mod:`~torchtune_prefopt.compare.evaluation`: loading the runs' checkpoints and evaluating
