@@ -57,20 +57,12 @@ def _clock(fn) -> Dict[str, float]:
 
 
 def run_ours(model_dir: str, prompts, args, kv_cache: bool) -> Dict[str, float]:
-    import tempfile
-
-    from omegaconf import OmegaConf
-
-    from torchtune_prefopt.compare.evaluation import build_eval_model
+    from torchtune_prefopt.compare.evaluation import hf_folder_eval_model
     from torchtune_prefopt.compare.generation import generate_completions
-    from torchtune_prefopt.models.hf import hf_checkpointer, hf_tokenizer
-    from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
+    from torchtune_prefopt.models.hf import hf_tokenizer
 
     tok = hf_tokenizer(model_dir)
-    with tempfile.TemporaryDirectory() as scratch:
-        weights = HFCheckpoint.of(hf_checkpointer(model_dir, scratch), "model_dir").load()
-    node = {"_component_": "torchtune_prefopt.models.hf.hf_decoder", "model_dir": model_dir}
-    model = build_eval_model(OmegaConf.create(node), weights, torch.device("cpu"), torch.float32)
+    model = hf_folder_eval_model(model_dir, torch.device("cpu"), torch.float32)
     return _clock(
         lambda: _count(
             generate_completions(

@@ -108,20 +108,24 @@ class CompareRecipe:
             self.losses, self.s.loss_configs or {}, self.s.sweep, self.s.seeds
         )
         self._load_base()
-        self._check_heldout_source()
+        self._heldout_config(before_task=True)  # refused before any compute
 
-    def _check_heldout_source(self) -> None:
-        """Held-out pairs must come from somewhere (``compare.heldout.dataset``, the base
-        config's ``eval_dataset`` or the task's held-out pairs): refused before any compute."""
+    def _heldout_config(self, before_task: bool = False) -> Any:
+        """The held-out pairs' dataset config: ``compare.heldout.dataset``, else the base
+        config's ``eval_dataset`` (the task's held-out pairs once it is prepared; ``before_task``:
+        a task will provide them unless ``compare.train_overrides`` nulls eval_dataset). None
+        at all: one error line."""
         if configured(self.s.heldout_dataset):
-            return
+            return self.s.heldout_dataset
         user = self.s.train_overrides or {}
         nulled = "eval_dataset" in user and user["eval_dataset"] is None
-        if nulled or (self.task is None and read_settings(self.base_cfg).eval_dataset is None):
+        node = read_settings(self.base_cfg).eval_dataset
+        if nulled or (node is None and not (before_task and self.task is not None)):
             raise PrefOptUserError(
                 "compare.heldout.dataset: none given and the base config has no eval_dataset"
                 + (" (compare.train_overrides.eval_dataset is null)" if nulled else "")
             )
+        return node
 
     def _model_dir(self, model_dir: str) -> Path:
         """``model_dir``: an HF folder the base config reads through its own ``model_dir`` key
@@ -257,13 +261,7 @@ class CompareRecipe:
         settings = eval_settings(s, base)
         tokenizer = config.instantiate(base.tokenizer)
 
-        heldout_cfg = (
-            s.heldout_dataset if configured(s.heldout_dataset) else base_settings.eval_dataset
-        )
-        if heldout_cfg is None:
-            raise PrefOptUserError(
-                "compare.heldout.dataset: none given and the base config has no eval_dataset"
-            )
+        heldout_cfg = self._heldout_config()
         heldout = config.instantiate(heldout_cfg, tokenizer=tokenizer)
         if len(heldout) == 0 or "chosen_input_ids" not in heldout[0]:
             raise PrefOptUserError(

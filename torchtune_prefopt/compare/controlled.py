@@ -546,30 +546,16 @@ class ControlledSentimentTask:
     def prepare(self, task_dir) -> Dict[str, Any]:
         """Prepare (or reuse) ``task_dir``; returns ``{"overrides": {...}, "manifest": {...}}``."""
         import torch
-        from omegaconf import OmegaConf
         from torchtune import utils
 
-        from torchtune_prefopt.compare.evaluation import build_eval_model
-        from torchtune_prefopt.models.hf import hf_checkpointer, hf_tokenizer
-        from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
+        from torchtune_prefopt.compare.evaluation import hf_folder_eval_model
+        from torchtune_prefopt.models.hf import hf_tokenizer
 
         task_dir = Path(task_dir).expanduser().absolute()
 
         def build() -> Dict[str, Any]:
             device, dtype = utils.get_device(self.device), torch.float32
-            model = build_eval_model(
-                OmegaConf.create(
-                    {
-                        "_component_": "torchtune_prefopt.models.hf.hf_decoder",
-                        "model_dir": str(self.model_dir),
-                    }
-                ),
-                HFCheckpoint.of(
-                    hf_checkpointer(str(self.model_dir), str(task_dir / ".scratch")), "model_dir"
-                ).load(),
-                device,
-                dtype,
-            )
+            model = hf_folder_eval_model(self.model_dir, device, dtype)
             return sample_labelled_pairs(
                 model,
                 hf_tokenizer(str(self.model_dir)),

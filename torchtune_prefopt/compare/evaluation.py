@@ -41,6 +41,7 @@ __all__ = [
     "EvalSettings",
     "HeldoutEvaluator",
     "build_eval_model",
+    "hf_folder_eval_model",
 ]
 
 
@@ -94,6 +95,22 @@ def build_eval_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def hf_folder_eval_model(model_dir, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """:func:`build_eval_model` of an HF model folder (``models.hf.hf_decoder``), its weights
+    read through the one weight reader (:class:`~torchtune_prefopt.models.hf_checkpoint.HFCheckpoint`)."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from torchtune_prefopt.models.hf import hf_checkpointer
+    from torchtune_prefopt.models.hf_checkpoint import HFCheckpoint
+
+    with tempfile.TemporaryDirectory() as scratch:  # the checkpointer's output_dir (unused)
+        weights = HFCheckpoint.of(hf_checkpointer(str(model_dir), scratch), "model_dir").load()
+    node = {"_component_": "torchtune_prefopt.models.hf.hf_decoder", "model_dir": str(model_dir)}
+    return build_eval_model(OmegaConf.create(node), weights, device, dtype)
 
 
 def _float64_cpu(lp):

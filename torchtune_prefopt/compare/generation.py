@@ -168,7 +168,8 @@ def generate_completions(
         rng.manual_seed(int(seed) if seed is not None else int(torch.seed()))
     model_max = getattr(model, "max_seq_len", None)
     keep = None if model_max is None else max(1, int(model_max) - max_new_tokens)
-    stop = torch.tensor(sorted(set(int(t) for t in stop_tokens)), dtype=torch.long, device=device)
+    stop_set = set(int(t) for t in stop_tokens)
+    stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
     sampling = dict(
         greedy=greedy,
         temperature=1.0 if greedy else float(temperature),
@@ -203,7 +204,6 @@ def generate_completions(
             else:
                 incremental = bool(getattr(model, "caches_are_enabled", lambda: False)())
                 out = _decode(model, batch, valid, incremental=incremental, **kw)
-            stop_set = set(stop.tolist())
             for row in out.tolist():
                 results.append(_cut_at_stop(row, stop_set))
     finally:

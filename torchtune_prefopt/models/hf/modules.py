@@ -160,15 +160,19 @@ class PreRopeNormAttention(MultiHeadAttention):
             q = q * self.q_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cached = self.kv_cache is not None and self.cache_enabled
-        q_slots = torch.arange(s_x, device=x.device)
+        windowed = self.sliding_window is not None and (mask is None or isinstance(mask, Tensor))
+        q_slots = None
         if cached:  # [b, n_kv, cache_len, d]; the decoder's mask covers the cache
-            q_slots = self.kv_cache.cache_pos[:s_x].clone()  # where these queries' keys go
+            if windowed:  # where these queries' keys go (update advances cache_pos in place)
+                q_slots = self.kv_cache.cache_pos[:s_x].clone()
             k, v = self.kv_cache.update(k, v)
-        if self.sliding_window is not None and (mask is None or isinstance(mask, Tensor)):
+        if windowed:
             # the window by slot index: a row's real tokens are contiguous (right-padded
             # training rows, left-padded generation prompts), so index distance is position
             # distance, also where position ids are shifted by left padding (packed rows
             # bring their own rule)
+            if q_slots is None:
+                q_slots = torch.arange(s_x, device=x.device)
             k_slots = torch.arange(k.shape[2], device=x.device)
             inside = window_mask(q_slots, k_slots, self.sliding_window)
             mask = inside.expand(b, s_x, k.shape[2]) if mask is None else mask & inside
